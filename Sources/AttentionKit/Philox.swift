@@ -1,0 +1,122 @@
+import Foundation
+
+/// Philox4x32-10, the counter-based generator of Salmon et al., "Parallel Random Numbers: As Easy as
+/// 1, 2, 3" (SC 2011), as in Random123 and cuRAND.
+///
+/// A counter-based generator has no sequential state: `block(counter)` maps a 128-bit counter and a
+/// 64-bit key to 128 random bits. That is what makes dropout reproducible whatever the threads or tile
+/// sizes: the decision for a weight is a pure function of the seed and the weight's index.
+///
+/// Counter layout used throughout AttentionKit (four 32-bit words):
+/// - words 0–1: a 64-bit *major* index (a block of four tensor elements, or an attention row);
+/// - word 2: a *minor* index (the group of four keys `j / 4` within a row, 0 for tensors);
+/// - word 3: the *stream*, which separates independent uses of one seed (see `RandomStream`).
+public struct Philox4x32: Sendable {
+  public let key: (UInt32, UInt32)
+
+  /// The generator for `seed`: key word 0 is its low 32 bits, key word 1 its high 32 bits.
+  public init(seed: UInt64) {
+    key = (UInt32(truncatingIfNeeded: seed), UInt32(truncatingIfNeeded: seed >> 32))
+  }
+
+  /// 128 random bits for one counter value.
+  @inline(__always)
+  public func block(_ c0: UInt32, _ c1: UInt32, _ c2: UInt32, _ c3: UInt32)
+    -> (UInt32, UInt32, UInt32, UInt32)
+  {
+    var x = (c0, c1, c2, c3)
+    var k0 = key.0
+    var k1 = key.1
+    for round in 0..<10 {
+      if round > 0 {
+        k0 &+= 0x9E37_79B9  // golden ratio
+        k1 &+= 0xBB67_AE85  // sqrt(3) - 1
+      }
+      let p0 = UInt64(0xD251_1F53) &* UInt64(x.0)
+      let p1 = UInt64(0xCD9E_8D57) &* UInt64(x.2)
+      x = (
+        UInt32(truncatingIfNeeded: p1 >> 32) ^ x.1 ^ k0,
+        UInt32(truncatingIfNeeded: p1),
+        UInt32(truncatingIfNeeded: p0 >> 32) ^ x.3 ^ k1,
+        UInt32(truncatingIfNeeded: p0)
+      )
+    }
+    return x
+  }
+
+  /// The block at a 64-bit major index, a minor index and a stream (the layout above).
+  @inline(__always)
+  public func block(major: UInt64, minor: UInt32, stream: UInt32)
+    -> (UInt32, UInt32, UInt32, UInt32)
+  {
+    block(UInt32(truncatingIfNeeded: major), UInt32(truncatingIfNeeded: major >> 32), minor, stream)
+  }
+}
+
+/// Stream identifiers (counter word 3), so that one seed gives independent numbers for each use.
+public enum RandomStream {
+  public static let dropout: UInt32 = 0
+  public static let queries: UInt32 = 1
+  public static let keys: UInt32 = 2
+  public static let values: UInt32 = 3
+  public static let input: UInt32 = 4
+  /// Parameters of layers (`Linear`, `Embedding`) use `parameters + k` for their k-th tensor.
+  public static let parameters: UInt32 = 16
+  /// Sampling rows to verify (the CLI's checks).
+  public static let sampling: UInt32 = 1024
+}
+
+extension Tensor {
+  /// Uniform numbers in `[low, high)`: element `e` is word `e % 4` of block `major = e / 4`,
+  /// `u = (w >> 8) · 2⁻²⁴` (24 random bits, every float in `[0, 1)` on that grid equally likely),
+  /// then `low + (high − low)·u`.
+  public static func randomUniform(
+    shape: [Int], low: Float = 0, high: Float = 1, seed: UInt64, stream: UInt32
+  ) throws -> Tensor {
+    let count = try elementCount(of: shape)
+    let rng = Philox4x32(seed: seed)
+    var values = [Float](repeating: 0, count: count)
+    let width = high - low
+    for blockIndex in 0..<((count + 3) / 4) {
+      let w = rng.block(major: UInt64(blockIndex), minor: 0, stream: stream)
+      let words = [w.0, w.1, w.2, w.3]
+      for lane in 0..<4 where blockIndex * 4 + lane < count {
+        let u = Float(words[lane] >> 8) * 0x1p-24
+        values[blockIndex * 4 + lane] = low + width * u
+      }
+    }
+    return Tensor(validShape: shape, scalars: values)
+  }
+
+  /// Standard normal numbers by the Box–Muller transform, computed in `Double` and rounded once.
+  ///
+  /// Block `major = e / 4` gives elements `4n … 4n+3`: words (0, 1) make the pair
+  /// `u₁ = (w₀ + 1)/2³², u₂ = w₁/2³²`, `r = √(−2 ln u₁)`, elements `r·cos 2πu₂, r·sin 2πu₂`;
+  /// words (2, 3) make the next pair the same way. `u₁ ∈ (0, 1]`, so the logarithm is finite.
+  public static func randomNormal(
+    shape: [Int], mean: Float = 0, std: Float = 1, seed: UInt64, stream: UInt32
+  ) throws -> Tensor {
+    let count = try elementCount(of: shape)
+    let rng = Philox4x32(seed: seed)
+    var values = [Float](repeating: 0, count: count)
+    for blockIndex in 0..<((count + 3) / 4) {
+      let w = rng.block(major: UInt64(blockIndex), minor: 0, stream: stream)
+      let (a, b) = boxMuller(w.0, w.1)
+      let (c, d) = boxMuller(w.2, w.3)
+      let normals = [a, b, c, d]
+      for lane in 0..<4 where blockIndex * 4 + lane < count {
+        values[blockIndex * 4 + lane] = mean + std * Float(normals[lane])
+      }
+    }
+    return Tensor(validShape: shape, scalars: values)
+  }
+}
+
+@inline(__always)
+func boxMuller(_ w0: UInt32, _ w1: UInt32) -> (Double, Double) {
+  let u1 = (Double(w0) + 1) * 0x1p-32
+  let u2 = Double(w1) * 0x1p-32
+  let radius = (-2 * log(u1)).squareRoot()
+  let angle = 2 * Double.pi * u2
+  return (radius * cos(angle), radius * sin(angle))
+}
