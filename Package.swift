@@ -28,7 +28,8 @@ let package = Package(
     ),
     .testTarget(
       name: "AttentionKitTests",
-      dependencies: ["AttentionKit"]
+      dependencies: ["AttentionKit"],
+      exclude: ["Fixtures"]
     ),
     .testTarget(
       name: "attnTests",

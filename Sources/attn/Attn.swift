@@ -1,10 +1,42 @@
 import ArgumentParser
+import AttentionKit
+import Foundation
 
+/// `attn`: the notebook's three exercises as subcommands, on OpenBLAS.
+///
+/// Exit codes: 0 success; 1 a runtime error (a bad file, a failed check); 64 a usage error (a bad
+/// flag or value, swift-argument-parser's convention). Errors are one line on stderr.
 @main
 struct Attn: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "attn",
     abstract: "Attention from scratch on the CPU, on OpenBLAS.",
-    subcommands: []
+    discussion: """
+      The three exercises of the notebook "Attention from Scratch", measured and checked:
+        attn dropout      scaled dot-product attention with a mask and dropout (exercise 1)
+        attn complexity   time and memory against sequence length, measured and fitted (exercise 2)
+        attn relpos       self-attention with learned relative positions (exercise 3)
+      """,
+    subcommands: [DropoutCommand.self]
   )
+
+  /// Parses, runs, and turns every error into one line and an exit code, instead of the
+  /// library's default of printing the usage text after a usage error.
+  static func main() {
+    do {
+      var command = try parseAsRoot()
+      try command.run()
+    } catch {
+      let code = exitCode(for: error)
+      if code == .success {
+        // --help, --version: the parser's full text on stdout.
+        print(fullMessage(for: error))
+        Foundation.exit(0)
+      }
+      let message = message(for: error)
+        .split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? "failed"
+      FileHandle.standardError.write(Data("attn: \(message)\n".utf8))
+      Foundation.exit(code.rawValue)
+    }
+  }
 }

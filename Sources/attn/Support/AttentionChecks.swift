@@ -1,0 +1,167 @@
+import AttentionKit
+
+/// The checks `attn dropout` and `attn relpos` run on a kernel's result. Each one recomputes what
+/// it checks independently of the kernel (in `Double`, from the inputs), so a wrong kernel fails it.
+struct AttentionChecks {
+  let reference: ReferenceAttention
+  let dropout: Dropout?
+  /// Flat (batch, query) rows that are compared with the reference kernel.
+  let sampledRows: [(batch: Int, query: Int)]
+
+  /// All rows when there are at most `limit`, else `count` rows drawn with the seed.
+  static func sampleRows(
+    shape: AttentionShape, seed: UInt64, limit: Int = 64, count: Int = 32
+  ) -> [(batch: Int, query: Int)] {
+    let total = shape.batchCount * shape.queries
+    var flat: [Int]
+    if total <= limit {
+      flat = Array(0..<total)
+    } else {
+      let rng = Philox4x32(seed: seed)
+      var chosen = Set<Int>()
+      var counter: UInt64 = 0
+      while chosen.count < count {
+        let w = rng.block(major: counter, minor: 0, stream: RandomStream.sampling)
+        for word in [w.0, w.1, w.2, w.3] where chosen.count < count {
+          chosen.insert(Int(UInt64(word) * UInt64(total) >> 32))
+        }
+        counter += 1
+      }
+      flat = chosen.sorted()
+    }
+    return flat.map { ($0 / max(shape.queries, 1), $0 % max(shape.queries, 1)) }
+  }
+
+  /// Runs every check that the available tensors allow. `preDropout` are the kernel's weights
+  /// without dropout (from a second run), `result.weights` those after it; both `nil` for the tiled
+  /// kernel, whose rows are then checked through the output alone.
+  func run(result: AttentionResult, preDropout: Tensor?) -> [Check] {
+    let shape = reference.shape
+    let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
+    var checks: [Check] = []
+    let u = Double(Float.ulpOfOne) / 2
+
+    if let pre = preDropout {
+      // Rows of the pre-dropout weights sum to 1, fully masked rows to 0.
+      var worst = 0.0
+      var maskedRows = 0
+      var rowsOK = true
+      let bound = Double(tk + 8) * u * 2
+      for row in 0..<(shape.batchCount * tq) {
+        var sum = 0.0
+        var allZero = true
+        for j in 0..<tk {
+          let w = Double(pre.scalars[row * tk + j])
+          sum += w
+          if w != 0 { allZero = false }
+        }
+        if allZero && reference.isFullyMasked(batch: row / max(tq, 1), query: row % max(tq, 1)) {
+          maskedRows += 1
+          continue
+        }
+        let error = abs(sum - 1)
+        worst = max(worst, error.isNaN ? .infinity : error)
+        if !(error <= bound) { rowsOK = false }
+      }
+      let rows = shape.batchCount * tq
+      checks.append(Check(
+        name: "weights_sum_to_one",
+        title: "softmax rows sum to 1 (before dropout)",
+        passed: rowsOK,
+        detail: "max |sum − 1| = \(sci(worst)) ≤ \(sci(bound)) over \(rows - maskedRows) rows"
+          + (maskedRows > 0 ? "; \(maskedRows) fully masked rows are zero" : "")))
+    }
+
+    if let pre = preDropout, let post = result.weights, let dropout {
+      checks += dropoutChecks(pre: pre, post: post, dropout: dropout)
+    } else if let pre = preDropout, let post = result.weights {
+      let same = pre.scalars == post.scalars
+      checks.append(Check(
+        name: "no_dropout_in_eval", title: "no weight dropped (eval mode)", passed: same,
+        detail: same ? "weights identical to the softmax" : "weights differ from the softmax"))
+    }
+
+    if let post = result.weights {
+      // output = (weights after dropout)·V, recomputed in Double from the kernel's own weights.
+      var worst = 0.0
+      let values = reference.values.scalars
+      for row in 0..<(shape.batchCount * tq) {
+        let b = row / max(tq, 1)
+        for c in 0..<dv {
+          var sum = 0.0
+          var magnitude = 0.0
+          for j in 0..<tk {
+            let term = Double(post.scalars[row * tk + j]) * Double(values[(b * tk + j) * dv + c])
+            sum += term
+            magnitude += abs(term)
+          }
+          let bound = Double(tk + 2) * u * magnitude + Double(Float.leastNormalMagnitude)
+          let ratio = abs(Double(result.output.scalars[row * dv + c]) - sum) / bound
+          worst = max(worst, ratio.isNaN ? .infinity : ratio)
+        }
+      }
+      checks.append(Check(
+        name: "output_equals_weights_v",
+        title: "output equals (weights after dropout)·V",
+        passed: worst <= 1,
+        detail: "worst error / bound = \(String(format: "%.3f", worst)) (bound γ_{Tk+2}·Σ|w·v|)"))
+    }
+
+    // Sampled rows against the float64 reference kernel, with the same dropout decisions.
+    var worstWeights = 0.0
+    var worstOutput = 0.0
+    for (b, i) in sampledRows {
+      let expected = reference.row(batch: b, query: i)
+      let row = b * tq + i
+      if let post = result.weights {
+        worstWeights = max(
+          worstWeights, expected.weightErrorRatio(post.scalars[(row * tk)..<(row * tk + tk)]))
+      }
+      worstOutput = max(
+        worstOutput, expected.outputErrorRatio(result.output.scalars[(row * dv)..<(row * dv + dv)]))
+    }
+    let worst = max(worstWeights, worstOutput)
+    checks.append(Check(
+      name: "matches_reference",
+      title: "rows match the float64 reference kernel",
+      passed: worst <= 1,
+      detail: "\(sampledRows.count) rows, worst error / bound = \(String(format: "%.3f", worst))"))
+    return checks
+  }
+
+  /// Dropout drops about `p` of the weights, and keeps the others scaled by `1/(1 − p)`.
+  private func dropoutChecks(pre: Tensor, post: Tensor, dropout: Dropout) -> [Check] {
+    var candidates = 0
+    var dropped = 0
+    var worstScaling = 0.0
+    for (w0, w1) in zip(pre.scalars, post.scalars) where w0 != 0 {
+      candidates += 1
+      if w1 == 0 {
+        dropped += 1
+      } else {
+        let expected = Double(w0) * Double(dropout.keptScale)
+        worstScaling = max(worstScaling, abs(Double(w1) - expected) / expected)
+      }
+    }
+    let alpha = 1e-4
+    let interval = BinomialBound.interval(
+      n: candidates, p: Double(dropout.probability), failureProbability: alpha)
+    let share = candidates > 0 ? Double(dropped) / Double(candidates) : 0
+    let scalingBound = 2 * Double(Float.ulpOfOne)
+    return [
+      Check(
+        name: "dropped_share",
+        title: "share of dropped weights is consistent with p",
+        passed: interval.contains(dropped),
+        detail: String(
+          format: "%d of %d dropped (%.1f%%); p = %g allows %d…%d (binomial, α = 1e-4)",
+          dropped, candidates, share * 100, Double(dropout.probability),
+          interval.lowerBound, interval.upperBound)),
+      Check(
+        name: "kept_weights_rescaled",
+        title: "kept weights equal softmax × 1/(1−p)",
+        passed: worstScaling <= scalingBound,
+        detail: "max relative error \(sci(worstScaling)) ≤ \(sci(scalingBound))"),
+    ]
+  }
+}
