@@ -8,6 +8,9 @@ import Foundation
 /// 4. softmax over keys (a fully masked row gives zero weights and a zero output row, never NaN);
 /// 5. dropout on the weights (`Dropout`, `nil` when not training); 6. `weights · V` (one sgemm).
 ///
+/// With `relativePosition`, step 2 adds the position term `R[i, clip(j − i) + M]·scale` of
+/// `RelativePositionBias` (the scores are then those of the notebook's `RelativePositionAttention`).
+///
 /// Returns the output `[…, Tq, Dv]` and the weights after dropout `[…, Tq, Tk]`. The workspace is
 /// the weight matrix itself, `B·H·Tq·Tk` floats; `memoryBudget` (bytes) refuses larger problems
 /// before allocating, with an error suggesting the tiled kernel.
@@ -15,14 +18,18 @@ public enum MaterializedAttention {
   public static func compute(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    memoryBudget: Int? = nil
+    relativePosition: RelativePositionBias? = nil, memoryBudget: Int? = nil
   ) throws -> AttentionResult {
     let shape = try AttentionShape(queries: queries, keys: keys, values: values)
     let resolved = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
+    try relativePosition?.checkHeadDim(d)
     let weightCount = try Tensor.elementCount(of: shape.weightsShape)
-    let workspaceBytes = weightCount * MemoryLayout<Float>.stride
+    let width = relativePosition?.tableWidth ?? 0
+    // R = scale·Q·Eᵀ for one batch at a time: [Tq, 2M + 1].
+    var positionTable = [Float](repeating: 0, count: relativePosition == nil ? 0 : tq * width)
+    let workspaceBytes = (weightCount + positionTable.count) * MemoryLayout<Float>.stride
     if let memoryBudget, workspaceBytes > memoryBudget {
       throw AttentionError.memoryBudget(
         "the materialized kernel needs \(formatBytes(workspaceBytes)) for the \(shape.weightsShape) "
@@ -40,6 +47,7 @@ public enum MaterializedAttention {
         values.scalars.withUnsafeBufferPointer { v in
           weights.scalars.withUnsafeMutableBufferPointer { w in
             output.scalars.withUnsafeMutableBufferPointer { o in
+             positionTable.withUnsafeMutableBufferPointer { table in
               for b in 0..<shape.batchCount where tq > 0 && tk > 0 {
                 let scores = w.baseAddress! + b * tq * tk
                 // Steps 1–2: scores = Q·Kᵀ · scale.
@@ -50,8 +58,18 @@ public enum MaterializedAttention {
                     b: k.baseAddress! + b * tk * d, ldb: d,
                     c: scores, ldc: tk)
                 }
+                if let relativePosition {
+                  relativePosition.embeddings.scalars.withUnsafeBufferPointer { e in
+                    BLAS.sgemm(
+                      transposeB: true, m: tq, n: width, k: d, alpha: alpha,
+                      a: q.baseAddress! + b * tq * d, lda: d, b: e.baseAddress!, ldb: d,
+                      c: table.baseAddress!, ldc: width)
+                  }
+                }
                 for i in 0..<tq {
                   let row = scores + i * tk
+                  relativePosition?.add(
+                    table: table.baseAddress! + i * width, to: row, query: i, firstKey: 0, count: tk)
                   // Step 3: mask; step 4: softmax; step 5: dropout.
                   resolved.apply(to: row, batch: b, query: i, firstKey: 0, count: tk)
                   RowSoftmax.normalize(row, count: tk)
@@ -66,6 +84,7 @@ public enum MaterializedAttention {
                     c: o.baseAddress! + b * tq * dv, ldc: dv)
                 }
               }
+             }
             }
           }
         }

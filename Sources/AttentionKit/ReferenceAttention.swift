@@ -14,12 +14,16 @@ public struct ReferenceAttention: Sendable {
   let mask: ResolvedMask
   let scale: Double
   let dropout: Dropout?
+  let relativePosition: RelativePositionBias?
 
   public init(
     queries: Tensor, keys: Tensor, values: Tensor,
-    mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil
+    mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
+    relativePosition: RelativePositionBias? = nil
   ) throws {
     shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    try relativePosition?.checkHeadDim(shape.headDim)
+    self.relativePosition = relativePosition
     self.mask = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
     self.queries = queries
@@ -55,6 +59,16 @@ public struct ReferenceAttention: Sendable {
           * Double(keys.scalars[(batch * tk + j) * d + c])
         dot += product
         magnitude += abs(product)
+      }
+      if let relativePosition {
+        // q_i·E[clip(j − i) + M], the position term, in the same sum as q_i·k_j.
+        let r = relativePosition.index(query: i, key: j)
+        for c in 0..<d {
+          let product = Double(queries.scalars[(batch * tq + i) * d + c])
+            * Double(relativePosition.embeddings.scalars[r * d + c])
+          dot += product
+          magnitude += abs(product)
+        }
       }
       var s = dot * scale
       if let bias = mask.bias { s += Double(bias.value(batch: batch, row: i, column: j)) }
