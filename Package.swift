@@ -33,7 +33,7 @@ let package = Package(
     ),
     .testTarget(
       name: "attnTests",
-      dependencies: ["attn"]
+      dependencies: ["attn", "AttentionKit"]
     ),
   ]
 )

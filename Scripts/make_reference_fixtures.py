@@ -36,7 +36,8 @@ folder (prefixed by section and case), so a resource step that flattens folders 
      u1 = (w0 + 1) / 2**32, u2 = w1 / 2**32, r = sqrt(-2 ln u1) -> r cos(2π u2), r sin(2π u2);
      saved as float64 BEFORE rounding to float32 (compare Float(expected) with the Swift output).
    Dropout: weight at flat row r = (flat batch index)·Tq + i and key column j uses block counter
-     (lo32(r), hi32(r), j // 4, stream 0), word j % 4 = w; it is DROPPED iff w < threshold, with
+     (lo32(r), hi32(r), 16·(j // 64) + j % 16, stream 0), word (j % 64) // 16 = w (so sixteen
+     blocks computed side by side give 64 consecutive keys); it is DROPPED iff w < threshold, with
      threshold = 0 for p = 0, 2**32 for p = 1 (drop all), else min(round_half_up(p·2**32), 2**32-1).
      Every p written is exactly a float32 (the Swift API takes `Float`), e.g. "0.1" is stored as
      0.10000000149011612 = Float(0.1), so Float and Double computations of the threshold agree.
@@ -616,19 +617,22 @@ def dropout_threshold(p: float) -> int:
 def philox_dropout_keep(seed: int, p: float, shape) -> np.ndarray:
     """Keep mask (True = kept) for weights of shape [..., Tq, Tk].
 
-    Flat row r = flat batch index · Tq + i; column j -> counter (lo(r), hi(r), j // 4, 0),
-    word j % 4.
+    Flat row r = flat batch index · Tq + i; column j -> counter
+    (lo(r), hi(r), 16·(j // 64) + j % 16, 0), word (j % 64) // 16.
     """
     *batch, tq, tk = shape
     rows = np.arange(int(np.prod(batch, dtype=np.int64)) * tq, dtype=np.uint64)  # [R]
-    groups = np.arange((tk + 3) // 4, dtype=np.uint64)  # [ceil(Tk/4)]
+    minors = np.arange(16 * ((tk + 63) // 64), dtype=np.uint64)  # [16·ceil(Tk/64)]
     words = philox_blocks(rows[:, None] & np.uint64(MASK32), rows[:, None] >> np.uint64(32),
-                          groups[None, :], DROPOUT_STREAM, seed_key(seed))  # [R, G, 4]
-    words = words.reshape(len(rows), -1)[:, :tk]  # [R, Tk], column j = word j % 4 of group j//4
+                          minors[None, :], DROPOUT_STREAM, seed_key(seed))  # [R, minors, 4]
+    j = np.arange(tk)
+    words = words[:, 16 * (j // 64) + j % 16, (j % 64) // 16]  # [R, Tk]
     keep = words >= np.uint64(dropout_threshold(p))
     # Spot-check the vectorised layout against the scalar generator.
     for r, j in [(0, 0), (len(rows) - 1, tk - 1), (len(rows) // 2, tk // 2)]:
-        word = philox_block((r & MASK32, r >> 32, j // 4, DROPOUT_STREAM), seed_key(seed))[j % 4]
+        minor = 16 * (j // 64) + j % 16
+        word = philox_block((r & MASK32, r >> 32, minor, DROPOUT_STREAM),
+                            seed_key(seed))[(j % 64) // 16]
         assert keep[r, j] == (word >= dropout_threshold(p))
     return keep.reshape(shape)
 

@@ -3,10 +3,11 @@
 /// as `torch.nn.functional.dropout`). `p = 0` changes nothing; `p = 1` zeroes every weight.
 ///
 /// The decision for the weight of query row `r` (the flat index over `[…, Tq]`, i.e.
-/// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: word `j % 4` of the
-/// Philox block with counter `(r, j / 4, stream 0)` (see `Philox4x32`); the weight is dropped when
-/// that word is below `round(p·2³²)`. So the same seed drops the same weights whatever the
-/// threads, tile sizes or kernel.
+/// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: word
+/// `(j mod 64) / 16` of the Philox block with counter `(r, 16·⌊j/64⌋ + j mod 16, stream 0)` (see
+/// `Philox4x32`); the weight is dropped when that word is below `round(p·2³²)`. So the same seed
+/// drops the same weights whatever the threads, tile sizes or kernel. (The layout lets sixteen
+/// blocks computed side by side cover 64 consecutive keys, 16 per word.)
 public struct Dropout: Sendable, Equatable {
   public let probability: Float
   public let seed: UInt64
@@ -35,10 +36,12 @@ public struct Dropout: Sendable, Equatable {
   public func keeps(row: Int, key: Int) -> Bool {
     if dropsAll { return false }
     if dropsNone { return true }
+    let (group, within) = key.quotientAndRemainder(dividingBy: 64)
     let w = Philox4x32(seed: seed).block(
-      major: UInt64(row), minor: UInt32(truncatingIfNeeded: key / 4), stream: RandomStream.dropout)
+      major: UInt64(row), minor: UInt32(truncatingIfNeeded: group * 16 + within % 16),
+      stream: RandomStream.dropout)
     let word: UInt32
-    switch key % 4 {
+    switch within / 16 {
     case 0: word = w.0
     case 1: word = w.1
     case 2: word = w.2
@@ -48,35 +51,45 @@ public struct Dropout: Sendable, Equatable {
   }
 
   /// Applies dropout in place to `weights[0..<count]`, the weights of row `row` for keys
-  /// `firstKey ..< firstKey + count`. Draws one Philox block per four keys.
+  /// `firstKey ..< firstKey + count`: dropped ones become 0, kept ones are multiplied by
+  /// `1/(1 − p)`. Sixteen Philox blocks at a time give the words of 64 keys.
   @inline(__always)
   func apply(to weights: UnsafeMutablePointer<Float>, row: Int, firstKey: Int, count: Int) {
-    if dropsNone { return }
+    if dropsNone || count <= 0 { return }
     if dropsAll {
       weights.update(repeating: 0, count: count)
       return
     }
     let rng = Philox4x32(seed: seed)
     let major = UInt64(row)
+    let limit = SIMD16<UInt32>(repeating: threshold)
     let scale = keptScale
-    var j = 0
-    while j < count {
-      let key = firstKey + j
-      let group = key / 4
-      let w = rng.block(major: major, minor: UInt32(truncatingIfNeeded: group), stream: RandomStream.dropout)
-      let words = (w.0, w.1, w.2, w.3)
-      let end = min(count, (group + 1) * 4 - firstKey)
-      while j < end {
-        let word: UInt32
-        switch (firstKey + j) & 3 {
-        case 0: word = words.0
-        case 1: word = words.1
-        case 2: word = words.2
-        default: word = words.3
+    let lastKey = firstKey + count
+    @inline(__always)
+    func applyChunk(_ word: SIMD16<UInt32>, startingAt chunkStart: Int) {
+      // Keys chunkStart ..< chunkStart + 16.
+      let dropped = word .< limit
+      if chunkStart >= firstKey && chunkStart + 16 <= lastKey {
+        let raw = UnsafeMutableRawPointer(weights + (chunkStart - firstKey))
+        let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
+        raw.storeBytes(of: kept.replacing(with: 0, where: dropped), as: SIMD16<Float>.self)
+      } else {
+        for lane in 0..<16 {
+          let key = chunkStart + lane
+          guard key >= firstKey && key < lastKey else { continue }
+          weights[key - firstKey] = dropped[lane] ? 0 : weights[key - firstKey] * scale
         }
-        weights[j] = word < threshold ? 0 : weights[j] * scale
-        j += 1
       }
+    }
+    var group = firstKey / 64
+    while group * 64 < lastKey {
+      let words = rng.blocks16(
+        major: major, minorBase: UInt32(truncatingIfNeeded: group * 16), stream: RandomStream.dropout)
+      applyChunk(words.0, startingAt: group * 64)
+      applyChunk(words.1, startingAt: group * 64 + 16)
+      applyChunk(words.2, startingAt: group * 64 + 32)
+      applyChunk(words.3, startingAt: group * 64 + 48)
+      group += 1
     }
   }
 }

@@ -89,6 +89,7 @@ public struct ReferenceAttention: Sendable {
       }
       for j in 0..<tk { weights[j] /= sum }
     }
+    let preDropoutWeights = weights
     if let dropout {
       let keptScale = dropout.dropsAll ? 0 : 1 / (1 - Double(dropout.probability))
       for j in 0..<tk {
@@ -107,7 +108,7 @@ public struct ReferenceAttention: Sendable {
       }
     }
     return ReferenceRow(
-      weights: weights, output: output,
+      weights: weights, preDropoutWeights: preDropoutWeights, output: output,
       weightBounds: weights.map { $0 * relative }, outputBounds: outputBounds)
   }
 
@@ -145,6 +146,8 @@ public struct ReferenceAttention: Sendable {
 public struct ReferenceRow: Sendable {
   /// `[Tk]`, after dropout.
   public var weights: [Double]
+  /// `[Tk]`, the softmax before dropout.
+  public var preDropoutWeights: [Double]
   /// `[Dv]`.
   public var output: [Double]
   /// `[Tk]`: the largest |difference| a correct float32 kernel may show on each weight.

@@ -60,6 +60,8 @@ struct DropoutCommand: ParsableCommand {
   @Option(help: "Output format: text or json.")
   var format: OutputFormat = .text
 
+  @OptionGroup var kernelOptions: KernelOptions
+
   func validate() throws {
     guard p >= 0, p <= 1 else { throw ValidationError("--p must be in [0, 1], got \(p)") }
     guard seqLen > 0 else { throw ValidationError("--seq-len must be positive, got \(seqLen)") }
@@ -68,6 +70,9 @@ struct DropoutCommand: ParsableCommand {
     let given = [q, k, v].compactMap { $0 }.count
     guard given == 0 || given == 3 else {
       throw ValidationError("give --q, --k and --v together (or none, for random inputs)")
+    }
+    if kernelOptions.kernel == .tiled && weightsOut != nil {
+      throw ValidationError("--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
     try checkOutputs([out, weightsOut], against: [q, k, v, bias, mask.path])
   }
@@ -78,29 +83,32 @@ struct DropoutCommand: ParsableCommand {
     let attentionMask = try mask.resolve(bias: biasTensor)
     let dropout = eval ? nil : try Dropout(probability: p, seed: seed)
 
-    let preDropout = try MaterializedAttention.compute(
-      queries: queries, keys: keys, values: values, mask: attentionMask)
-    let result = dropout == nil
-      ? preDropout
-      : try MaterializedAttention.compute(
-        queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
+    // The kernel's own weights without dropout, for the checks (the materialized kernel only).
+    let preDropout: AttentionResult? =
+      kernelOptions.kernel == .materialized && dropout != nil
+      ? try kernelOptions.attention(
+        queries: queries, keys: keys, values: values, mask: attentionMask, dropout: nil)
+      : nil
+    let result = try kernelOptions.attention(
+      queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
 
     let reference = try ReferenceAttention(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
-    let checks = AttentionChecks(
+    let checker = AttentionChecks(
       reference: reference, dropout: dropout,
-      sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: seed)
-    ).run(result: result, preDropout: preDropout.weights)
+      sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: seed))
+    let checks = checker.run(result: result, preDropout: (preDropout ?? result).weights)
 
     if let out { try saveTensor(result.output, to: out) }
     if let weightsOut, let weights = result.weights { try saveTensor(weights, to: weightsOut) }
 
-    let droppedFraction = Self.droppedFraction(pre: preDropout.weights, post: result.weights)
+    let droppedFraction = checker.droppedFraction(result: result, preDropout: preDropout?.weights)
     switch format {
     case .json:
       try printJSON(DropoutReport(
         output_shape: result.output.shape, weights_shape: reference.shape.weightsShape,
         p: Double(p.description) ?? Double(p), seed: seed, training: !eval,
+        kernel: kernelOptions.kernel.rawValue,
         mask: mask.description, dropped_fraction: droppedFraction,
         checks: checks.dictionary, verified: checks.allPassed))
     case .text:
@@ -121,21 +129,10 @@ struct DropoutCommand: ParsableCommand {
     )
   }
 
-  /// The share of non-zero softmax weights that dropout zeroed.
-  static func droppedFraction(pre: Tensor?, post: Tensor?) -> Double {
-    guard let pre, let post else { return 0 }
-    var candidates = 0
-    var dropped = 0
-    for (a, b) in zip(pre.scalars, post.scalars) where a != 0 {
-      candidates += 1
-      if b == 0 { dropped += 1 }
-    }
-    return candidates == 0 ? 0 : Double(dropped) / Double(candidates)
-  }
-
   private func printText(result: AttentionResult, shape: AttentionShape, checks: [Check], dropped: Double) {
     let mode = eval ? "eval, no dropout" : "training, p = \(p)"
-    print("Exercise 1: scaled dot-product attention with dropout (\(mode), seed \(seed), mask \(mask))")
+    print("Exercise 1: scaled dot-product attention with dropout "
+      + "(\(mode), seed \(seed), mask \(mask), \(kernelOptions.kernel) kernel)")
     print("Output shape: \(torchSizeDescription(result.output.shape))")
     print("Attention shape: \(torchSizeDescription(shape.weightsShape))")
     if !eval {
@@ -161,6 +158,7 @@ private struct DropoutReport: Encodable {
   var p: Double
   var seed: UInt64
   var training: Bool
+  var kernel: String
   var mask: String
   var dropped_fraction: Double
   var checks: [String: Bool]

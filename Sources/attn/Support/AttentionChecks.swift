@@ -23,7 +23,7 @@ struct AttentionChecks {
       while chosen.count < count {
         let w = rng.block(major: counter, minor: 0, stream: RandomStream.sampling)
         for word in [w.0, w.1, w.2, w.3] where chosen.count < count {
-          chosen.insert(Int(UInt64(word) * UInt64(total) >> 32))
+          chosen.insert(Int((UInt64(word) * UInt64(total)) >> 32))
         }
         counter += 1
       }
@@ -36,6 +36,8 @@ struct AttentionChecks {
   /// without dropout (from a second run), `result.weights` those after it; both `nil` for the tiled
   /// kernel, whose rows are then checked through the output alone.
   func run(result: AttentionResult, preDropout: Tensor?) -> [Check] {
+    // Without dropout the kernel's weights are the softmax itself.
+    let preDropout = preDropout ?? (dropout == nil ? result.weights : nil)
     let shape = reference.shape
     let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
     var checks: [Check] = []
@@ -72,13 +74,12 @@ struct AttentionChecks {
           + (maskedRows > 0 ? "; \(maskedRows) fully masked rows are zero" : "")))
     }
 
-    if let pre = preDropout, let post = result.weights, let dropout {
+    if let dropout, let pre = preDropout, let post = result.weights {
       checks += dropoutChecks(pre: pre, post: post, dropout: dropout)
-    } else if let pre = preDropout, let post = result.weights {
-      let same = pre.scalars == post.scalars
-      checks.append(Check(
-        name: "no_dropout_in_eval", title: "no weight dropped (eval mode)", passed: same,
-        detail: same ? "weights identical to the softmax" : "weights differ from the softmax"))
+    } else if let dropout {
+      // No weights from the kernel (tiled): the dropped share over the sampled rows' visible keys.
+      let (dropped, candidates) = sampledDrops(dropout)
+      checks.append(dropShareCheck(dropped: dropped, candidates: candidates, dropout: dropout))
     }
 
     if let post = result.weights {
@@ -143,25 +144,62 @@ struct AttentionChecks {
         worstScaling = max(worstScaling, abs(Double(w1) - expected) / expected)
       }
     }
-    let alpha = 1e-4
-    let interval = BinomialBound.interval(
-      n: candidates, p: Double(dropout.probability), failureProbability: alpha)
-    let share = candidates > 0 ? Double(dropped) / Double(candidates) : 0
     let scalingBound = 2 * Double(Float.ulpOfOne)
     return [
-      Check(
-        name: "dropped_share",
-        title: "share of dropped weights is consistent with p",
-        passed: interval.contains(dropped),
-        detail: String(
-          format: "%d of %d dropped (%.1f%%); p = %g allows %d…%d (binomial, α = 1e-4)",
-          dropped, candidates, share * 100, Double(dropout.probability),
-          interval.lowerBound, interval.upperBound)),
+      dropShareCheck(dropped: dropped, candidates: candidates, dropout: dropout),
       Check(
         name: "kept_weights_rescaled",
         title: "kept weights equal softmax × 1/(1−p)",
         passed: worstScaling <= scalingBound,
         detail: "max relative error \(sci(worstScaling)) ≤ \(sci(scalingBound))"),
     ]
+  }
+}
+
+extension AttentionChecks {
+  /// Dropped and visible (non-zero softmax) weights over the sampled rows, by the reference.
+  func sampledDrops(_ dropout: Dropout) -> (dropped: Int, candidates: Int) {
+    var dropped = 0
+    var candidates = 0
+    for (b, i) in sampledRows {
+      let row = reference.row(batch: b, query: i)
+      for (pre, post) in zip(row.preDropoutWeights, row.weights) where pre != 0 {
+        candidates += 1
+        if post == 0 { dropped += 1 }
+      }
+    }
+    return (dropped, candidates)
+  }
+
+  /// The share of non-zero softmax weights that dropout zeroed: over all weights when the kernel
+  /// returned them, else over the sampled rows.
+  func droppedFraction(result: AttentionResult, preDropout: Tensor?) -> Double {
+    guard let dropout else { return 0 }
+    var dropped = 0
+    var candidates = 0
+    if let pre = preDropout, let post = result.weights {
+      for (a, b) in zip(pre.scalars, post.scalars) where a != 0 {
+        candidates += 1
+        if b == 0 { dropped += 1 }
+      }
+    } else {
+      (dropped, candidates) = sampledDrops(dropout)
+    }
+    return candidates == 0 ? 0 : Double(dropped) / Double(candidates)
+  }
+
+  /// `dropped` lies in the binomial interval a correct dropout leaves with probability 1 − 10⁻⁴.
+  func dropShareCheck(dropped: Int, candidates: Int, dropout: Dropout) -> Check {
+    let interval = BinomialBound.interval(
+      n: candidates, p: Double(dropout.probability), failureProbability: 1e-4)
+    let share = candidates > 0 ? Double(dropped) / Double(candidates) : 0
+    return Check(
+      name: "dropped_share",
+      title: "share of dropped weights is consistent with p",
+      passed: interval.contains(dropped),
+      detail: String(
+        format: "%d of %d dropped (%.1f%%); p = %@ allows %d…%d (binomial, α = 1e-4)",
+        dropped, candidates, share * 100, "\(dropout.probability)",
+        interval.lowerBound, interval.upperBound))
   }
 }
