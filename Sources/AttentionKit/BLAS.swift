@@ -85,3 +85,11 @@ extension Tensor {
     return result
   }
 }
+
+extension BLAS {
+  /// The name of the kernel family OpenBLAS chose for this CPU ("SkylakeX", "Haswell", …).
+  public static var coreName: String {
+    guard let name = openblas_get_corename() else { return "unknown" }
+    return String(cString: name)
+  }
+}

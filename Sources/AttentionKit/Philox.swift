@@ -124,8 +124,8 @@ func boxMuller(_ w0: UInt32, _ w1: UInt32) -> (Double, Double) {
 extension Philox4x32 {
   /// Sixteen blocks side by side: lane `l` is `block(major, minorBase + l, stream)`.
   ///
-  /// The same arithmetic as `block`, on `SIMD16` lanes, so a 32×32→64-bit multiply per lane
-  /// (`pmuludq`) replaces sixteen scalar ones. Dropout uses it to draw 64 keys' words at once.
+  /// The same arithmetic as `block`, on `SIMD16<UInt32>` lanes: sixteen blocks for about the
+  /// price of two scalar ones. Dropout uses it to draw 64 keys' words at once.
   @inline(__always)
   public func blocks16(major: UInt64, minorBase: UInt32, stream: UInt32)
     -> (SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>)
@@ -136,22 +136,33 @@ extension Philox4x32 {
     var x3 = SIMD16<UInt32>(repeating: stream)
     var k0 = key.0
     var k1 = key.1
-    let m0 = SIMD16<UInt64>(repeating: 0xD251_1F53)
-    let m1 = SIMD16<UInt64>(repeating: 0xCD9E_8D57)
     for round in 0..<10 {
       if round > 0 {
         k0 &+= 0x9E37_79B9
         k1 &+= 0xBB67_AE85
       }
-      let p0 = SIMD16<UInt64>(truncatingIfNeeded: x0) &* m0
-      let p1 = SIMD16<UInt64>(truncatingIfNeeded: x2) &* m1
-      let y0 = SIMD16<UInt32>(truncatingIfNeeded: p1 &>> 32) ^ x1 ^ k0
-      let y2 = SIMD16<UInt32>(truncatingIfNeeded: p0 &>> 32) ^ x3 ^ k1
-      x1 = SIMD16<UInt32>(truncatingIfNeeded: p1)
-      x3 = SIMD16<UInt32>(truncatingIfNeeded: p0)
+      let y0 = mulhi(x2, 0xCD9E_8D57) ^ x1 ^ k0
+      let y2 = mulhi(x0, 0xD251_1F53) ^ x3 ^ k1
+      x1 = x2 &* 0xCD9E_8D57
+      x3 = x0 &* 0xD251_1F53
       x0 = y0
       x2 = y2
     }
     return (x0, x1, x2, x3)
   }
+}
+
+/// The high 32 bits of each lane's 64-bit product `x·m`, from 16-bit halves so that every step is
+/// a 32-bit lane operation (widening `SIMD16<UInt32>` to `UInt64` lanes compiles to a slow
+/// lane-by-lane loop): `x·m = xh·mh·2³² + (xh·ml + xl·mh)·2¹⁶ + xl·ml`.
+@inline(__always)
+func mulhi(_ x: SIMD16<UInt32>, _ m: UInt32) -> SIMD16<UInt32> {
+  let (mh, ml) = (m >> 16, m & 0xFFFF)
+  let xh = x &>> 16
+  let xl = x & 0xFFFF
+  let cross1 = xh &* ml  // < 2³²
+  let cross2 = xl &* mh
+  let low = xl &* ml
+  let carry = ((cross1 & 0xFFFF) &+ (cross2 & 0xFFFF) &+ (low &>> 16)) &>> 16
+  return xh &* mh &+ (cross1 &>> 16) &+ (cross2 &>> 16) &+ carry
 }

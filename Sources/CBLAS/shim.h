@@ -6,3 +6,4 @@
 // OpenBLAS extensions (declared in its cblas.h, repeated here so the shim states what we rely on).
 void openblas_set_num_threads(int num_threads);
 int openblas_get_num_threads(void);
+char *openblas_get_corename(void);

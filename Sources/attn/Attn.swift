@@ -23,6 +23,7 @@ struct Attn: ParsableCommand {
   /// Parses, runs, and turns every error into one line and an exit code, instead of the
   /// library's default of printing the usage text after a usage error.
   static func main() {
+    OpenBLASCore.upgradeIfNeeded()
     do {
       var command = try parseAsRoot()
       try command.run()

@@ -63,6 +63,9 @@ struct BenchCommand: ParsableCommand {
       queryBlock: queryBlock, keyBlock: keyBlock, threads: threads)
     let threadCount = threads ?? ProcessInfo.processInfo.activeProcessorCount
     var results: [BenchResult] = []
+    if format == .text {
+      print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(queryBlock) × Bk \(keyBlock)")
+    }
     for benchCase in selected {
       if isatty(STDERR_FILENO) == 1 {
         FileHandle.standardError.write(Data("bench: \(benchCase.name) \(benchCase.shapeText)…\n".utf8))
@@ -73,8 +76,9 @@ struct BenchCommand: ParsableCommand {
       if format == .text { print(result.line) }
     }
     if format == .json {
-      try printJSON(BenchReport(threads: threadCount, query_block: queryBlock, key_block: keyBlock,
-                                cases: results))
+      try printJSON(BenchReport(
+        openblas_core: BLAS.coreName, threads: threadCount, query_block: queryBlock,
+        key_block: keyBlock, cases: results))
     }
   }
 }
@@ -192,6 +196,7 @@ struct BenchResult: Encodable {
 }
 
 private struct BenchReport: Encodable {
+  var openblas_core: String
   var threads: Int
   var query_block: Int
   var key_block: Int

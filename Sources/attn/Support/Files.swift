@@ -1,3 +1,4 @@
+import ArgumentParser
 import AttentionKit
 import Foundation
 
@@ -11,17 +12,18 @@ func saveTensor(_ tensor: Tensor, to path: String) throws {
   try NPY.write(tensor, to: path)
 }
 
-/// Refuses an output path that is also an input path: a run must never overwrite what it reads.
+/// Refuses an output path that is also an input path (a usage error, exit 64): a run must never
+/// overwrite what it reads.
 func checkOutputs(_ outputs: [String?], against inputs: [String?]) throws {
   let inputPaths = Set(inputs.compactMap { $0 }.map(canonicalPath))
   var seen = Set<String>()
   for path in outputs.compactMap({ $0 }) {
     let canonical = canonicalPath(path)
     if inputPaths.contains(canonical) {
-      throw AttentionError.invalidArgument("output \(path) is also an input; choose another path")
+      throw ValidationError("output \(path) is also an input; choose another path")
     }
     if !seen.insert(canonical).inserted {
-      throw AttentionError.invalidArgument("\(path) is named as two outputs")
+      throw ValidationError("\(path) is named as two outputs")
     }
   }
 }
