@@ -44,14 +44,17 @@ public enum TiledAttention {
     var resolvedThreads: Int { max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount) }
   }
 
-  /// The bytes of workspace `compute` allocates for a problem of value width `valueDim`.
+  /// The bytes of workspace `compute` allocates: per thread a `[Bq, Bk]` tile, a `[Bq, Dv]`
+  /// accumulator, the row max and sum, and `[Bq, 2M + 1]` for relative positions, with the
+  /// blocks capped at `Tq` and `Tk`.
   public static func workspaceBytes(
-    queries: Int, valueDim: Int, tasks: Int, relativeWidth: Int = 0,
+    queries: Int, keys: Int, valueDim: Int, tasks: Int, relativeWidth: Int = 0,
     configuration: Configuration = .default
   ) -> Int {
     let bq = min(configuration.queryBlock, max(queries, 1))
+    let bk = min(configuration.keyBlock, max(keys, 1))
     let workers = min(configuration.resolvedThreads, max(tasks, 1))
-    let perThread = bq * configuration.keyBlock + bq * valueDim + 2 * bq + bq * relativeWidth
+    let perThread = bq * bk + bq * valueDim + 2 * bq + bq * relativeWidth
     return workers * perThread * MemoryLayout<Float>.stride
   }
 
@@ -80,7 +83,7 @@ public enum TiledAttention {
     let tasks = shape.batchCount * queryBlocks
     let width = relativePosition?.tableWidth ?? 0
     let workspace = workspaceBytes(
-      queries: shape.queries, valueDim: shape.valueDim, tasks: tasks, relativeWidth: width,
+      queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim, tasks: tasks, relativeWidth: width,
       configuration: configuration)
     if tasks == 0 || shape.keys == 0 {
       return AttentionResult(output: output, weights: nil, workspaceBytes: 0)
@@ -88,7 +91,7 @@ public enum TiledAttention {
     let workers = min(configuration.resolvedThreads, tasks)
     let plan = TilePlan(
       shape: shape, scale: shape.resolvedScale(scale), queryBlock: bq,
-      keyBlock: configuration.keyBlock, mask: resolved, dropout: dropout,
+      keyBlock: min(configuration.keyBlock, max(shape.keys, 1)), mask: resolved, dropout: dropout,
       relativePosition: relativePosition)
 
     // Our threads split the work; OpenBLAS's own threads would only compete with them.

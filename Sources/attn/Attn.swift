@@ -17,7 +17,7 @@ struct Attn: ParsableCommand {
         attn complexity   time and memory against sequence length, measured and fitted (exercise 2)
         attn relpos       self-attention with learned relative positions (exercise 3)
       """,
-    subcommands: [DropoutCommand.self, BenchCommand.self]
+    subcommands: [DropoutCommand.self, BenchCommand.self, RelposCommand.self]
   )
 
   /// Parses, runs, and turns every error into one line and an exit code, instead of the

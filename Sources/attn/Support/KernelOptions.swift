@@ -34,6 +34,20 @@ struct KernelOptions: ParsableArguments {
     TiledAttention.Configuration(threads: threads)
   }
 
+  /// The relative-position module's kernel for these options.
+  var moduleKernel: RelativePositionAttention.Kernel {
+    kernel == .materialized ? .materialized : .tiled(tiledConfiguration)
+  }
+
+  /// Runs `body` with OpenBLAS on `--threads` threads (the materialized kernel's threads are
+  /// OpenBLAS's own; the tiled kernel sets its own).
+  func withBLASThreads<Result>(_ body: () throws -> Result) rethrows -> Result {
+    let previous = BLAS.threadCount
+    if let threads { BLAS.threadCount = threads }
+    defer { BLAS.threadCount = previous }
+    return try body()
+  }
+
   /// Runs the chosen kernel with these options.
   func attention(
     queries: Tensor, keys: Tensor, values: Tensor, mask: AttentionMask, scale: Float? = nil,
@@ -41,12 +55,11 @@ struct KernelOptions: ParsableArguments {
   ) throws -> AttentionResult {
     switch kernel {
     case .materialized:
-      let previous = BLAS.threadCount
-      if let threads { BLAS.threadCount = threads }
-      defer { BLAS.threadCount = previous }
-      return try MaterializedAttention.compute(
-        queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-        relativePosition: relativePosition, memoryBudget: memoryBudget)
+      return try withBLASThreads {
+        try MaterializedAttention.compute(
+          queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
+          relativePosition: relativePosition, memoryBudget: memoryBudget)
+      }
     case .tiled:
       return try TiledAttention.compute(
         queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
