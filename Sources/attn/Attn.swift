@@ -12,12 +12,16 @@ struct Attn: ParsableCommand {
     commandName: "attn",
     abstract: "Attention from scratch on the CPU, on OpenBLAS.",
     discussion: """
-      The three exercises of the notebook "Attention from Scratch", measured and checked:
-        attn dropout      scaled dot-product attention with a mask and dropout (exercise 1)
-        attn complexity   time and memory against sequence length, measured and fitted (exercise 2)
-        attn relpos       self-attention with learned relative positions (exercise 3)
+      The notebook's three exercises, measured and checked:
+        dropout     attention with a mask and dropout (exercise 1)
+        complexity  time and memory against length (exercise 2)
+        relpos      relative-position attention (exercise 3)
+        bench       the tiled kernel against OpenBLAS's ceiling
+      Exit codes: 0 success, 1 runtime error or failed check, 64 usage error.
       """,
-    subcommands: [DropoutCommand.self, BenchCommand.self, RelposCommand.self]
+    subcommands: [
+      DropoutCommand.self, RelposCommand.self, BenchCommand.self,
+    ]
   )
 
   /// Parses, runs, and turns every error into one line and an exit code, instead of the

@@ -92,20 +92,25 @@ struct BenchCase {
   var headDim: Int
   var dropout: Float = 0
   var causal = false
+  /// `M`: run the relative-position module (projections, R = Q·Eᵀ, tiled attention) instead of
+  /// bare attention, and time plain attention with the same projections beside it.
+  var maxRelative: Int? = nil
   var repeats: Int? = nil
 
-  static let order = ["attention", "causal", "dropout", "efficiency", "long"]
+  static let order = ["attention", "causal", "dropout", "relpos", "efficiency", "long"]
   static let standard: [String: BenchCase] = [
     "attention": BenchCase(name: "attention", batch: 1, heads: 8, length: 2048, headDim: 64),
     "causal": BenchCase(name: "causal", batch: 1, heads: 8, length: 2048, headDim: 64, causal: true),
     "dropout": BenchCase(name: "dropout", batch: 4, heads: 8, length: 1024, headDim: 64, dropout: 0.1),
+    "relpos": BenchCase(
+      name: "relpos", batch: 1, heads: 1, length: 2048, headDim: 64, maxRelative: 32),
     "efficiency": BenchCase(name: "efficiency", batch: 1, heads: 8, length: 4096, headDim: 64),
     "long": BenchCase(name: "long", batch: 1, heads: 1, length: 65536, headDim: 64, repeats: 1),
   ]
 
   var shapeText: String {
     "B \(batch) H \(heads) T \(length) D \(headDim)" + (causal ? " causal" : "")
-      + (dropout > 0 ? " p \(dropout)" : "")
+      + (dropout > 0 ? " p \(dropout)" : "") + (maxRelative.map { " relpos M \($0)" } ?? "")
   }
 
   /// Query–key pairs actually computed: all of them, or the lower triangle when causal.
@@ -114,30 +119,67 @@ struct BenchCase {
     return Double(batch * heads) * (causal ? t * (t + 1) / 2 : t * t)
   }
 
-  func run(
-    configuration: TiledAttention.Configuration, threads: Int, repeats: Int, seed: UInt64
-  ) throws -> BenchResult {
+  /// What one timed run computes, and how its rows are checked.
+  private struct Workload {
+    var reference: ReferenceAttention
+    var run: () throws -> AttentionResult
+    /// For relpos: plain attention on the same projections, timed beside it.
+    var plain: (() throws -> Void)?
+  }
+
+  private func workload(
+    configuration: TiledAttention.Configuration, seed: UInt64
+  ) throws -> Workload {
+    let mask: AttentionMask = causal ? .causal : .none
+    let drop = dropout > 0 ? try Dropout(probability: dropout, seed: seed) : nil
+    if let maxRelative {
+      // The notebook's module: x [B, T, d] → Q, K, V projections → relative-position attention.
+      let module = try RelativePositionAttention(
+        modelDim: headDim, maxRelativePosition: maxRelative, seed: seed)
+      let x = try Tensor.randomNormal(
+        shape: [batch, length, headDim], seed: seed, stream: RandomStream.input)
+      let projected = try module.project(x)
+      let reference = try ReferenceAttention(
+        queries: projected.queries, keys: projected.keys, values: projected.values, mask: mask,
+        scale: module.scale, relativePosition: module.positionBias)
+      return Workload(
+        reference: reference,
+        run: { try module(x, mask: mask, kernel: .tiled(configuration)).attention },
+        plain: {
+          let (q, k, v) = try module.project(x)
+          _ = try TiledAttention.compute(
+            queries: q, keys: k, values: v, mask: mask, scale: module.scale,
+            configuration: configuration)
+        })
+    }
     let shape = [batch, heads, length, headDim]
     let q = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.queries)
     let k = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.keys)
     let v = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.values)
-    let mask: AttentionMask = causal ? .causal : .none
-    let drop = dropout > 0 ? try Dropout(probability: dropout, seed: seed) : nil
+    return Workload(
+      reference: try ReferenceAttention(queries: q, keys: k, values: v, mask: mask, dropout: drop),
+      run: {
+        try TiledAttention.compute(
+          queries: q, keys: k, values: v, mask: mask, dropout: drop, configuration: configuration)
+      },
+      plain: nil)
+  }
+
+  func run(
+    configuration: TiledAttention.Configuration, threads: Int, repeats: Int, seed: UInt64
+  ) throws -> BenchResult {
     let memoryBefore = ProcessMemory.status()?.resident
     let peakReset = ProcessMemory.resetPeak()
+    let work = try workload(configuration: configuration, seed: seed)
 
-    func kernel() throws -> AttentionResult {
-      try TiledAttention.compute(
-        queries: q, keys: k, values: v, mask: mask, dropout: drop, configuration: configuration)
-    }
     // Check before timing: sampled rows against the float64 reference kernel.
-    let first = try kernel()
-    let reference = try ReferenceAttention(queries: q, keys: k, values: v, mask: mask, dropout: drop)
+    let first = try work.run()
+    let reference = work.reference
     let rows = AttentionChecks.sampleRows(shape: reference.shape, seed: seed, limit: 16, count: 16)
     var worst = 0.0
     let dv = reference.shape.valueDim
     for (b, i) in rows {
-      let offset = (b * length + i) * dv
+      let offset = (b * reference.shape.queries + i) * dv
       worst = max(worst, reference.row(batch: b, query: i)
         .outputErrorRatio(first.output.scalars[offset..<(offset + dv)]))
     }
@@ -152,19 +194,26 @@ struct BenchCase {
       headDim: headDim, valueDim: headDim, threads: threads)
     let tiles = max(threads, Int(4 * pairs * Double(headDim) / ceiling.flopsPerTile))
     var times: [Double] = []
+    var plainTimes: [Double] = []
     var ceilings: [Double] = []
+    // Interleaved: kernel, plain attention (relpos only), sgemm ceiling, then again.
     for _ in 0..<(self.repeats ?? repeats) {
-      times.append(try Stopwatch.time { _ = try kernel() })
+      times.append(try Stopwatch.time { _ = try work.run() })
+      if let plain = work.plain { plainTimes.append(try Stopwatch.time { try plain() }) }
       ceilings.append(ceiling.measure(tiles: tiles))
     }
     let status = ProcessMemory.status()
     let median = Stopwatch.median(times)
     let gflops = 4 * pairs * Double(headDim) / median * 1e-9
     let sgemm = Stopwatch.median(ceilings)
+    let plainMedian = plainTimes.isEmpty ? nil : Stopwatch.median(plainTimes)
     return BenchResult(
       name: name, batch: batch, heads: heads, seq_len: length, d_k: headDim, p: Double(dropout),
-      causal: causal, median_ms: median * 1e3, min_ms: (times.min() ?? .nan) * 1e3,
+      causal: causal, max_rel: maxRelative, median_ms: median * 1e3,
+      min_ms: (times.min() ?? .nan) * 1e3,
       gflops: gflops, sgemm_gflops: sgemm, ratio_to_sgemm: gflops / sgemm,
+      plain_median_ms: plainMedian.map { $0 * 1e3 },
+      relpos_over_plain: plainMedian.map { median / $0 },
       workspace_bytes: first.workspaceBytes,
       peak_rss_bytes: peakReset ? status?.peak : nil,
       rss_before_bytes: memoryBefore, reference_error_ratio: worst)
@@ -177,7 +226,11 @@ struct BenchResult: Encodable {
   var batch, heads, seq_len, d_k: Int
   var p: Double
   var causal: Bool
+  var max_rel: Int?
   var median_ms, min_ms, gflops, sgemm_gflops, ratio_to_sgemm: Double
+  /// relpos: projections plus plain attention of the same shape, and our time over it.
+  var plain_median_ms: Double?
+  var relpos_over_plain: Double?
   var workspace_bytes: Int
   /// The process's peak resident memory during this case (inputs included).
   var peak_rss_bytes: Int?
@@ -186,12 +239,19 @@ struct BenchResult: Encodable {
 
   var line: String {
     let peak = peak_rss_bytes.map { formatBytes($0) } ?? "n/a"
-    return String(
-      format: "%-10@ B%-2d H%-2d T%-6d D%-3d%@  median %9.2f ms  min %9.2f ms  %6.1f GFLOP/s  "
-        + "sgemm %6.1f  ratio %4.2f  workspace %@  peak RSS %@",
-      name, batch, heads, seq_len, d_k,
-      (causal ? " causal" : "") + (p > 0 ? " p\(p)" : ""),
-      median_ms, min_ms, gflops, sgemm_gflops, ratio_to_sgemm, formatBytes(workspace_bytes), peak)
+    var label = name.padding(toLength: 10, withPad: " ", startingAt: 0)
+    label += " B\(batch) H\(heads) T\(seq_len) D\(d_k)"
+    if causal { label += " causal" }
+    if p > 0 { label += " p\(Float(p))" }
+    if let max_rel { label += " M\(max_rel)" }
+    var text = label.padding(toLength: 40, withPad: " ", startingAt: 0)
+    text += String(
+      format: "median %8.2f ms  min %8.2f ms  %6.1f GFLOP/s  sgemm %6.1f  ratio %4.2f",
+      median_ms, min_ms, gflops, sgemm_gflops, ratio_to_sgemm)
+    if let plain_median_ms, let relpos_over_plain {
+      text += String(format: "  plain %7.2f ms (relpos/plain %.2f)", plain_median_ms, relpos_over_plain)
+    }
+    return text + "  workspace \(formatBytes(workspace_bytes))  peak RSS \(peak)"
   }
 }
 

@@ -68,7 +68,7 @@ struct AttentionChecks {
       let rows = shape.batchCount * tq
       checks.append(Check(
         name: "weights_sum_to_one",
-        title: "softmax rows sum to 1 (before dropout)",
+        title: dropout == nil ? "softmax rows sum to 1" : "softmax rows sum to 1 (before dropout)",
         passed: rowsOK,
         detail: "max |sum − 1| = \(sci(worst)) ≤ \(sci(bound)) over \(rows - maskedRows) rows"
           + (maskedRows > 0 ? "; \(maskedRows) fully masked rows are zero" : "")))
@@ -103,7 +103,7 @@ struct AttentionChecks {
       }
       checks.append(Check(
         name: "output_equals_weights_v",
-        title: "output equals (weights after dropout)·V",
+        title: dropout == nil ? "output equals weights·V" : "output equals (weights after dropout)·V",
         passed: worst <= 1,
         detail: "worst error / bound = \(String(format: "%.3f", worst)) (bound γ_{Tk+2}·Σ|w·v|)"))
     }

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of `attn bench` against PyTorch and numpy on the performance targets.
+
+Runs each case interleaved — one `attn bench --repeats 1` run, one PyTorch run, one numpy run,
+then again — with the same thread count everywhere, and prints one table of medians and ratios.
+Quote the ratios: the machines are shared and noisy, absolute times are not comparable between
+runs.
+
+    Scripts/compare_pytorch.py [--repeats 5] [--threads 2] [--cases attention,causal,...]
+
+Cases (shapes from the performance issue):
+  attention   B1 H8 T2048 D64          vs torch SDPA                 target ≥ 1.25× torch
+  causal      B1 H8 T2048 D64 causal   vs torch SDPA is_causal=True  target ≥ 1.25× torch
+  dropout     B4 H8 T1024 D64 p 0.1    vs torch SDPA dropout_p=0.1   target ≥ 10× torch
+  relpos      B1 T2048 d64 M32         vs the notebook's module      target ≥ 50× torch,
+                                                                      ≤ 1.5× our plain attention
+  efficiency  B1 H8 T4096 D64          vs OpenBLAS on the kernel's tile products (same run)
+                                                                      target ≥ 0.80
+  long        B1 H1 T65536 D64         completes, peak RSS           target < 200 MB
+
+numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
+dropout shapes. Without torch the script says how to install it and compares against numpy only.
+The script needs `attn` built in release mode (Scripts/setup.sh does that).
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTN = Path(os.environ.get("ATTN_BIN", ROOT / ".build" / "release" / "attn"))
+
+CASES = {
+    "attention": dict(batch=1, heads=8, seq_len=2048, d=64),
+    "causal": dict(batch=1, heads=8, seq_len=2048, d=64, causal=True),
+    "dropout": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1),
+    "relpos": dict(batch=1, heads=1, seq_len=2048, d=64, max_rel=32),
+    "efficiency": dict(batch=1, heads=8, seq_len=4096, d=64),
+    "long": dict(batch=1, heads=1, seq_len=65536, d=64),
+}
+TORCH_TARGET = {"attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    args.cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be positive")
+    return args
+
+
+def attn_once(case, threads):
+    """One `attn bench` run of a standard case; its JSON figures."""
+    out = subprocess.run(
+        [str(ATTN), "bench", "--cases", case, "--repeats", "1", "--threads", str(threads),
+         "--format", "json"],
+        check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)["cases"][0]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def torch_runner(torch, case):
+    """A function running the case once in PyTorch (inputs made once, outside the timing)."""
+    import torch.nn.functional as F
+    c = CASES[case]
+    if case == "relpos":
+        module = notebook_module(torch)(c["d"], c["max_rel"])
+        x = torch.randn(c["batch"], c["seq_len"], c["d"])
+
+        def run():
+            with torch.no_grad():
+                module(x)
+        return run
+    shape = (c["batch"], c["heads"], c["seq_len"], c["d"])
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    causal = c.get("causal", False)
+    p = c.get("p", 0.0)
+
+    def run():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+    return run
+
+
+def notebook_module(torch):
+    """The notebook's RelativePositionAttention, verbatim in substance."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class RelativePositionAttention(nn.Module):
+        def __init__(self, d_model, max_relative_position=32):
+            super().__init__()
+            self.d_model = d_model
+            self.max_relative_position = max_relative_position
+            self.W_q = nn.Linear(d_model, d_model)
+            self.W_k = nn.Linear(d_model, d_model)
+            self.W_v = nn.Linear(d_model, d_model)
+            self.relative_embeddings = nn.Embedding(2 * max_relative_position + 1, d_model)
+
+        def _get_relative_positions(self, seq_len):
+            positions = torch.arange(seq_len)
+            relative = positions.unsqueeze(0) - positions.unsqueeze(1)
+            relative = torch.clamp(relative, -self.max_relative_position,
+                                   self.max_relative_position)
+            return relative + self.max_relative_position
+
+        def forward(self, x, mask=None):
+            _, seq_len, _ = x.shape
+            Q, K, V = self.W_q(x), self.W_k(x), self.W_v(x)
+            content = torch.matmul(Q, K.transpose(-2, -1)) / math.sqrt(self.d_model)
+            rel = self.relative_embeddings(self._get_relative_positions(seq_len))
+            position = torch.einsum('bqd,qkd->bqk', Q, rel) / math.sqrt(self.d_model)
+            scores = content + position
+            if mask is not None:
+                scores = scores.masked_fill(mask == 0, float('-inf'))
+            attention = F.softmax(scores, dim=-1)
+            return torch.matmul(attention, V), attention
+
+    return RelativePositionAttention
+
+
+def numpy_runner(np, case):
+    """Textbook materialized attention in numpy (float32), or None for cases it does not run."""
+    if case not in ("attention", "causal", "dropout"):
+        return None
+    c = CASES[case]
+    rng = np.random.default_rng(0)
+    shape = (c["batch"], c["heads"], c["seq_len"], c["d"])
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    t = c["seq_len"]
+    causal = np.triu(np.ones((t, t), dtype=bool), 1) if c.get("causal") else None
+    p = c.get("p", 0.0)
+
+    def run():
+        s = q @ k.swapaxes(-1, -2) / np.float32(math.sqrt(c["d"]))
+        if causal is not None:
+            s[..., causal] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        if p > 0:
+            s *= (rng.random(s.shape, dtype=np.float32) >= p) / np.float32(1 - p)
+        s @ v
+    return run
+
+
+def main():
+    args = parse_args()
+    # Thread counts must be set before numpy and torch load their BLAS.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    if not ATTN.exists():
+        sys.exit(f"{ATTN} not found: run Scripts/setup.sh first")
+    import numpy as np
+    try:
+        import torch
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+        print("PyTorch is not installed: comparing against numpy only. "
+              "Install it with `pip install torch` to compare against PyTorch.\n")
+
+    rows = []
+    for case in args.cases:
+        print(f"running {case} …", file=sys.stderr)
+        t_run = torch_runner(torch, case) if torch is not None and case in TORCH_TARGET else None
+        n_run = numpy_runner(np, case)
+        # Warm-up, outside the timing.
+        for fn in (t_run, n_run):
+            if fn is not None:
+                fn()
+        attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
+        for _ in range(1 if case == "long" else args.repeats):
+            figures = attn_once(case, args.threads)
+            attn_ms.append(figures["median_ms"])
+            eff.append(figures["ratio_to_sgemm"])
+            peaks.append(figures.get("peak_rss_bytes"))
+            if figures.get("plain_median_ms") is not None:
+                plain_ms.append(figures["plain_median_ms"])
+            if t_run is not None:
+                torch_ms.append(timed(t_run) * 1e3)
+            if n_run is not None:
+                numpy_ms.append(timed(n_run) * 1e3)
+        rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks))
+    print_table(rows, args)
+
+
+def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
+    med = lambda xs: statistics.median(xs) if xs else None
+    row = dict(case=case, attn=med(attn_ms), torch=med(torch_ms), numpy=med(numpy_ms))
+    target, measured, met = "", "", None
+    if case in TORCH_TARGET and row["torch"] is not None:
+        speedup = row["torch"] / row["attn"]
+        target = f"≥ {TORCH_TARGET[case]:g}× torch"
+        measured = f"{speedup:.2f}× torch"
+        met = speedup >= TORCH_TARGET[case]
+        if case == "relpos" and plain_ms:
+            over = row["attn"] / med(plain_ms)
+            target += ", ≤ 1.5× plain"
+            measured += f", {over:.2f}× plain"
+            met = met and over <= 1.5
+    elif case == "efficiency":
+        ratio = med(eff)
+        target, measured, met = "≥ 0.80 of sgemm", f"{ratio:.2f} of sgemm", ratio >= 0.80
+    elif case == "long":
+        peak = peaks[0]
+        target = "completes, peak RSS < 200 MB"
+        measured = f"peak RSS {peak / 1e6:.0f} MB" if peak else "completed (RSS n/a)"
+        met = peak is not None and peak < 200e6
+    row.update(target=target, measured=measured, met=met)
+    if row["numpy"] is not None:
+        row["measured"] += f"; {row['numpy'] / row['attn']:.1f}× numpy"
+    return row
+
+
+def print_table(rows, args):
+    fmt = lambda x: f"{x:9.1f}" if x is not None else "        –"
+    print(f"\nmedians of {args.repeats} interleaved runs, {args.threads} threads, float32")
+    print(f"{'case':<11}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
+    for r in rows:
+        met = {True: "yes", False: "NO", None: "–"}[r["met"]]
+        print(f"{r['case']:<11}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
+              f"{r['target']:<34}{r['measured']:<36}{met}")
+
+
+if __name__ == "__main__":
+    main()
