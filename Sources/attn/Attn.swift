@@ -20,7 +20,7 @@ struct Attn: ParsableCommand {
       Exit codes: 0 success, 1 runtime error or failed check, 64 usage error.
       """,
     subcommands: [
-      DropoutCommand.self, RelposCommand.self, BenchCommand.self,
+      DropoutCommand.self, ComplexityCommand.self, RelposCommand.self, BenchCommand.self,
     ]
   )
 
