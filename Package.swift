@@ -33,7 +33,9 @@ let package = Package(
     ),
     .testTarget(
       name: "attnTests",
-      dependencies: ["attn", "AttentionKit"]
+      dependencies: ["attn", "AttentionKit"],
+      // Expected `--explain` texts, read from the source tree by ExplainTests.
+      exclude: ["Golden"]
     ),
   ]
 )

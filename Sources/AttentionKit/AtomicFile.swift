@@ -14,14 +14,65 @@
 /// keeps the rename on one file system. There is no fsync: this protects against a reader seeing
 /// a half-written file and against a failed write destroying the old file, not against power loss.
 ///
+/// Only a regular file (or nothing) is replaced: a path naming a folder, a device such as
+/// `/dev/null`, a FIFO or a socket is refused before anything is written, since renaming over it
+/// would replace the special file itself. A symbolic link to a regular file is replaced by the
+/// new file; the file it pointed to is left as it was.
+///
 /// On any failure the temporary file is removed, the target is left as it was, and the error is
 /// an `AttentionError.file` naming `path` (for example when the folder does not exist).
 public func writeAtomically(_ bytes: [UInt8], to path: String) throws {
-  let (folder, name) = splitPath(path)
+  try writeAtomically([(path: path, bytes: bytes)])
+}
+
+/// Writes several files as `writeAtomically(_:to:)` writes one, all or nothing as far as it can:
+/// every target is checked and every temporary file written before the first rename, so a
+/// missing folder, a full disk or a target that is not a regular file leaves all the targets as
+/// they were. Only a rename failing midway (rare: the folders were writable a moment before) can
+/// leave the earlier targets replaced and the later ones not.
+public func writeAtomically(_ files: [(path: String, bytes: [UInt8])]) throws {
+  for file in files { try checkReplaceable(file.path) }
+  var staged: [(temporary: String, path: String)] = []
+  defer { for file in staged { unlink(file.temporary) } }
+  for file in files {
+    staged.append((try writeTemporary(file.bytes, beside: file.path), file.path))
+  }
+  while let file = staged.first {
+    guard rename(file.temporary, file.path) == 0 else {
+      let code = errno
+      throw AttentionError.file(
+        path: file.path, message: "cannot replace the file with the new one: \(errorText(code))")
+    }
+    staged.removeFirst()
+  }
+}
+
+/// Throws unless `path` names a regular file or nothing (see `writeAtomically`).
+private func checkReplaceable(_ path: String) throws {
+  let (_, name) = splitPath(path)
   guard !name.isEmpty, name != ".", name != ".." else {
     throw AttentionError.file(
       path: path, message: "cannot write: the path names a folder, not a file")
   }
+  var info = stat()
+  guard stat(path, &info) == 0 else { return }  // nothing there yet (or unreachable: found later)
+  let kind: String
+  switch info.st_mode & S_IFMT {
+  case S_IFREG: return
+  case S_IFDIR: kind = "a folder"
+  case S_IFCHR, S_IFBLK: kind = "a device"
+  case S_IFIFO: kind = "a FIFO"
+  case S_IFSOCK: kind = "a socket"
+  default: kind = "a special file"
+  }
+  throw AttentionError.file(
+    path: path, message: "cannot write: it is \(kind), not a regular file")
+}
+
+/// Writes `bytes` to a new temporary file in the folder of `path` and returns its path; on
+/// failure nothing is left behind.
+private func writeTemporary(_ bytes: [UInt8], beside path: String) throws -> String {
+  let (folder, name) = splitPath(path)
   let random = String(UInt64.random(in: 0...UInt64.max), radix: 16)
   let temporaryPath = (folder == "/" ? "" : folder) + "/." + name + ".tmp-\(getpid())-" + random
 
@@ -31,9 +82,6 @@ public func writeAtomically(_ bytes: [UInt8], to path: String) throws {
     throw AttentionError.file(
       path: path, message: "cannot write: " + describeCreateError(code, folder))
   }
-
-  var removeTemporary = true
-  defer { if removeTemporary { unlink(temporaryPath) } }
 
   // Write everything, retrying short writes and interruptions.
   var writeError: Int32 = 0
@@ -58,22 +106,20 @@ public func writeAtomically(_ bytes: [UInt8], to path: String) throws {
   let closeResult = close(descriptor)
   if writeError == 0 && closeResult != 0 { writeError = errno }
   guard writeError == 0 else {
+    unlink(temporaryPath)
     throw AttentionError.file(
       path: path, message: "cannot write the temporary file: \(errorText(writeError))")
   }
-
-  guard rename(temporaryPath, path) == 0 else {
-    let code = errno
-    throw AttentionError.file(
-      path: path, message: "cannot replace the file with the new one: \(errorText(code))")
-  }
-  removeTemporary = false
+  return temporaryPath
 }
 
 /// The whole content of the file at `path`, with errors as `AttentionError.file` naming it.
 ///
 /// Reads until end of file rather than trusting the size `fstat` reports, which can change under
-/// us or be zero for special files.
+/// us or be zero for special files. Pipes and FIFOs are read (`--q <(…)` in a shell); folders and
+/// devices are refused (`/dev/zero` never ends). A file, or a pipe's stream, larger than the
+/// machine's physical memory is refused before it is read whole: it could not be held anyway,
+/// and allocating for it would end the process instead of reporting the problem.
 func readFileBytes(atPath path: String) throws -> [UInt8] {
   let descriptor = open(path, O_RDONLY | O_CLOEXEC)
   guard descriptor >= 0 else {
@@ -84,11 +130,27 @@ func readFileBytes(atPath path: String) throws -> [UInt8] {
   defer { close(descriptor) }
 
   var info = stat()
-  if fstat(descriptor, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR {
-    throw AttentionError.file(path: path, message: "cannot read: it is a folder, not a file")
+  let known = fstat(descriptor, &info) == 0
+  if known {
+    switch info.st_mode & S_IFMT {
+    case S_IFDIR:
+      throw AttentionError.file(path: path, message: "cannot read: it is a folder, not a file")
+    case S_IFCHR, S_IFBLK:
+      throw AttentionError.file(path: path, message: "cannot read: it is a device, not a file")
+    default: break
+    }
+  }
+  let limit = physicalMemoryBytes()
+  func tooLarge(_ size: String) -> AttentionError {
+    .file(
+      path: path,
+      message: "cannot read: it is \(size) bytes, more than this machine's memory (\(limit) bytes)")
   }
   var bytes: [UInt8] = []
-  if info.st_size > 0 && info.st_size < Int.max { bytes.reserveCapacity(Int(info.st_size)) }
+  if known && info.st_size > 0 {
+    guard info.st_size <= limit else { throw tooLarge(String(info.st_size)) }
+    bytes.reserveCapacity(Int(info.st_size))
+  }
   var chunk = [UInt8](repeating: 0, count: 1 << 16)
   while true {
     let count = chunk.withUnsafeMutableBytes { buffer in
@@ -100,8 +162,18 @@ func readFileBytes(atPath path: String) throws -> [UInt8] {
       throw AttentionError.file(path: path, message: "cannot read: \(errorText(code))")
     }
     if count == 0 { return bytes }
+    guard bytes.count <= limit - count else { throw tooLarge("over \(limit)") }
     bytes.append(contentsOf: chunk[0..<count])
   }
+}
+
+/// The machine's physical memory in bytes (`Int.max` when the system does not say).
+private func physicalMemoryBytes() -> Int {
+  let pages = sysconf(Int32(_SC_PHYS_PAGES))
+  let pageSize = sysconf(Int32(_SC_PAGESIZE))
+  guard pages > 0, pageSize > 0 else { return Int.max }
+  let (bytes, overflow) = pages.multipliedReportingOverflow(by: pageSize)
+  return overflow ? Int.max : bytes
 }
 
 /// Splits a path into its folder ("." when there is none) and its last component.

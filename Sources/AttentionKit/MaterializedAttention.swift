@@ -11,6 +11,9 @@ import Foundation
 /// With `relativePosition`, step 2 adds the position term `R[i, clip(j − i) + M]·scale` of
 /// `RelativePositionBias` (the scores are then those of the notebook's `RelativePositionAttention`).
 ///
+/// The products run on OpenBLAS's threads (`BLAS.threadCount`); the row passes on `threads`
+/// threads (default: every core).
+///
 /// Returns the output `[…, Tq, Dv]` and the weights after dropout `[…, Tq, Tk]`. The workspace is
 /// the weight matrix itself, `B·H·Tq·Tk` floats; `memoryBudget` (bytes) refuses larger problems
 /// before allocating, with an error suggesting the tiled kernel.
@@ -18,8 +21,13 @@ public enum MaterializedAttention {
   public static func compute(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    relativePosition: RelativePositionBias? = nil, memoryBudget: Int? = nil
+    relativePosition: RelativePositionBias? = nil, memoryBudget: Int? = nil,
+    threads: Int? = nil
   ) throws -> AttentionResult {
+    if let threads, threads < 1 {
+      throw AttentionError.invalidArgument("threads must be ≥ 1, got \(threads)")
+    }
+    let workers = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
     let shape = try AttentionShape(queries: queries, keys: keys, values: values)
     let resolved = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
@@ -66,14 +74,22 @@ public enum MaterializedAttention {
                       c: table.baseAddress!, ldc: width)
                   }
                 }
-                for i in 0..<tq {
-                  let row = scores + i * tk
-                  relativePosition?.add(
-                    table: table.baseAddress! + i * width, to: row, query: i, firstKey: 0, count: tk)
-                  // Step 3: mask; step 4: softmax; step 5: dropout.
-                  resolved.apply(to: row, batch: b, query: i, firstKey: 0, count: tk)
-                  RowSoftmax.normalize(row, count: tk)
-                  dropout?.apply(to: row, row: b * tq + i, firstKey: 0, count: tk)
+                // Steps 3–5 row by row: rows are independent, so they are split over the threads
+                // (OpenBLAS threads only the products); the split does not change any row.
+                let rows = RowPointers(scores: scores, table: table.baseAddress)
+                let chunks = min(workers, tq)
+                DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
+                  for i in stride(from: chunk, to: tq, by: chunks) {
+                    let row = rows.scores + i * tk
+                    if let relativePosition, let table = rows.table {
+                      relativePosition.add(
+                        table: table + i * width, to: row, query: i, firstKey: 0, count: tk)
+                    }
+                    // Step 3: mask; step 4: softmax; step 5: dropout.
+                    resolved.apply(to: row, batch: b, query: i, firstKey: 0, count: tk)
+                    RowSoftmax.normalize(row, count: tk)
+                    dropout?.apply(to: row, row: b * tq + i, firstKey: 0, count: tk)
+                  }
                 }
                 // Step 6: output = weights · V.
                 if dv > 0 {
@@ -104,4 +120,11 @@ public func formatBytes(_ bytes: Int) -> String {
     unit += 1
   }
   return unit == 0 ? "\(bytes) B" : String(format: "%.2f %@", value, units[unit])
+}
+
+/// The score rows of one batch and its position table, shared by the row-pass threads, which
+/// touch disjoint rows.
+private struct RowPointers: @unchecked Sendable {
+  let scores: UnsafeMutablePointer<Float>
+  let table: UnsafeMutablePointer<Float>?
 }

@@ -99,7 +99,9 @@ public struct ReferenceAttention: Sendable {
     let relative = 2 * worstScoreError + gamma(tk + 8)
     var output = [Double](repeating: 0, count: dv)
     var outputBounds = [Double](repeating: 0, count: dv)
-    for j in 0..<tk where weights[j] != 0 {
+    // Every key, zero weights included: 0·∞ = NaN in a value column, as in PyTorch's `w @ V`
+    // (for finite values a zero weight adds nothing either way).
+    for j in 0..<tk {
       let weightError = weights[j] * (relative + gamma(tk))
       for c in 0..<dv {
         let value = Double(values.scalars[(batch * tk + j) * dv + c])
@@ -155,7 +157,8 @@ public struct ReferenceRow: Sendable {
   /// `[Dv]`: the same for each output element.
   public var outputBounds: [Double]
 
-  /// The worst ratio |actual − reference| / bound over the weights (≤ 1 passes); NaN never passes.
+  /// The worst ratio |actual − reference| / bound over the weights (≤ 1 passes); a non-finite
+  /// value passes only where the reference has the same one (NaN for NaN, ∞ for ∞).
   public func weightErrorRatio(_ actual: some Collection<Float>) -> Double {
     errorRatio(actual, weights, weightBounds)
   }
@@ -170,6 +173,15 @@ public struct ReferenceRow: Sendable {
   ) -> Double {
     var worst = 0.0
     for (index, value) in actual.enumerated() {
+      // Non-finite inputs give non-finite results (NaN rows, as in PyTorch); there the kernel
+      // must give the same non-finite value, which no bound can measure.
+      if !value.isFinite || !expected[index].isFinite {
+        let same =
+          (value.isNaN && expected[index].isNaN)
+          || (value.isInfinite && Double(value) == expected[index])
+        if same { continue }
+        return .infinity
+      }
       let difference = abs(Double(value) - expected[index])
       if difference.isNaN { return .infinity }
       // A bound of 0 (an exact zero, a dropped weight) is met only exactly; leave room for the

@@ -13,10 +13,10 @@ struct Attn: ParsableCommand {
     abstract: "Attention from scratch on the CPU, on OpenBLAS.",
     discussion: """
       The notebook's three exercises, measured and checked:
-        dropout     attention with a mask and dropout (exercise 1)
-        complexity  time and memory against length (exercise 2)
-        relpos      relative-position attention (exercise 3)
-        bench       the tiled kernel against OpenBLAS's ceiling
+        attn dropout     attention with a mask and dropout (exercise 1)
+        attn complexity  time and memory against length (exercise 2)
+        attn relpos      relative-position attention (exercise 3)
+        attn bench       the tiled kernel against OpenBLAS's ceiling
       Exit codes: 0 success, 1 runtime error or failed check, 64 usage error.
       """,
     subcommands: [

@@ -62,6 +62,9 @@ struct BenchCommand: ParsableCommand {
     let configuration = TiledAttention.Configuration(
       queryBlock: queryBlock, keyBlock: keyBlock, threads: threads)
     let threadCount = threads ?? ProcessInfo.processInfo.activeProcessorCount
+    for benchCase in selected {
+      try benchCase.checkMemory(configuration: configuration, threads: threadCount)
+    }
     var results: [BenchResult] = []
     if format == .text {
       print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(queryBlock) × Bk \(keyBlock)")

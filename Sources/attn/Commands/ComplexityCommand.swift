@@ -445,7 +445,7 @@ struct ComplexitySweep {
         case .materialized:
           call = {
             try MaterializedAttention.compute(
-              queries: q, keys: k, values: v, memoryBudget: budget)
+              queries: q, keys: k, values: v, memoryBudget: budget, threads: threads)
           }
         case .tiled:
           let tasks = (n + configuration.queryBlock - 1) / configuration.queryBlock

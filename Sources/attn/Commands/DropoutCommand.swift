@@ -10,7 +10,10 @@ struct DropoutCommand: ParsableCommand {
     discussion: """
       Computes softmax(Q·Kᵀ/√d_k + mask), drops each weight with probability p (kept weights are \
       scaled by 1/(1−p)), and multiplies by V. Q, K, V are drawn from a standard normal with \
-      --seed, or loaded from .npy files of shapes […, Tq, D], […, Tk, D], […, Tk, Dv].
+      --seed, or loaded from .npy files of shapes […, Tq, D], […, Tk, D], […, Tk, Dv]. With \
+      --rng torch they are drawn as the notebook draws them, after torch.manual_seed(--seed): \
+      torch.randn(batch, seq_len, d_k) three times, the same numbers as PyTorch on the CPU; the \
+      dropout mask still comes from Philox4x32-10.
       Mask convention: 0 = masked (the notebook's `mask == 0`); --bias adds a float mask; \
       a query whose keys are all masked gets zero weights and a zero output (PyTorch ≥ 2.5).
       Then it verifies the result: rows sum to 1, the dropped share is consistent with p, kept \
@@ -30,8 +33,11 @@ struct DropoutCommand: ParsableCommand {
   @Option(help: "Batch size of the random inputs.")
   var batch: Int = 1
 
-  @Option(help: "Seed for the inputs and the dropout mask (Philox4x32-10).")
+  @Option(help: "Seed for the inputs and the dropout mask (with --rng torch: torch.manual_seed).")
   var seed: UInt64 = 42
+
+  @Option(help: RandomSource.helpText)
+  var rng: RandomSource = .philox
 
   @Flag(help: "Evaluation mode: no dropout (as training=False).")
   var eval = false
@@ -62,6 +68,10 @@ struct DropoutCommand: ParsableCommand {
 
   @OptionGroup var kernelOptions: KernelOptions
 
+  @OptionGroup var inputSafety: InputSafetyOptions
+
+  @OptionGroup var visualization: VisualizationOptions
+
   func validate() throws {
     guard p >= 0, p <= 1 else { throw ValidationError("--p must be in [0, 1], got \(p)") }
     guard seqLen > 0 else { throw ValidationError("--seq-len must be positive, got \(seqLen)") }
@@ -71,17 +81,34 @@ struct DropoutCommand: ParsableCommand {
     guard given == 0 || given == 3 else {
       throw ValidationError("give --q, --k and --v together (or none, for random inputs)")
     }
+    if given == 3 && rng == .torch {
+      throw ValidationError(
+        "--rng torch draws Q, K and V; it cannot be combined with --q, --k, --v")
+    }
     if kernelOptions.kernel == .tiled && weightsOut != nil {
       throw ValidationError("--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
-    try checkOutputs([out, weightsOut], against: [q, k, v, bias, mask.path])
+    try visualization.check(
+      kernel: kernelOptions.kernel, batchCount: given == 0 ? batch : nil, queries: seqLen,
+      keys: seqLen)
+    try checkOutputs(
+      [out, weightsOut] + visualization.heatmapPaths(positionFigure: false),
+      against: [q, k, v, bias, mask.path])
   }
 
   func run() throws {
     let (queries, keys, values) = try loadInputs()
     let biasTensor = try bias.map(loadTensor)
     let attentionMask = try mask.resolve(bias: biasTensor)
+    try inputSafety.check(
+      [(queries, q), (keys, k), (values, v), (attentionMask.keep, mask.path)],
+      biases: [(biasTensor, bias)])
     let dropout = eval ? nil : try Dropout(probability: p, seed: seed)
+    // --explain and --heatmap: checks the shapes now, computes the steps from the same inputs.
+    let visuals = try visualization.dropout(
+      queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout,
+      maskName: mask.description, seed: seed, rng: rng.rawValue,
+      memoryBudget: kernelOptions.memoryBudget)
 
     // The kernel's own weights without dropout, for the checks (the materialized kernel only).
     let preDropout: AttentionResult? =
@@ -91,6 +118,8 @@ struct DropoutCommand: ParsableCommand {
       : nil
     let result = try kernelOptions.attention(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
+    let inputs = [queries, keys, values] + [attentionMask.keep].compactMap { $0 }
+    try checkFiniteResult(result.output, name: "the output", inputs: inputs, biases: [biasTensor])
 
     let reference = try ReferenceAttention(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
@@ -99,20 +128,26 @@ struct DropoutCommand: ParsableCommand {
       sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: seed))
     let checks = checker.run(result: result, preDropout: (preDropout ?? result).weights)
 
-    if let out { try saveTensor(result.output, to: out) }
-    if let weightsOut, let weights = result.weights { try saveTensor(weights, to: weightsOut) }
+    // Only a verified result is written, so a failed check leaves every file as it was.
+    if checks.allPassed {
+      try writeOutputs(npy: [(out, result.output), (weightsOut, result.weights)])
+      try visuals.writeHeatmaps(weights: result.weights)
+    }
 
     let droppedFraction = checker.droppedFraction(result: result, preDropout: preDropout?.weights)
     switch format {
     case .json:
       try printJSON(DropoutReport(
         output_shape: result.output.shape, weights_shape: reference.shape.weightsShape,
-        p: Double(p.description) ?? Double(p), seed: seed, training: !eval,
+        p: Double(p.description) ?? Double(p), seed: seed, rng: rng.rawValue, training: !eval,
         kernel: kernelOptions.kernel.rawValue,
         mask: mask.description, dropped_fraction: droppedFraction,
-        checks: checks.dictionary, verified: checks.allPassed))
+        checks: checks.dictionary, verified: checks.allPassed,
+        explain_batch: visuals.batch, steps: visuals.steps))
     case .text:
-      printText(result: result, shape: reference.shape, checks: checks, dropped: droppedFraction)
+      printText(
+        result: result, shape: reference.shape, checks: checks, dropped: droppedFraction,
+        explanation: visuals.explanation)
     }
     if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
   }
@@ -122,25 +157,45 @@ struct DropoutCommand: ParsableCommand {
       return (try loadTensor(q), try loadTensor(k), try loadTensor(v))
     }
     let shape = [batch, seqLen, dK]
-    return (
-      try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.queries),
-      try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.keys),
-      try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.values)
-    )
+    try MemoryGuard.check(
+      [[3, batch, seqLen, dK], [batch, seqLen, dK]],
+      for: "the random Q, K, V and the output (--batch × --seq-len × --d-k)",
+      budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+    switch rng {
+    case .philox:
+      return (
+        try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.queries),
+        try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.keys),
+        try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.values)
+      )
+    case .torch:
+      // The notebook: torch.manual_seed(42); Q = torch.randn(1, 4, 8); K = …; V = … (in order).
+      var generator = TorchGenerator(seed: seed)
+      let queries = try generator.randn(shape: shape)
+      let keys = try generator.randn(shape: shape)
+      let values = try generator.randn(shape: shape)
+      return (queries, keys, values)
+    }
   }
 
-  private func printText(result: AttentionResult, shape: AttentionShape, checks: [Check], dropped: Double) {
+  private func printText(
+    result: AttentionResult, shape: AttentionShape, checks: [Check], dropped: Double,
+    explanation: String?
+  ) {
     let mode = eval ? "eval, no dropout" : "training, p = \(p)"
+    let generator = rng == .philox ? "" : ", \(rng) rng"
     print("Exercise 1: scaled dot-product attention with dropout "
-      + "(\(mode), seed \(seed), mask \(mask), \(kernelOptions.kernel) kernel)")
+      + "(\(mode), seed \(seed)\(generator), mask \(mask), \(kernelOptions.kernel) kernel)")
+    if let note = rng.note(training: !eval) { print(note) }
     print("Output shape: \(torchSizeDescription(result.output.shape))")
     print("Attention shape: \(torchSizeDescription(shape.weightsShape))")
     if !eval {
       print(String(format: "Dropped: %.1f%% of the non-zero weights", dropped * 100))
     }
+    if let explanation { print("\n" + explanation) }
     print("\nChecks:")
     print(checks.report())
-    if let weights = result.weights, shape.queries <= 64, shape.keys <= 64 {
+    if let weights = result.weights, shape.batchCount > 0, shape.queries <= 64, shape.keys <= 64 {
       let title = shape.batchCount > 1 ? " (first of \(shape.batchCount) matrices)" : ""
       print("\nAttention weights after dropout\(title):")
       print(TerminalHeatmap.render(
@@ -157,10 +212,14 @@ private struct DropoutReport: Encodable {
   var weights_shape: [Int]
   var p: Double
   var seed: UInt64
+  var rng: String
   var training: Bool
   var kernel: String
   var mask: String
   var dropped_fraction: Double
   var checks: [String: Bool]
   var verified: Bool
+  /// With --explain: its batch element and the step matrices (`ExplainStep`).
+  var explain_batch: Int?
+  var steps: [ExplainStep]?
 }

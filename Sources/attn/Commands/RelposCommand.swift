@@ -63,6 +63,10 @@ struct RelposCommand: ParsableCommand {
 
   @OptionGroup var kernelOptions: KernelOptions
 
+  @OptionGroup var inputSafety: InputSafetyOptions
+
+  @OptionGroup var visualization: VisualizationOptions
+
   /// Limits that keep a typo from allocating the machine away; far above the notebook's sizes.
   static let maxModelDim = 1 << 16
   static let maxRelativeDistance = 1 << 20
@@ -82,17 +86,33 @@ struct RelposCommand: ParsableCommand {
       throw ValidationError(
         "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
-    try checkOutputs([out, weightsOut, saveWeights], against: [input, weights, mask.path])
+    try visualization.check(
+      kernel: kernelOptions.kernel, batchCount: input == nil ? batch ?? 2 : nil,
+      queries: seqLen ?? 20, keys: seqLen ?? 20)
+    try checkOutputs(
+      [out, weightsOut, saveWeights] + visualization.heatmapPaths(positionFigure: true),
+      against: [input, weights, mask.path])
   }
 
   func run() throws {
     let x = try input.map(loadTensor)
+    try inputSafety.check([(x, input)])
     let module = try loadModule(inputWidth: x?.shape.last)
     let d = module.modelDim
+    if x == nil {
+      try MemoryGuard.check(
+        [[5, batch ?? 2, seqLen ?? 20, d]],
+        for: "the random x, its Q, K, V and the output (--batch × --seq-len × d_model \(d))",
+        budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+    }
     let inputs = try x.map { try checkInput($0, modelDim: d) }
       ?? Tensor.randomNormal(
         shape: [batch ?? 2, seqLen ?? 20, d], seed: seed, stream: RandomStream.input)
     let attentionMask = try mask.resolve()
+    // --explain-batch and --heatmap against the input's shape, before the kernel runs.
+    try visualization.prepare(
+      batchCount: inputs.shape[0], queries: inputs.shape[1], keys: inputs.shape[1])
+    try inputSafety.check([(attentionMask.keep, mask.path)])
 
     // The materialized kernel refuses weights over the budget (--max-memory) instead of thrashing.
     let result = try kernelOptions.withBLASThreads {
@@ -100,6 +120,9 @@ struct RelposCommand: ParsableCommand {
         inputs, mask: attentionMask, kernel: kernelOptions.moduleKernel,
         memoryBudget: kernelOptions.memoryBudget)
     }
+    try checkFiniteResult(
+      result.output, name: "the output",
+      inputs: [inputs] + Array(module.stateDict.values) + [attentionMask.keep].compactMap { $0 })
 
     let reference = try ReferenceAttention(
       queries: result.queries, keys: result.keys, values: result.values, mask: attentionMask,
@@ -110,16 +133,22 @@ struct RelposCommand: ParsableCommand {
       + AttentionChecks(reference: reference, dropout: nil, sampledRows: sampled)
       .run(result: result.attention, preDropout: result.weights)
 
-    if let out { try saveTensor(result.output, to: out) }
-    if let weightsOut {
-      guard let weights = result.weights else {
-        throw AttentionError.invalidArgument(
-          "the kernel returned no weights to write to \(weightsOut)")
-      }
-      try saveTensor(weights, to: weightsOut)
+    let visuals = try visualization.relpos(
+      module: module, result: result, mask: attentionMask, maskName: mask.description,
+      weightsPath: weights, seed: seed, memoryBudget: kernelOptions.memoryBudget)
+    if let weightsOut, result.weights == nil {
+      throw AttentionError.invalidArgument(
+        "the kernel returned no weights to write to \(weightsOut)")
     }
-    if let saveWeights {
-      try SafeTensors.write(module.stateDict, metadata: ["format": "pt"], to: saveWeights)
+    // Only a verified result is written, so a failed check leaves every file as it was.
+    if checks.allPassed {
+      var files: [(path: String?, bytes: () throws -> [UInt8])] = [
+        (out, { NPY.encode(result.output) }),
+        (saveWeights, { try SafeTensors.encode(module.stateDict, metadata: ["format": "pt"]) }),
+      ]
+      if let weights = result.weights { files.append((weightsOut, { NPY.encode(weights) })) }
+      try writeOutputs(files)
+      try visuals.writeHeatmaps(weights: result.weights)
     }
 
     let (b, t) = (inputs.shape[0], inputs.shape[1])
@@ -131,9 +160,12 @@ struct RelposCommand: ParsableCommand {
         weights: weights ?? "random", input: input ?? "random", mask: mask.description,
         kernel: kernelOptions.kernel.rawValue, workspace_bytes: result.workspaceBytes,
         gather_bytes: Self.gatherBytes(t: t, d: d),
-        checks: checks.dictionary, verified: checks.allPassed))
+        checks: checks.dictionary, verified: checks.allPassed,
+        explain_batch: visuals.batch, steps: visuals.steps))
     case .text:
-      try printText(module: module, inputs: inputs, result: result, checks: checks)
+      try printText(
+        module: module, inputs: inputs, result: result, checks: checks,
+        explanation: visuals.explanation)
     }
     if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
   }
@@ -142,10 +174,15 @@ struct RelposCommand: ParsableCommand {
   /// input must agree with), else freshly initialized from `--seed`.
   private func loadModule(inputWidth: Int?) throws -> RelativePositionAttention {
     guard let weights else {
-      return try RelativePositionAttention(
-        modelDim: dModel ?? inputWidth ?? 64, maxRelativePosition: maxRel ?? 16, seed: seed)
+      let (d, m) = (dModel ?? inputWidth ?? 64, maxRel ?? 16)
+      try MemoryGuard.check(
+        [[3, d, d + 1], [2 * m + 1, d]],
+        for: "the module's parameters (d_model \(d), --max-rel \(m))",
+        budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+      return try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: seed)
     }
     let file = try SafeTensors.read(contentsOf: weights)
+    try inputSafety.check(file)
     let (d, m) = try RelativePositionAttention.dimensions(in: file)
     if let dModel, dModel != d {
       throw ValidationError(
@@ -211,8 +248,14 @@ struct RelposCommand: ParsableCommand {
             sum += term
             magnitude += abs(term)
           }
+          let actual = Double(projected.scalars[row * d + o])
+          // Non-finite inputs (--allow-nonfinite) propagate: equal is all that can be checked.
+          if !sum.isFinite || !actual.isFinite {
+            if !sameNonFinite(actual, sum) { worst = .infinity }
+            continue
+          }
           let bound = gamma * magnitude + Double(Float.leastNormalMagnitude)
-          let ratio = abs(Double(projected.scalars[row * d + o]) - sum) / bound
+          let ratio = abs(actual - sum) / bound
           worst = max(worst, ratio.isNaN ? .infinity : ratio)
         }
       }
@@ -227,7 +270,7 @@ struct RelposCommand: ParsableCommand {
 
   private func printText(
     module: RelativePositionAttention, inputs: Tensor, result: RelativePositionResult,
-    checks: [Check]
+    checks: [Check], explanation: String?
   ) throws {
     let (b, t, d) = (inputs.shape[0], inputs.shape[1], module.modelDim)
     let source = weights.map { "weights \($0)" } ?? "weights from seed \(seed)"
@@ -238,9 +281,10 @@ struct RelposCommand: ParsableCommand {
     print("Attention shape: \(torchSizeDescription([b, t, t]))")
     print("Memory: \(formatBytes(result.workspaceBytes)) of workspace; the notebook's "
       + "[T, T, d_model] gather alone would take \(formatBytes(Self.gatherBytes(t: t, d: d)))")
+    if let explanation { print("\n" + explanation) }
     print("\nChecks:")
     print(checks.report())
-    if t <= 64 {
+    if t <= 64, b > 0 {
       let title = b > 1 ? " (batch 0 of \(b))" : ""
       if let weights = result.weights {
         print("\nAttention weights\(title):")
@@ -276,4 +320,7 @@ private struct RelposReport: Encodable {
   var gather_bytes: Int
   var checks: [String: Bool]
   var verified: Bool
+  /// With --explain: its batch element and the step matrices (`ExplainStep`).
+  var explain_batch: Int?
+  var steps: [ExplainStep]?
 }

@@ -40,12 +40,13 @@ struct KernelOptions: ParsableArguments {
   }
 
   /// Runs `body` with OpenBLAS on `--threads` threads (the materialized kernel's threads are
-  /// OpenBLAS's own; the tiled kernel sets its own).
+  /// OpenBLAS's own; the tiled kernel sets its own). A kernel's over-budget error gets the flags
+  /// that avoid it (`explainingMemoryBudget`).
   func withBLASThreads<Result>(_ body: () throws -> Result) rethrows -> Result {
     let previous = BLAS.threadCount
     if let threads { BLAS.threadCount = threads }
     defer { BLAS.threadCount = previous }
-    return try body()
+    return try explainingMemoryBudget(body)
   }
 
   /// Runs the chosen kernel with these options.
@@ -58,7 +59,7 @@ struct KernelOptions: ParsableArguments {
       return try withBLASThreads {
         try MaterializedAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-          relativePosition: relativePosition, memoryBudget: memoryBudget)
+          relativePosition: relativePosition, memoryBudget: memoryBudget, threads: threads)
       }
     case .tiled:
       return try TiledAttention.compute(
@@ -82,7 +83,8 @@ struct ByteCount: ExpressibleByArgument, Equatable {
       multiplier = factor
       digits = text.dropLast()
     }
-    guard let value = Double(digits), value.isFinite, value > 0,
+    // At least one byte: "0.1" would otherwise become a budget of 0 that nothing fits.
+    guard let value = Double(digits), value.isFinite, value * Double(multiplier) >= 1,
       value * Double(multiplier) < Double(Int.max)
     else { return nil }
     bytes = Int(value * Double(multiplier))

@@ -3,7 +3,7 @@ import Foundation
 /// A tiny SVG 1.1 document builder: shapes, text and groups, written as text in the order they are
 /// added (later elements paint over earlier ones).
 ///
-/// It knows nothing about charts; `LineChartSVG` and the heatmaps build on it. Everything it writes
+/// It knows nothing about charts; `LineChartSVG` and `HeatmapSVG` build on it. Everything it writes
 /// is well-formed XML: text and attribute values are escaped, characters XML 1.0 forbids are
 /// dropped, and numbers are written in plain decimal (never `1e-05`, never `nan`), so any browser
 /// or XML parser reads the result.
@@ -79,12 +79,26 @@ struct SVGDocument {
   mutating func group(
     _ attributes: SVGAttributes = [:], title: String? = nil, _ body: (inout SVGDocument) -> Void
   ) {
-    append("<g" + SVG.attributeList(attributes.pairs) + ">")
+    container("g", attributes, title: title, body)
+  }
+
+  /// Any element with children, e.g. `defs`, `linearGradient`, `pattern`; `title` as for
+  /// `group`. `name` must be an SVG element name (it is written as given).
+  mutating func container(
+    _ name: String, _ attributes: SVGAttributes = [:], title: String? = nil,
+    _ body: (inout SVGDocument) -> Void
+  ) {
+    append("<" + name + SVG.attributeList(attributes.pairs) + ">")
     depth += 1
     if let title { append("<title>" + SVG.escape(title) + "</title>") }
     body(&self)
     depth -= 1
-    append("</g>")
+    append("</" + name + ">")
+  }
+
+  /// Any element without children, e.g. `stop` or `path`, with its attributes as given.
+  mutating func element(_ name: String, _ attributes: SVGAttributes) {
+    element(name, [], attributes)
   }
 
   /// An XML comment; `--` (not allowed inside one) is broken up.

@@ -37,7 +37,8 @@ struct TerminalHeatmap {
         let t = Double(values[i * columns + j] - low) / span
         switch style {
         case .plain:
-          let index = t.isNaN ? 0 : min(max(Int(t * Double(ramp.count - 1) + 0.5), 0), ramp.count - 1)
+          // Clamped before converting: Int(±∞) traps, and non-finite inputs can make t infinite.
+          let index = t.isNaN ? 0 : Int(min(max(t, 0), 1) * Double(ramp.count - 1) + 0.5)
           line += String(repeating: String(ramp[index]), count: 2)
         case .palette256:
           line += "\u{1B}[48;5;\(Viridis.xterm256(t))m  "

@@ -1,0 +1,123 @@
+import ArgumentParser
+import AttentionKit
+import Foundation
+
+/// `--explain`, `--explain-batch`, `--precision`, `--heatmap`: seeing what `attn dropout` and
+/// `attn relpos` compute, shared by both commands.
+///
+/// Both need the weight matrix, so both are usage errors with the tiled kernel. An out-of-range
+/// `--explain-batch` or a heatmap too large to draw is a usage error (exit 64) whenever it is
+/// found: in `validate()` when the flags fix the shapes, after reading the input files otherwise
+/// (as `attn relpos` treats `--batch` against `--input`). The heatmap is written only when the
+/// run's checks pass, atomically, so a failing run leaves no new file.
+struct VisualizationOptions: ParsableArguments {
+  @Flag(
+    help: ArgumentHelp(
+      "Walk through the computation step by step for one batch element: every intermediate "
+        + "matrix, its shape, and what the step does."))
+  var explain = false
+
+  @Option(
+    help: ArgumentHelp(
+      "The batch element --explain shows: a flat index over the leading dimensions "
+        + "(b·H + h for [B, H, T, D] inputs). Default 0.", valueName: "n"))
+  var explainBatch: Int?
+
+  @Option(help: "Decimals of the matrices --explain prints, 0 to 9.")
+  var precision = 4
+
+  @Option(
+    help: ArgumentHelp(
+      "Write an SVG heatmap of the attention weights (one panel per batch element, up to 8); "
+        + "relpos also writes the position term to the path with -position before .svg.",
+      valueName: "path.svg"))
+  var heatmap: String?
+
+  static let maxPrecision = 9
+  /// Panels of one heatmap: the first batch elements (or heads), four to a row.
+  static let maxPanels = 8
+  /// A heatmap draws one cell per weight; beyond this many queries or keys it would be
+  /// megabytes of unreadable cells.
+  static let maxHeatmapSide = 128
+
+  func validate() throws {
+    guard (0...Self.maxPrecision).contains(precision) else {
+      throw ValidationError("--precision must be in 0...\(Self.maxPrecision), got \(precision)")
+    }
+    if let explainBatch {
+      guard explain else { throw ValidationError("--explain-batch needs --explain") }
+      guard explainBatch >= 0 else {
+        throw ValidationError("--explain-batch must be ≥ 0, got \(explainBatch)")
+      }
+    }
+    if let heatmap, heatmap.isEmpty { throw ValidationError("--heatmap needs a file path") }
+  }
+
+  /// The batch element `--explain` shows.
+  var batch: Int { explainBatch ?? 0 }
+
+  /// The usage checks that need the kernel and, when the flags fix them before any file is
+  /// read, the batch count and the number of queries and keys.
+  func check(kernel: KernelChoice, batchCount: Int?, queries: Int?, keys: Int?) throws {
+    if kernel == .tiled {
+      for (flag, used) in [("--heatmap", heatmap != nil), ("--explain", explain)] where used {
+        throw ValidationError(
+          "\(flag) needs --kernel materialized: the tiled kernel never holds the weights")
+      }
+    }
+    if let batchCount, let queries, let keys {
+      try checkShape(batchCount: batchCount, queries: queries, keys: keys)
+    }
+  }
+
+  /// `--explain-batch` within the inputs and the heatmap within `maxHeatmapSide` (usage
+  /// errors), then the heatmap's folder present and the path not a folder (an error on that
+  /// path, exit 1), so that a run fails before its work rather than after it.
+  func prepare(batchCount: Int, queries: Int, keys: Int) throws {
+    try checkShape(batchCount: batchCount, queries: queries, keys: keys)
+    for path in heatmapPaths(positionFigure: false).compactMap({ $0 }) { try checkWritable(path) }
+  }
+
+  private func checkShape(batchCount: Int, queries: Int, keys: Int) throws {
+    if explain && batch >= batchCount {
+      throw ValidationError(
+        "--explain-batch \(batch) is out of range: the inputs hold \(batchCount) batch "
+          + "element\(batchCount == 1 ? "" : "s") (0…\(batchCount - 1))")
+    }
+    if heatmap != nil && max(queries, keys) > Self.maxHeatmapSide {
+      throw ValidationError(
+        "--heatmap draws one cell per weight, for at most \(Self.maxHeatmapSide) queries and "
+          + "keys; these inputs have \(queries) × \(keys)")
+    }
+  }
+
+  private func checkWritable(_ path: String) throws {
+    var isFolder: ObjCBool = false
+    if FileManager.default.fileExists(atPath: path, isDirectory: &isFolder), isFolder.boolValue {
+      throw AttentionError.file(path: path, message: "cannot write: it is a folder, not a file")
+    }
+    let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+    guard FileManager.default.fileExists(atPath: folder, isDirectory: &isFolder) else {
+      throw AttentionError.file(
+        path: path, message: "cannot write: the folder \(folder) does not exist")
+    }
+    guard isFolder.boolValue else {
+      throw AttentionError.file(path: path, message: "cannot write: \(folder) is not a folder")
+    }
+  }
+
+  /// The files `--heatmap` writes: its path, and with `positionFigure` the position term's
+  /// (optional, to join the other outputs in `checkOutputs`).
+  func heatmapPaths(positionFigure: Bool) -> [String?] {
+    guard let heatmap else { return [] }
+    return positionFigure ? [heatmap, Self.positionFigurePath(heatmap)] : [heatmap]
+  }
+
+  /// `attn.svg` → `attn-position.svg`; a path without `.svg` gets `-position.svg` appended.
+  static func positionFigurePath(_ path: String) -> String {
+    if path.lowercased().hasSuffix(".svg") {
+      return String(path.dropLast(4)) + "-position" + String(path.suffix(4))
+    }
+    return path + "-position.svg"
+  }
+}
