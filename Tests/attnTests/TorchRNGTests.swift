@@ -144,12 +144,54 @@ struct TorchRNGTests {
     arguments: [
       ["dropout", "--rng", "mt"],
       ["dropout", "--rng", "torch", "--q", "q.npy", "--k", "k.npy", "--v", "v.npy"],
+      ["relpos", "--rng", "torch", "--weights", "w.safetensors", "--input", "x.npy"],
     ])
   func usageErrors(arguments: [String]) throws {
     let run = try AttnCLI.withTemporaryFolder { try AttnCLI.run(arguments, in: $0) }
     #expect(run.status == 64, "exit \(run.status), stderr: \(run.stderr)")
     #expect(run.stderrLines.count == 1, "stderr: \(run.stderr)")
     #expect(run.stdout.isEmpty, "stdout: \(run.stdout)")
+  }
+
+  @Test("relpos --rng torch --seed 42 initializes, draws and computes as the notebook's cell")
+  func notebookRelativePosition() throws {
+    let folder = NotebookExercise1.folder
+    func fixture(_ name: String) throws -> Tensor {
+      try NPY.read(contentsOf: folder.appendingPathComponent("vectorized__relpos_\(name).npy").path)
+        .tensor
+    }
+    let (run, saved, output, weights) = try AttnCLI.withTemporaryFolder { dir in
+      let run = try AttnCLI.run(
+        ["relpos", "--rng", "torch", "--seed", "42", "--out", "o.npy", "--weights-out", "a.npy",
+         "--save-weights", "w.safetensors"], in: dir)
+      func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+      return (
+        run, try? SafeTensors.read(contentsOf: path("w.safetensors")),
+        try? NPY.read(contentsOf: path("o.npy")).tensor,
+        try? NPY.read(contentsOf: path("a.npy")).tensor
+      )
+    }
+    #expect(run.status == 0, "exit \(run.status), stderr: \(run.stderr)")
+    // The parameters are drawn, not computed: equal to PyTorch's to the bit.
+    let file = try #require(saved, "no weights saved")
+    for name in RelativePositionAttention.parameterNames {
+      #expect(try file.tensor(named: name).scalars == fixture(name).scalars, "\(name) differs")
+    }
+    // The forward pass against torch's float64 result from the same parameters and x. The
+    // worst-case float32 bound (projections γ₆₅·Σ|x·w|, scores γ₆₆·Σ|q·k| and |q·e| over √64,
+    // at |x|, |w| of these draws) is about 1e-5 at this size; a wrong draw, a transposed
+    // weight or an i − j index moves the output by 1e-2 or more.
+    let expectedOutput = try CLIFixtureCase.doubles(
+      atPath: folder.appendingPathComponent("vectorized__relpos_output_f64.npy").path)
+    let expectedWeights = try CLIFixtureCase.doubles(
+      atPath: folder.appendingPathComponent("vectorized__relpos_attention_f64.npy").path)
+    let o = try #require(output, "no o.npy written")
+    let a = try #require(weights, "no a.npy written")
+    #expect(o.shape == [2, 20, 64] && a.shape == [2, 20, 20])
+    let outputError = zip(o.scalars, expectedOutput).map { abs(Double($0) - $1) }.max() ?? .nan
+    let weightError = zip(a.scalars, expectedWeights).map { abs(Double($0) - $1) }.max() ?? .nan
+    #expect(outputError <= 1e-5, "max |output − torch| = \(outputError)")
+    #expect(weightError <= 1e-5, "max |weights − torch| = \(weightError)")
   }
 
   @Test("--help documents --rng")

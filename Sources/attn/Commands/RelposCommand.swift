@@ -36,8 +36,11 @@ struct RelposCommand: ParsableCommand {
   @Option(help: "Batch size B of the random input (default 2).")
   var batch: Int?
 
-  @Option(help: "Seed for the weights and the input (Philox4x32-10).")
+  @Option(help: "Seed for the weights and the input (with --rng torch: torch.manual_seed).")
   var seed: UInt64 = 42
+
+  @Option(help: RandomSource.helpText)
+  var rng: RandomSource = .philox
 
   @Option(help: "Input x [B, T, d_model] (.npy) instead of a random one.")
   var input: String?
@@ -72,6 +75,9 @@ struct RelposCommand: ParsableCommand {
   static let maxRelativeDistance = 1 << 20
 
   func validate() throws {
+    if rng == .torch && weights != nil && input != nil {
+      throw ValidationError("--rng torch draws the weights and x; with --weights and --input nothing is drawn")
+    }
     if let dModel, !(1...Self.maxModelDim).contains(dModel) {
       throw ValidationError("--d-model must be in 1...\(Self.maxModelDim), got \(dModel)")
     }
@@ -97,7 +103,10 @@ struct RelposCommand: ParsableCommand {
   func run() throws {
     let x = try input.map(loadTensor)
     try inputSafety.check([(x, input)])
-    let module = try loadModule(inputWidth: x?.shape.last)
+    // With --rng torch the module is initialized and x drawn as the notebook's cell does after
+    // torch.manual_seed: W_q, W_k, W_v, the embedding table, then x.
+    var generator = TorchGenerator(seed: seed)
+    let module = try loadModule(inputWidth: x?.shape.last, generator: &generator)
     let d = module.modelDim
     if x == nil {
       try MemoryGuard.check(
@@ -105,9 +114,15 @@ struct RelposCommand: ParsableCommand {
         for: "the random x, its Q, K, V and the output (--batch × --seq-len × d_model \(d))",
         budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
     }
-    let inputs = try x.map { try checkInput($0, modelDim: d) }
-      ?? Tensor.randomNormal(
+    let inputs: Tensor
+    if let x {
+      inputs = try checkInput(x, modelDim: d)
+    } else if rng == .torch {
+      inputs = try generator.randn(shape: [batch ?? 2, seqLen ?? 20, d])
+    } else {
+      inputs = try Tensor.randomNormal(
         shape: [batch ?? 2, seqLen ?? 20, d], seed: seed, stream: RandomStream.input)
+    }
     let attentionMask = try mask.resolve()
     // --explain-batch and --heatmap against the input's shape, before the kernel runs.
     try visualization.prepare(
@@ -156,7 +171,7 @@ struct RelposCommand: ParsableCommand {
     case .json:
       try printJSON(RelposReport(
         input_shape: inputs.shape, output_shape: result.output.shape, weights_shape: [b, t, t],
-        d_model: d, max_rel: module.maxRelativePosition, seed: seed,
+        d_model: d, max_rel: module.maxRelativePosition, seed: seed, rng: rng.rawValue,
         weights: weights ?? "random", input: input ?? "random", mask: mask.description,
         kernel: kernelOptions.kernel.rawValue, workspace_bytes: result.workspaceBytes,
         gather_bytes: Self.gatherBytes(t: t, d: d),
@@ -172,13 +187,19 @@ struct RelposCommand: ParsableCommand {
 
   /// The module from `--weights` (d_model and M from its shapes, which explicit flags and the
   /// input must agree with), else freshly initialized from `--seed`.
-  private func loadModule(inputWidth: Int?) throws -> RelativePositionAttention {
+  private func loadModule(
+    inputWidth: Int?, generator: inout TorchGenerator
+  ) throws -> RelativePositionAttention {
     guard let weights else {
       let (d, m) = (dModel ?? inputWidth ?? 64, maxRel ?? 16)
       try MemoryGuard.check(
         [[3, d, d + 1], [2 * m + 1, d]],
         for: "the module's parameters (d_model \(d), --max-rel \(m))",
         budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+      if rng == .torch {
+        return try RelativePositionAttention.torchInitialized(
+          modelDim: d, maxRelativePosition: m, generator: &generator)
+      }
       return try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: seed)
     }
     let file = try SafeTensors.read(contentsOf: weights)
@@ -192,6 +213,11 @@ struct RelposCommand: ParsableCommand {
       throw ValidationError(
         "--max-rel \(maxRel) conflicts with \(weights), whose relative_embeddings.weight has "
           + "2M + 1 = \(2 * m + 1) rows (M = \(m))")
+    }
+    if rng == .torch && input == nil {
+      // x must still be the notebook's: draw (and drop) the parameters it draws first.
+      _ = try RelativePositionAttention.torchInitialized(
+        modelDim: d, maxRelativePosition: m, generator: &generator)
     }
     return try RelativePositionAttention(weights: file)
   }
@@ -273,7 +299,8 @@ struct RelposCommand: ParsableCommand {
     checks: [Check], explanation: String?
   ) throws {
     let (b, t, d) = (inputs.shape[0], inputs.shape[1], module.modelDim)
-    let source = weights.map { "weights \($0)" } ?? "weights from seed \(seed)"
+    let source = weights.map { "weights \($0)" }
+      ?? (rng == .torch ? "weights from torch.manual_seed(\(seed))" : "weights from seed \(seed)")
     print("Exercise 3: relative position attention (d_model \(d), M \(module.maxRelativePosition), "
       + "\(source), mask \(mask), \(kernelOptions.kernel) kernel)")
     print("Input shape: \(torchSizeDescription(inputs.shape))")
@@ -312,6 +339,7 @@ private struct RelposReport: Encodable {
   var d_model: Int
   var max_rel: Int
   var seed: UInt64
+  var rng: String
   var weights: String
   var input: String
   var mask: String
