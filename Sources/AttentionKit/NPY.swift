@@ -145,6 +145,32 @@ public enum NPY {
     return NPYArray(tensor: Tensor(validShape: header.shape, scalars: scalars), dtype: dtype)
   }
 
+  /// Reads the `.npy` file at `path` at full precision: `<f8` values exactly, `<f4` and `|b1`
+  /// widened to `Double`. The same checks as `read`.
+  public static func readDoubles(contentsOf path: String) throws -> (shape: [Int], values: [Double]) {
+    try decodeDoubles(readFileBytes(atPath: path), source: path)
+  }
+
+  /// `decode`, keeping `<f8` data as `Double` (for float64 references, which `Float` would round).
+  public static func decodeDoubles(
+    _ bytes: [UInt8], source: String
+  ) throws -> (shape: [Int], values: [Double]) {
+    let array = try decode(bytes, source: source)
+    let count = array.tensor.count
+    guard array.dtype == .float64 else {
+      return (array.tensor.shape, array.tensor.scalars.map(Double.init))
+    }
+    // `decode` checked that the data fills the file to its end.
+    let start = bytes.count - 8 * count
+    var values = [Double](repeating: 0, count: count)
+    for e in 0..<count {
+      var bits: UInt64 = 0
+      for b in 0..<8 { bits |= UInt64(bytes[start + 8 * e + b]) << (8 * b) }
+      values[e] = Double(bitPattern: bits)
+    }
+    return (array.tensor.shape, values)
+  }
+
   /// Writes `tensor` to `path` as `<f4` (see `encode`), atomically (see `writeAtomically`).
   public static func write(_ tensor: Tensor, to path: String) throws {
     try writeAtomically(encode(tensor), to: path)

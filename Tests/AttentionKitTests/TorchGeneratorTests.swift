@@ -256,28 +256,12 @@ enum TorchFixtures {
     return array.tensor
   }
 
-  /// A `<f8` array at full precision: the little-endian doubles after the header (`NPY.read`
-  /// validates the file but rounds to `Float`; the two must agree element by element).
+  /// A `<f8` array at full precision, with the manifest's shape and dtype.
   static func doubles(_ ref: FileRef) throws -> [Double] {
     guard ref.dtype == "<f8" else { throw FixtureError("\(ref.file) is \(ref.dtype), not <f8") }
-    let rounded = try tensor(ref)
-    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path(ref.file))))
-    let lengthSize = bytes[6] == 1 ? 2 : 4
-    var headerLength = 0
-    for i in 0..<lengthSize { headerLength |= Int(bytes[8 + i]) << (8 * i) }
-    let start = 8 + lengthSize + headerLength
-    guard bytes.count - start == 8 * rounded.count else {
-      throw FixtureError(
-        "\(ref.file): \(bytes.count - start) data bytes for \(rounded.count) doubles")
-    }
-    let values = (0..<rounded.count).map { e in
-      var bits: UInt64 = 0
-      for b in 0..<8 { bits |= UInt64(bytes[start + 8 * e + b]) << (8 * b) }
-      return Double(bitPattern: bits)
-    }
-    for e in values.indices where Float(values[e]).bitPattern != rounded.scalars[e].bitPattern {
-      throw FixtureError(
-        "\(ref.file)[\(e)]: NPY.read gives \(rounded.scalars[e]), not \(values[e])")
+    let (shape, values) = try NPY.readDoubles(contentsOf: path(ref.file))
+    guard shape == ref.shape else {
+      throw FixtureError("\(ref.file): read shape \(shape), manifest says \(ref.shape)")
     }
     return values
   }

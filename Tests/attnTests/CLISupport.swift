@@ -125,22 +125,8 @@ struct CLIFixtureCase {
     maxAbsScore = entry["max_abs_score"] as? Double ?? .nan
   }
 
-  /// A `<f8` file at full precision: the data after the header, little-endian doubles
-  /// (`NPY.read` also validates it, but rounds to Float).
+  /// A `<f8` file at full precision.
   static func doubles(atPath path: String) throws -> [Double] {
-    let count = try NPY.read(contentsOf: path).tensor.count
-    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
-    let lengthSize = bytes[6] == 1 ? 2 : 4
-    var headerLength = 0
-    for i in 0..<lengthSize { headerLength |= Int(bytes[8 + i]) << (8 * i) }
-    let start = 8 + lengthSize + headerLength
-    guard bytes.count - start == 8 * count else {
-      throw AttnCLIError("\(path): \(bytes.count - start) data bytes for \(count) doubles")
-    }
-    return (0..<count).map { e in
-      var bits: UInt64 = 0
-      for b in 0..<8 { bits |= UInt64(bytes[start + 8 * e + b]) << (8 * b) }
-      return Double(bitPattern: bits)
-    }
+    try NPY.readDoubles(contentsOf: path).values
   }
 }

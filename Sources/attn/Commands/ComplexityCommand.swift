@@ -120,7 +120,7 @@ struct ComplexityCommand: ParsableCommand {
 
   func run() throws {
     // Fail on an unwritable --plot before a sweep that can take minutes, not after it.
-    if let plot { try checkPlotPath(plot) }
+    if let plot { try checkWritable(plot) }
 
     let sweep = try ComplexitySweep(command: self).run()
     let fits = ComplexityFits(rows: sweep.rows, kernels: kernel.list)
@@ -307,21 +307,6 @@ struct ComplexityCommand: ParsableCommand {
   }
 
   // MARK: Plot
-
-  private func checkPlotPath(_ path: String) throws {
-    var isFolder: ObjCBool = false
-    if FileManager.default.fileExists(atPath: path, isDirectory: &isFolder), isFolder.boolValue {
-      throw AttentionError.file(path: path, message: "cannot write: it is a folder, not a file")
-    }
-    let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
-    guard FileManager.default.fileExists(atPath: folder, isDirectory: &isFolder) else {
-      throw AttentionError.file(
-        path: path, message: "cannot write: the folder \(folder) does not exist")
-    }
-    guard isFolder.boolValue else {
-      throw AttentionError.file(path: path, message: "cannot write: \(folder) is not a folder")
-    }
-  }
 
   /// Two panels as the notebook's figure: memory against n, time against n; both log–log with an
   /// n² reference through the first measured point.

@@ -60,3 +60,20 @@ private func fileIdentity(_ path: String) -> [UInt64]? {
   guard stat(path, &info) == 0 else { return nil }
   return [UInt64(info.st_dev), UInt64(info.st_ino)]
 }
+
+/// Fails early — before minutes of work — when `path` cannot be written: it is a folder, or its
+/// folder does not exist. (The write itself still goes through a temporary file and a rename.)
+func checkWritable(_ path: String) throws {
+  var isFolder: ObjCBool = false
+  if FileManager.default.fileExists(atPath: path, isDirectory: &isFolder), isFolder.boolValue {
+    throw AttentionError.file(path: path, message: "cannot write: it is a folder, not a file")
+  }
+  let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+  guard FileManager.default.fileExists(atPath: folder, isDirectory: &isFolder) else {
+    throw AttentionError.file(
+      path: path, message: "cannot write: the folder \(folder) does not exist")
+  }
+  guard isFolder.boolValue else {
+    throw AttentionError.file(path: path, message: "cannot write: \(folder) is not a folder")
+  }
+}

@@ -91,21 +91,6 @@ struct VisualizationOptions: ParsableArguments {
     }
   }
 
-  private func checkWritable(_ path: String) throws {
-    var isFolder: ObjCBool = false
-    if FileManager.default.fileExists(atPath: path, isDirectory: &isFolder), isFolder.boolValue {
-      throw AttentionError.file(path: path, message: "cannot write: it is a folder, not a file")
-    }
-    let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
-    guard FileManager.default.fileExists(atPath: folder, isDirectory: &isFolder) else {
-      throw AttentionError.file(
-        path: path, message: "cannot write: the folder \(folder) does not exist")
-    }
-    guard isFolder.boolValue else {
-      throw AttentionError.file(path: path, message: "cannot write: \(folder) is not a folder")
-    }
-  }
-
   /// The files `--heatmap` writes: its path, and with `positionFigure` the position term's
   /// (optional, to join the other outputs in `checkOutputs`).
   func heatmapPaths(positionFigure: Bool) -> [String?] {

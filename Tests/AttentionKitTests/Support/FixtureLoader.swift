@@ -47,32 +47,14 @@ enum ReferenceFixtures {
     return array.tensor
   }
 
-  /// A `<f8` array at full float64 precision.
-  ///
-  /// `NPY.read` rounds `<f8` data to `Float`, which would spend half an ulp of every tolerance
-  /// on the reference itself; so the bytes after the header are decoded here as `Double`. The
-  /// file also goes through `NPY.read` (which validates it), and the two must agree:
-  /// `Float(double) == float` for every element.
+  /// A `<f8` array at full float64 precision (`NPY.readDoubles`; `NPY.read` would round to
+  /// `Float` and spend half an ulp of every tolerance on the reference itself). The rounded read
+  /// must agree: `Float(double) == float` for every element.
   static func doubles(_ ref: FileRef) throws -> [Double] {
     guard ref.dtype == "<f8" else { throw FixtureError("\(ref.file) is \(ref.dtype), not <f8") }
     let rounded = try tensor(ref)
-    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path(ref.file))))
-    // Version 1.0: 2-byte header length at offset 8; 2.0/3.0: 4 bytes.
-    let lengthSize = bytes[6] == 1 ? 2 : 4
-    var headerLength = 0
-    for i in 0..<lengthSize { headerLength |= Int(bytes[8 + i]) << (8 * i) }
-    let start = 8 + lengthSize + headerLength
-    let count = rounded.count
-    guard bytes.count - start == count * 8 else {
-      throw FixtureError("\(ref.file): \(bytes.count - start) data bytes for \(count) doubles")
-    }
-    var values = [Double](repeating: 0, count: count)
-    for e in 0..<count {
-      var bits: UInt64 = 0
-      for b in 0..<8 { bits |= UInt64(bytes[start + 8 * e + b]) << (8 * b) }
-      values[e] = Double(bitPattern: bits)
-    }
-    for e in 0..<count where Float(values[e]).bitPattern != rounded.scalars[e].bitPattern {
+    let values = try NPY.readDoubles(contentsOf: path(ref.file)).values
+    for e in values.indices where Float(values[e]).bitPattern != rounded.scalars[e].bitPattern {
       throw FixtureError(
         "\(ref.file)[\(e)]: NPY.read gives \(rounded.scalars[e]), Float(\(values[e])) expected")
     }
