@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// Scaled dot-product attention that never holds the `[Tq, Tk]` matrix: an online-softmax
 /// ("flash") kernel, tiled over query and key blocks.
@@ -19,9 +20,9 @@ import Foundation
 /// and at the end `O /= ℓ` (0 where `ℓ = 0`: every key masked).
 /// With `isCausal`, key blocks entirely above the diagonal are skipped, not computed and masked.
 ///
-/// Work is split over batch × query blocks on `threads` threads, OpenBLAS single-threaded inside
-/// each; every row is computed the same way whatever the thread count, so results are identical
-/// for any `threads`. Workspace: per thread `Bq·Bk + Bq·Dv + 2·Bq (+ Bq·(2M + 1))` floats, allocated
+/// Work is split over batch × query blocks on `threads` threads, which take the next block as they
+/// finish one, OpenBLAS single-threaded inside each; every row is computed the same way whatever
+/// the thread count, so results are identical for any `threads`. Workspace: per thread `Bq·Bk + Bq·Dv + 2·Bq (+ Bq·(2M + 1))` floats, allocated
 /// once per thread — independent of `Tk` and linear in `Bq`.
 public enum TiledAttention {
   /// Block sizes and threads. The defaults were chosen by measurement (see README, "Performance").
@@ -33,7 +34,7 @@ public enum TiledAttention {
     /// Worker threads; `nil` means every core.
     public var threads: Int?
 
-    public init(queryBlock: Int = 128, keyBlock: Int = 512, threads: Int? = nil) {
+    public init(queryBlock: Int = 256, keyBlock: Int = 512, threads: Int? = nil) {
       self.queryBlock = queryBlock
       self.keyBlock = keyBlock
       self.threads = threads
@@ -108,13 +109,16 @@ public enum TiledAttention {
               let buffers = TileBuffers(
                 q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o.baseAddress!,
                 e: e.baseAddress)
-              DispatchQueue.concurrentPerform(iterations: workers) { worker in
+              let queue = TaskQueue()
+              DispatchQueue.concurrentPerform(iterations: workers) { _ in
                 var scratch = TileScratch(plan: plan)
-                // Round-robin: task t on worker t mod workers; which worker runs a task does
-                // not change how it is computed.
-                for task in stride(from: worker, to: tasks, by: workers) {
+                // Each worker takes the next task until none is left; which worker runs a task
+                // does not change how it is computed. With a causal mask the last query blocks
+                // see the most keys, so they go first and the short ones fill in at the end.
+                while case let next = queue.take(), next < tasks {
+                  let block = mask.isCausal ? queryBlocks - 1 - next % queryBlocks : next % queryBlocks
                   plan.run(
-                    batch: task / queryBlocks, firstQuery: (task % queryBlocks) * bq,
+                    batch: next / queryBlocks, firstQuery: block * bq,
                     buffers: buffers, scratch: &scratch)
                 }
               }
@@ -125,6 +129,13 @@ public enum TiledAttention {
     }
     return AttentionResult(output: output, weights: nil, workspaceBytes: workspace)
   }
+}
+
+/// The next task index, shared by the workers.
+final class TaskQueue: Sendable {
+  private let next = Atomic<Int>(0)
+
+  func take() -> Int { next.wrappingAdd(1, ordering: .relaxed).oldValue }
 }
 
 /// Raw pointers to a call's tensors, shared read-only (inputs) or by disjoint rows (output).

@@ -1,3 +1,4 @@
+import AttentionKit
 import Foundation
 import Testing
 
@@ -13,9 +14,14 @@ import Testing
 /// Nothing here looks at a measured time: only at what is fixed by n, d and the kernels' layout.
 @Suite("attn complexity", .serialized)
 struct ComplexityTests {
-  /// The tiled kernel's workspace with full blocks (Bq = 128, Bk = 512), D = Dv = 8, one thread:
+  /// The tiled kernel's workspace with full blocks (the default Bq, Bk), D = Dv = 8, one thread:
   /// a [Bq, Bk] tile, a [Bq, Dv] accumulator, the row max and sum, in float32.
-  static let fullTiledWorkspace = (128 * 512 + 128 * 8 + 2 * 128) * 4
+  static let fullTiledWorkspace: Int = {
+    let (bq, bk) = (
+      TiledAttention.Configuration.default.queryBlock, TiledAttention.Configuration.default.keyBlock
+    )
+    return (bq * bk + bq * 8 + 2 * bq) * 4
+  }()
 
   // MARK: JSON
 
@@ -100,11 +106,11 @@ struct ComplexityTests {
 
   @Test("a kernel over the memory budget is skipped, with a note; the tiled kernel goes on")
   func memoryBudget() throws {
-    // 512K: the materialized matrix fits up to n = 256 (256 KiB) but not at 512 (1 MiB); the
-    // tiled call (Q, K, V, output ≤ 128 KiB + 260 KiB of tiles) fits everywhere.
+    // 768K: the materialized matrix fits up to n = 256 (256 KiB) but not at 512 (1 MiB); the
+    // tiled call (Q, K, V, output ≤ 128 KiB + 522 KiB of tiles) fits everywhere.
     let run = try runComplexityCLI([
       "complexity", "--min-len", "128", "--max-len", "1024", "--d-model", "8", "--repeats", "1",
-      "--threads", "1", "--max-memory", "512K", "--format", "json",
+      "--threads", "1", "--max-memory", "768K", "--format", "json",
     ])
     try #require(run.status == 0, "exit \(run.status), stderr: \(run.stderr)")
     let report = try #require(
