@@ -1,0 +1,405 @@
+import AttentionKit
+import Foundation
+import Testing
+
+/// The bad-input battery: `attn` run on wrong flags, missing and unreadable files, every malformed
+/// `.npy` and safetensors fixture, mismatched shapes, NaN and ±inf, outputs that cannot be written
+/// and sizes over the memory budget. Each case must exit with the documented code (64 a usage
+/// error, 1 a runtime error), print exactly one line on stderr (`attn: …`) that names the problem,
+/// and leave the folder it ran in exactly as it was: no new file, no changed file, no temporary.
+@Suite("Bad inputs: documented exit code, one line on stderr, no file touched")
+struct BadInputTests {
+  /// One bad invocation. Paths are relative: the executable runs in a folder holding
+  /// `BadInputFiles` and the fixtures the arguments name.
+  struct Case: Sendable, CustomTestStringConvertible {
+    var arguments: [String]
+    /// 64 (usage) or 1 (runtime).
+    var status: Int32
+    /// Fragments the stderr line must contain (the file, the flag, the reason).
+    var mentions: [String]
+    /// A failed check prints its report on stdout before the error; other errors print nothing.
+    var printsReport = false
+
+    var testDescription: String { arguments.joined(separator: " ") }
+  }
+
+  static func usage(_ arguments: [String], _ mentions: String...) -> Case {
+    Case(arguments: arguments, status: 64, mentions: mentions)
+  }
+
+  static func runtime(_ arguments: [String], _ mentions: String...) -> Case {
+    Case(arguments: arguments, status: 1, mentions: mentions)
+  }
+
+  static let qkv = ["--q", "q.npy", "--k", "k.npy", "--v", "v.npy"]
+
+  /// Flags out of range, conflicting or unknown.
+  static let flagCases: [Case] = [
+    usage(["dropout", "--p", "1.5"], "--p"),
+    usage(["dropout", "--p", "nan"], "--p"),
+    usage(["dropout", "--seq-len", "0"], "--seq-len"),
+    usage(["dropout", "--d-k=-3"], "--d-k"),
+    usage(["dropout", "--batch", "0"], "--batch"),
+    usage(["dropout", "--seq-len", "four"], "four"),
+    usage(["dropout", "--threads", "0"], "--threads"),
+    usage(["dropout", "--max-memory", "lots"], "--max-memory"),
+    usage(["dropout", "--max-memory", "0.1"], "--max-memory"),
+    usage(["dropout", "--kernel", "fast"], "fast"),
+    usage(["dropout", "--mask", ""], "--mask"),
+    usage(["dropout", "--no-such-flag"], "--no-such-flag"),
+    usage(["dropout", "--q", "q.npy"], "--q, --k and --v"),
+    usage(["dropout", "--kernel", "tiled", "--weights-out", "w.npy"], "--weights-out"),
+    usage(["dropout"] + qkv + ["--out", "q.npy"], "also an input"),
+    usage(["dropout"] + qkv + ["--out", "./adir/../k.npy"], "also an input"),
+    usage(["dropout"] + qkv + ["--out", "v_link.npy"], "also an input"),
+    usage(["dropout"] + qkv + ["--out", "v_hard.npy"], "also an input"),
+    usage(["dropout", "--out", "o.npy", "--weights-out", "o.npy"], "two outputs"),
+    usage(["relpos", "--d-model", "0"], "--d-model"),
+    usage(["relpos", "--max-rel=-1"], "--max-rel"),
+    usage(["relpos", "--seq-len", "0"], "--seq-len"),
+    usage(["relpos", "--kernel", "tiled", "--weights-out", "w.npy"], "--weights-out"),
+    usage(["relpos", "--input", "x.npy", "--save-weights", "x.npy"], "also an input"),
+    usage(["relpos", "--weights", "w.safetensors", "--d-model", "16"], "--d-model 16 conflicts"),
+    usage(["relpos", "--weights", "w.safetensors", "--max-rel", "5"], "--max-rel 5 conflicts"),
+    usage(["relpos", "--input", "x.npy", "--batch", "3"], "--batch 3 conflicts"),
+    usage(["bench", "--repeats", "0"], "--repeats"),
+    usage(["bench", "--p", "1"], "--p"),
+    usage(["bench", "--cases", "nope"], "nope"),
+    usage(["bench", "--query-block", "0"], "block sizes"),
+    usage(["complexity", "--min-len", "0"], "--min-len"),
+    usage(["complexity", "--threads", "0"], "--threads"),
+    usage(["complexity", "--max-memory", "lots"], "--max-memory"),
+    usage(["no-such-command"], "no-such-command"),
+  ]
+
+  /// Inputs that are missing or cannot be read as files. (The tests run as root, for whom
+  /// `chmod 000` changes nothing; these are the unreadable inputs root meets.)
+  static let unreadableCases: [Case] = [
+    runtime(["dropout", "--q", "missing.npy", "--k", "k.npy", "--v", "v.npy"],
+      "missing.npy", "no such file"),
+    runtime(["dropout", "--q", "adir", "--k", "k.npy", "--v", "v.npy"], "adir", "folder"),
+    runtime(["dropout", "--q", "loop.npy", "--k", "k.npy", "--v", "v.npy"],
+      "loop.npy", "cannot open"),
+    runtime(["dropout", "--q", "q.npy/x.npy", "--k", "k.npy", "--v", "v.npy"],
+      "q.npy/x.npy", "cannot open"),
+    runtime(["dropout", "--q", "/dev/zero", "--k", "k.npy", "--v", "v.npy"],
+      "/dev/zero", "device"),
+    runtime(["dropout", "--mask", "missing-mask.npy"], "missing-mask.npy"),
+    runtime(["relpos", "--weights", "missing.safetensors"], "missing.safetensors"),
+    runtime(["relpos", "--input", "adir"], "adir", "folder"),
+  ]
+
+  /// Every malformed `.npy` fixture as Q, and a few as mask and bias; the reasons are those of
+  /// NPYTests.
+  static let npyCases: [Case] = [
+    ("bad_fortran.npy", "Fortran"),
+    ("bad_big_endian.npy", "big-endian"),
+    ("bad_int32.npy", "unsupported dtype"),
+    ("bad_truncated.npy", "truncated"),
+    ("bad_magic.npy", "not an .npy file"),
+    ("bad_version.npy", "version 4.0"),
+    ("bad_header_length.npy", "runs past the end"),
+    ("bad_shape_mismatch.npy", "too long"),
+    ("bad_bool_byte.npy", "bool element"),
+    ("bad_negative_dim.npy", "negative dimension"),
+    ("bad_overflow_dim.npy", "more elements than memory can index"),
+    ("bad_missing_key.npy", "missing key"),
+    ("bad_header_syntax.npy", "invalid header"),
+  ].map { file, reason in
+    runtime(["dropout", "--q", file, "--k", "k.npy", "--v", "v.npy"], file, reason)
+  } + [
+    runtime(["dropout", "--mask", "bad_magic.npy"], "bad_magic.npy", "not an .npy file"),
+    runtime(["dropout", "--bias", "bad_truncated.npy"], "bad_truncated.npy", "truncated"),
+    runtime(["relpos", "--input", "bad_negative_dim.npy"], "bad_negative_dim.npy", "negative"),
+  ]
+
+  /// Every malformed safetensors fixture as relpos weights; the reasons are those of
+  /// SafeTensorsTests.
+  static let safetensorsCases: [Case] = [
+    ("bad_short.safetensors", "too short"),
+    ("bad_header_length.safetensors", "runs past the end of the file"),
+    ("bad_header_huge.safetensors", "runs past"),
+    ("bad_not_utf8.safetensors", "not valid UTF-8"),
+    ("bad_not_json.safetensors", "not valid JSON"),
+    ("bad_not_object.safetensors", "not a JSON object"),
+    ("bad_unknown_dtype.safetensors", "unknown dtype"),
+    ("bad_unsupported_dtype.safetensors", "is not supported"),
+    ("bad_offsets_range.safetensors", "run past the end of the data section"),
+    ("bad_offsets_reversed.safetensors", "begin after they end"),
+    ("bad_overlap.safetensors", "overlap"),
+    ("bad_gap.safetensors", "unused"),
+    ("bad_tail.safetensors", "belong to no tensor"),
+    ("bad_duplicate.safetensors", "appears twice"),
+    ("bad_size_mismatch.safetensors", "needs 16 bytes"),
+    ("bad_negative_dim.safetensors", "negative dimension"),
+    ("bad_fractional_dim.safetensors", "not an integer"),
+    ("bad_huge_dim.safetensors", "too large"),
+    ("bad_overflow_shape.safetensors", "more elements than memory can index"),
+    ("bad_missing_field.safetensors", "missing \"data_offsets\""),
+    ("bad_metadata.safetensors", "not a string"),
+    ("bad_deep.safetensors", "nested deeper"),
+  ].map { file, reason in runtime(["relpos", "--weights", file], file, reason) }
+
+  /// Tensors that read fine but do not fit together or hold NaN or ±inf.
+  static let contentCases: [Case] = [
+    runtime(["dropout", "--q", "q.npy", "--k", "k6.npy", "--v", "v.npy"], "shape mismatch"),
+    runtime(["dropout", "--mask", "mask3.npy"], "mask", "does not broadcast"),
+    runtime(["dropout", "--bias", "mask3.npy"], "bias", "does not broadcast"),
+    runtime(["relpos", "--input", "x_rank2.npy"], "x_rank2.npy", "[B, T, d_model]"),
+    runtime(["relpos", "--input", "x16.npy", "--weights", "w.safetensors"], "x16.npy", "d_model"),
+    runtime(["relpos", "--weights", "w_missing.safetensors"], "w_missing.safetensors",
+      "W_v.bias"),
+    runtime(["dropout", "--q", "q_nan.npy", "--k", "k.npy", "--v", "v.npy"],
+      "q_nan.npy: NaN at [0, 3, 5]"),
+    runtime(["dropout", "--q", "q.npy", "--k", "k_inf.npy", "--v", "v.npy"],
+      "k_inf.npy: inf at [0, 1, 2]"),
+    runtime(["dropout", "--q", "q.npy", "--k", "k.npy", "--v", "v_neginf.npy"],
+      "v_neginf.npy: -inf at [0, 2, 7]"),
+    runtime(["dropout", "--mask", "mask_nan.npy"], "mask_nan.npy: NaN at [1, 2]"),
+    runtime(["dropout", "--bias", "bias_nan.npy"], "bias_nan.npy: NaN at [2, 1]"),
+    runtime(["dropout", "--bias", "bias_posinf.npy"], "bias_posinf.npy: inf at [0, 2, 3]"),
+    runtime(["relpos", "--input", "x_nan.npy"], "x_nan.npy: NaN at [1, 2, 3]"),
+    runtime(["relpos", "--weights", "w_nan.safetensors"],
+      "w_nan.safetensors: tensor \"W_q.weight\": NaN at [3, 4]"),
+    // Finite inputs whose scores overflow float32: an error, not a silent NaN.
+    runtime(["dropout", "--q", "q_huge.npy", "--k", "k_huge.npy", "--v", "v.npy", "--out", "o.npy"],
+      "the output has", "although every input is finite"),
+    // A failed check: D = 0 makes the reference's scale 1/√0 = ∞ (NaN scores, as in PyTorch),
+    // which the kernel does not reproduce. The report is printed, no output is written.
+    Case(
+      arguments: ["dropout", "--q", "q_d0.npy", "--k", "k_d0.npy", "--v", "v.npy",
+        "--out", "o.npy", "--weights-out", "w.npy"],
+      status: 1, mentions: ["verification failed"], printsReport: true),
+  ]
+
+  /// Outputs that cannot be written, and sizes over the memory budget.
+  static let outputAndMemoryCases: [Case] = [
+    runtime(["dropout", "--out", "nofolder/o.npy"], "nofolder/o.npy", "does not exist"),
+    runtime(["dropout", "--out", "adir"], "adir", "folder"),
+    runtime(["dropout", "--out", "/dev/null"], "/dev/null", "not a regular file"),
+    // The first output could be written, the second cannot: neither is.
+    runtime(["dropout", "--out", "o.npy", "--weights-out", "nofolder/w.npy"], "nofolder/w.npy"),
+    runtime(["relpos", "--out", "o.npy", "--save-weights", "nofolder/w.safetensors"],
+      "nofolder/w.safetensors"),
+    runtime(["complexity", "--min-len", "16", "--max-len", "16", "--repeats", "1",
+      "--plot", "nofolder/p.svg"], "nofolder/p.svg"),
+    runtime(["dropout", "--batch", "100000", "--seq-len", "100000", "--d-k", "100000"],
+      "memory budget exceeded", "--batch"),
+    runtime(["dropout", "--seq-len", "2048", "--max-memory", "1M"],
+      "memory budget exceeded", "--kernel tiled"),
+    runtime(["relpos", "--d-model", "65536"], "memory budget exceeded", "d_model 65536"),
+    runtime(["relpos", "--seq-len", "100000", "--batch", "100000"],
+      "memory budget exceeded", "--batch"),
+    runtime(["relpos", "--max-memory", "1K"], "memory budget exceeded", "--max-memory"),
+    runtime(["bench", "--seq-len", "100000000", "--batch", "1000"],
+      "memory budget exceeded", "--seq-len"),
+    runtime(["bench", "--seq-len", "65536", "--query-block", "65536", "--key-block", "65536"],
+      "memory budget exceeded", "--query-block"),
+  ]
+
+  static let allCases =
+    flagCases + unreadableCases + npyCases + safetensorsCases + contentCases
+    + outputAndMemoryCases
+
+  @Test("the battery has the documented breadth")
+  func breadth() {
+    #expect(Self.allCases.count >= 30, "\(Self.allCases.count) cases")
+    let commands = Set(Self.allCases.map { $0.arguments[0] })
+    #expect(commands.isSuperset(of: ["dropout", "relpos", "bench", "complexity"]), "\(commands)")
+    let fixtures = try? FileManager.default.contentsOfDirectory(atPath: BadInputFiles.io.path)
+    let named = Set(Self.allCases.flatMap(\.arguments))
+    for bad in (fixtures ?? []).filter({ $0.hasPrefix("bad_") }) {
+      #expect(named.contains(bad), "the malformed fixture \(bad) is in no case")
+    }
+  }
+
+  @Test("exits with the documented code, one line on stderr, every file as it was",
+    arguments: allCases)
+  func badInput(_ badCase: Case) throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try BadInputFiles.create(in: folder, naming: badCase.arguments)
+      let before = try BadInputFiles.snapshot(folder)
+      let run = try AttnCLI.run(badCase.arguments, in: folder)
+      #expect(run.status == badCase.status, "exit \(run.status), stderr: \(run.stderr)")
+      #expect(run.stderrLines.count == 1, "stderr is not one line: \(run.stderr)")
+      #expect(run.stderr.hasPrefix("attn: "), "stderr: \(run.stderr)")
+      for mention in badCase.mentions {
+        #expect(run.stderr.contains(mention), "stderr \(run.stderr) should name \(mention)")
+      }
+      if !badCase.printsReport {
+        #expect(run.stdout.isEmpty, "stdout: \(run.stdout)")
+      }
+      let after = try BadInputFiles.snapshot(folder)
+      let changed = Set(before.keys).union(after.keys).filter { before[$0] != after[$0] }
+      #expect(changed.isEmpty, "files created, changed or removed: \(changed.sorted())")
+      var info = stat()
+      #expect(stat("/dev/null", &info) == 0 && info.st_mode & S_IFMT == S_IFCHR, "/dev/null")
+    }
+  }
+
+  @Test("the battery's good files run: each case fails only by what it changes")
+  func control() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try BadInputFiles.create(in: folder, naming: [])
+      for arguments in [
+        ["dropout"] + Self.qkv + ["--mask", "mask4.npy", "--bias", "bias_neginf.npy"],
+        ["relpos", "--input", "x.npy", "--weights", "w.safetensors"],
+        ["dropout", "--out", "o.npy", "--weights-out", "w.npy"],
+      ] {
+        let run = try AttnCLI.run(arguments, in: folder)
+        #expect(run.status == 0, "\(arguments): exit \(run.status), stderr: \(run.stderr)")
+      }
+      #expect(FileManager.default.fileExists(atPath: folder.appendingPathComponent("o.npy").path))
+    }
+  }
+
+  @Test("empty batches run without trapping", arguments: [
+    ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy"],
+    ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy", "--kernel", "tiled"],
+    ["relpos", "--input", "x0.npy", "--d-model", "8"],
+  ])
+  func emptyBatch(arguments: [String]) throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try BadInputFiles.create(in: folder, naming: arguments)
+      let run = try AttnCLI.run(arguments, in: folder)
+      #expect(run.status == 0, "exit \(run.status), stderr: \(run.stderr)")
+      #expect(run.stderr.isEmpty, "stderr: \(run.stderr)")
+    }
+  }
+
+  /// With `--allow-nonfinite`, NaN in query row 3 makes output row 3 NaN and leaves the other
+  /// rows as they are without it (dropout decisions do not depend on the values).
+  @Test("--allow-nonfinite lets NaN through; it propagates to its own row only")
+  func allowNonfinite() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try BadInputFiles.create(in: folder, naming: [])
+      let nan = try AttnCLI.run(
+        ["dropout", "--q", "q_nan.npy", "--k", "k.npy", "--v", "v.npy", "--allow-nonfinite",
+          "--out", "nan.npy"], in: folder)
+      #expect(nan.status == 0, "exit \(nan.status), stderr: \(nan.stderr)")
+      let clean = try AttnCLI.run(["dropout"] + Self.qkv + ["--out", "clean.npy"], in: folder)
+      #expect(clean.status == 0, "exit \(clean.status), stderr: \(clean.stderr)")
+      let a = try NPY.read(contentsOf: folder.appendingPathComponent("nan.npy").path).tensor
+      let b = try NPY.read(contentsOf: folder.appendingPathComponent("clean.npy").path).tensor
+      try #require(a.shape == [1, 4, 8] && b.shape == [1, 4, 8])
+      let row3 = Array(a.scalars[24..<32])
+      #expect(row3.allSatisfy { $0.isNaN }, "row 3: \(row3)")
+      #expect(
+        a.scalars[0..<24].map(\.bitPattern) == b.scalars[0..<24].map(\.bitPattern),
+        "rows 0–2 differ from the run without NaN")
+    }
+  }
+}
+
+/// The files the battery runs on, written into each test's folder: small valid tensors, the same
+/// with one NaN or ±inf at a known index, shapes that do not fit, a folder, a symbolic-link loop,
+/// a symbolic and a hard link to `v.npy`, and the malformed fixtures of AttentionKitTests that a
+/// case names.
+enum BadInputFiles {
+  static let io = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent()  // attnTests
+    .deletingLastPathComponent()  // Tests
+    .appendingPathComponent("AttentionKitTests/Fixtures/io", isDirectory: true)
+
+  static func tensor(_ shape: [Int], stream: UInt32, set: [([Int], Float)] = []) throws -> Tensor {
+    var t = try Tensor.randomNormal(shape: shape, seed: 7, stream: stream)
+    for (index, value) in set {
+      let flat = zip(index, shape).reduce(0) { $0 * $1.1 + $1.0 }
+      t.scalars[flat] = value
+    }
+    return t
+  }
+
+  static func scaled(_ t: Tensor, by factor: Float) throws -> Tensor {
+    try Tensor(shape: t.shape, scalars: t.scalars.map { $0 * factor })
+  }
+
+  static func create(in folder: URL, naming arguments: [String]) throws {
+    let q = try tensor([1, 4, 8], stream: 1)
+    let k = try tensor([1, 4, 8], stream: 2)
+    let v = try tensor([1, 4, 8], stream: 3)
+    let x = try tensor([2, 5, 8], stream: 4)
+    var mask4 = try Tensor(shape: [4, 4], repeating: 1)
+    mask4[0, 1] = 0
+    var maskNaN = mask4
+    maskNaN[1, 2] = .nan
+    var biasNegInf = try Tensor(shape: [1, 4, 4], repeating: 0)
+    biasNegInf[0, 0, 1] = -.infinity
+    var biasPosInf = biasNegInf
+    biasPosInf[0, 2, 3] = .infinity
+    var biasNaN = try Tensor(shape: [4, 4], repeating: 0)
+    biasNaN[2, 1] = .nan
+    let npy: [String: Tensor] = [
+      "q.npy": q, "k.npy": k, "v.npy": v, "x.npy": x,
+      "k6.npy": try tensor([1, 4, 6], stream: 5),
+      "q0.npy": try Tensor(shape: [0, 4, 8]), "k0.npy": try Tensor(shape: [0, 4, 8]),
+      "v0.npy": try Tensor(shape: [0, 4, 8]), "x0.npy": try Tensor(shape: [0, 5, 8]),
+      "q_d0.npy": try Tensor(shape: [1, 4, 0]), "k_d0.npy": try Tensor(shape: [1, 4, 0]),
+      "q_nan.npy": try tensor([1, 4, 8], stream: 1, set: [([0, 3, 5], .nan)]),
+      "k_inf.npy": try tensor([1, 4, 8], stream: 2, set: [([0, 1, 2], .infinity)]),
+      "v_neginf.npy": try tensor([1, 4, 8], stream: 3, set: [([0, 2, 7], -.infinity)]),
+      "q_huge.npy": try scaled(q, by: 1e20), "k_huge.npy": try scaled(k, by: 1e20),
+      "mask3.npy": try Tensor(shape: [3, 3], repeating: 1), "mask4.npy": mask4,
+      "mask_nan.npy": maskNaN, "bias_neginf.npy": biasNegInf, "bias_posinf.npy": biasPosInf,
+      "bias_nan.npy": biasNaN,
+      "x_nan.npy": try tensor([2, 5, 8], stream: 4, set: [([1, 2, 3], .nan)]),
+      "x_rank2.npy": try tensor([5, 8], stream: 4), "x16.npy": try tensor([2, 5, 16], stream: 4),
+    ]
+    for (name, tensor) in npy {
+      try Data(NPY.encode(tensor)).write(to: folder.appendingPathComponent(name))
+    }
+
+    let weights = try RelativePositionAttention(modelDim: 8, maxRelativePosition: 2, seed: 7)
+      .stateDict
+    var withNaN = weights
+    withNaN["W_q.weight"]?[3, 4] = .nan
+    var missing = weights
+    missing["W_v.bias"] = nil
+    for (name, tensors) in [
+      "w.safetensors": weights, "w_nan.safetensors": withNaN, "w_missing.safetensors": missing,
+    ] {
+      try Data(SafeTensors.encode(tensors)).write(to: folder.appendingPathComponent(name))
+    }
+
+    let manager = FileManager.default
+    try manager.createDirectory(
+      at: folder.appendingPathComponent("adir"), withIntermediateDirectories: false)
+    try manager.createSymbolicLink(
+      atPath: folder.appendingPathComponent("loop.npy").path, withDestinationPath: "loop.npy")
+    try manager.createSymbolicLink(
+      atPath: folder.appendingPathComponent("v_link.npy").path, withDestinationPath: "v.npy")
+    try manager.linkItem(
+      at: folder.appendingPathComponent("v.npy"), to: folder.appendingPathComponent("v_hard.npy"))
+    for name in Set(arguments) where name.hasPrefix("bad_") {
+      try manager.copyItem(
+        at: io.appendingPathComponent(name), to: folder.appendingPathComponent(name))
+    }
+  }
+
+  /// Every entry under `folder`, hidden ones included (a temporary file left behind is hidden):
+  /// regular files by content, symbolic links by destination, folders by name.
+  static func snapshot(_ folder: URL) throws -> [String: Data] {
+    let manager = FileManager.default
+    var entries: [String: Data] = [:]
+    var pending = [""]
+    while let relative = pending.popLast() {
+      let url = relative.isEmpty ? folder : folder.appendingPathComponent(relative)
+      for name in try manager.contentsOfDirectory(atPath: url.path) {
+        let path = relative.isEmpty ? name : relative + "/" + name
+        let full = folder.appendingPathComponent(path)
+        let attributes = try manager.attributesOfItem(atPath: full.path)
+        switch attributes[.type] as? FileAttributeType {
+        case .typeSymbolicLink?:
+          entries[path] = Data(("link:" + (try manager.destinationOfSymbolicLink(
+            atPath: full.path))).utf8)
+        case .typeDirectory?:
+          entries[path] = Data("folder".utf8)
+          pending.append(path)
+        default:
+          entries[path] = try Data(contentsOf: full)
+        }
+      }
+    }
+    return entries
+  }
+}
