@@ -141,28 +141,31 @@ extension Philox4x32 {
         k0 &+= 0x9E37_79B9
         k1 &+= 0xBB67_AE85
       }
-      let y0 = mulhi(x2, 0xCD9E_8D57) ^ x1 ^ k0
-      let y2 = mulhi(x0, 0xD251_1F53) ^ x3 ^ k1
-      x1 = x2 &* 0xCD9E_8D57
-      x3 = x0 &* 0xD251_1F53
-      x0 = y0
-      x2 = y2
+      let (hi2, lo2) = mulhilo(x2, 0xCD9E_8D57)
+      let (hi0, lo0) = mulhilo(x0, 0xD251_1F53)
+      x0 = hi2 ^ x1 ^ k0
+      x2 = hi0 ^ x3 ^ k1
+      x1 = lo2
+      x3 = lo0
     }
     return (x0, x1, x2, x3)
   }
 }
 
-/// The high 32 bits of each lane's 64-bit product `x·m`, from 16-bit halves so that every step is
-/// a 32-bit lane operation (widening `SIMD16<UInt32>` to `UInt64` lanes compiles to a slow
-/// lane-by-lane loop): `x·m = xh·mh·2³² + (xh·ml + xl·mh)·2¹⁶ + xl·ml`.
+/// The high and low 32 bits of each lane's 64-bit product `x·m`.
+///
+/// The sixteen 32-bit lanes are read as eight 64-bit lanes: masking keeps the even lanes, shifting
+/// brings down the odd ones, so each half is one 32×32→64-bit multiply per lane (`pmuludq`), and
+/// the products' halves are put back in their lanes the same way. (Widening `SIMD16<UInt32>`
+/// to `SIMD16<UInt64>` with the generic conversions compiles to a slow lane-by-lane loop.)
 @inline(__always)
-func mulhi(_ x: SIMD16<UInt32>, _ m: UInt32) -> SIMD16<UInt32> {
-  let (mh, ml) = (m >> 16, m & 0xFFFF)
-  let xh = x &>> 16
-  let xl = x & 0xFFFF
-  let cross1 = xh &* ml  // < 2³²
-  let cross2 = xl &* mh
-  let low = xl &* ml
-  let carry = ((cross1 & 0xFFFF) &+ (cross2 & 0xFFFF) &+ (low &>> 16)) &>> 16
-  return xh &* mh &+ (cross1 &>> 16) &+ (cross2 &>> 16) &+ carry
+func mulhilo(_ x: SIMD16<UInt32>, _ m: UInt32) -> (hi: SIMD16<UInt32>, lo: SIMD16<UInt32>) {
+  let wide = unsafeBitCast(x, to: SIMD8<UInt64>.self)
+  let low32 = SIMD8<UInt64>(repeating: 0xFFFF_FFFF)
+  let multiplier = SIMD8<UInt64>(repeating: UInt64(m))
+  let even = (wide & low32) &* multiplier  // products of lanes 0, 2, 4, …
+  let odd = (wide &>> 32) &* multiplier  // products of lanes 1, 3, 5, …
+  let lo = (even & low32) | (odd &<< 32)
+  let hi = (even &>> 32) | (odd & ~low32)
+  return (unsafeBitCast(hi, to: SIMD16<UInt32>.self), unsafeBitCast(lo, to: SIMD16<UInt32>.self))
 }
