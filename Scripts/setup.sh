@@ -23,16 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installed ${missing[*]}" >&2
 fi
 
-# The element-wise passes of the kernels (max, exp, dropout) are SIMD code; compiled for the CPU
-# that runs them (AVX2/AVX-512 here) they are 2-3x faster than for the baseline x86-64 target.
-# The flag is passed on the command line, not in Package.swift, so a package that depends on
-# AttentionKit builds without it (and is as correct, only slower). ATTN_TARGET_CPU= turns it off.
-target_cpu=${ATTN_TARGET_CPU-native}
-flags=()
-if [ -n "$target_cpu" ]; then flags=(-Xswiftc -target-cpu -Xswiftc "$target_cpu"); fi
+# Compiler flags for this CPU (see Scripts/build-flags.sh).
+mapfile -t flags < <(Scripts/build-flags.sh)
 
 if [ "${1:-}" != "--no-build" ]; then
-  echo "setup: building attn (release${target_cpu:+, target CPU $target_cpu})" >&2
+  echo "setup: building attn (release; flags: ${flags[*]:-none})" >&2
   swift build -c release --product attn --quiet "${flags[@]}" >&2 ||
     { echo "setup: build failed" >&2; exit 1; }
 fi

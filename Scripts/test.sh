@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Scripts/setup.sh --no-build
-swift build --build-tests
-swift test --skip-build
+# The same CPU flags as the release build, so the tests run the code users run.
+mapfile -t flags < <(Scripts/build-flags.sh)
+swift build --build-tests "${flags[@]}"
+swift test --skip-build "${flags[@]}"

@@ -22,12 +22,12 @@ public func fastExp(_ input: SIMD16<Float>) -> SIMD16<Float> {
   r = r - n * -2.121_944_4e-4  // ln 2, low part
 
   var p = SIMD16<Float>(repeating: 1.987_569_15e-4)
-  p = p * r + 1.398_199_95e-3
-  p = p * r + 8.333_451_9e-3
-  p = p * r + 4.166_579_59e-2
-  p = p * r + 1.666_666_55e-1
-  p = p * r + 5.000_000_12e-1
-  let y = p * (r * r) + r + 1
+  p = multiplyAdd(p, r, 1.398_199_95e-3)
+  p = multiplyAdd(p, r, 8.333_451_9e-3)
+  p = multiplyAdd(p, r, 4.166_579_59e-2)
+  p = multiplyAdd(p, r, 1.666_666_55e-1)
+  p = multiplyAdd(p, r, 5.000_000_12e-1)
+  let y = multiplyAdd(p, r * r, r + 1)
 
   // The low bits of `shifted` hold n + 0x40_0000 above the magic's own pattern 0x4B40_0000.
   let exponent = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- 0x4B40_0000
@@ -40,4 +40,21 @@ public func fastExp(_ input: SIMD16<Float>) -> SIMD16<Float> {
 @inline(__always)
 public func fastExp(_ x: Float) -> Float {
   fastExp(SIMD16<Float>(repeating: x))[0]
+}
+
+/// `a·b + c`: one fused multiply-add where the build says the CPU has them (`-DATTN_FMA`, which
+/// `Scripts/setup.sh` passes with `-target-cpu native` on CPUs with FMA), else a multiply and an
+/// add. Without the flag `addingProduct` would call the C library's `fmaf` lane by lane.
+@inline(__always)
+func multiplyAdd(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: SIMD16<Float>) -> SIMD16<Float> {
+  #if ATTN_FMA
+    return c.addingProduct(a, b)
+  #else
+    return a * b + c
+  #endif
+}
+
+@inline(__always)
+func multiplyAdd(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: Float) -> SIMD16<Float> {
+  multiplyAdd(a, b, SIMD16<Float>(repeating: c))
 }
