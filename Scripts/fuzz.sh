@@ -4,9 +4,9 @@
 #   Scripts/fuzz.sh npy|safetensors [SECONDS] [-- LIBFUZZER_FLAGS...]   fuzz (default 600 s)
 #   Scripts/fuzz.sh npy|safetensors FILE...                             re-run saved inputs
 #
-# Builds Fuzz/Fuzz<Reader>.swift with the reader's sources (swiftc -sanitize=fuzzer,address -O;
+# Builds Tests/Fuzz/Fuzz<Reader>.swift with the reader's sources (swiftc -sanitize=fuzzer,address -O;
 # not a SwiftPM target) into .build-fuzz/, then runs it on a working corpus in
-# .build-fuzz/<target>/corpus seeded from the committed Fuzz/corpus/<target> (new inputs go to
+# .build-fuzz/<target>/corpus seeded from the committed Tests/Fuzz/corpus/<target> (new inputs go to
 # the working corpus, never into the repository). A crash, an AddressSanitizer report, a hang
 # over 10 s or an allocation over 64 MB (the inputs are at most 64 KiB, so a reader that needs
 # more has trusted a size in a header) stops the run and saves the input under
@@ -22,8 +22,8 @@ usage() {
 
 target=${1:-}
 case "$target" in
-  npy) entry=Fuzz/FuzzNPY.swift ;;
-  safetensors) entry=Fuzz/FuzzSafeTensors.swift ;;
+  npy) entry=Tests/Fuzz/FuzzNPY.swift ;;
+  safetensors) entry=Tests/Fuzz/FuzzSafeTensors.swift ;;
   *) usage ;;
 esac
 shift
@@ -47,7 +47,7 @@ fi
 
 flags=(
   -timeout=10 -malloc_limit_mb=64 -max_len=65536 -print_final_stats=1
-  "-dict=Fuzz/$target.dict" "-artifact_prefix=$work/artifacts/"
+  "-dict=Tests/Fuzz/$target.dict" "-artifact_prefix=$work/artifacts/"
 )
 
 if [[ $# -gt 0 && ! "$1" =~ ^[0-9]+$ && "$1" != "--" ]]; then
@@ -58,4 +58,4 @@ fi
 seconds=${1:-600}
 [[ $# -gt 0 && "$1" != "--" ]] && shift
 [[ "${1:-}" == "--" ]] && shift
-exec "$binary" "${flags[@]}" -max_total_time="$seconds" "$@" "$work/corpus" "Fuzz/corpus/$target"
+exec "$binary" "${flags[@]}" -max_total_time="$seconds" "$@" "$work/corpus" "Tests/Fuzz/corpus/$target"
