@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Side-by-side speed of `attn bench` against PyTorch and numpy on the performance targets.
 
-Runs each case interleaved — one `attn bench --repeats 1` run, one PyTorch run, one numpy run,
-then again — with the same thread count everywhere, and prints one table of medians and ratios.
+Runs each case interleaved — `attn bench --repeats 3`, then three PyTorch runs, then three numpy
+runs, each slot's median kept, then again — with the same thread count everywhere, and prints one
+table of the medians over the slots and their ratios. (Three warm runs per slot treat every side
+alike: a single run right after another program's is slower for all of them.)
 Quote the ratios: the machines are shared and noisy, absolute times are not comparable between
 runs.
 
@@ -61,19 +63,26 @@ def parse_args():
     return args
 
 
+SLOT = 3  # runs per interleaved slot, on every side
+
+
 def attn_once(case, threads):
-    """One `attn bench` run of a standard case; its JSON figures."""
+    """One `attn bench` slot of a standard case (median of SLOT runs); its JSON figures."""
     out = subprocess.run(
-        [str(ATTN), "bench", "--cases", case, "--repeats", "1", "--threads", str(threads),
-         "--format", "json"],
+        [str(ATTN), "bench", "--cases", case, "--repeats", "1" if case == "long" else str(SLOT),
+         "--threads", str(threads), "--format", "json"],
         check=True, capture_output=True, text=True)
     return json.loads(out.stdout)["cases"][0]
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn, runs=SLOT):
+    """The median of `runs` timed calls, in seconds."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def torch_runner(torch, case):
@@ -161,7 +170,16 @@ def numpy_runner(np, case):
     return run
 
 
+# The same allocator settings on every side: glibc then keeps freed memory instead of returning
+# it to the kernel on every call (`attn bench` sets the same with mallopt; see WarmAllocator.swift).
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def main():
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR.items()):
+        # glibc reads these when the process starts: start again with them set.
+        os.environ.update(ALLOCATOR)
+        os.execv(sys.executable, [sys.executable] + sys.argv)
     args = parse_args()
     # Thread counts must be set before numpy and torch load their BLAS.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -232,7 +250,8 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
 
 def print_table(rows, args):
     fmt = lambda x: f"{x:9.1f}" if x is not None else "        –"
-    print(f"\nmedians of {args.repeats} interleaved runs, {args.threads} threads, float32")
+    print(f"\nmedians of {args.repeats} interleaved slots of {SLOT} runs, {args.threads} threads, "
+          "float32")
     print(f"{'case':<11}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
     for r in rows:
         met = {True: "yes", False: "NO", None: "–"}[r["met"]]

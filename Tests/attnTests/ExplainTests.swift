@@ -300,8 +300,8 @@ struct ExplainTests {
       let (outURL, errURL) = (
         folder.appendingPathComponent("stdout"), folder.appendingPathComponent("stderr")
       )
-      FileManager.default.createFile(atPath: outURL.path, contents: nil)
-      FileManager.default.createFile(atPath: errURL.path, contents: nil)
+      _ = FileManager.default.createFile(atPath: outURL.path, contents: nil)
+      _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
       let (out, err) = (try FileHandle(forWritingTo: outURL), try FileHandle(forWritingTo: errURL))
       let process = Process()
       process.executableURL = try AttnCLI.executable()

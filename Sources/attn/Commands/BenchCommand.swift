@@ -50,6 +50,7 @@ struct BenchCommand: ParsableCommand {
   }
 
   func run() throws {
+    WarmAllocator.keepFreedMemory()
     let selected: [BenchCase]
     if batch != nil || heads != nil || seqLen != nil {
       selected = [BenchCase(
