@@ -246,25 +246,10 @@ enum TorchFixtures {
   static func path(_ file: String) -> String { folder.appendingPathComponent(file).path }
 
   /// A `<f4` or `|b1` array as a tensor (booleans as 1 and 0), with the manifest's shape and dtype.
-  static func tensor(_ ref: FileRef) throws -> Tensor {
-    let array = try NPY.read(contentsOf: path(ref.file))
-    guard array.tensor.shape == ref.shape, array.dtype.descr == ref.dtype else {
-      throw FixtureError(
-        "\(ref.file): read shape \(array.tensor.shape) dtype \(array.dtype.descr), "
-          + "manifest says \(ref.shape) \(ref.dtype)")
-    }
-    return array.tensor
-  }
+  static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
 
   /// A `<f8` array at full precision, with the manifest's shape and dtype.
-  static func doubles(_ ref: FileRef) throws -> [Double] {
-    guard ref.dtype == "<f8" else { throw FixtureError("\(ref.file) is \(ref.dtype), not <f8") }
-    let (shape, values) = try NPY.readDoubles(contentsOf: path(ref.file))
-    guard shape == ref.shape else {
-      throw FixtureError("\(ref.file): read shape \(shape), manifest says \(ref.shape)")
-    }
-    return values
-  }
+  static func doubles(_ ref: FileRef) throws -> [Double] { try loadDoubles(ref, in: folder) }
 }
 
 struct TorchManifest: Decodable, Sendable {

@@ -35,31 +35,11 @@ enum ReferenceFixtures {
   /// The absolute path of a file named in the manifest.
   static func path(_ file: String) -> String { folder.appendingPathComponent(file).path }
 
-  /// A float32, float64 or bool array as a `Float` tensor, read with `NPY.read(contentsOf:)`;
-  /// its shape and dtype must be those the manifest states.
-  static func tensor(_ ref: FileRef) throws -> Tensor {
-    let array = try NPY.read(contentsOf: path(ref.file))
-    guard array.tensor.shape == ref.shape, array.dtype.descr == ref.dtype else {
-      throw FixtureError(
-        "\(ref.file): read shape \(array.tensor.shape) dtype \(array.dtype.descr), "
-          + "manifest says \(ref.shape) \(ref.dtype)")
-    }
-    return array.tensor
-  }
+  /// A float32, float64 or bool array as a `Float` tensor, with the manifest's shape and dtype.
+  static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
 
-  /// A `<f8` array at full float64 precision (`NPY.readDoubles`; `NPY.read` would round to
-  /// `Float` and spend half an ulp of every tolerance on the reference itself). The rounded read
-  /// must agree: `Float(double) == float` for every element.
-  static func doubles(_ ref: FileRef) throws -> [Double] {
-    guard ref.dtype == "<f8" else { throw FixtureError("\(ref.file) is \(ref.dtype), not <f8") }
-    let rounded = try tensor(ref)
-    let values = try NPY.readDoubles(contentsOf: path(ref.file)).values
-    for e in values.indices where Float(values[e]).bitPattern != rounded.scalars[e].bitPattern {
-      throw FixtureError(
-        "\(ref.file)[\(e)]: NPY.read gives \(rounded.scalars[e]), Float(\(values[e])) expected")
-    }
-    return values
-  }
+  /// A `<f8` array at full float64 precision.
+  static func doubles(_ ref: FileRef) throws -> [Double] { try loadDoubles(ref, in: folder) }
 
   /// A `|b1` array as booleans (`true` = the file's `True`).
   static func bools(_ ref: FileRef) throws -> [Bool] {
@@ -279,4 +259,30 @@ extension ReferenceFixtures {
     }
     return found
   }
+}
+
+/// A float32, float64 or bool array of a fixture folder as a `Float` tensor, read with
+/// `NPY.read(contentsOf:)`; its shape and dtype must be those the manifest states.
+func loadTensor(_ ref: FileRef, in folder: URL) throws -> Tensor {
+  let array = try NPY.read(contentsOf: folder.appendingPathComponent(ref.file).path)
+  guard array.tensor.shape == ref.shape, array.dtype.descr == ref.dtype else {
+    throw FixtureError(
+      "\(ref.file): read shape \(array.tensor.shape) dtype \(array.dtype.descr), "
+        + "manifest says \(ref.shape) \(ref.dtype)")
+  }
+  return array.tensor
+}
+
+/// A `<f8` array of a fixture folder at full float64 precision (`NPY.readDoubles`; `NPY.read`
+/// would round to `Float` and spend half an ulp of every tolerance on the reference itself). The
+/// rounded read must agree: `Float(double) == float` for every element.
+func loadDoubles(_ ref: FileRef, in folder: URL) throws -> [Double] {
+  guard ref.dtype == "<f8" else { throw FixtureError("\(ref.file) is \(ref.dtype), not <f8") }
+  let rounded = try loadTensor(ref, in: folder)
+  let values = try NPY.readDoubles(contentsOf: folder.appendingPathComponent(ref.file).path).values
+  for e in values.indices where Float(values[e]).bitPattern != rounded.scalars[e].bitPattern {
+    throw FixtureError(
+      "\(ref.file)[\(e)]: NPY.read gives \(rounded.scalars[e]), Float(\(values[e])) expected")
+  }
+  return values
 }
