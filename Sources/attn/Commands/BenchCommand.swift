@@ -9,9 +9,9 @@ struct BenchCommand: ParsableCommand {
     commandName: "bench",
     abstract: "Time the tiled kernel against OpenBLAS's ceiling on its own tile products.",
     discussion: """
-      Without shape flags it runs the standard cases (attention, causal, dropout, efficiency, \
-      long); with any of --batch, --heads, --seq-len it runs that one case. Each result is \
-      checked against the float64 reference kernel on sampled rows before it is timed, and a \
+      Without shape flags it runs the standard cases (attention, causal, dropout, relpos, \
+      efficiency, long); with any of --batch, --heads, --seq-len, --relpos it runs that one case. \
+      Each result is checked against the float64 reference kernel on sampled rows before it is timed, and a \
       kernel that disagrees is not reported. Times are medians of --repeats runs, interleaved \
       with the sgemm ceiling runs; quote ratios, not absolute times, on a shared machine.
       """
@@ -23,7 +23,10 @@ struct BenchCommand: ParsableCommand {
   @Option(help: "Head dimension D.") var dK: Int = 64
   @Option(help: "Dropout probability.") var p: Float = 0
   @Flag(help: "Causal mask.") var causal = false
-  @Option(help: "Cases to run, comma-separated (attention, causal, dropout, efficiency, long).")
+  @Flag(help: "Custom case: the relative-position module (d_model = --d-k, one head).")
+  var relpos = false
+  @Option(help: "Largest relative distance M with --relpos.") var maxRel: Int = 32
+  @Option(help: "Cases to run, comma-separated (attention, causal, dropout, relpos, efficiency, long).")
   var cases: String?
   @Option(help: "Threads (default: every core).") var threads: Int?
   @Option(help: "Timed runs per case (the median is reported).") var repeats: Int = 5
@@ -37,6 +40,13 @@ struct BenchCommand: ParsableCommand {
       if let value, value < 1 { throw ValidationError("\(name) must be positive, got \(value)") }
     }
     guard dK > 0 else { throw ValidationError("--d-k must be positive, got \(dK)") }
+    guard maxRel >= 0 else { throw ValidationError("--max-rel must be ≥ 0, got \(maxRel)") }
+    if relpos && (heads ?? 1) != 1 {
+      throw ValidationError("--relpos runs the single-head module: leave --heads at 1")
+    }
+    if relpos && p > 0 {
+      throw ValidationError("--relpos runs the notebook's module, which has no dropout: drop --p")
+    }
     guard p >= 0, p < 1 else { throw ValidationError("--p must be in [0, 1), got \(p)") }
     guard repeats > 0 else { throw ValidationError("--repeats must be positive, got \(repeats)") }
     if let threads, threads < 1 { throw ValidationError("--threads must be ≥ 1, got \(threads)") }
@@ -52,10 +62,10 @@ struct BenchCommand: ParsableCommand {
   func run() throws {
     WarmAllocator.keepFreedMemory()
     let selected: [BenchCase]
-    if batch != nil || heads != nil || seqLen != nil {
+    if batch != nil || heads != nil || seqLen != nil || relpos {
       selected = [BenchCase(
         name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024, headDim: dK,
-        dropout: p, causal: causal)]
+        dropout: p, causal: causal, maxRelative: relpos ? maxRel : nil)]
     } else {
       let names = cases.map { $0.split(separator: ",").map(String.init) } ?? BenchCase.order
       selected = names.compactMap { BenchCase.standard[$0] }
