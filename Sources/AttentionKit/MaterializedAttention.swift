@@ -15,7 +15,8 @@ import Foundation
 /// threads (default: every core).
 ///
 /// Returns the output `[…, Tq, Dv]` and the weights after dropout `[…, Tq, Tk]`. The workspace is
-/// the weight matrix itself, `B·H·Tq·Tk` floats; `memoryBudget` (bytes) refuses larger problems
+/// the weight matrix itself, `B·H·Tq·Tk` floats (plus at most `Tq·(2M + 1)` for relative
+/// positions); `memoryBudget` (bytes) refuses larger problems
 /// before allocating, with an error suggesting the tiled kernel.
 public enum MaterializedAttention {
   public static func compute(
@@ -34,15 +35,19 @@ public enum MaterializedAttention {
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
     try relativePosition?.checkHeadDim(d)
     let weightCount = try Tensor.elementCount(of: shape.weightsShape)
-    let width = relativePosition?.tableWidth ?? 0
-    // R = scale·Q·Eᵀ for one batch at a time: [Tq, 2M + 1].
-    var positionTable = [Float](repeating: 0, count: relativePosition == nil ? 0 : tq * width)
-    let workspaceBytes = (weightCount + positionTable.count) * MemoryLayout<Float>.stride
-    if let memoryBudget, workspaceBytes > memoryBudget {
+    // R = scale·Q·Eᵀ for one batch at a time, the columns these queries and keys can read:
+    // [Tq, ≤ min(2M + 1, Tq + Tk − 1)].
+    let columns = relativePosition?.columns(queries: tq, keys: tk) ?? 0...0
+    let width = relativePosition == nil ? 0 : columns.count
+    let tableCount = try Tensor.elementCount(of: [tq, width])
+    let (floats, overflow) = weightCount.addingReportingOverflow(tableCount)
+    let workspaceBytes = overflow ? Int.max : floats.multipliedReportingOverflow(by: 4).partialValue
+    if let memoryBudget, overflow || workspaceBytes > memoryBudget {
       throw AttentionError.memoryBudget(
         "the materialized kernel needs \(formatBytes(workspaceBytes)) for the \(shape.weightsShape) "
           + "weights, over the budget of \(formatBytes(memoryBudget)); use the tiled kernel")
     }
+    var positionTable = [Float](repeating: 0, count: tableCount)
     var weights = Tensor(
       validShape: shape.weightsShape, scalars: [Float](repeating: 0, count: weightCount))
     var output = Tensor(
@@ -66,17 +71,20 @@ public enum MaterializedAttention {
                     b: k.baseAddress! + b * tk * d, ldb: d,
                     c: scores, ldc: tk)
                 }
-                if let relativePosition {
+                if let relativePosition, d > 0 {
                   relativePosition.embeddings.scalars.withUnsafeBufferPointer { e in
                     BLAS.sgemm(
                       transposeB: true, m: tq, n: width, k: d, alpha: alpha,
-                      a: q.baseAddress! + b * tq * d, lda: d, b: e.baseAddress!, ldb: d,
+                      a: q.baseAddress! + b * tq * d, lda: d,
+                      b: e.baseAddress! + columns.lowerBound * d, ldb: d,
                       c: table.baseAddress!, ldc: width)
                   }
                 }
                 // Steps 3–5 row by row: rows are independent, so they are split over the threads
                 // (OpenBLAS threads only the products); the split does not change any row.
-                let rows = RowPointers(scores: scores, table: table.baseAddress)
+                // The table pointer is shifted so that it is indexed by full column numbers.
+                let rows = RowPointers(
+                  scores: scores, table: table.baseAddress.map { $0 - columns.lowerBound })
                 let chunks = min(workers, tq)
                 DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
                   for i in stride(from: chunk, to: tq, by: chunks) {

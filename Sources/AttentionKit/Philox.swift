@@ -9,7 +9,8 @@ import Foundation
 ///
 /// Counter layout used throughout AttentionKit (four 32-bit words):
 /// - words 0–1: a 64-bit *major* index (a block of four tensor elements, or an attention row);
-/// - word 2: a *minor* index (the group of four keys `j / 4` within a row, 0 for tensors);
+/// - word 2: a *minor* index (for dropout `16·⌊j/64⌋ + j mod 16` of key `j`, see `Dropout`;
+///   0 for tensors);
 /// - word 3: the *stream*, which separates independent uses of one seed (see `RandomStream`).
 public struct Philox4x32: Sendable {
   public let key: (UInt32, UInt32)
@@ -79,7 +80,7 @@ extension Tensor {
     let width = high - low
     for blockIndex in 0..<((count + 3) / 4) {
       let w = rng.block(major: UInt64(blockIndex), minor: 0, stream: stream)
-      let words = [w.0, w.1, w.2, w.3]
+      let words = SIMD4<UInt32>(w.0, w.1, w.2, w.3)
       for lane in 0..<4 where blockIndex * 4 + lane < count {
         let u = Float(words[lane] >> 8) * 0x1p-24
         values[blockIndex * 4 + lane] = low + width * u
@@ -103,7 +104,7 @@ extension Tensor {
       let w = rng.block(major: UInt64(blockIndex), minor: 0, stream: stream)
       let (a, b) = boxMuller(w.0, w.1)
       let (c, d) = boxMuller(w.2, w.3)
-      let normals = [a, b, c, d]
+      let normals = SIMD4<Double>(a, b, c, d)
       for lane in 0..<4 where blockIndex * 4 + lane < count {
         values[blockIndex * 4 + lane] = mean + std * Float(normals[lane])
       }

@@ -37,6 +37,16 @@ public struct RelativePositionBias: Sendable {
     min(max(j - i, -maxDistance), maxDistance) + maxDistance
   }
 
+  /// The columns of `R` that queries `0..<Tq` and keys `0..<Tk` can read:
+  /// `clip(j − i) + M` for `j − i ∈ [−(Tq − 1), Tk − 1]`. The kernels compute only these, so a
+  /// table far wider than the sequence (M ≫ T) costs nothing.
+  public func columns(queries: Int, keys: Int) -> ClosedRange<Int> {
+    let m = maxDistance
+    let low = max(0, m - max(queries - 1, 0))
+    let high = min(2 * m, m + max(keys - 1, 0))
+    return low...max(low, high)
+  }
+
   func checkHeadDim(_ headDim: Int) throws {
     guard embeddings.shape[1] == headDim else {
       throw AttentionError.shapeMismatch(
@@ -46,7 +56,8 @@ public struct RelativePositionBias: Sendable {
   }
 
   /// Adds `table[clip(j − i) + M]` to `row[0..<count]`, the scores of query `i` for keys
-  /// `firstKey ..< firstKey + count`; `table` is row `i` of `R = scale·Q·Eᵀ`.
+  /// `firstKey ..< firstKey + count`; `table` is row `i` of `R = scale·Q·Eᵀ`, indexed by the full
+  /// column number (only `columns(queries:keys:)` of it are read).
   @inline(__always)
   func add(table: UnsafePointer<Float>, to row: UnsafeMutablePointer<Float>,
            query i: Int, firstKey: Int, count: Int) {

@@ -46,7 +46,7 @@ public enum TiledAttention {
   }
 
   /// The bytes of workspace `compute` allocates: per thread a `[Bq, Bk]` tile, a `[Bq, Dv]`
-  /// accumulator, the row max and sum, and `[Bq, 2M + 1]` for relative positions, with the
+  /// accumulator, the row max and sum, and `[Bq, ≤ 2M + 1]` for relative positions, with the
   /// blocks capped at `Tq` and `Tk`.
   public static func workspaceBytes(
     queries: Int, keys: Int, valueDim: Int, tasks: Int, relativeWidth: Int = 0,
@@ -81,8 +81,9 @@ public enum TiledAttention {
       scalars: [Float](repeating: 0, count: try Tensor.elementCount(of: shape.outputShape)))
     let bq = min(configuration.queryBlock, max(shape.queries, 1))
     let queryBlocks = (shape.queries + bq - 1) / bq
-    let tasks = shape.batchCount * queryBlocks
-    let width = relativePosition?.tableWidth ?? 0
+    let batchCount = shape.batchCount
+    let tasks = batchCount * queryBlocks
+    let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
     let workspace = workspaceBytes(
       queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim, tasks: tasks, relativeWidth: width,
       configuration: configuration)
@@ -116,10 +117,12 @@ public enum TiledAttention {
                 // does not change how it is computed. With a causal mask the last query blocks
                 // see the most keys, so they go first and the short ones fill in at the end.
                 while case let next = queue.take(), next < tasks {
-                  let block = mask.isCausal ? queryBlocks - 1 - next % queryBlocks : next % queryBlocks
+                  let (batch, block) =
+                    mask.isCausal
+                    ? (next % batchCount, queryBlocks - 1 - next / batchCount)
+                    : (next / queryBlocks, next % queryBlocks)
                   plan.run(
-                    batch: next / queryBlocks, firstQuery: block * bq,
-                    buffers: buffers, scratch: &scratch)
+                    batch: batch, firstQuery: block * bq, buffers: buffers, scratch: &scratch)
                 }
               }
             }
@@ -187,7 +190,11 @@ struct TilePlan: Sendable {
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
 
-  var relativeWidth: Int { relativePosition?.tableWidth ?? 0 }
+  /// The columns of `R` this problem can read (see `RelativePositionBias.columns`).
+  var relativeColumns: ClosedRange<Int> {
+    relativePosition?.columns(queries: shape.queries, keys: shape.keys) ?? 0...0
+  }
+  var relativeWidth: Int { relativePosition == nil ? 0 : relativeColumns.count }
 
   /// Computes output rows `firstQuery ..< firstQuery + Bq` of flat batch `batch`.
   func run(batch b: Int, firstQuery i0: Int, buffers: TileBuffers, scratch: inout TileScratch) {
@@ -202,13 +209,16 @@ struct TilePlan: Sendable {
     scratch.rowSum.update(repeating: 0, count: rows)
 
     let width = relativeWidth
+    let firstColumn = relativeColumns.lowerBound
     if let e = buffers.e, width > 0, d > 0 {
       BLAS.sgemm(
-        transposeB: true, m: rows, n: width, k: d, alpha: scale, a: q, lda: d, b: e, ldb: d,
-        c: scratch.positions, ldc: width)
+        transposeB: true, m: rows, n: width, k: d, alpha: scale, a: q, lda: d,
+        b: e + firstColumn * d, ldb: d, c: scratch.positions, ldc: width)
     } else if width > 0 {
       scratch.positions.update(repeating: 0, count: rows * width)
     }
+    // Indexed by full column numbers, as `RelativePositionBias.add` reads it.
+    let positionRows = scratch.positions - firstColumn
 
     // Causal: keys past the block's last query are hidden from every row of the block.
     let keyEnd = mask.isCausal ? min(tk, i0 + rows) : tk
@@ -228,7 +238,7 @@ struct TilePlan: Sendable {
         let row = s + r * bk
         // Pass 2: position term, mask, and the new running max.
         relativePosition?.add(
-          table: scratch.positions + r * width, to: row, query: i, firstKey: j0, count: cols)
+          table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
         mask.apply(to: row, batch: b, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
         let tileMax = RowSoftmax.maximum(row, count: cols)

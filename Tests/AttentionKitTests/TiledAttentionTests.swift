@@ -39,6 +39,8 @@ struct TiledAttentionTests {
     Case(name: "relative positions", batch: [2], tq: 30, tk: 30, d: 16, dv: 16, maxDistance: 4),
     Case(name: "relative positions, causal, dropout", batch: [1], tq: 20, tk: 20, mask: .causal,
          dropout: 0.2, maxDistance: 3),
+    // M far beyond the sequence: only the columns of R that |j − i| < T reads are computed.
+    Case(name: "relative positions, M ≫ T, Tq ≠ Tk", batch: [2], tq: 7, tk: 11, maxDistance: 40),
   ]
 
   struct Problem {
@@ -175,5 +177,19 @@ struct TiledAttentionTests {
     #expect(throws: AttentionError.self) {
       try TiledAttention.compute(queries: q, keys: q, values: q, configuration: .init(threads: 0))
     }
+  }
+}
+
+@Suite("Relative-position columns")
+struct RelativeColumnsTests {
+  @Test("only the columns clip(j − i) + M that the queries and keys reach")
+  func columns() throws {
+    let bias = try RelativePositionBias(
+      embeddings: Tensor(shape: [2 * 40 + 1, 4]), maxDistance: 40)
+    // j − i runs over −(Tq − 1) … Tk − 1 = −6 … 10: columns 34 … 50.
+    #expect(bias.columns(queries: 7, keys: 11) == 34...50)
+    let narrow = try RelativePositionBias(embeddings: Tensor(shape: [2 * 3 + 1, 4]), maxDistance: 3)
+    // Longer than M on both sides: all 2M + 1 columns.
+    #expect(narrow.columns(queries: 20, keys: 20) == 0...6)
   }
 }

@@ -20,12 +20,12 @@ struct BenchCommand: ParsableCommand {
   @Option(help: "Batch B (custom case).") var batch: Int?
   @Option(help: "Heads H (custom case).") var heads: Int?
   @Option(help: "Sequence length T (custom case).") var seqLen: Int?
-  @Option(help: "Head dimension D.") var dK: Int = 64
-  @Option(help: "Dropout probability.") var p: Float = 0
+  @Option(help: "Head dimension D (custom case; default 64).") var dK: Int?
+  @Option(help: "Dropout probability (custom case; default 0).") var p: Float?
   @Flag(help: "Causal mask.") var causal = false
   @Flag(help: "Custom case: the relative-position module (d_model = --d-k, one head).")
   var relpos = false
-  @Option(help: "Largest relative distance M with --relpos.") var maxRel: Int = 32
+  @Option(help: "Largest relative distance M with --relpos (default 32).") var maxRel: Int?
   @Option(help: "Cases to run, comma-separated (attention, causal, dropout, relpos, efficiency, long).")
   var cases: String?
   @Option(help: "Threads (default: every core).") var threads: Int?
@@ -35,22 +35,33 @@ struct BenchCommand: ParsableCommand {
   @Option(help: "Seed for the inputs and dropout.") var seed: UInt64 = 42
   @Option(help: "Output format: text or json.") var format: OutputFormat = .text
 
+  /// Any shape flag makes one custom case instead of the standard ones.
+  private var isCustom: Bool {
+    batch != nil || heads != nil || seqLen != nil || dK != nil || p != nil || causal || relpos
+  }
+
   func validate() throws {
     for (name, value) in [("--batch", batch), ("--heads", heads), ("--seq-len", seqLen)] {
       if let value, value < 1 { throw ValidationError("\(name) must be positive, got \(value)") }
     }
-    guard dK > 0 else { throw ValidationError("--d-k must be positive, got \(dK)") }
-    guard maxRel >= 0 else { throw ValidationError("--max-rel must be ≥ 0, got \(maxRel)") }
+    if let dK, dK < 1 { throw ValidationError("--d-k must be positive, got \(dK)") }
+    if let maxRel, !(0...(1 << 20)).contains(maxRel) {
+      throw ValidationError("--max-rel must be in 0...\(1 << 20), got \(maxRel)")
+    }
+    if maxRel != nil && !relpos { throw ValidationError("--max-rel goes with --relpos") }
     if relpos && (heads ?? 1) != 1 {
       throw ValidationError("--relpos runs the single-head module: leave --heads at 1")
     }
-    if relpos && p > 0 {
+    if relpos && (p ?? 0) > 0 {
       throw ValidationError("--relpos runs the notebook's module, which has no dropout: drop --p")
     }
-    guard p >= 0, p < 1 else { throw ValidationError("--p must be in [0, 1), got \(p)") }
+    if let p, !(p >= 0 && p < 1) { throw ValidationError("--p must be in [0, 1), got \(p)") }
     guard repeats > 0 else { throw ValidationError("--repeats must be positive, got \(repeats)") }
     if let threads, threads < 1 { throw ValidationError("--threads must be ≥ 1, got \(threads)") }
     guard queryBlock > 0, keyBlock > 0 else { throw ValidationError("block sizes must be positive") }
+    if isCustom && cases != nil {
+      throw ValidationError("--cases picks standard cases; shape flags make one custom case: not both")
+    }
     if let cases {
       for name in cases.split(separator: ",") where BenchCase.standard[String(name)] == nil {
         throw ValidationError(
@@ -62,10 +73,11 @@ struct BenchCommand: ParsableCommand {
   func run() throws {
     WarmAllocator.keepFreedMemory()
     let selected: [BenchCase]
-    if batch != nil || heads != nil || seqLen != nil || relpos {
+    if isCustom {
       selected = [BenchCase(
-        name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024, headDim: dK,
-        dropout: p, causal: causal, maxRelative: relpos ? maxRel : nil)]
+        name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024,
+        headDim: dK ?? 64, dropout: p ?? 0, causal: causal,
+        maxRelative: relpos ? (maxRel ?? 32) : nil)]
     } else {
       let names = cases.map { $0.split(separator: ",").map(String.init) } ?? BenchCase.order
       selected = names.compactMap { BenchCase.standard[$0] }

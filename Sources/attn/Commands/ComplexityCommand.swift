@@ -116,7 +116,7 @@ struct ComplexityCommand: ParsableCommand {
   }
 
   var resolvedThreads: Int { threads ?? ProcessInfo.processInfo.activeProcessorCount }
-  var memoryBudget: Int { maxMemory?.bytes ?? Int(ProcessInfo.processInfo.physicalMemory / 4) }
+  var memoryBudget: Int { maxMemory?.bytes ?? MemoryGuard.defaultBudget }
 
   func run() throws {
     // Fail on an unwritable --plot before a sweep that can take minutes, not after it.

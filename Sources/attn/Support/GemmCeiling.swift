@@ -23,33 +23,41 @@ struct GemmCeiling {
     defer { BLAS.threadCount = previous }
     let (bq, bk, d, dv) = (queryBlock, keyBlock, headDim, valueDim)
     let perThread = max(1, tiles / threads)
+    // Each thread's tiles, allocated and touched before the clock starts.
+    let buffers = (0..<threads).map { _ in TileOperands(bq: bq, bk: bk, d: d, dv: dv) }
     let seconds = Stopwatch.time {
-      DispatchQueue.concurrentPerform(iterations: threads) { _ in
-        let q = [Float](repeating: 0.01, count: bq * d)
-        let k = [Float](repeating: 0.02, count: bk * d)
-        let v = [Float](repeating: 0.03, count: bk * dv)
-        var s = [Float](repeating: 0, count: bq * bk)
-        var o = [Float](repeating: 0, count: bq * dv)
-        q.withUnsafeBufferPointer { q in
-          k.withUnsafeBufferPointer { k in
-            v.withUnsafeBufferPointer { v in
-              s.withUnsafeMutableBufferPointer { s in
-                o.withUnsafeMutableBufferPointer { o in
-                  for _ in 0..<perThread {
-                    BLAS.sgemm(
-                      transposeB: true, m: bq, n: bk, k: d, a: q.baseAddress!, lda: d,
-                      b: k.baseAddress!, ldb: d, c: s.baseAddress!, ldc: bk)
-                    BLAS.sgemm(
-                      m: bq, n: dv, k: bk, a: s.baseAddress!, lda: bk, b: v.baseAddress!, ldb: dv,
-                      beta: 1, c: o.baseAddress!, ldc: dv)
-                  }
-                }
-              }
-            }
-          }
+      DispatchQueue.concurrentPerform(iterations: threads) { thread in
+        let t = buffers[thread]
+        for _ in 0..<perThread {
+          BLAS.sgemm(
+            transposeB: true, m: bq, n: bk, k: d, a: t.q, lda: d, b: t.k, ldb: d, c: t.s, ldc: bk)
+          BLAS.sgemm(m: bq, n: dv, k: bk, a: t.s, lda: bk, b: t.v, ldb: dv, beta: 1, c: t.o, ldc: dv)
         }
       }
     }
+    buffers.forEach { $0.deallocate() }
     return flopsPerTile * Double(perThread * threads) / seconds * 1e-9
+  }
+}
+
+/// One thread's operands of the two tile products.
+private struct TileOperands: @unchecked Sendable {
+  let q, k, v, s, o: UnsafeMutablePointer<Float>
+
+  init(bq: Int, bk: Int, d: Int, dv: Int) {
+    func filled(_ count: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
+      let pointer = UnsafeMutablePointer<Float>.allocate(capacity: max(count, 1))
+      pointer.initialize(repeating: value, count: max(count, 1))
+      return pointer
+    }
+    q = filled(bq * d, 0.01)
+    k = filled(bk * d, 0.02)
+    v = filled(bk * dv, 0.03)
+    s = filled(bq * bk, 0)
+    o = filled(bq * dv, 0)
+  }
+
+  func deallocate() {
+    for pointer in [q, k, v, s, o] { pointer.deallocate() }
   }
 }

@@ -168,11 +168,16 @@ extension BenchCase {
     let bk = min(configuration.keyBlock, length)
     let tasks = batch * heads * ((length + bq - 1) / bq)
     let workers = max(1, min(threads, tasks))
+    // With relpos: the table E [2M + 1, D], the projections of x (3 more [B, T, D]), and each
+    // thread's [Bq, ≤ min(2M + 1, 2T − 1)] slice of R = Q·Eᵀ.
+    let relpos: [[Int]] = maxRelative.map { m in
+      [[2 * m + 1, headDim], [4, batch, length, headDim], [workers, bq, min(2 * m + 1, 2 * length)]]
+    } ?? []
     try MemoryGuard.check(
       [
         [4, batch, heads, length, headDim], [2, workers, bq, bk], [2, workers, bq, headDim],
         [2, workers, bk, headDim], [2, workers, 2, bq],
-      ],
+      ] + relpos,
       for: "\(name): the inputs and the tiles of --query-block \(bq) × --key-block \(bk) on"
         + " \(workers) thread\(workers == 1 ? "" : "s")", budget: budget, budgetSource: source,
       advice: "choose smaller blocks or fewer threads")

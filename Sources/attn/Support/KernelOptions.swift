@@ -28,7 +28,7 @@ struct KernelOptions: ParsableArguments {
     if let threads, threads < 1 { throw ValidationError("--threads must be ≥ 1, got \(threads)") }
   }
 
-  var memoryBudget: Int { maxMemory?.bytes ?? Int(ProcessInfo.processInfo.physicalMemory / 4) }
+  var memoryBudget: Int { maxMemory?.bytes ?? MemoryGuard.defaultBudget }
 
   var tiledConfiguration: TiledAttention.Configuration {
     TiledAttention.Configuration(threads: threads)
