@@ -111,6 +111,15 @@ struct DropoutCommand: ParsableCommand {
       memoryBudget: kernelOptions.memoryBudget)
 
     // The kernel's own weights without dropout, for the checks (the materialized kernel only).
+    if kernelOptions.kernel == .materialized && dropout != nil {
+      // The checks hold the weights before and after dropout at once: two matrices.
+      let shape = try AttentionShape(queries: queries, keys: keys, values: values)
+      try MemoryGuard.check(
+        [[2] + shape.weightsShape],
+        for: "the weights before and after dropout \(shape.weightsShape), which the checks compare",
+        budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource,
+        advice: "use --kernel tiled (its checks recompute sampled rows) or raise --max-memory")
+    }
     let preDropout: AttentionResult? =
       kernelOptions.kernel == .materialized && dropout != nil
       ? try kernelOptions.attention(

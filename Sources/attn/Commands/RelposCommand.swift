@@ -319,7 +319,10 @@ struct RelposCommand: ParsableCommand {
       }
       // The position term alone: each row is row i of R = Q·Eᵀ/√d shifted to the diagonal, so
       // bands parallel to the diagonal show the learned distances, flat beyond ±M.
-      let position = Array(try module.positionScores(queries: result.queries).scalars[0..<(t * t)])
+      // Batch 0 only: the position term of the others is not shown.
+      let firstQueries = try Tensor(
+        shape: [1, t, d], scalars: Array(result.queries.scalars[0..<(t * d)]))
+      let position = try module.positionScores(queries: firstQueries).scalars
       let low = position.min() ?? 0
       let high = position.max() ?? 0
       print("\nRelative-position term q_i·E[clip(j − i) + M]/√d_model\(title):")
