@@ -150,7 +150,7 @@ struct BenchCase {
     var reference: ReferenceAttention
     var run: () throws -> AttentionResult
     /// For relpos: plain attention on the same projections, timed beside it.
-    var plain: (() throws -> Void)?
+    var plain: (() throws -> AttentionResult)?
   }
 
   private func workload(
@@ -173,7 +173,7 @@ struct BenchCase {
         run: { try module(x, mask: mask, kernel: .tiled(configuration)).attention },
         plain: {
           let (q, k, v) = try module.project(x)
-          _ = try TiledAttention.compute(
+          return try TiledAttention.compute(
             queries: q, keys: k, values: v, mask: mask, scale: module.scale,
             configuration: configuration)
         })
@@ -224,8 +224,8 @@ struct BenchCase {
     var ceilings: [Double] = []
     // Interleaved: kernel, plain attention (relpos only), sgemm ceiling, then again.
     for _ in 0..<(self.repeats ?? repeats) {
-      times.append(try Stopwatch.time { _ = try work.run() })
-      if let plain = work.plain { plainTimes.append(try Stopwatch.time { try plain() }) }
+      times.append(try Stopwatch.measure(work.run).seconds)
+      if let plain = work.plain { plainTimes.append(try Stopwatch.measure(plain).seconds) }
       ceilings.append(ceiling.measure(tiles: tiles))
     }
     let status = ProcessMemory.status()

@@ -128,17 +128,12 @@ struct ComplexitySweep {
     var rssGrowth: Int? = nil
     if reset, let before, let after { rssGrowth = max(after.peak - before.resident, 0) }
 
-    let clock = ContinuousClock()
     var seconds: [Double] = []
     for _ in 0..<command.repeats {
-      var result: AttentionResult?
-      let elapsed = try clock.measure { result = try call() }
-      // Keep the result alive until after the clock stops, so freeing it is not timed.
-      withExtendedLifetime(result) {}
-      let parts = elapsed.components
-      seconds.append(Double(parts.seconds) + Double(parts.attoseconds) * 1e-18)
+      // The result outlives the clock, so freeing it is not timed.
+      seconds.append(try Stopwatch.measure(call).seconds)
     }
-    let median = Self.median(seconds)
+    let median = Stopwatch.median(seconds)
     let flops = 4 * Double(n) * Double(n) * Double(d)
     let outputBytes = warmUp.output.count * MemoryLayout<Float>.stride
     return ComplexityMeasurement(
@@ -147,14 +142,6 @@ struct ComplexitySweep {
       workspaceBytes: warmUp.workspaceBytes,
       footprintBytes: inputBytes + outputBytes + warmUp.workspaceBytes,
       rssGrowthBytes: rssGrowth)
-  }
-
-  /// The middle value; the mean of the two middle values for an even count.
-  static func median(_ values: [Double]) -> Double {
-    let sorted = values.sorted()
-    guard !sorted.isEmpty else { return 0 }
-    let middle = sorted.count / 2
-    return sorted.count % 2 == 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
   }
 }
 
