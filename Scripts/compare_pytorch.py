@@ -109,40 +109,10 @@ def torch_runner(torch, case):
 
 
 def notebook_module(torch):
-    """The notebook's RelativePositionAttention, verbatim in substance."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class RelativePositionAttention(nn.Module):
-        def __init__(self, d_model, max_relative_position=32):
-            super().__init__()
-            self.d_model = d_model
-            self.max_relative_position = max_relative_position
-            self.W_q = nn.Linear(d_model, d_model)
-            self.W_k = nn.Linear(d_model, d_model)
-            self.W_v = nn.Linear(d_model, d_model)
-            self.relative_embeddings = nn.Embedding(2 * max_relative_position + 1, d_model)
-
-        def _get_relative_positions(self, seq_len):
-            positions = torch.arange(seq_len)
-            relative = positions.unsqueeze(0) - positions.unsqueeze(1)
-            relative = torch.clamp(relative, -self.max_relative_position,
-                                   self.max_relative_position)
-            return relative + self.max_relative_position
-
-        def forward(self, x, mask=None):
-            _, seq_len, _ = x.shape
-            Q, K, V = self.W_q(x), self.W_k(x), self.W_v(x)
-            content = torch.matmul(Q, K.transpose(-2, -1)) / math.sqrt(self.d_model)
-            rel = self.relative_embeddings(self._get_relative_positions(seq_len))
-            position = torch.einsum('bqd,qkd->bqk', Q, rel) / math.sqrt(self.d_model)
-            scores = content + position
-            if mask is not None:
-                scores = scores.masked_fill(mask == 0, float('-inf'))
-            attention = F.softmax(scores, dim=-1)
-            return torch.matmul(attention, V), attention
-
-    return RelativePositionAttention
+    """The notebook's RelativePositionAttention, as the torch fixtures script defines it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_torch_fixtures import relative_position_attention_class
+    return relative_position_attention_class()
 
 
 def numpy_runner(np, case):
