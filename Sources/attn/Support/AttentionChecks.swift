@@ -7,6 +7,15 @@ struct AttentionChecks {
   let dropout: Dropout?
   /// Flat (batch, query) rows that are compared with the reference kernel.
   let sampledRows: [(batch: Int, query: Int)]
+  /// The reference kernel's result for each sampled row, computed once (each costs O(Tk·D)).
+  let sampledReference: [ReferenceRow]
+
+  init(reference: ReferenceAttention, dropout: Dropout?, sampledRows: [(batch: Int, query: Int)]) {
+    self.reference = reference
+    self.dropout = dropout
+    self.sampledRows = sampledRows
+    sampledReference = sampledRows.map { reference.row(batch: $0.batch, query: $0.query) }
+  }
 
   /// All rows when there are at most `limit`, else `count` rows drawn with the seed.
   static func sampleRows(
@@ -129,8 +138,7 @@ struct AttentionChecks {
     // Sampled rows against the float64 reference kernel, with the same dropout decisions.
     var worstWeights = 0.0
     var worstOutput = 0.0
-    for (b, i) in sampledRows {
-      let expected = reference.row(batch: b, query: i)
+    for ((b, i), expected) in zip(sampledRows, sampledReference) {
       let row = b * tq + i
       if let post = result.weights {
         worstWeights = max(
@@ -179,8 +187,7 @@ extension AttentionChecks {
   func sampledDrops(_ dropout: Dropout) -> (dropped: Int, candidates: Int) {
     var dropped = 0
     var candidates = 0
-    for (b, i) in sampledRows {
-      let row = reference.row(batch: b, query: i)
+    for row in sampledReference {
       for (pre, post) in zip(row.preDropoutWeights, row.weights) where pre != 0 {
         candidates += 1
         if post == 0 { dropped += 1 }
