@@ -35,7 +35,10 @@ enum AttnCLI {
 
   /// Runs `attn arguments…` in `folder`; stdout and stderr go to files there, so that neither
   /// can fill a pipe and block the child.
-  static func run(_ arguments: [String], in folder: URL) throws -> Run {
+  /// Runs `attn` in `folder`; `environment` adds to (or overrides) this process's variables.
+  static func run(
+    _ arguments: [String], in folder: URL, environment extra: [String: String] = [:]
+  ) throws -> Run {
     let logs = folder.appendingPathComponent(".logs-\(UUID().uuidString)")
     try FileManager.default.createDirectory(at: logs, withIntermediateDirectories: false)
     defer { try? FileManager.default.removeItem(at: logs) }
@@ -55,6 +58,7 @@ enum AttnCLI {
     process.standardInput = FileHandle.nullDevice
     var environment = ProcessInfo.processInfo.environment
     environment["NO_COLOR"] = "1"
+    environment.merge(extra) { _, new in new }
     process.environment = environment
     try process.run()
     process.waitUntilExit()

@@ -297,31 +297,9 @@ struct ExplainTests {
   /// otherwise pick faster kernels on some CPUs (`OpenBLASCore`), which round differently.
   static func runWithThisProcessBLAS(_ arguments: [String]) throws -> AttnCLI.Run {
     try AttnCLI.withTemporaryFolder { folder in
-      let (outURL, errURL) = (
-        folder.appendingPathComponent("stdout"), folder.appendingPathComponent("stderr")
-      )
-      _ = FileManager.default.createFile(atPath: outURL.path, contents: nil)
-      _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
-      let (out, err) = (try FileHandle(forWritingTo: outURL), try FileHandle(forWritingTo: errURL))
-      let process = Process()
-      process.executableURL = try AttnCLI.executable()
-      process.arguments = arguments
-      process.currentDirectoryURL = folder
-      process.standardOutput = out
-      process.standardError = err
-      var environment = ProcessInfo.processInfo.environment
-      environment["OPENBLAS_CORETYPE"] = BLAS.coreName
-      environment["ATTN_KEEP_OPENBLAS_CORE"] = "1"
-      environment["NO_COLOR"] = "1"
-      process.environment = environment
-      try process.run()
-      process.waitUntilExit()
-      try out.close()
-      try err.close()
-      return AttnCLI.Run(
-        status: process.terminationStatus,
-        stdout: try String(contentsOf: outURL, encoding: .utf8),
-        stderr: try String(contentsOf: errURL, encoding: .utf8))
+      try AttnCLI.run(
+        arguments, in: folder,
+        environment: ["OPENBLAS_CORETYPE": BLAS.coreName, "ATTN_KEEP_OPENBLAS_CORE": "1"])
     }
   }
 
