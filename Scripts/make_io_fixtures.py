@@ -3,7 +3,7 @@
 
 Usage: python3 Scripts/make_io_fixtures.py    (needs numpy and `pip install safetensors`)
 
-Output: Tests/AttentionKitTests/Fixtures/io/
+Output: Tests/_TestSupport/Fixtures/io/
   - valid files written by numpy (np.save, numpy.lib.format.write_array) and by the safetensors
     reference implementation (safetensors.numpy.save_file; BF16 through safetensors.serialize,
     since numpy has no bfloat16: the script computes the BF16 bit patterns itself by rounding
@@ -27,7 +27,7 @@ from numpy.lib import format as npformat
 import safetensors
 from safetensors.numpy import save as st_save
 
-OUT = Path(__file__).resolve().parent.parent / "Tests" / "AttentionKitTests" / "Fixtures" / "io"
+OUT = Path(__file__).resolve().parent.parent / "Tests" / "_TestSupport" / "Fixtures" / "io"
 
 
 def float32_bits(array):

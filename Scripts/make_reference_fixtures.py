@@ -3,7 +3,7 @@
 
 Usage:  python3 Scripts/make_reference_fixtures.py
 Needs:  numpy (2.x) and safetensors (`pip install safetensors`); no torch.
-Writes: Tests/AttentionKitTests/Fixtures/reference/ (files below + manifest.json). Deterministic and
+Writes: Tests/_TestSupport/Fixtures/reference/ (files below + manifest.json). Deterministic and
         idempotent: re-running rewrites byte-identical files and deletes files in that folder that
         it no longer produces.
 
@@ -115,7 +115,7 @@ except ImportError:  # pragma: no cover - message for a missing dependency
     sys.exit("make_reference_fixtures: needs the safetensors package (pip install safetensors)")
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "Tests" / "AttentionKitTests" / "Fixtures" / "reference"
+OUT = REPO / "Tests" / "_TestSupport" / "Fixtures" / "reference"
 
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53  # multiplies counter word 0

@@ -5,7 +5,7 @@ Usage:  python3 Scripts/make_torch_fixtures.py
 Needs:  torch (CPU build is enough) and numpy, on an x86-64 CPU with AVX2. Without torch it prints
         how to install it and exits 0 without touching anything: nothing in the tests or CI needs
         torch, only this script does.
-Writes: Tests/AttentionKitTests/Fixtures/torch/ (the .npy files below + manifest.json), replacing
+Writes: Tests/_TestSupport/Fixtures/torch/ (the .npy files below + manifest.json), replacing
         the folder's contents. Deterministic: re-running rewrites byte-identical files.
 
 What the fixtures pin down
@@ -72,7 +72,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "Tests" / "AttentionKitTests" / "Fixtures" / "torch"
+OUT = ROOT / "Tests" / "_TestSupport" / "Fixtures" / "torch"
 KERNELS = {"vectorized": "avx2", "scalar": "default"}
 SEEDS = [42, 0, 2**32 + 5, 123456789]
 RANDN_SIZES = [1, 7, 15, 16, 17, 32, 1000]

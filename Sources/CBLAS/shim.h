@@ -1,7 +1,6 @@
-// The two C interfaces AttentionKit uses: CBLAS (sgemm for QKᵀ and AV) and LAPACKE (dgels for fits).
-// Debian ships openblas.pc, which points at OpenBLAS's cblas.h; lapacke.h comes from liblapacke-dev.
+// The C interface AttentionKit uses: CBLAS from OpenBLAS (sgemm for QKᵀ and AV).
+// Debian ships openblas.pc, which points at OpenBLAS's cblas.h.
 #include <cblas.h>
-#include <lapacke.h>
 
 // OpenBLAS extensions (declared in its cblas.h, repeated here so the shim states what we rely on).
 void openblas_set_num_threads(int num_threads);

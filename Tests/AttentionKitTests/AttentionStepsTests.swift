@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 /// `AttentionSteps` and `RelativePositionSteps`: every intermediate matrix of one batch element.
 ///
@@ -88,10 +90,8 @@ struct AttentionStepsTests {
     let (q, k, v) = try c.tensors()
     let mask = try c.mask()
     let dropout = try c.dropout()
-    let kernel = try MaterializedAttention.compute(
-      queries: q, keys: k, values: v, mask: mask, scale: c.scale, dropout: dropout)
-    let plain = try MaterializedAttention.compute(
-      queries: q, keys: k, values: v, mask: mask, scale: c.scale)
+    let kernel = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: mask, scale: c.scale, dropout: dropout, kernel: .materialized)
+    let plain = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: mask, scale: c.scale, kernel: .materialized)
     let kernelWeights = try #require(kernel.weights)
     let plainWeights = try #require(plain.weights)
     let (size, outSize) = (c.tq * c.tk, c.tq * c.dv)
@@ -241,7 +241,7 @@ struct AttentionStepsTests {
     let kernel = try c.module.attention(queries: q, keys: k, values: v, mask: c.mask)
     let weights = try #require(kernel.weights)
     let positionScores = try c.module.positionScores(queries: q)
-    let (t, d, m) = (spec.seqLen, spec.dModel, spec.maxRelativePosition)
+    let (t, d, m) = (spec.seqLen, spec.modelDim, spec.maxDistance)
     let index = try npyInt64s(
       ReferenceFixtures.path("relpos/relpos__\(spec.name)__relative_index.npy"))
     let embeddings = c.module.relativeEmbeddings.weight.scalars

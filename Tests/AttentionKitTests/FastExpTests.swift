@@ -1,6 +1,7 @@
 import AttentionKit
 import Foundation
 import Testing
+import _TestSupport
 
 /// `fastExp` against `Foundation.exp` in Double, and its special values.
 @Suite("fastExp")

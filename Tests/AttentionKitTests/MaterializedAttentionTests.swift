@@ -1,6 +1,7 @@
 import AttentionKit
 import Foundation
 import Testing
+import _TestSupport
 
 /// `MaterializedAttention` and `ReferenceAttention` on every `sdpa` case of the numpy fixtures.
 ///
@@ -16,9 +17,7 @@ struct MaterializedAttentionTests {
 
   /// The same with another scale (`nil`: the default `1/√D`).
   static func run(_ c: LoadedSdpaCase, scale: Float?) throws -> AttentionResult {
-    try MaterializedAttention.compute(
-      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: scale,
-      dropout: try c.dropout())
+    try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: scale, dropout: try c.dropout(), kernel: .materialized)
   }
 
   static func reference(_ c: LoadedSdpaCase) throws -> ReferenceAttention {
@@ -272,7 +271,7 @@ struct MaterializedAttentionTests {
     let count = target.reduce(1, *)
     var scalars = [Float](repeating: 0, count: count)
     for e in 0..<count {
-      let index = multiIndex(e, shape: target)
+      let index = Tensor.multiIndex(ofFlat: e, shape: target)
       var source = 0
       for axis in 0..<tensor.rank {
         let extent = tensor.shape[axis]

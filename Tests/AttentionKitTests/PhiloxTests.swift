@@ -1,6 +1,7 @@
 import AttentionKit
 import Foundation
 import Testing
+import _TestSupport
 
 /// Philox4x32-10 against Random123's known answers and numpy-generated vectors, and the uniform
 /// and normal transforms of `Tensor.randomUniform` / `Tensor.randomNormal` against numpy.

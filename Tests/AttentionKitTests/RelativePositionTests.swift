@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 /// `RelativePositionAttention` (exercise 3) against numpy's float64 fixtures, against its own
 /// literal reference path, and its weights through safetensors.
@@ -21,7 +23,7 @@ struct RelativePositionTests {
     let c = try LoadedRelposCase(spec)
     let result = try c.module(c.x, mask: c.mask)
     let weights = try #require(result.weights)
-    #expect(result.output.shape == [spec.batch, spec.seqLen, spec.dModel])
+    #expect(result.output.shape == [spec.batch, spec.seqLen, spec.modelDim])
     #expect(weights.shape == [spec.batch, spec.seqLen, spec.seqLen])
     let bounds = RelposErrorBounds(module: c.module, x: c.x, keeps: c.keeps)
     let ratios = bounds.worstRatios(
@@ -49,7 +51,7 @@ struct RelativePositionTests {
     let c = try LoadedRelposCase(spec)
     let result = try c.module(c.x, mask: c.mask)
     let weights = try #require(result.weights)
-    let (t, d) = (spec.seqLen, spec.dModel)
+    let (t, d) = (spec.seqLen, spec.modelDim)
     var zeroRows = 0
     for row in 0..<(spec.batch * t) {
       let (b, i) = (row / t, row % t)
@@ -66,7 +68,7 @@ struct RelativePositionTests {
     let c = try LoadedRelposCase(spec)
     let (q, _, _) = try c.module.project(c.x)
     let scores = try c.module.positionScores(queries: q)
-    let (t, d, m) = (spec.seqLen, spec.dModel, spec.maxRelativePosition)
+    let (t, d, m) = (spec.seqLen, spec.modelDim, spec.maxDistance)
     let e = c.module.relativeEmbeddings.weight.scalars
     let scale = 1 / Double(d).squareRoot()
     var worst = 0.0
@@ -83,7 +85,7 @@ struct RelativePositionTests {
           magnitude += abs(product)
         }
         // One sgemm of D terms then the scale: γ_{D+1}·scale·Σ|q·e|.
-        let bound = gamma(d + 1) * scale * magnitude + Double(Float.leastNormalMagnitude)
+        let bound = Float32Rounding.gamma(d + 1) * scale * magnitude + Double(Float.leastNormalMagnitude)
         worst = max(worst, abs(Double(scores.scalars[row * t + j]) - dot * scale) / bound)
       }
     }
@@ -101,7 +103,7 @@ struct RelativePositionTests {
     ])
   func fastEqualsReference(d: Int, m: Int, t: Int, b: Int, mask: String) throws {
     let seed = UInt64(d * 1000 + m * 10 + t)
-    let module = try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: seed)
+    let module = try RelativePositionAttention(modelDim: d, maxDistance: m, seed: seed)
     let x = try Tensor.randomNormal(shape: [b, t, d], seed: seed, stream: RandomStream.input)
     let causal = mask == "causal"
     let attentionMask: AttentionMask = causal ? .causal : .none
@@ -121,7 +123,7 @@ struct RelativePositionTests {
   @Test("4,096 tokens run in far less memory than the notebook's [T, T, D] gather")
   func longSequenceWorkspace() throws {
     let (b, t, d, m) = (1, 4096, 64, 16)
-    let module = try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: 7)
+    let module = try RelativePositionAttention(modelDim: d, maxDistance: m, seed: 7)
     let x = try Tensor.randomNormal(shape: [b, t, d], seed: 7, stream: RandomStream.input)
     let result = try module(x)
     let weights = try #require(result.weights)
@@ -154,17 +156,17 @@ struct RelativePositionTests {
 
   @Test("Saving then loading the weights gives the same module and identical outputs")
   func safeTensorsRoundTrip() throws {
-    let module = try RelativePositionAttention(modelDim: 12, maxRelativePosition: 3, seed: 99)
+    let module = try RelativePositionAttention(modelDim: 12, maxDistance: 3, seed: 99)
     let path = temporaryPath("relpos-roundtrip.safetensors")
     defer { try? FileManager.default.removeItem(atPath: path) }
-    try SafeTensors.write(module.stateDict, metadata: ["format": "pt"], to: path)
+    try SafeTensors.write(module.stateDict.tensors, metadata: ["format": "pt"], to: path)
     let file = try SafeTensors.read(contentsOf: path)
     #expect(file.names.sorted() == RelativePositionAttention.parameterNames.sorted())
     #expect(file.tensors["relative_embeddings.weight"]?.shape == [7, 12])
     #expect(file.tensors["W_k.weight"]?.shape == [12, 12])
-    let loaded = try RelativePositionAttention(weights: file)
+    let loaded = try RelativePositionAttention(stateDict: file.stateDict)
     #expect(loaded == module)
-    #expect(loaded.maxRelativePosition == 3 && loaded.modelDim == 12)
+    #expect(loaded.maxDistance == 3 && loaded.modelDim == 12)
     let x = try Tensor.randomNormal(shape: [2, 9, 12], seed: 5, stream: RandomStream.input)
     let before = try module(x, mask: .causal)
     let after = try loaded(x, mask: .causal)
@@ -176,11 +178,11 @@ struct RelativePositionTests {
   func dimensionsFromFile() throws {
     for spec in try RelposCase.all() {
       let file = try SafeTensors.read(contentsOf: ReferenceFixtures.path(spec.params.file))
-      let (d, m) = try RelativePositionAttention.dimensions(in: file)
-      #expect(d == spec.dModel && m == spec.maxRelativePosition, "\(spec.name): D \(d), M \(m)")
+      let (d, m) = try RelativePositionAttention.dimensions(in: file.stateDict)
+      #expect(d == spec.modelDim && m == spec.maxDistance, "\(spec.name): D \(d), M \(m)")
       // The file's tensors are the module's parameters, unchanged.
-      let module = try RelativePositionAttention(weights: file)
-      #expect(module.stateDict == file.tensors, "\(spec.name)")
+      let module = try RelativePositionAttention(stateDict: file.stateDict)
+      #expect(module.stateDict == file.stateDict, "\(spec.name)")
     }
   }
 
@@ -194,8 +196,8 @@ struct RelativePositionTests {
       ("add extra.weight", "extra.weight"),
     ])
   func loadingErrors(change: String, tensor: String) throws {
-    let module = try RelativePositionAttention(modelDim: 12, maxRelativePosition: 3, seed: 1)
-    var tensors = module.stateDict
+    let module = try RelativePositionAttention(modelDim: 12, maxDistance: 3, seed: 1)
+    var tensors = module.stateDict.tensors
     let words = change.split(separator: " ", maxSplits: 1).map(String.init)
     switch words[0] {
     case "drop": tensors[words[1]] = nil
@@ -211,7 +213,7 @@ struct RelativePositionTests {
     try SafeTensors.write(tensors, to: path)
     let file = try SafeTensors.read(contentsOf: path)
     let error = try #require(throws: AttentionError.self) {
-      try RelativePositionAttention(weights: file)
+      try file.naming { try RelativePositionAttention(stateDict: file.stateDict) }
     }
     let message = error.description
     #expect(message.contains(path) && message.contains(tensor), "\(change): \(message)")
@@ -239,7 +241,7 @@ struct RelativePositionTests {
           sum += term
           magnitude += abs(term)
         }
-        worst = max(worst, abs(Double(y.scalars[row * 3 + o]) - sum) / (gamma(6) * magnitude))
+        worst = max(worst, abs(Double(y.scalars[row * 3 + o]) - sum) / (Float32Rounding.gamma(6) * magnitude))
       }
     }
     #expect(worst <= 1, "error / γ₆·Σ|x·w| = \(worst)")
@@ -249,7 +251,7 @@ struct RelativePositionTests {
   @Test("Fresh parameters follow PyTorch's default initialization on their own streams")
   func initialization() throws {
     let (d, m, seed): (Int, Int, UInt64) = (64, 16, 42)
-    let module = try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: seed)
+    let module = try RelativePositionAttention(modelDim: d, maxDistance: m, seed: seed)
     let tensors = module.stateDict
     let bound = 1 / Float(d).squareRoot()
     for (k, name) in RelativePositionAttention.parameterNames.enumerated() {
@@ -296,8 +298,8 @@ struct RelposCase: Decodable, Sendable, CustomTestStringConvertible {
   var description: String
   var batch: Int
   var seqLen: Int
-  var dModel: Int
-  var maxRelativePosition: Int
+  var modelDim: Int
+  var maxDistance: Int
   var params: Params
   var x: FileRef
   var mask: MaskRef?
@@ -307,8 +309,8 @@ struct RelposCase: Decodable, Sendable, CustomTestStringConvertible {
   enum CodingKeys: String, CodingKey {
     case name, description, batch, params, x, mask, expected
     case seqLen = "seq_len"
-    case dModel = "d_model"
-    case maxRelativePosition = "max_relative_position"
+    case modelDim = "d_model"
+    case maxDistance = "max_relative_position"
     case fullyMaskedRows = "fully_masked_rows"
   }
 
@@ -347,7 +349,7 @@ struct LoadedRelposCase {
         throw FixtureError("\(spec.params.file): \(name) is not \(shape) as the manifest says")
       }
     }
-    module = try RelativePositionAttention(weights: file)
+    module = try RelativePositionAttention(stateDict: file.stateDict)
     x = try ReferenceFixtures.tensor(spec.x)
     let t = spec.seqLen
     if let ref = spec.mask {
@@ -402,7 +404,7 @@ struct RelposErrorBounds {
   ) {
     (batch, length, modelDim) = (x.shape[0], x.shape[1], module.modelDim)
     let (b, t, d) = (batch, length, modelDim)
-    let m = module.maxRelativePosition
+    let m = module.maxDistance
     let scale = 1 / Double(d).squareRoot()
     let e = module.relativeEmbeddings.weight.scalars.map { abs(Double($0)) }
 
@@ -420,7 +422,7 @@ struct RelposErrorBounds {
             sum += term
             absolute += abs(term)
           }
-          error[row * d + o] = gamma(d + 1) * absolute
+          error[row * d + o] = Float32Rounding.gamma(d + 1) * absolute
           magnitude[row * d + o] = abs(sum) + error[row * d + o]
         }
       }
@@ -447,9 +449,9 @@ struct RelposErrorBounds {
           products += q.magnitude[qc] * (k.magnitude[key + c] + positional)
         }
         worstScore = max(
-          worstScore, scale * propagated + (gamma(d + 2) + gamma(2)) * scale * products)
+          worstScore, scale * propagated + (Float32Rounding.gamma(d + 2) + Float32Rounding.gamma(2)) * scale * products)
       }
-      rowRelative[row] = expm1(2 * worstScore) + gamma(t + 8)
+      rowRelative[row] = expm1(2 * worstScore) + Float32Rounding.gamma(t + 8)
     }
   }
 
@@ -468,7 +470,7 @@ struct RelposErrorBounds {
     var worstOutput = 0.0
     for row in 0..<(batch * t) {
       let rho = rowRelative[row]
-      let spread = rho + gamma(t) * (1 + rho)
+      let spread = rho + Float32Rounding.gamma(t) * (1 + rho)
       let b = row / t
       var bounds = [Double](repeating: 0, count: d)
       for j in 0..<t {
@@ -487,12 +489,6 @@ struct RelposErrorBounds {
     }
     return (worstWeights, worstOutput)
   }
-}
-
-/// `γₙ = n·u/(1 − n·u)`, `u = 2⁻²⁴`: the relative error bound of `n` float32 roundings.
-private func gamma(_ n: Int) -> Double {
-  let u = 0x1p-24
-  return Double(n) * u / (1 - Double(n) * u)
 }
 
 /// A fresh path in the temporary directory.

@@ -1,5 +1,6 @@
 import AttentionKit
 import Testing
+import _TestSupport
 
 /// `Tensor.firstNonFiniteIndex`: the first NaN or ±∞ in row-major order, as a multi-index, found
 /// in the vector blocks and in the scalar tail alike.

@@ -1,4 +1,5 @@
 import Testing
+import _TestSupport
 
 @testable import AttentionKit
 
@@ -81,10 +82,7 @@ struct TiledAttentionTests {
         arguments: cases, blockSizes)
   func matchesReference(c: Case, blocks: (Int, Int)) throws {
     let p = try Self.problem(c)
-    let tiled = try TiledAttention.compute(
-      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative,
-      configuration: .init(queryBlock: blocks.0, keyBlock: blocks.1, threads: 2))
+    let tiled = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, relativePosition: p.relative, kernel: .tiled(.init(queryBlock: blocks.0, keyBlock: blocks.1)), threads: 2)
     #expect(tiled.weights == nil)
     let reference = try ReferenceAttention(
       queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
@@ -105,12 +103,8 @@ struct TiledAttentionTests {
   @Test("tiled equals materialized within float32 rounding", arguments: cases)
   func matchesMaterialized(c: Case) throws {
     let p = try Self.problem(c)
-    let materialized = try MaterializedAttention.compute(
-      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative)
-    let tiled = try TiledAttention.compute(
-      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative, configuration: .init(queryBlock: 5, keyBlock: 8))
+    let materialized = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, relativePosition: p.relative, kernel: .materialized)
+    let tiled = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, relativePosition: p.relative, kernel: .tiled(.init(queryBlock: 5, keyBlock: 8)))
     // Both are within the reference's bounds (tested above and in the materialized suite); here
     // the direct difference: |o_t − o_m| ≤ 1e-5·(1 + |o_m|) is ~80 float32 ulps, the rescaling
     // and summation-order differences of an online softmax over ≤ 10 key blocks at |scores| ≲ 10.
@@ -123,9 +117,7 @@ struct TiledAttentionTests {
   func fullyMaskedRows() throws {
     let c = Self.cases[6]
     let p = try Self.problem(c)
-    let tiled = try TiledAttention.compute(
-      queries: p.q, keys: p.k, values: p.v, mask: p.mask,
-      configuration: .init(queryBlock: 4, keyBlock: 5))
+    let tiled = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, kernel: .tiled(.init(queryBlock: 4, keyBlock: 5)))
     for b in 0..<4 {
       let row = (b * c.tq + 4) * c.dv
       #expect(tiled.output.scalars[row..<(row + c.dv)].allSatisfy { $0 == 0 })
@@ -137,12 +129,8 @@ struct TiledAttentionTests {
   @Test("results are bit-identical for any thread count", arguments: [1, 2, 3, 8])
   func threadIndependence(threads: Int) throws {
     let p = try Self.problem(Self.cases[9])
-    let one = try TiledAttention.compute(
-      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      configuration: .init(queryBlock: 4, keyBlock: 8, threads: 1))
-    let many = try TiledAttention.compute(
-      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      configuration: .init(queryBlock: 4, keyBlock: 8, threads: threads))
+    let one = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, kernel: .tiled(.init(queryBlock: 4, keyBlock: 8)), threads: 1)
+    let many = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, kernel: .tiled(.init(queryBlock: 4, keyBlock: 8)), threads: threads)
     #expect(one.output.scalars == many.output.scalars)
   }
 
@@ -152,10 +140,7 @@ struct TiledAttentionTests {
       let q = try Tensor(shape: [1, 64, 8])
       let k = try Tensor(shape: [1, tk, 8])
       let v = try Tensor(shape: [1, tk, 8])
-      return try TiledAttention.compute(
-        queries: q, keys: k, values: v,
-        configuration: .init(queryBlock: queryBlock, keyBlock: 16, threads: 1)
-      ).workspaceBytes
+      return try Attention.scaledDotProduct(queries: q, keys: k, values: v, kernel: .tiled(.init(queryBlock: queryBlock, keyBlock: 16)), threads: 1).workspaceBytes
     }
     #expect(try workspace(tk: 32, queryBlock: 8) == workspace(tk: 4096, queryBlock: 8))
     let (w8, w16, w24) = (try workspace(tk: 64, queryBlock: 8), try workspace(tk: 64, queryBlock: 16),
@@ -164,7 +149,7 @@ struct TiledAttentionTests {
     // Bq·Bk + Bq·Dv + 2·Bq floats for one thread.
     #expect(w8 == (8 * 16 + 8 * 8 + 2 * 8) * 4)
     let q = try Tensor(shape: [3, 50, 8])
-    let materialized = try MaterializedAttention.compute(queries: q, keys: q, values: q)
+    let materialized = try Attention.scaledDotProduct(queries: q, keys: q, values: q, kernel: .materialized)
     #expect(materialized.workspaceBytes == 3 * 50 * 50 * 4)
   }
 
@@ -172,10 +157,10 @@ struct TiledAttentionTests {
   func invalidConfiguration() throws {
     let q = try Tensor(shape: [1, 4, 8])
     #expect(throws: AttentionError.self) {
-      try TiledAttention.compute(queries: q, keys: q, values: q, configuration: .init(queryBlock: 0))
+      try Attention.scaledDotProduct(queries: q, keys: q, values: q, kernel: .tiled(.init(queryBlock: 0)))
     }
     #expect(throws: AttentionError.self) {
-      try TiledAttention.compute(queries: q, keys: q, values: q, configuration: .init(threads: 0))
+      try Attention.scaledDotProduct(queries: q, keys: q, values: q, kernel: .tiled(.default), threads: 0)
     }
   }
 }

@@ -1,6 +1,7 @@
 import AttentionKit
 import Foundation
 import Testing
+import _TestSupport
 
 /// `TorchGenerator` and `MT19937` against PyTorch's own numbers, the fixtures of
 /// `Scripts/make_torch_fixtures.py` (its docstring is the schema).
@@ -94,9 +95,9 @@ struct TorchGeneratorTests {
     let spec = try TorchFixtures.relpos(kernel: kernel)
     var generator = TorchGenerator(seed: spec.seed, kernel: try generatorKernel(kernel))
     let module = try RelativePositionAttention.torchInitialized(
-      modelDim: spec.dModel, maxRelativePosition: spec.maxRelativePosition,
+      modelDim: spec.modelDim, maxDistance: spec.maxDistance,
       generator: &generator)
-    let parameters = module.stateDict
+    let parameters = module.stateDict.tensors
     #expect(Set(parameters.keys) == Set(spec.parameters.keys))
     for (name, ref) in spec.parameters.sorted(by: { $0.key < $1.key }) {
       let observed = try #require(parameters[name], "no parameter \(name)")
@@ -112,7 +113,7 @@ struct TorchGeneratorTests {
     let spec = try TorchFixtures.relpos(kernel: "vectorized")
     var generator = TorchGenerator(seed: spec.seed)
     let module = try RelativePositionAttention.torchInitialized(
-      modelDim: spec.dModel, maxRelativePosition: spec.maxRelativePosition,
+      modelDim: spec.modelDim, maxDistance: spec.maxDistance,
       generator: &generator)
     let x = try generator.randn(shape: spec.x.shape)
     let result = try module(x)
@@ -141,7 +142,7 @@ struct TorchGeneratorTests {
     #expect(3 * 32 + 2 * 16 + skipped == spec.drawsBeforeModule)
     for _ in 0..<skipped { _ = generator.random() }
     let module = try RelativePositionAttention.torchInitialized(
-      modelDim: 64, maxRelativePosition: 16, generator: &generator)
+      modelDim: 64, maxDistance: 16, generator: &generator)
     let parameters = module.stateDict
     for (name, ref) in spec.firstRows.sorted(by: { $0.key < $1.key }) {
       let tensor = try #require(parameters[name], "no parameter \(name)")
@@ -190,7 +191,7 @@ private func expectBitwiseEqual(
   let worst = differing.map { ulpDistance(observed.scalars[$0], expected.scalars[$0]) }.max() ?? 0
   let message =
     "\(label): \(differing.count) of \(observed.count) elements differ; first at "
-    + "\(multiIndex(first, shape: expected.shape)): expected \(expected.scalars[first]), "
+    + "\(Tensor.multiIndex(ofFlat: first, shape: expected.shape)): expected \(expected.scalars[first]), "
     + "observed \(observed.scalars[first]); worst \(worst) ulp"
   Issue.record("\(message)", sourceLocation: sourceLocation)
 }
@@ -204,11 +205,9 @@ private func generatorKernel(_ name: String) throws -> TorchGenerator.Kernel {
 
 // MARK: - Fixtures
 
-/// `Tests/AttentionKitTests/Fixtures/torch`: `manifest.json` decoded, and the `.npy` files it names.
+/// `Tests/_TestSupport/Fixtures/torch`: `manifest.json` decoded, and the `.npy` files it names.
 enum TorchFixtures {
-  static let folder: URL = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent()  // AttentionKitTests
-    .appendingPathComponent("Fixtures/torch", isDirectory: true)
+  static let folder = Fixtures.folder("torch")
 
   static func manifest() throws -> TorchManifest { try cachedManifest.get() }
 
@@ -310,8 +309,8 @@ struct TorchExercise1: Decodable, Sendable {
 struct TorchRelpos: Decodable, Sendable {
   var kernel: String
   var seed: UInt64
-  var dModel: Int
-  var maxRelativePosition: Int
+  var modelDim: Int
+  var maxDistance: Int
   var parameters: [String: FileRef]
   var x: FileRef
   var outputF64: FileRef?
@@ -319,8 +318,8 @@ struct TorchRelpos: Decodable, Sendable {
 
   enum CodingKeys: String, CodingKey {
     case kernel, seed, parameters, x
-    case dModel = "d_model"
-    case maxRelativePosition = "max_relative_position"
+    case modelDim = "d_model"
+    case maxDistance = "max_relative_position"
     case outputF64 = "output_f64"
     case attentionF64 = "attention_f64"
   }

@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 /// The bad-input battery: `attn` run on wrong flags, missing and unreadable files, every malformed
 /// `.npy` and safetensors fixture, mismatched shapes, NaN and ±inf, outputs that cannot be written
@@ -296,10 +298,7 @@ struct BadInputTests {
 /// a symbolic and a hard link to `v.npy`, and the malformed fixtures of AttentionKitTests that a
 /// case names.
 enum BadInputFiles {
-  static let io = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent()  // attnTests
-    .deletingLastPathComponent()  // Tests
-    .appendingPathComponent("AttentionKitTests/Fixtures/io", isDirectory: true)
+  static let io = Fixtures.folder("io")
 
   static func tensor(_ shape: [Int], stream: UInt32, set: [([Int], Float)] = []) throws -> Tensor {
     var t = try Tensor.randomNormal(shape: shape, seed: 7, stream: stream)
@@ -349,8 +348,8 @@ enum BadInputFiles {
       try Data(NPY.encode(tensor)).write(to: folder.appendingPathComponent(name))
     }
 
-    let weights = try RelativePositionAttention(modelDim: 8, maxRelativePosition: 2, seed: 7)
-      .stateDict
+    let weights = try RelativePositionAttention(modelDim: 8, maxDistance: 2, seed: 7)
+      .stateDict.tensors
     var withNaN = weights
     withNaN["W_q.weight"]?[3, 4] = .nan
     var missing = weights

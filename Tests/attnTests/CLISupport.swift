@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 /// Running the built `attn` executable from the tests, with a fresh temporary folder per test.
 /// (Names are prefixed so as not to clash with the other CLI test files of this target.)
@@ -90,13 +92,10 @@ struct AttnCLIError: Error, CustomStringConvertible {
   init(_ description: String) { self.description = description }
 }
 
-/// An SDPA case of the AttentionKit fixtures (`Tests/AttentionKitTests/Fixtures/reference`),
+/// An SDPA case of the AttentionKit fixtures (`Tests/_TestSupport/Fixtures/reference`),
 /// read with JSONSerialization: the absolute paths of its files.
 struct CLIFixtureCase {
-  static let folder = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent()  // attnTests
-    .deletingLastPathComponent()  // Tests
-    .appendingPathComponent("AttentionKitTests/Fixtures/reference", isDirectory: true)
+  static let folder = Fixtures.folder("reference")
 
   var q: String
   var k: String

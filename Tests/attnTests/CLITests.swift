@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 /// `attn` and `attn dropout`, run as the built executable: help text, the default run's report,
 /// JSON, exit codes (0 success, 1 runtime error, 64 usage error) with one-line errors, and the
@@ -154,7 +156,7 @@ struct CLITests {
   }
 
   /// `--eval` on the `plain_tiny` fixture inputs: output and weights against numpy's float64
-  /// values, with the tolerance derived in AttentionKitTests/Support/Tolerance.swift
+  /// values, with the tolerance derived in _TestSupport/Tolerance.swift
   /// (`AttentionTolerance`): `u = 2⁻²⁴`; score error `δ = γ_{D+1}·A + 4u·S` with
   /// `A = scale·max Σ_c |q_c·k_jc|` and `S` the case's max |score|; weights within
   /// `ρ·w + λ`, `ρ = 2δ(1 + 2δ) + γ_{Tk+6}`; outputs within

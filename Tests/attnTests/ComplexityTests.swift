@@ -1,6 +1,7 @@
 import AttentionKit
 import Foundation
 import Testing
+import _TestSupport
 
 @testable import attn
 

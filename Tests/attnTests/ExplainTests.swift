@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 @testable import attn
 
@@ -113,9 +115,8 @@ struct ExplainTests {
     let k = try Tensor.randomNormal(shape: shape, seed: 9, stream: RandomStream.keys)
     let v = try Tensor.randomNormal(shape: shape, seed: 9, stream: RandomStream.values)
     let dropout = try Dropout(probability: p, seed: 9)
-    let eval = try MaterializedAttention.compute(queries: q, keys: k, values: v, mask: .causal)
-    let trained = try MaterializedAttention.compute(
-      queries: q, keys: k, values: v, mask: .causal, dropout: dropout)
+    let eval = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: .causal, kernel: .materialized)
+    let trained = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: .causal, dropout: dropout, kernel: .materialized)
     let (size, outSize) = (t * t, t * d)
     func slice(_ tensor: Tensor?, _ n: Int) -> [Float] {
       Array(tensor?.scalars[(b * n)..<((b + 1) * n)] ?? [])
@@ -177,7 +178,7 @@ struct ExplainTests {
         ])
     let step = Dictionary(uniqueKeysWithValues: steps.map { ($0.name, $0) })
 
-    let module = try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: 42)
+    let module = try RelativePositionAttention(modelDim: d, maxDistance: m, seed: 42)
     let x = try Tensor.randomNormal(shape: [batch, t, d], seed: 42, stream: RandomStream.input)
     let result = try module(x)
     let weights = try #require(result.weights)

@@ -1,6 +1,8 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 @testable import attn
 
@@ -105,7 +107,7 @@ struct HeatmapTests {
       try Self.expectColors(svg, values: weights, low: 0, high: weights.max() ?? 1)
 
       // The position term of the same module and input (seed 42), scaled by 1/√d_model.
-      let module = try RelativePositionAttention(modelDim: d, maxRelativePosition: m, seed: 42)
+      let module = try RelativePositionAttention(modelDim: d, maxDistance: m, seed: 42)
       let x = try Tensor.randomNormal(shape: [batch, t, d], seed: 42, stream: RandomStream.input)
       let (q, _, _) = try module.project(x)
       let position = try module.positionScores(queries: q).scalars.map(Double.init)

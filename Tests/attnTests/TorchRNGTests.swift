@@ -1,19 +1,18 @@
 import AttentionKit
 import Foundation
+import TensorIO
 import Testing
+import _TestSupport
 
 /// `attn dropout --rng torch`: the notebook's exercise 1 as PyTorch computes it, checked against
-/// the torch fixtures (`Tests/AttentionKitTests/Fixtures/torch`, written by
+/// the torch fixtures (`Tests/_TestSupport/Fixtures/torch`, written by
 /// `Scripts/make_torch_fixtures.py`).
 @Suite("attn dropout --rng torch (the executable)")
 struct TorchRNGTests {
   /// The float64 output of the notebook's exercise 1 in eval mode, computed by torch from the
   /// inputs `torch.manual_seed(42)` draws, and those inputs.
   struct NotebookExercise1 {
-    static let folder = URL(fileURLWithPath: #filePath)
-      .deletingLastPathComponent()  // attnTests
-      .deletingLastPathComponent()  // Tests
-      .appendingPathComponent("AttentionKitTests/Fixtures/torch", isDirectory: true)
+    static let folder = Fixtures.folder("torch")
 
     var q: [Float]
     var k: [Float]
@@ -62,7 +61,7 @@ struct TorchRNGTests {
     guard observed.count == fixture.outputF64.count else { return }
 
     // How far a float32 kernel may be from the exact output (the derivation of
-    // AttentionKitTests' `AttentionTolerance`, here with Tq = Tk = 4, D = Dv = 8):
+    // _TestSupport's `AttentionTolerance`, here with Tq = Tk = 4, D = Dv = 8):
     // scores s = Q·Kᵀ/√8 are off by δ = γ_{D+1}·A + 4u·S, with A = max_ij Σ_c |q_ic·k_jc|/√8 and
     // S = max |s|; weights then by a relative ρ = 2δ(1 + 2δ) + γ_{Tk+6}; output element (i, c)
     // by (ρ + γ_Tk)·Σ_j w_ij·|v_jc|. That is about 10⁻⁶ here, while a wrong draw moves the

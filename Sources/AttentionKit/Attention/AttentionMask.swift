@@ -1,0 +1,145 @@
+import Tensors
+
+/// Which query–key pairs may attend, and what is added to their scores.
+///
+/// Conventions (those of the notebook and of PyTorch):
+/// - `keep`: a 0/1 (or boolean) tensor broadcastable to `[…, Tq, Tk]`; **0 means masked** (the
+///   notebook's `scores.masked_fill(mask == 0, -inf)`), any other value means "may attend".
+/// - `bias`: a float tensor broadcastable to `[…, Tq, Tk]`, added to the scaled scores (an
+///   "additive mask": `−∞` masks, finite values shift).
+/// - `isCausal`: query `i` sees key `j` only when `j ≤ i`, aligned at the top-left corner as
+///   PyTorch's `is_causal` is, also when `Tq ≠ Tk`.
+///
+/// The three compose: a score is masked when any of them masks it. Broadcasting follows numpy:
+/// shapes are aligned at the right, and a dimension of 1 repeats.
+public struct AttentionMask: Sendable {
+  public var keep: Tensor?
+  public var bias: Tensor?
+  public var isCausal: Bool
+
+  public init(keep: Tensor? = nil, bias: Tensor? = nil, isCausal: Bool = false) {
+    self.keep = keep
+    self.bias = bias
+    self.isCausal = isCausal
+  }
+
+  /// Every query sees every key.
+  public static let none = AttentionMask()
+  /// Query `i` sees keys `0…i`.
+  public static let causal = AttentionMask(isCausal: true)
+  /// A 0/1 mask, 0 = masked.
+  public static func keep(_ mask: Tensor) -> AttentionMask { AttentionMask(keep: mask) }
+  /// An additive float mask.
+  public static func bias(_ bias: Tensor) -> AttentionMask { AttentionMask(bias: bias) }
+
+  public var isNone: Bool { keep == nil && bias == nil && !isCausal }
+}
+
+/// A mask tensor laid over `[batch…, Tq, Tk]` by broadcasting: for each flat batch index, the
+/// offset of its `[Tq, Tk]` slab, and the strides of rows and columns (0 where broadcast).
+struct BroadcastMatrix: Sendable {
+  let scalars: [Float]
+  let batchOffsets: [Int]
+  let rowStride: Int
+  let columnStride: Int
+
+  /// Lays `tensor` over a target of `batchShape + [rows, columns]`; `name` is for messages.
+  init(_ tensor: Tensor, batchShape: [Int], rows: Int, columns: Int, name: String) throws {
+    let target = batchShape + [rows, columns]
+    guard tensor.rank <= target.count else {
+      throw AttentionError.shapeMismatch(
+        "\(name) of shape \(tensor.shape) has more dimensions than the scores \(target)")
+    }
+    // Strides of the tensor itself, then aligned to the target at the right.
+    var ownStrides = [Int](repeating: 0, count: tensor.rank)
+    var running = 1
+    for axis in stride(from: tensor.rank - 1, through: 0, by: -1) {
+      ownStrides[axis] = running
+      running *= tensor.shape[axis]
+    }
+    let lead = target.count - tensor.rank
+    var strides = [Int](repeating: 0, count: target.count)
+    for axis in 0..<tensor.rank {
+      let extent = tensor.shape[axis]
+      let targetExtent = target[lead + axis]
+      guard extent == targetExtent || extent == 1 else {
+        throw AttentionError.shapeMismatch(
+          "\(name) of shape \(tensor.shape) does not broadcast to the scores \(target)")
+      }
+      strides[lead + axis] = extent == 1 ? 0 : ownStrides[axis]
+    }
+    let batchRank = batchShape.count
+    let batchCount = batchShape.reduce(1, *)
+    var offsets = [Int](repeating: 0, count: batchCount)
+    for flat in 0..<batchCount {
+      var rest = flat
+      var offset = 0
+      for axis in stride(from: batchRank - 1, through: 0, by: -1) {
+        offset += (rest % batchShape[axis]) * strides[axis]
+        rest /= batchShape[axis]
+      }
+      offsets[flat] = offset
+    }
+    self.scalars = tensor.scalars
+    self.batchOffsets = offsets
+    self.rowStride = strides[batchRank]
+    self.columnStride = strides[batchRank + 1]
+  }
+
+  @inline(__always)
+  func value(batch: Int, row: Int, column: Int) -> Float {
+    scalars[batchOffsets[batch] + row * rowStride + column * columnStride]
+  }
+}
+
+/// A mask resolved against a problem's shape, ready for the kernels' row passes.
+struct ResolvedMask: Sendable {
+  let keep: BroadcastMatrix?
+  let bias: BroadcastMatrix?
+  let isCausal: Bool
+
+  init(_ mask: AttentionMask, batchShape: [Int], queries: Int, keys: Int) throws {
+    keep = try mask.keep.map {
+      try BroadcastMatrix($0, batchShape: batchShape, rows: queries, columns: keys, name: "mask")
+    }
+    bias = try mask.bias.map {
+      try BroadcastMatrix($0, batchShape: batchShape, rows: queries, columns: keys, name: "bias")
+    }
+    isCausal = mask.isCausal
+  }
+
+  var isNone: Bool { keep == nil && bias == nil && !isCausal }
+
+  /// For causal masks, the number of keys row `query` may see (`query + 1`, at most `keys`).
+  @inline(__always)
+  func causalLimit(query: Int, keys: Int) -> Int {
+    isCausal ? min(query + 1, keys) : keys
+  }
+
+  /// Applies the mask to scaled scores `row[0..<count]` of keys `firstKey…`: adds the bias and
+  /// writes `−∞` where masked.
+  @inline(__always)
+  func apply(
+    to row: UnsafeMutablePointer<Float>, batch: Int, query: Int, firstKey: Int, count: Int
+  ) {
+    if let bias {
+      let base = bias.batchOffsets[batch] + query * bias.rowStride
+      bias.scalars.withUnsafeBufferPointer { b in
+        for j in 0..<count { row[j] += b[base + (firstKey + j) * bias.columnStride] }
+      }
+    }
+    if let keep {
+      let base = keep.batchOffsets[batch] + query * keep.rowStride
+      keep.scalars.withUnsafeBufferPointer { k in
+        for j in 0..<count where k[base + (firstKey + j) * keep.columnStride] == 0 {
+          row[j] = -.infinity
+        }
+      }
+    }
+    if isCausal {
+      // Keys after `query` are hidden; this tile holds keys firstKey ..< firstKey + count.
+      let visible = max(0, min(count, query + 1 - firstKey))
+      for j in visible..<count { row[j] = -.infinity }
+    }
+  }
+}

@@ -1,0 +1,97 @@
+import Tensors
+
+/// Dropout on attention weights: each weight is zeroed with probability `p`, and the kept ones are
+/// scaled by `1/(1 − p)` so that the expected value of every weight is unchanged (inverted dropout,
+/// as `torch.nn.functional.dropout`). `p = 0` changes nothing; `p = 1` zeroes every weight.
+///
+/// The decision for the weight of query row `r` (the flat index over `[…, Tq]`, i.e.
+/// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: word
+/// `(j mod 64) / 16` of the Philox block with counter `(r, 16·⌊j/64⌋ + j mod 16, stream 0)` (see
+/// `Philox4x32`); the weight is dropped when that word is below `round(p·2³²)`. So the same seed
+/// drops the same weights whatever the threads, tile sizes or kernel. (The layout lets sixteen
+/// blocks computed side by side cover 64 consecutive keys, 16 per word.)
+public struct Dropout: Sendable, Equatable {
+  public let probability: Float
+  public let seed: UInt64
+  /// Dropped when the random word is below this.
+  let threshold: UInt32
+  /// `1/(1 − p)`, the factor for kept weights (0 when `p = 1`).
+  public let keptScale: Float
+
+  public init(probability: Float, seed: UInt64) throws {
+    guard probability >= 0, probability <= 1 else {
+      throw AttentionError.invalidArgument(
+        "dropout probability must be in [0, 1], got \(probability)")
+    }
+    self.probability = probability
+    self.seed = seed
+    let scaled = (Double(probability) * 0x1p32).rounded()
+    threshold = scaled >= 0x1p32 ? UInt32.max : UInt32(scaled)
+    keptScale = probability < 1 ? 1 / (1 - probability) : 0
+  }
+
+  public var dropsAll: Bool { probability >= 1 }
+  public var dropsNone: Bool { probability == 0 }
+
+  /// Whether the weight at flat query row `row` and key `key` survives.
+  @inline(__always)
+  public func keeps(row: Int, key: Int) -> Bool {
+    if dropsAll { return false }
+    if dropsNone { return true }
+    let (group, within) = key.quotientAndRemainder(dividingBy: 64)
+    let w = Philox4x32(seed: seed).block(
+      major: UInt64(row), minor: UInt32(truncatingIfNeeded: group * 16 + within % 16),
+      stream: RandomStream.dropout)
+    let word: UInt32
+    switch within / 16 {
+    case 0: word = w.0
+    case 1: word = w.1
+    case 2: word = w.2
+    default: word = w.3
+    }
+    return word >= threshold
+  }
+
+  /// Applies dropout in place to `weights[0..<count]`, the weights of row `row` for keys
+  /// `firstKey ..< firstKey + count`: dropped ones become 0, kept ones are multiplied by
+  /// `1/(1 − p)`. Sixteen Philox blocks at a time give the words of 64 keys.
+  @inline(__always)
+  func apply(to weights: UnsafeMutablePointer<Float>, row: Int, firstKey: Int, count: Int) {
+    if dropsNone || count <= 0 { return }
+    if dropsAll {
+      weights.update(repeating: 0, count: count)
+      return
+    }
+    let rng = Philox4x32(seed: seed)
+    let major = UInt64(row)
+    let limit = SIMD16<UInt32>(repeating: threshold)
+    let scale = keptScale
+    let lastKey = firstKey + count
+    @inline(__always)
+    func applyChunk(_ word: SIMD16<UInt32>, startingAt chunkStart: Int) {
+      // Keys chunkStart ..< chunkStart + 16.
+      let dropped = word .< limit
+      if chunkStart >= firstKey && chunkStart + 16 <= lastKey {
+        let raw = UnsafeMutableRawPointer(weights + (chunkStart - firstKey))
+        let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
+        raw.storeBytes(of: kept.replacing(with: 0, where: dropped), as: SIMD16<Float>.self)
+      } else {
+        for lane in 0..<16 {
+          let key = chunkStart + lane
+          guard key >= firstKey && key < lastKey else { continue }
+          weights[key - firstKey] = dropped[lane] ? 0 : weights[key - firstKey] * scale
+        }
+      }
+    }
+    var group = firstKey / 64
+    while group * 64 < lastKey {
+      let words = rng.blocks16(
+        major: major, minorBase: UInt32(truncatingIfNeeded: group * 16), stream: RandomStream.dropout)
+      applyChunk(words.0, startingAt: group * 64)
+      applyChunk(words.1, startingAt: group * 64 + 16)
+      applyChunk(words.2, startingAt: group * 64 + 32)
+      applyChunk(words.3, startingAt: group * 64 + 48)
+      group += 1
+    }
+  }
+}

@@ -1,0 +1,82 @@
+import Tensors
+
+/// The row passes of softmax, shared by the kernels.
+///
+/// `softmax(s)_j = exp(s_j − max s) / Σ_k exp(s_k − max s)`. The max is subtracted only for
+/// numerical stability (so no `exp` overflows); it does not change the result. A row whose scores
+/// are all `−∞` (every key masked) has no defined softmax: PyTorch ≥ 2.5 returns zeros there, and so
+/// do we, rather than the `0/0 = NaN` of the notebook's code.
+enum RowSoftmax {
+  /// The maximum of `row[0..<count]`; `−∞` for an empty or fully masked row. NaN propagates.
+  @inline(__always)
+  static func maximum(_ row: UnsafePointer<Float>, count: Int) -> Float {
+    var best = SIMD16<Float>(repeating: -.infinity)
+    var nan = false
+    var j = 0
+    while j + 16 <= count {
+      let v = UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self)
+      // `replacing(where:)` compiles to a select; `pointwiseMax` compiled to a slow sequence.
+      best.replace(with: v, where: v .> best)
+      nan = nan || any(v .!= v)
+      j += 16
+    }
+    var result = best.max()
+    while j < count {
+      let v = row[j]
+      if v > result { result = v }
+      if v.isNaN { nan = true }
+      j += 1
+    }
+    return nan ? .nan : result
+  }
+
+  /// Replaces `row[j]` by `exp(row[j] − shift)` and returns the sum of the new values.
+  @inline(__always)
+  static func exponentiate(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) -> Float {
+    var sums = SIMD16<Float>()
+    var j = 0
+    while j + 16 <= count {
+      let raw = UnsafeMutableRawPointer(row + j)
+      let e = fastExp(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
+      raw.storeBytes(of: e, as: SIMD16<Float>.self)
+      sums += e
+      j += 16
+    }
+    if j < count {
+      // The tail goes through the same vector code, padded with −∞ (whose exp is 0).
+      var tail = SIMD16<Float>(repeating: -.infinity)
+      for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
+      let e = fastExp(tail - shift)
+      for lane in 0..<(count - j) { row[j + lane] = e[lane] }
+      sums += e
+    }
+    return sums.sum()
+  }
+
+  /// Multiplies `row[0..<count]` by `factor`.
+  @inline(__always)
+  static func scale(_ row: UnsafeMutablePointer<Float>, count: Int, by factor: Float) {
+    var j = 0
+    while j + 16 <= count {
+      let raw = UnsafeMutableRawPointer(row + j)
+      raw.storeBytes(of: raw.loadUnaligned(as: SIMD16<Float>.self) * factor, as: SIMD16<Float>.self)
+      j += 16
+    }
+    while j < count {
+      row[j] *= factor
+      j += 1
+    }
+  }
+
+  /// Softmax of `row[0..<count]` in place; a fully masked row becomes zeros.
+  @inline(__always)
+  static func normalize(_ row: UnsafeMutablePointer<Float>, count: Int) {
+    let peak = maximum(row, count: count)
+    if peak == -.infinity {
+      row.update(repeating: 0, count: count)
+      return
+    }
+    let sum = exponentiate(row, count: count, shift: peak)
+    scale(row, count: count, by: 1 / sum)
+  }
+}

@@ -1,0 +1,77 @@
+import Tensors
+
+/// The position term of relative-position attention (Shaw et al., 2018, as the notebook builds it):
+/// `score(i, j) = (q_i·k_j + q_i·E[clip(j − i, −M, M) + M]) · scale`.
+///
+/// The relative position of key `j` seen from query `i` is `j − i` — what the notebook's code
+/// computes (`positions.unsqueeze(0) − positions.unsqueeze(1)`), although its docstring writes
+/// `r_(i−j)`. We follow the code, so weights trained with it load unchanged.
+///
+/// The notebook gathers a `[Tq, Tk, D]` tensor of embeddings and contracts it with Q. The same
+/// numbers come from `R = Q·Eᵀ`, one sgemm of shape `[Tq, 2M + 1]`, since `q_i·E[r] = R[i, r]`:
+/// the kernels compute `R` (scaled) and add `R[i, clip(j − i) + M]` to the scores, which needs
+/// `O(Tq·(2M + 1))` memory instead of `O(Tq·Tk·D)`.
+public struct RelativePositionBias: Sendable {
+  /// `E`, `[2M + 1, D]`: row `r + M` is the embedding of relative position `r ∈ [−M, M]`.
+  public let embeddings: Tensor
+  /// `M`, the largest distance told apart; farther keys share the embedding of `±M`.
+  public let maxDistance: Int
+
+  public init(embeddings: Tensor, maxDistance: Int) throws {
+    guard maxDistance >= 0 else {
+      throw AttentionError.invalidArgument("max relative distance must be ≥ 0, got \(maxDistance)")
+    }
+    guard embeddings.rank == 2, embeddings.shape[0] == 2 * maxDistance + 1 else {
+      throw AttentionError.shapeMismatch(
+        "relative embeddings must be [2M + 1, D] = [\(2 * maxDistance + 1), D], "
+          + "got \(embeddings.shape)")
+    }
+    self.embeddings = embeddings
+    self.maxDistance = maxDistance
+  }
+
+  /// `2M + 1`, the rows of `E` and the columns of `R`.
+  public var tableWidth: Int { 2 * maxDistance + 1 }
+
+  /// The embedding row for key `j` seen from query `i`: `clip(j − i, −M, M) + M`.
+  @inline(__always)
+  public func index(query i: Int, key j: Int) -> Int {
+    min(max(j - i, -maxDistance), maxDistance) + maxDistance
+  }
+
+  /// The columns of `R` that queries `0..<Tq` and keys `0..<Tk` can read:
+  /// `clip(j − i) + M` for `j − i ∈ [−(Tq − 1), Tk − 1]`. The kernels compute only these, so a
+  /// table far wider than the sequence (M ≫ T) costs nothing.
+  public func columns(queries: Int, keys: Int) -> ClosedRange<Int> {
+    let m = maxDistance
+    let low = max(0, m - max(queries - 1, 0))
+    let high = min(2 * m, m + max(keys - 1, 0))
+    return low...max(low, high)
+  }
+
+  func checkHeadDim(_ headDim: Int) throws {
+    guard embeddings.shape[1] == headDim else {
+      throw AttentionError.shapeMismatch(
+        "relative embeddings \(embeddings.shape) have width \(embeddings.shape[1]), "
+          + "queries have D = \(headDim)")
+    }
+  }
+
+  /// Adds `table[clip(j − i) + M]` to `row[0..<count]`, the scores of query `i` for keys
+  /// `firstKey ..< firstKey + count`; `table` is row `i` of `R = scale·Q·Eᵀ`, indexed by the full
+  /// column number (only `columns(queries:keys:)` of it are read).
+  @inline(__always)
+  func add(table: UnsafePointer<Float>, to row: UnsafeMutablePointer<Float>,
+           query i: Int, firstKey: Int, count: Int) {
+    let m = maxDistance
+    // Keys left of i − M all use table[0]; right of i + M, table[2M]; between, table[j − i + M].
+    let leftEnd = min(max(i - m - firstKey, 0), count)
+    let rightStart = min(max(i + m + 1 - firstKey, leftEnd), count)
+    let far = table[0]
+    for j in 0..<leftEnd { row[j] += far }
+    let offset = firstKey - i + m
+    for j in leftEnd..<rightStart { row[j] += table[j + offset] }
+    let farRight = table[2 * m]
+    for j in rightStart..<count { row[j] += farRight }
+  }
+}

@@ -1,0 +1,98 @@
+import Tensors
+
+/// Exact conversions from the 16-bit float formats found in weight files to `Float`.
+///
+/// Both conversions widen, so every 16-bit value has an exact `Float` image: no rounding happens.
+/// They work on bit patterns rather than through `Float16`, because `Float16` is not available on
+/// every platform Swift targets and because the bit layout is what the files specify.
+public enum HalfPrecision {
+  /// The `Float` equal to an IEEE 754 binary16 value (safetensors `F16`, numpy `float16`).
+  ///
+  /// Layout: 1 sign bit, 5 exponent bits (bias 15), 10 fraction bits. Zeros keep their sign,
+  /// subnormals (exponent 0) become normal `Float`s, infinities stay infinite, and NaNs stay NaN
+  /// with their payload shifted into the top of the `Float` fraction (as numpy and hardware do).
+  @inline(__always)
+  public static func float(fromF16Bits bits: UInt16) -> Float {
+    let sign = UInt32(bits & 0x8000) << 16
+    let exponent = UInt32(bits >> 10) & 0x1F
+    let fraction = UInt32(bits & 0x03FF)
+    switch exponent {
+    case 0:
+      // Zero or subnormal: fraction · 2⁻²⁴. The product is exact (fraction < 2¹⁰).
+      let magnitude = Float(fraction) * 0x1p-24
+      return sign == 0 ? magnitude : -magnitude
+    case 0x1F:
+      // Infinity (fraction 0) or NaN: all-ones Float exponent, fraction moved up 13 bits.
+      return Float(bitPattern: sign | 0x7F80_0000 | (fraction << 13))
+    default:
+      // Normal: rebias the exponent from 15 to 127.
+      return Float(bitPattern: sign | ((exponent + 112) << 23) | (fraction << 13))
+    }
+  }
+
+  /// The `Float` equal to a bfloat16 value (safetensors `BF16`).
+  ///
+  /// bfloat16 is the upper half of a binary32 `Float` (1 sign, 8 exponent, 7 fraction bits), so
+  /// widening only appends 16 zero bits; zeros, subnormals, infinities and NaNs carry over.
+  @inline(__always)
+  public static func float(fromBF16Bits bits: UInt16) -> Float {
+    Float(bitPattern: UInt32(bits) << 16)
+  }
+}
+
+/// How floating-point elements are stored in a file, all little-endian.
+enum StoredFloat: Sendable {
+  case f16, bf16, f32, f64
+
+  var size: Int {
+    switch self {
+    case .f16, .bf16: return 2
+    case .f32: return 4
+    case .f64: return 8
+    }
+  }
+}
+
+/// Decodes `count` little-endian elements starting at byte `offset` of `bytes` into `Float`s
+/// (`F64` is rounded to nearest, so values beyond `Float`'s range become infinite), or nil when
+/// the range is not inside `bytes`. Callers validate the range first; the check here is a second
+/// line of defence so that a mistake in a reader cannot read out of bounds.
+func decodeFloats(_ bytes: [UInt8], offset: Int, count: Int, as format: StoredFloat) -> [Float]? {
+  let (length, overflow) = count.multipliedReportingOverflow(by: format.size)
+  guard !overflow, offset >= 0, count >= 0, offset <= bytes.count, length <= bytes.count - offset
+  else { return nil }
+  return bytes.withUnsafeBytes { raw in
+    [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+      for i in 0..<count {
+        let at = offset + i * format.size
+        switch format {
+        case .f16:
+          let bits = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+          buffer[i] = HalfPrecision.float(fromF16Bits: bits)
+        case .bf16:
+          let bits = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+          buffer[i] = HalfPrecision.float(fromBF16Bits: bits)
+        case .f32:
+          let bits = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt32.self))
+          buffer[i] = Float(bitPattern: bits)
+        case .f64:
+          let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+          buffer[i] = Float(Double(bitPattern: bits))
+        }
+      }
+      initialized = count
+    }
+  }
+}
+
+/// Appends the little-endian binary32 bytes of `scalars` to `bytes`.
+func appendLittleEndian(_ scalars: [Float], to bytes: inout [UInt8]) {
+  bytes.reserveCapacity(bytes.count + scalars.count * 4)
+  for value in scalars {
+    let bits = value.bitPattern
+    bytes.append(UInt8(truncatingIfNeeded: bits))
+    bytes.append(UInt8(truncatingIfNeeded: bits >> 8))
+    bytes.append(UInt8(truncatingIfNeeded: bits >> 16))
+    bytes.append(UInt8(truncatingIfNeeded: bits >> 24))
+  }
+}

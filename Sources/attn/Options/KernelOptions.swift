@@ -1,0 +1,81 @@
+import ArgumentParser
+import AttentionKit
+import Foundation
+
+/// Which attention kernel a subcommand runs (`--kernel`); every subcommand that runs attention
+/// takes the same names.
+enum KernelChoice: String, ExpressibleByArgument, CaseIterable {
+  /// Holds the whole `[…, Tq, Tk]` matrix; can return the weights.
+  case materialized
+  /// Online softmax over tiles; memory linear in the sequence, no weights returned.
+  case tiled
+
+  /// The library's kernel for this choice (`tiled` with the given blocks).
+  func attentionKernel(
+    blocks: TiledAttention.Configuration = .default
+  ) -> Attention.Kernel {
+    switch self {
+    case .materialized: return .materialized
+    case .tiled: return .tiled(blocks)
+    }
+  }
+}
+
+/// `--threads` and `--max-memory`: how much of the machine a subcommand may use.
+struct ExecutionOptions: ParsableArguments {
+  @Option(help: "Threads for the kernels (default: every core). Results are identical for any N.")
+  var threads: Int?
+
+  @Option(
+    help: ArgumentHelp(
+      "Memory budget, e.g. 512M or 4G (default: ¼ of RAM); larger work is refused first.",
+      valueName: "bytes"))
+  var maxMemory: ByteCount?
+
+  func validate() throws {
+    if let threads, !(1...Self.threadLimit).contains(threads) {
+      throw ValidationError("--threads must be in 1…\(Self.threadLimit), got \(threads)")
+    }
+  }
+
+  /// More threads than this only multiply per-thread buffers.
+  static let threadLimit = 1024
+
+  /// `--threads`, or every core.
+  var resolvedThreads: Int { threads ?? ProcessInfo.processInfo.activeProcessorCount }
+
+  var memoryBudget: Int { maxMemory?.bytes ?? MemoryGuard.defaultBudget }
+
+  /// How `memoryBudget` was set, for messages.
+  var memoryBudgetSource: String {
+    maxMemory == nil ? "a quarter of RAM; --max-memory sets it" : "--max-memory"
+  }
+}
+
+/// `--kernel`, `--threads`, `--max-memory`: shared by the commands that run attention.
+struct KernelOptions: ParsableArguments {
+  @Option(help: "Attention kernel: materialized (returns the weights) or tiled (memory-lean).")
+  var kernel: KernelChoice = .materialized
+
+  @OptionGroup var execution: ExecutionOptions
+
+  var threads: Int? { execution.threads }
+  var memoryBudget: Int { execution.memoryBudget }
+  var memoryBudgetSource: String { execution.memoryBudgetSource }
+
+  /// The library's kernel for `--kernel`.
+  var attentionKernel: Attention.Kernel { kernel.attentionKernel() }
+
+  /// Runs the chosen kernel through the library's entry point with these options.
+  func attention(
+    queries: Tensor, keys: Tensor, values: Tensor, mask: AttentionMask, scale: Float? = nil,
+    dropout: Dropout?
+  ) throws -> AttentionResult {
+    try explainingMemoryBudget {
+      try Attention.scaledDotProduct(
+        queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
+        kernel: attentionKernel, needWeights: kernel == .materialized, threads: threads,
+        memoryBudget: memoryBudget)
+    }
+  }
+}

@@ -1,0 +1,80 @@
+import ArgumentParser
+import AttentionKit
+import TensorIO
+import Foundation
+
+/// Reads a `.npy` file as a Float tensor (float32, float64 or bool).
+func loadTensor(_ path: String) throws -> Tensor {
+  try NPY.read(contentsOf: path).tensor
+}
+
+/// Writes a tensor as float32 `.npy`, through a temporary file renamed into place.
+func saveTensor(_ tensor: Tensor, to path: String) throws {
+  try NPY.write(tensor, to: path)
+}
+
+/// Writes a command's outputs only when all of them can be written: every file is encoded and
+/// staged before any is renamed into place (see `writeAtomically`), so a missing folder or a path
+/// naming a folder fails the run with every existing file as it was. `nil` paths are skipped.
+func writeOutputs(_ files: [(path: String?, bytes: () throws -> [UInt8])]) throws {
+  var staged: [(path: String, bytes: [UInt8])] = []
+  for file in files {
+    guard let path = file.path else { continue }
+    staged.append((path, try file.bytes()))
+  }
+  try writeAtomically(staged)
+}
+
+/// `writeOutputs` for tensors saved as float32 `.npy`; a pair with a `nil` tensor is skipped.
+func writeOutputs(npy files: [(path: String?, tensor: Tensor?)]) throws {
+  try writeOutputs(files.compactMap { file -> (path: String?, bytes: () throws -> [UInt8])? in
+    guard let path = file.path, let tensor = file.tensor else { return nil }
+    return (path, { NPY.encode(tensor) })
+  })
+}
+
+/// Refuses an output path that is also an input path (a usage error, exit 64): a run must never
+/// overwrite what it reads. Paths are compared after resolving `.`, `..` and symbolic links, and
+/// existing files also by device and inode, so another spelling or a hard link is caught too.
+func checkOutputs(_ outputs: [String?], against inputs: [String?]) throws {
+  let inputPaths = Set(inputs.compactMap { $0 }.map(canonicalPath))
+  let inputFiles = Set(inputs.compactMap { $0 }.compactMap(fileIdentity))
+  var seen = Set<String>()
+  for path in outputs.compactMap({ $0 }) {
+    let canonical = canonicalPath(path)
+    if inputPaths.contains(canonical) || fileIdentity(path).map(inputFiles.contains) == true {
+      throw ValidationError("output \(path) is also an input; choose another path")
+    }
+    if !seen.insert(canonical).inserted {
+      throw ValidationError("\(path) is named as two outputs")
+    }
+  }
+}
+
+private func canonicalPath(_ path: String) -> String {
+  URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
+}
+
+/// The device and inode of the file at `path` (links followed), or nil when there is none.
+private func fileIdentity(_ path: String) -> [UInt64]? {
+  var info = stat()
+  guard stat(path, &info) == 0 else { return nil }
+  return [UInt64(info.st_dev), UInt64(info.st_ino)]
+}
+
+/// Fails early — before minutes of work — when `path` cannot be written: it is a folder, or its
+/// folder does not exist. (The write itself still goes through a temporary file and a rename.)
+func checkWritable(_ path: String) throws {
+  var isFolder: ObjCBool = false
+  if FileManager.default.fileExists(atPath: path, isDirectory: &isFolder), isFolder.boolValue {
+    throw AttentionError.file(path: path, message: "cannot write: it is a folder, not a file")
+  }
+  let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+  guard FileManager.default.fileExists(atPath: folder, isDirectory: &isFolder) else {
+    throw AttentionError.file(
+      path: path, message: "cannot write: the folder \(folder) does not exist")
+  }
+  guard isFolder.boolValue else {
+    throw AttentionError.file(path: path, message: "cannot write: \(folder) is not a folder")
+  }
+}

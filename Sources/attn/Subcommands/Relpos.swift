@@ -1,0 +1,360 @@
+import ArgumentParser
+import AttentionKit
+import TensorIO
+import Foundation
+
+/// `attn relpos`: exercise 3, self-attention with learned relative-position embeddings.
+struct RelposCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "relpos",
+    abstract: "Exercise 3: self-attention with learned relative positions.",
+    discussion: """
+      Projects x [B, T, d_model] to Q, K, V (nn.Linear layout: x·Wᵀ + b), scores each query i \
+      against each key j as (q_i·k_j + q_i·E[clip(j − i, −M, M) + M]) / √d_model, with E a \
+      learned table of 2M + 1 embeddings, then applies the mask (0 = masked), softmax and V. \
+      The relative position is j − i, as the notebook's code computes it (its docstring says \
+      i − j). The position term comes from R = Q·Eᵀ ([T, 2M + 1]), never from the notebook's \
+      [T, T, d_model] gather.
+      Weights are PyTorch-default initialized from --seed, or loaded from a safetensors file \
+      with the PyTorch state_dict names (W_q.weight, W_q.bias, W_k.*, W_v.*, \
+      relative_embeddings.weight); d_model and M are then read from its shapes. x is standard \
+      normal from --seed, or loaded from --input.
+      Then it verifies the result: projections and sampled rows against float64, rows sum to 1, \
+      and the output equals weights·V.
+      """
+  )
+
+  @Option(
+    name: .customLong("d-model"), help: "Model width D = d_model (default 64, or from --weights or --input).")
+  var modelDim: Int?
+
+  @Option(
+    name: .customLong("max-rel"),
+    help: "Largest relative distance M; the table has 2M + 1 rows (default 16, or from --weights).")
+  var maxDistance: Int?
+
+  @Option(help: "Sequence length T of the random input (default 20).")
+  var seqLen: Int?
+
+  @Option(help: "Batch size B of the random input (default 2).")
+  var batch: Int?
+
+  @Option(help: "Seed for the weights and the input (with --rng torch: torch.manual_seed).")
+  var seed: UInt64 = 42
+
+  @Option(help: RandomSource.helpText)
+  var rng: RandomSource = .philox
+
+  @Option(help: "Input x [B, T, d_model] (.npy) instead of a random one.")
+  var input: String?
+
+  @Option(help: "Load the module's weights from a .safetensors file (PyTorch state_dict names).")
+  var weights: String?
+
+  @Option(help: "Save the module's weights as .safetensors (F32, PyTorch state_dict names).")
+  var saveWeights: String?
+
+  @Option(
+    help: "Mask: none, causal, or a .npy of 0/1 or booleans broadcastable to [B, T, T] (0 = masked).")
+  var mask: MaskChoice = .none
+
+  @Option(help: "Write the output [B, T, d_model] as float32 .npy.")
+  var out: String?
+
+  @Option(help: "Write the attention weights [B, T, T] as float32 .npy.")
+  var weightsOut: String?
+
+  @Option(help: "Output format: text or json.")
+  var format: OutputFormat = .text
+
+  @OptionGroup var kernelOptions: KernelOptions
+
+  @OptionGroup var inputSafety: InputSafetyOptions
+
+  @OptionGroup var visualization: VisualizationOptions
+
+  /// Limits that keep a typo from allocating the machine away; far above the notebook's sizes.
+  static let maxModelDim = 1 << 16
+  static let maxDistance = 1 << 20
+
+  func validate() throws {
+    if rng == .torch && weights != nil && input != nil {
+      throw ValidationError("--rng torch draws the weights and x; with --weights and --input nothing is drawn")
+    }
+    if let modelDim, !(1...Self.maxModelDim).contains(modelDim) {
+      throw ValidationError("--d-model must be in 1...\(Self.maxModelDim), got \(modelDim)")
+    }
+    if let maxDistance, !(0...Self.maxDistance).contains(maxDistance) {
+      throw ValidationError("--max-rel must be in 0...\(Self.maxDistance), got \(maxDistance)")
+    }
+    if let seqLen, seqLen < 1 {
+      throw ValidationError("--seq-len must be positive, got \(seqLen)")
+    }
+    if let batch, batch < 1 { throw ValidationError("--batch must be positive, got \(batch)") }
+    if kernelOptions.kernel == .tiled && weightsOut != nil {
+      throw ValidationError(
+        "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
+    }
+    try visualization.check(
+      kernel: kernelOptions.kernel, batchCount: input == nil ? batch ?? 2 : nil,
+      queries: seqLen ?? 20, keys: seqLen ?? 20)
+    try checkOutputs(
+      [out, weightsOut, saveWeights] + visualization.heatmapPaths(positionFigure: true),
+      against: [input, weights, mask.path])
+  }
+
+  func run() throws {
+    let x = try input.map(loadTensor)
+    try inputSafety.check([(x, input)])
+    // With --rng torch the module is initialized and x drawn as the notebook's cell does after
+    // torch.manual_seed: W_q, W_k, W_v, the embedding table, then x.
+    var generator = TorchGenerator(seed: seed)
+    let module = try loadModule(inputWidth: x?.shape.last, generator: &generator)
+    let d = module.modelDim
+    if x == nil {
+      try MemoryGuard.check(
+        [[5, batch ?? 2, seqLen ?? 20, d]],
+        for: "the random x, its Q, K, V and the output (--batch × --seq-len × d_model \(d))",
+        budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+    }
+    let inputs: Tensor
+    if let x {
+      inputs = try checkInput(x, modelDim: d)
+    } else if rng == .torch {
+      inputs = try generator.randn(shape: [batch ?? 2, seqLen ?? 20, d])
+    } else {
+      inputs = try Tensor.randomNormal(
+        shape: [batch ?? 2, seqLen ?? 20, d], seed: seed, stream: RandomStream.input)
+    }
+    let attentionMask = try mask.resolve()
+    // --explain-batch and --heatmap against the input's shape, before the kernel runs.
+    try visualization.prepare(
+      batchCount: inputs.shape[0], queries: inputs.shape[1], keys: inputs.shape[1])
+    try inputSafety.check([(attentionMask.keep, mask.path)])
+
+    // The materialized kernel refuses weights over the budget (--max-memory) instead of thrashing.
+    let result = try explainingMemoryBudget {
+      try module(
+        inputs, mask: attentionMask, kernel: kernelOptions.attentionKernel,
+        threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
+    }
+    try checkFiniteResult(
+      result.output, name: "the output",
+      inputs: [inputs] + Array(module.stateDict.tensors.values) + [attentionMask.keep].compactMap { $0 })
+
+    let reference = try ReferenceAttention(
+      queries: result.queries, keys: result.keys, values: result.values, mask: attentionMask,
+      relativePosition: module.positionBias)
+    let sampled = AttentionChecks.sampleRows(shape: reference.shape, seed: seed)
+    let checks: [Check] =
+      [projectionCheck(module: module, x: inputs, result: result, rows: sampled)]
+      + AttentionChecks(reference: reference, dropout: nil, sampledRows: sampled)
+      .run(result: result.attention, preDropout: result.weights)
+
+    let visuals = try visualization.relpos(
+      module: module, result: result, mask: attentionMask, maskName: mask.description,
+      weightsPath: weights, seed: seed, memoryBudget: kernelOptions.memoryBudget)
+    if let weightsOut, result.weights == nil {
+      throw AttentionError.invalidArgument(
+        "the kernel returned no weights to write to \(weightsOut)")
+    }
+    // Only a verified result is written, so a failed check leaves every file as it was.
+    if checks.allPassed {
+      var files: [(path: String?, bytes: () throws -> [UInt8])] = [
+        (out, { NPY.encode(result.output) }),
+        (saveWeights, { try SafeTensors.encode(module.stateDict.tensors, metadata: ["format": "pt"]) }),
+      ]
+      if let weights = result.weights { files.append((weightsOut, { NPY.encode(weights) })) }
+      try writeOutputs(files)
+      try visuals.writeHeatmaps(weights: result.weights)
+    }
+
+    let (b, t) = (inputs.shape[0], inputs.shape[1])
+    switch format {
+    case .json:
+      try printJSON(RelposReport(
+        input_shape: inputs.shape, output_shape: result.output.shape, weights_shape: [b, t, t],
+        d_model: d, max_rel: module.maxDistance, seed: seed, rng: rng.rawValue,
+        weights: weights ?? "random", input: input ?? "random", mask: mask.description,
+        kernel: kernelOptions.kernel.rawValue, workspace_bytes: result.workspaceBytes,
+        gather_bytes: Self.gatherBytes(t: t, d: d),
+        checks: checks.dictionary, verified: checks.allPassed,
+        explain_batch: visuals.batch, steps: visuals.steps))
+    case .text:
+      try printText(
+        module: module, inputs: inputs, result: result, checks: checks,
+        explanation: visuals.explanation)
+    }
+    if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
+  }
+
+  /// The module from `--weights` (d_model and M from its shapes, which explicit flags and the
+  /// input must agree with), else freshly initialized from `--seed`.
+  private func loadModule(
+    inputWidth: Int?, generator: inout TorchGenerator
+  ) throws -> RelativePositionAttention {
+    guard let weights else {
+      let (d, m) = (modelDim ?? inputWidth ?? 64, maxDistance ?? 16)
+      try MemoryGuard.check(
+        [[3, d, d + 1], [2 * m + 1, d]],
+        for: "the module's parameters (d_model \(d), --max-rel \(m))",
+        budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+      if rng == .torch {
+        return try RelativePositionAttention.torchInitialized(
+          modelDim: d, maxDistance: m, generator: &generator)
+      }
+      return try RelativePositionAttention(modelDim: d, maxDistance: m, seed: seed)
+    }
+    let file = try SafeTensors.read(contentsOf: weights)
+    try inputSafety.check(file)
+    let (d, m) = try file.naming { try RelativePositionAttention.dimensions(in: file.stateDict) }
+    if let modelDim, modelDim != d {
+      throw ValidationError(
+        "--d-model \(modelDim) conflicts with \(weights), whose tensors have d_model \(d)")
+    }
+    if let maxDistance, maxDistance != m {
+      throw ValidationError(
+        "--max-rel \(maxDistance) conflicts with \(weights), whose relative_embeddings.weight has "
+          + "2M + 1 = \(2 * m + 1) rows (M = \(m))")
+    }
+    if rng == .torch && input == nil {
+      // x must still be the notebook's: draw (and drop) the parameters it draws first.
+      _ = try RelativePositionAttention.torchInitialized(
+        modelDim: d, maxDistance: m, generator: &generator)
+    }
+    return try file.naming { try RelativePositionAttention(stateDict: file.stateDict) }
+  }
+
+  /// `--input` must be `[B, T, d_model]` and agree with explicit `--batch` and `--seq-len`.
+  private func checkInput(_ x: Tensor, modelDim d: Int) throws -> Tensor {
+    let path = input ?? "input"
+    guard x.rank == 3, x.shape[2] == d else {
+      let origin = weights.map { " (from \($0))" } ?? ""
+      throw AttentionError.file(
+        path: path, message: "shape \(x.shape) is not [B, T, d_model] with d_model \(d)\(origin)")
+    }
+    if let batch, batch != x.shape[0] {
+      throw ValidationError("--batch \(batch) conflicts with \(path), of shape \(x.shape)")
+    }
+    if let seqLen, seqLen != x.shape[1] {
+      throw ValidationError("--seq-len \(seqLen) conflicts with \(path), of shape \(x.shape)")
+    }
+    return x
+  }
+
+  /// The bytes of the notebook's gathered `[T, T, d_model]` float32 embeddings.
+  static func gatherBytes(t: Int, d: Int) -> Int {
+    let (elements, overflow) = t.multipliedReportingOverflow(by: t * d)
+    return overflow ? Int.max : elements * MemoryLayout<Float>.stride
+  }
+
+  /// Q, K, V of the sampled rows recomputed in Double from x and the parameters.
+  ///
+  /// Each element `y_o = b_o + Σ_c x_c·W_oc` is a sum of `D + 1` float32 terms (sgemm adds `x·Wᵀ`
+  /// onto the bias), so it may be off by `γ_{D+1}·(|b_o| + Σ_c |x_c·W_oc|)` (Higham §3.1).
+  private func projectionCheck(
+    module: RelativePositionAttention, x: Tensor, result: RelativePositionResult,
+    rows: [(batch: Int, query: Int)]
+  ) -> Check {
+    let d = module.modelDim
+    let t = x.shape[1]
+    let u = Double(Float.ulpOfOne) / 2
+    let gamma = Double(d + 1) * u / (1 - Double(d + 1) * u)
+    var worst = 0.0
+    let layers = [
+      (module.queryProjection, result.queries), (module.keyProjection, result.keys),
+      (module.valueProjection, result.values),
+    ]
+    for (b, i) in rows {
+      let row = b * t + i
+      for (layer, projected) in layers {
+        for o in 0..<d {
+          let bias = Double(layer.bias?.scalars[o] ?? 0)
+          var sum = bias
+          var magnitude = abs(bias)
+          for c in 0..<d {
+            let term = Double(x.scalars[row * d + c]) * Double(layer.weight.scalars[o * d + c])
+            sum += term
+            magnitude += abs(term)
+          }
+          let actual = Double(projected.scalars[row * d + o])
+          // Non-finite inputs (--allow-nonfinite) propagate: equal is all that can be checked.
+          if !sum.isFinite || !actual.isFinite {
+            if !sameNonFinite(actual, sum) { worst = .infinity }
+            continue
+          }
+          let bound = gamma * magnitude + Double(Float.leastNormalMagnitude)
+          let ratio = abs(actual - sum) / bound
+          worst = max(worst, ratio.isNaN ? .infinity : ratio)
+        }
+      }
+    }
+    return Check(
+      name: "projections_match_reference",
+      title: "Q, K, V equal x·Wᵀ + b in float64",
+      passed: worst <= 1,
+      detail: "\(rows.count) rows, worst error / bound = \(String(format: "%.3f", worst))"
+        + " (bound γ_{D+1}·Σ|x·w|)")
+  }
+
+  private func printText(
+    module: RelativePositionAttention, inputs: Tensor, result: RelativePositionResult,
+    checks: [Check], explanation: String?
+  ) throws {
+    let (b, t, d) = (inputs.shape[0], inputs.shape[1], module.modelDim)
+    let source = weights.map { "weights \($0)" }
+      ?? (rng == .torch ? "weights from torch.manual_seed(\(seed))" : "weights from seed \(seed)")
+    print("Exercise 3: relative position attention (d_model \(d), M \(module.maxDistance), "
+      + "\(source), mask \(mask), \(kernelOptions.kernel) kernel)")
+    print("Input shape: \(torchSizeDescription(inputs.shape))")
+    print("Output shape: \(torchSizeDescription(result.output.shape))")
+    print("Attention shape: \(torchSizeDescription([b, t, t]))")
+    print("Memory: \(formatBytes(result.workspaceBytes)) of workspace; the notebook's "
+      + "[T, T, d_model] gather alone would take \(formatBytes(Self.gatherBytes(t: t, d: d)))")
+    if let explanation { print("\n" + explanation) }
+    print("\nChecks:")
+    print(checks.report())
+    if t <= 64, b > 0 {
+      let title = b > 1 ? " (batch 0 of \(b))" : ""
+      if let weights = result.weights {
+        print("\nAttention weights\(title):")
+        print(TerminalHeatmap.render(Array(weights.scalars[0..<(t * t)]), rows: t, columns: t))
+      }
+      // The position term alone: each row is row i of R = Q·Eᵀ/√d shifted to the diagonal, so
+      // bands parallel to the diagonal show the learned distances, flat beyond ±M.
+      // Batch 0 only: the position term of the others is not shown.
+      let firstQueries = try Tensor(
+        shape: [1, t, d], scalars: Array(result.queries.scalars[0..<(t * d)]))
+      let position = try module.positionScores(queries: firstQueries).scalars
+      let low = position.min() ?? 0
+      let high = position.max() ?? 0
+      print("\nRelative-position term q_i·E[clip(j − i) + M]/√d_model\(title):")
+      print(TerminalHeatmap.render(position, rows: t, columns: t, low: low, high: high))
+    }
+    print(checks.allPassed
+      ? "\nRelative position attention implemented successfully!"
+      : "\nRelative position attention NOT verified.")
+  }
+}
+
+/// `attn relpos --format json`.
+private struct RelposReport: Encodable {
+  var input_shape: [Int]
+  var output_shape: [Int]
+  var weights_shape: [Int]
+  var d_model: Int
+  var max_rel: Int
+  var seed: UInt64
+  var rng: String
+  var weights: String
+  var input: String
+  var mask: String
+  var kernel: String
+  var workspace_bytes: Int
+  var gather_bytes: Int
+  var checks: [String: Bool]
+  var verified: Bool
+  /// With --explain: its batch element and the step matrices (`ExplainStep`).
+  var explain_batch: Int?
+  var steps: [ExplainStep]?
+}

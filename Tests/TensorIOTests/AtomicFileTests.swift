@@ -1,0 +1,113 @@
+import TensorIO
+import Tensors
+import Foundation
+import Testing
+import _TestSupport
+
+/// `writeAtomically` with several files (all staged before any is renamed) and with targets that
+/// are not regular files, and reading special files.
+@Suite("Atomic writes and special files")
+struct AtomicFileTests {
+  static func withFolder(_ body: (IOFixtures.ScratchFolder) throws -> Void) throws {
+    let folder = try IOFixtures.ScratchFolder()
+    defer { folder.remove() }
+    try body(folder)
+  }
+
+  @Test("several files are written together")
+  func several() throws {
+    try Self.withFolder { folder in
+      try writeAtomically([(folder.path("a"), [1, 2]), (folder.path("b"), [3])])
+      #expect(try folder.contents() == ["a", "b"])
+      #expect(try IOFixtures.ScratchFolder.bytes(folder.path("a")) == [1, 2])
+      #expect(try IOFixtures.ScratchFolder.bytes(folder.path("b")) == [3])
+    }
+  }
+
+  @Test("one file that cannot be written leaves all targets as they were, and no temporary")
+  func allOrNothing() throws {
+    try Self.withFolder { folder in
+      try writeAtomically([(folder.path("a"), [9])])
+      do {
+        try writeAtomically([
+          (folder.path("a"), [1]), (folder.path("b"), [2]), (folder.path("missing/c"), [3]),
+        ])
+        Issue.record("writing into a missing folder succeeded")
+      } catch let error as AttentionError {
+        #expect("\(error)".contains("missing/c"), "\(error)")
+      }
+      #expect(try folder.contents() == ["a"], "new or temporary files left behind")
+      #expect(try IOFixtures.ScratchFolder.bytes(folder.path("a")) == [9], "a was replaced")
+    }
+  }
+
+  @Test("a folder, a device or a FIFO is never replaced", arguments: ["folder", "device", "fifo"])
+  func notRegular(kind: String) throws {
+    try Self.withFolder { folder in
+      let target: String
+      switch kind {
+      case "folder":
+        target = folder.path("sub")
+        try FileManager.default.createDirectory(
+          atPath: target, withIntermediateDirectories: false)
+      case "device": target = "/dev/null"
+      default:
+        target = folder.path("pipe")
+        try #require(mkfifo(target, 0o644) == 0)
+      }
+      var before = stat()
+      try #require(stat(target, &before) == 0)
+      do {
+        try writeAtomically([(folder.path("ok"), [1]), (target, [1, 2, 3])])
+        Issue.record("replaced the \(kind) \(target)")
+      } catch let error as AttentionError {
+        #expect("\(error)".contains("not a regular file"), "\(error)")
+      }
+      var after = stat()
+      try #require(stat(target, &after) == 0)
+      #expect(after.st_mode == before.st_mode && after.st_ino == before.st_ino, "\(kind) changed")
+      let left = try folder.contents().filter { $0 != "sub" && $0 != "pipe" }
+      #expect(left.isEmpty, "left behind: \(left)")
+    }
+  }
+
+  @Test("reading a device is refused rather than read forever")
+  func readDevice() throws {
+    let error = IOFixtures.fileError { _ = try NPY.read(contentsOf: "/dev/zero") }
+    #expect(error?.message.contains("device") == true, "\(error?.message ?? "no error")")
+  }
+
+  /// A sparse file takes no disk space, so this costs nothing where the file system has them.
+  @Test("a file larger than the machine's memory is refused before it is read")
+  func largerThanMemory() throws {
+    try Self.withFolder { folder in
+      let path = folder.path("huge.npy")
+      let size = ProcessInfo.processInfo.physicalMemory + (1 << 30)
+      let descriptor = open(path, O_WRONLY | O_CREAT, 0o644)
+      try #require(descriptor >= 0)
+      defer { close(descriptor) }
+      try #require(ftruncate(descriptor, off_t(size)) == 0, "no sparse files here")
+      let error = IOFixtures.fileError { _ = try NPY.read(contentsOf: path) }
+      #expect(error?.message.contains("more than this machine's memory") == true,
+        "\(error?.message ?? "no error")")
+    }
+  }
+
+  @Test("a symbolic link to a regular file is replaced; the file it named stays as it was")
+  func symlinkTarget() throws {
+    try Self.withFolder { folder in
+      try writeAtomically([(folder.path("real"), [7])])
+      try FileManager.default.createSymbolicLink(
+        atPath: folder.path("link"), withDestinationPath: "real")
+      try writeAtomically([(folder.path("link"), [8])])
+      #expect(try IOFixtures.ScratchFolder.bytes(folder.path("real")) == [7])
+      #expect(try IOFixtures.ScratchFolder.bytes(folder.path("link")) == [8])
+    }
+  }
+}
+
+extension IOFixtures.ScratchFolder {
+  static func bytes(_ path: String) throws -> [UInt8] {
+    [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+  }
+}

@@ -1,0 +1,18 @@
+import Foundation
+
+/// Where the committed fixtures live: `Tests/_TestSupport/Fixtures`, one folder for every test
+/// target, found from this file's own path (they are read from the source tree, not bundled).
+///
+/// - `reference/`: float64 references from numpy (`Scripts/make_reference_fixtures.py`);
+/// - `torch/`: PyTorch's generator and the notebook's cells (`Scripts/make_torch_fixtures.py`);
+/// - `io/`: `.npy` and safetensors files, good and malformed (`Scripts/make_io_fixtures.py`).
+package enum Fixtures {
+  package static let root: URL = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent()
+    .appendingPathComponent("Fixtures", isDirectory: true)
+
+  /// The folder `name` (`"reference"`, `"torch"`, `"io"`).
+  package static func folder(_ name: String) -> URL {
+    root.appendingPathComponent(name, isDirectory: true)
+  }
+}
