@@ -31,8 +31,6 @@ public struct AttentionMask: Sendable {
   public static func keep(_ mask: Tensor) -> AttentionMask { AttentionMask(keep: mask) }
   /// An additive float mask.
   public static func bias(_ bias: Tensor) -> AttentionMask { AttentionMask(bias: bias) }
-
-  public var isNone: Bool { keep == nil && bias == nil && !isCausal }
 }
 
 /// A mask tensor laid over `[batch…, Tq, Tk]` by broadcasting: for each flat batch index, the
@@ -106,14 +104,6 @@ struct ResolvedMask: Sendable {
       try BroadcastMatrix($0, batchShape: batchShape, rows: queries, columns: keys, name: "bias")
     }
     isCausal = mask.isCausal
-  }
-
-  var isNone: Bool { keep == nil && bias == nil && !isCausal }
-
-  /// For causal masks, the number of keys row `query` may see (`query + 1`, at most `keys`).
-  @inline(__always)
-  func causalLimit(query: Int, keys: Int) -> Int {
-    isCausal ? min(query + 1, keys) : keys
   }
 
   /// Applies the mask to scaled scores `row[0..<count]` of keys `firstKey…`: adds the bias and

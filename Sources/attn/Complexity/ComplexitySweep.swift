@@ -210,63 +210,63 @@ struct ComplexityFits {
 /// `attn complexity --format json`.
 struct ComplexityReport: Encodable {
   struct Settings: Encodable {
-    var min_len, max_len, d_model, repeats: Int
+    var minLen, maxLen, dModel, repeats: Int
     var seed: UInt64
-    var threads, memory_budget_bytes: Int
+    var threads, memoryBudgetBytes: Int
     var kernels: [String]
   }
 
   struct Row: Encodable {
-    var seq_len: Int
+    var seqLen: Int
     var elements: Int
-    var theoretical_mb: Double
+    var theoreticalMb: Double
     /// Absent for a kernel skipped at this n.
     var kernels: [String: KernelRow]
   }
 
   struct KernelRow: Encodable {
-    var time_ms: Double
+    var timeMs: Double
     var gflops: Double
-    var workspace_bytes: Int
-    var footprint_bytes: Int
-    var rss_growth_bytes: Int?
+    var workspaceBytes: Int
+    var footprintBytes: Int
+    var rssGrowthBytes: Int?
 
     init(_ m: ComplexityMeasurement) {
-      time_ms = m.timeMilliseconds
+      timeMs = m.timeMilliseconds
       gflops = m.gflops
-      workspace_bytes = m.workspaceBytes
-      footprint_bytes = m.footprintBytes
-      rss_growth_bytes = m.rssGrowthBytes
+      workspaceBytes = m.workspaceBytes
+      footprintBytes = m.footprintBytes
+      rssGrowthBytes = m.rssGrowthBytes
     }
 
     enum CodingKeys: String, CodingKey {
-      case time_ms, gflops, workspace_bytes, footprint_bytes, rss_growth_bytes
+      case timeMs, gflops, workspaceBytes, footprintBytes, rssGrowthBytes
     }
 
     // Written out so that an unmeasured RSS growth is an explicit null, not a missing key.
     func encode(to encoder: Encoder) throws {
       var container = encoder.container(keyedBy: CodingKeys.self)
-      try container.encode(time_ms, forKey: .time_ms)
+      try container.encode(timeMs, forKey: .timeMs)
       try container.encode(gflops, forKey: .gflops)
-      try container.encode(workspace_bytes, forKey: .workspace_bytes)
-      try container.encode(footprint_bytes, forKey: .footprint_bytes)
-      try container.encode(rss_growth_bytes, forKey: .rss_growth_bytes)
+      try container.encode(workspaceBytes, forKey: .workspaceBytes)
+      try container.encode(footprintBytes, forKey: .footprintBytes)
+      try container.encode(rssGrowthBytes, forKey: .rssGrowthBytes)
     }
   }
 
   struct Fit: Encodable {
-    var time_exponent, time_coefficient_ms, time_r2: Double
-    var memory_exponent, memory_r2: Double
-    var workspace_exponent, workspace_r2: Double
+    var timeExponent, timeCoefficientMs, timeR2: Double
+    var memoryExponent, memoryR2: Double
+    var workspaceExponent, workspaceR2: Double
 
     init(_ fit: ComplexityFits.KernelFit) {
-      time_exponent = fit.time.exponent
-      time_coefficient_ms = fit.time.coefficient
-      time_r2 = fit.time.rSquared
-      memory_exponent = fit.memory.exponent
-      memory_r2 = fit.memory.rSquared
-      workspace_exponent = fit.workspace.exponent
-      workspace_r2 = fit.workspace.rSquared
+      timeExponent = fit.time.exponent
+      timeCoefficientMs = fit.time.coefficient
+      timeR2 = fit.time.rSquared
+      memoryExponent = fit.memory.exponent
+      memoryR2 = fit.memory.rSquared
+      workspaceExponent = fit.workspace.exponent
+      workspaceR2 = fit.workspace.rSquared
     }
   }
 

@@ -5,7 +5,7 @@ import Foundation
 ///
 /// In JSON (`--format json`, under `steps`) a step is `name`, `title`, `description`, `shape`
 /// and `values`, the matrix as nested arrays at full float32 precision (`"-inf"` where masked),
-/// plus `row_sums` for the steps whose rows are weights.
+/// plus `rowSums` for the steps whose rows are weights.
 struct ExplainStep: Encodable {
   /// How values are written in text.
   enum Kind {
@@ -37,7 +37,7 @@ struct ExplainStep: Encodable {
   }
 
   private enum CodingKeys: String, CodingKey {
-    case name, title, axes, description, shape, values, row_sums
+    case name, title, axes, description, shape, values, rowSums
   }
 
   func encode(to encoder: Encoder) throws {
@@ -52,7 +52,7 @@ struct ExplainStep: Encodable {
       Array(matrix.scalars[(i * columns)..<(i * columns + columns)])
     }
     try container.encode(rows, forKey: .values)
-    if showsRowSums { try container.encode(rowSums, forKey: .row_sums) }
+    if showsRowSums { try container.encode(rowSums, forKey: .rowSums) }
   }
 }
 

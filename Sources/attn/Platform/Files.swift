@@ -8,11 +8,6 @@ func loadTensor(_ path: String) throws -> Tensor {
   try NPY.read(contentsOf: path).tensor
 }
 
-/// Writes a tensor as float32 `.npy`, through a temporary file renamed into place.
-func saveTensor(_ tensor: Tensor, to path: String) throws {
-  try NPY.write(tensor, to: path)
-}
-
 /// Writes a command's outputs only when all of them can be written: every file is encoded and
 /// staged before any is renamed into place (see `writeAtomically`), so a missing folder or a path
 /// naming a folder fails the run with every existing file as it was. `nil` paths are skipped.

@@ -103,8 +103,8 @@ struct BenchCommand: ParsableCommand {
     }
     if format == .json {
       try printJSON(BenchReport(
-        openblas_core: BLAS.coreName, threads: threadCount, query_block: queryBlock,
-        key_block: keyBlock, cases: results))
+        openblasCore: BLAS.coreName, threads: threadCount, queryBlock: queryBlock,
+        keyBlock: keyBlock, cases: results))
     }
   }
 }
@@ -237,57 +237,57 @@ struct BenchCase {
     let sgemm = Stopwatch.median(ceilings)
     let plainMedian = plainTimes.isEmpty ? nil : Stopwatch.median(plainTimes)
     return BenchResult(
-      name: name, batch: batch, heads: heads, seq_len: length, d_k: headDim, p: Double(dropout),
-      causal: causal, max_rel: maxDistance, median_ms: median * 1e3,
-      min_ms: (times.min() ?? .nan) * 1e3,
-      gflops: gflops, sgemm_gflops: sgemm, ratio_to_sgemm: gflops / sgemm,
-      plain_median_ms: plainMedian.map { $0 * 1e3 },
-      relpos_over_plain: plainMedian.map { median / $0 },
-      workspace_bytes: first.workspaceBytes,
-      peak_rss_bytes: peakReset ? status?.peak : nil,
-      rss_before_bytes: memoryBefore, reference_error_ratio: worst)
+      name: name, batch: batch, heads: heads, seqLen: length, dK: headDim, p: Double(dropout),
+      causal: causal, maxRel: maxDistance, medianMs: median * 1e3,
+      minMs: (times.min() ?? .nan) * 1e3,
+      gflops: gflops, sgemmGflops: sgemm, ratioToSgemm: gflops / sgemm,
+      plainMedianMs: plainMedian.map { $0 * 1e3 },
+      relposOverPlain: plainMedian.map { median / $0 },
+      workspaceBytes: first.workspaceBytes,
+      peakRssBytes: peakReset ? status?.peak : nil,
+      rssBeforeBytes: memoryBefore, referenceErrorRatio: worst)
   }
 }
 
 /// One case's figures (`attn bench --format json`).
 struct BenchResult: Encodable {
   var name: String
-  var batch, heads, seq_len, d_k: Int
+  var batch, heads, seqLen, dK: Int
   var p: Double
   var causal: Bool
-  var max_rel: Int?
-  var median_ms, min_ms, gflops, sgemm_gflops, ratio_to_sgemm: Double
+  var maxRel: Int?
+  var medianMs, minMs, gflops, sgemmGflops, ratioToSgemm: Double
   /// relpos: projections plus plain attention of the same shape, and our time over it.
-  var plain_median_ms: Double?
-  var relpos_over_plain: Double?
-  var workspace_bytes: Int
+  var plainMedianMs: Double?
+  var relposOverPlain: Double?
+  var workspaceBytes: Int
   /// The process's peak resident memory during this case (inputs included).
-  var peak_rss_bytes: Int?
-  var rss_before_bytes: Int?
-  var reference_error_ratio: Double
+  var peakRssBytes: Int?
+  var rssBeforeBytes: Int?
+  var referenceErrorRatio: Double
 
   var line: String {
-    let peak = peak_rss_bytes.map { formatBytes($0) } ?? "n/a"
+    let peak = peakRssBytes.map { formatBytes($0) } ?? "n/a"
     var label = name.padding(toLength: 10, withPad: " ", startingAt: 0)
-    label += " B\(batch) H\(heads) T\(seq_len) D\(d_k)"
+    label += " B\(batch) H\(heads) T\(seqLen) D\(dK)"
     if causal { label += " causal" }
     if p > 0 { label += " p\(Float(p))" }
-    if let max_rel { label += " M\(max_rel)" }
+    if let maxRel { label += " M\(maxRel)" }
     var text = label.padding(toLength: 40, withPad: " ", startingAt: 0)
     text += String(
       format: "median %8.2f ms  min %8.2f ms  %6.1f GFLOP/s  sgemm %6.1f  ratio %4.2f",
-      median_ms, min_ms, gflops, sgemm_gflops, ratio_to_sgemm)
-    if let plain_median_ms, let relpos_over_plain {
-      text += String(format: "  plain %7.2f ms (relpos/plain %.2f)", plain_median_ms, relpos_over_plain)
+      medianMs, minMs, gflops, sgemmGflops, ratioToSgemm)
+    if let plainMedianMs, let relposOverPlain {
+      text += String(format: "  plain %7.2f ms (relpos/plain %.2f)", plainMedianMs, relposOverPlain)
     }
-    return text + "  workspace \(formatBytes(workspace_bytes))  peak RSS \(peak)"
+    return text + "  workspace \(formatBytes(workspaceBytes))  peak RSS \(peak)"
   }
 }
 
 private struct BenchReport: Encodable {
-  var openblas_core: String
+  var openblasCore: String
   var threads: Int
-  var query_block: Int
-  var key_block: Int
+  var queryBlock: Int
+  var keyBlock: Int
   var cases: [BenchResult]
 }

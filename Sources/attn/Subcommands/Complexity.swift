@@ -20,7 +20,7 @@ struct ComplexityCommand: ParsableCommand {
     discussion: """
       For each n = --min-len, doubled until it passes --max-len, prints the n×n attention \
       matrix's size and float32 memory (as the notebook does), then runs each kernel on random \
-      Q, K, V of shape [1, n, d_model]: the median time of --repeats runs after a warm-up, \
+      Q, K, V of shape [1, n, dModel]: the median time of --repeats runs after a warm-up, \
       GFLOP/s (4·n²·d flops), the workspace, the footprint (Q, K, V + output + workspace) and the \
       peak-RSS growth of the warm-up run. The materialized kernel's workspace is the n² matrix; \
       the tiled kernel's is a few tiles of at most Bq×Bk floats. A kernel the --max-memory budget cannot hold \
@@ -28,7 +28,7 @@ struct ComplexityCommand: ParsableCommand {
       Then least-squares fits of log(time) and log(memory) against log(n) (LAPACKE dgels) give \
       each kernel's exponents: time ≈ n², materialized memory → n², tiled memory → n.
       --plot writes an SVG (memory and time against n, log–log, with n² reference lines). \
-      --format csv prints one row per (seq_len, kernel); notes then go to stderr.
+      --format csv prints one row per (seqLen, kernel); notes then go to stderr.
       """
   )
 
@@ -254,12 +254,12 @@ struct ComplexityCommand: ParsableCommand {
   {
     ComplexityReport(
       settings: .init(
-        min_len: minLen, max_len: maxLen, d_model: modelDim, repeats: repeats, seed: seed,
-        threads: resolvedThreads, memory_budget_bytes: memoryBudget,
+        minLen: minLen, maxLen: maxLen, dModel: modelDim, repeats: repeats, seed: seed,
+        threads: resolvedThreads, memoryBudgetBytes: memoryBudget,
         kernels: kernel.list.map(\.rawValue)),
       rows: rows.map { row in
         ComplexityReport.Row(
-          seq_len: row.n, elements: row.elements, theoretical_mb: row.theoreticalMB,
+          seqLen: row.n, elements: row.elements, theoreticalMb: row.theoreticalMB,
           kernels: Dictionary(
             uniqueKeysWithValues: row.measurements.map { name, m in
               (name.rawValue, ComplexityReport.KernelRow(m))

@@ -12,7 +12,7 @@ struct DropoutCommand: ParsableCommand {
       scaled by 1/(1−p)), and multiplies by V. Q, K, V are drawn from a standard normal with \
       --seed, or loaded from .npy files of shapes […, Tq, D], […, Tk, D], […, Tk, Dv]. With \
       --rng torch they are drawn as the notebook draws them, after torch.manual_seed(--seed): \
-      torch.randn(batch, seq_len, d_k) three times, the same numbers as PyTorch on the CPU; the \
+      torch.randn(batch, seqLen, d_k) three times, the same numbers as PyTorch on the CPU; the \
       dropout mask still comes from Philox4x32-10.
       Mask convention: 0 = masked (the notebook's `mask == 0`); --bias adds a float mask; \
       a query whose keys are all masked gets zero weights and a zero output (PyTorch ≥ 2.5).
@@ -147,12 +147,12 @@ struct DropoutCommand: ParsableCommand {
     switch format {
     case .json:
       try printJSON(DropoutReport(
-        output_shape: result.output.shape, weights_shape: reference.shape.weightsShape,
+        outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,
         p: Double(p.description) ?? Double(p), seed: seed, rng: rng.rawValue, training: !eval,
         kernel: kernelOptions.kernel.rawValue,
-        mask: mask.description, dropped_fraction: droppedFraction,
+        mask: mask.description, droppedFraction: droppedFraction,
         checks: checks.dictionary, verified: checks.allPassed,
-        explain_batch: visuals.batch, steps: visuals.steps))
+        explainBatch: visuals.batch, steps: visuals.steps))
     case .text:
       printText(
         result: result, shape: reference.shape, checks: checks, dropped: droppedFraction,
@@ -217,18 +217,18 @@ struct DropoutCommand: ParsableCommand {
 
 /// `attn dropout --format json`.
 private struct DropoutReport: Encodable {
-  var output_shape: [Int]
-  var weights_shape: [Int]
+  var outputShape: [Int]
+  var weightsShape: [Int]
   var p: Double
   var seed: UInt64
   var rng: String
   var training: Bool
   var kernel: String
   var mask: String
-  var dropped_fraction: Double
+  var droppedFraction: Double
   var checks: [String: Bool]
   var verified: Bool
   /// With --explain: its batch element and the step matrices (`ExplainStep`).
-  var explain_batch: Int?
+  var explainBatch: Int?
   var steps: [ExplainStep]?
 }

@@ -9,15 +9,15 @@ struct RelposCommand: ParsableCommand {
     commandName: "relpos",
     abstract: "Exercise 3: self-attention with learned relative positions.",
     discussion: """
-      Projects x [B, T, d_model] to Q, K, V (nn.Linear layout: x·Wᵀ + b), scores each query i \
-      against each key j as (q_i·k_j + q_i·E[clip(j − i, −M, M) + M]) / √d_model, with E a \
+      Projects x [B, T, dModel] to Q, K, V (nn.Linear layout: x·Wᵀ + b), scores each query i \
+      against each key j as (q_i·k_j + q_i·E[clip(j − i, −M, M) + M]) / √dModel, with E a \
       learned table of 2M + 1 embeddings, then applies the mask (0 = masked), softmax and V. \
       The relative position is j − i, as the notebook's code computes it (its docstring says \
       i − j). The position term comes from R = Q·Eᵀ ([T, 2M + 1]), never from the notebook's \
-      [T, T, d_model] gather.
+      [T, T, dModel] gather.
       Weights are PyTorch-default initialized from --seed, or loaded from a safetensors file \
       with the PyTorch state_dict names (W_q.weight, W_q.bias, W_k.*, W_v.*, \
-      relative_embeddings.weight); d_model and M are then read from its shapes. x is standard \
+      relative_embeddings.weight); dModel and M are then read from its shapes. x is standard \
       normal from --seed, or loaded from --input.
       Then it verifies the result: projections and sampled rows against float64, rows sum to 1, \
       and the output equals weights·V.
@@ -173,13 +173,13 @@ struct RelposCommand: ParsableCommand {
     switch format {
     case .json:
       try printJSON(RelposReport(
-        input_shape: inputs.shape, output_shape: result.output.shape, weights_shape: [b, t, t],
-        d_model: d, max_rel: module.maxDistance, seed: seed, rng: rng.rawValue,
+        inputShape: inputs.shape, outputShape: result.output.shape, weightsShape: [b, t, t],
+        dModel: d, maxRel: module.maxDistance, seed: seed, rng: rng.rawValue,
         weights: weights ?? "random", input: input ?? "random", mask: mask.description,
-        kernel: kernelOptions.kernel.rawValue, workspace_bytes: result.workspaceBytes,
-        gather_bytes: Self.gatherBytes(t: t, d: d),
+        kernel: kernelOptions.kernel.rawValue, workspaceBytes: result.workspaceBytes,
+        gatherBytes: Self.gatherBytes(t: t, d: d),
         checks: checks.dictionary, verified: checks.allPassed,
-        explain_batch: visuals.batch, steps: visuals.steps))
+        explainBatch: visuals.batch, steps: visuals.steps))
     case .text:
       try printText(
         module: module, inputs: inputs, result: result, checks: checks,
@@ -339,22 +339,22 @@ struct RelposCommand: ParsableCommand {
 
 /// `attn relpos --format json`.
 private struct RelposReport: Encodable {
-  var input_shape: [Int]
-  var output_shape: [Int]
-  var weights_shape: [Int]
-  var d_model: Int
-  var max_rel: Int
+  var inputShape: [Int]
+  var outputShape: [Int]
+  var weightsShape: [Int]
+  var dModel: Int
+  var maxRel: Int
   var seed: UInt64
   var rng: String
   var weights: String
   var input: String
   var mask: String
   var kernel: String
-  var workspace_bytes: Int
-  var gather_bytes: Int
+  var workspaceBytes: Int
+  var gatherBytes: Int
   var checks: [String: Bool]
   var verified: Bool
   /// With --explain: its batch element and the step matrices (`ExplainStep`).
-  var explain_batch: Int?
+  var explainBatch: Int?
   var steps: [ExplainStep]?
 }

@@ -47,54 +47,8 @@ struct AttentionChecks {
   func run(result: AttentionResult, preDropout: Tensor?) -> [Check] {
     // Without dropout the kernel's weights are the softmax itself.
     let preDropout = preDropout ?? (dropout == nil ? result.weights : nil)
-    let shape = reference.shape
-    let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
     var checks: [Check] = []
-    let u = Double(Float.ulpOfOne) / 2
-
-    if let pre = preDropout {
-      // Rows of the pre-dropout weights sum to 1, fully masked rows to 0.
-      var worst = 0.0
-      var maskedRows = 0
-      var nonFiniteRows = 0
-      var rowsOK = true
-      let bound = Double(tk + 8) * u * 2
-      for row in 0..<(shape.batchCount * tq) {
-        var sum = 0.0
-        var allZero = true
-        for j in 0..<tk {
-          let w = Double(pre.scalars[row * tk + j])
-          sum += w
-          if w != 0 { allZero = false }
-        }
-        if allZero && reference.isFullyMasked(batch: row / max(tq, 1), query: row % max(tq, 1)) {
-          maskedRows += 1
-          continue
-        }
-        // Non-finite inputs (--allow-nonfinite) make whole rows NaN, as in PyTorch; such a row
-        // passes when the reference row is non-finite too.
-        if !sum.isFinite
-          && reference.row(batch: row / max(tq, 1), query: row % max(tq, 1))
-            .preDropoutWeights.contains(where: { !$0.isFinite })
-        {
-          nonFiniteRows += 1
-          continue
-        }
-        let error = abs(sum - 1)
-        worst = max(worst, error.isNaN ? .infinity : error)
-        if !(error <= bound) { rowsOK = false }
-      }
-      let rows = shape.batchCount * tq
-      checks.append(Check(
-        name: "weights_sum_to_one",
-        title: dropout == nil ? "softmax rows sum to 1" : "softmax rows sum to 1 (before dropout)",
-        passed: rowsOK,
-        detail: "max |sum − 1| = \(sci(worst)) ≤ \(sci(bound)) over"
-          + " \(rows - maskedRows - nonFiniteRows) rows"
-          + (maskedRows > 0 ? "; \(maskedRows) fully masked rows are zero" : "")
-          + (nonFiniteRows > 0 ? "; \(nonFiniteRows) rows non-finite as in the reference" : "")))
-    }
-
+    if let pre = preDropout { checks.append(rowSumCheck(pre)) }
     if let dropout, let pre = preDropout, let post = result.weights {
       checks += dropoutChecks(pre: pre, post: post, dropout: dropout)
     } else if let dropout {
@@ -102,58 +56,109 @@ struct AttentionChecks {
       let (dropped, candidates) = sampledDrops(dropout)
       checks.append(dropShareCheck(dropped: dropped, candidates: candidates, dropout: dropout))
     }
+    if let post = result.weights { checks.append(outputCheck(output: result.output, weights: post)) }
+    checks.append(referenceCheck(result))
+    return checks
+  }
 
-    if let post = result.weights {
-      // output = (weights after dropout)·V, recomputed in Double from the kernel's own weights.
-      var worst = 0.0
-      let values = reference.values.scalars
-      for row in 0..<(shape.batchCount * tq) {
-        let b = row / max(tq, 1)
-        for c in 0..<dv {
-          var sum = 0.0
-          var magnitude = 0.0
-          for j in 0..<tk {
-            let term = Double(post.scalars[row * tk + j]) * Double(values[(b * tk + j) * dv + c])
-            sum += term
-            magnitude += abs(term)
-          }
-          let actual = Double(result.output.scalars[row * dv + c])
-          // Non-finite weights or values (--allow-nonfinite) propagate: equal is all that holds.
-          if !sum.isFinite || !actual.isFinite {
-            if !sameNonFinite(actual, sum) { worst = .infinity }
-            continue
-          }
-          let bound = Double(tk + 2) * u * magnitude + Double(Float.leastNormalMagnitude)
-          let ratio = abs(actual - sum) / bound
-          worst = max(worst, ratio.isNaN ? .infinity : ratio)
-        }
+  private static let unitRoundoff = Double(Float.ulpOfOne) / 2
+
+  /// Rows of the pre-dropout weights sum to 1; rows the reference leaves all zero (every key
+  /// masked, by the mask or by −∞ scores) are zero, on every kernel alike.
+  private func rowSumCheck(_ pre: Tensor) -> Check {
+    let shape = reference.shape
+    let (tq, tk) = (shape.queries, shape.keys)
+    var worst = 0.0
+    var maskedRows = 0
+    var nonFiniteRows = 0
+    var rowsOK = true
+    let bound = Double(tk + 8) * Self.unitRoundoff * 2
+    for row in 0..<(shape.batchCount * tq) {
+      let (b, i) = (row / max(tq, 1), row % max(tq, 1))
+      let weights = pre.scalars[(row * tk)..<(row * tk + tk)]
+      let sum = weights.reduce(0.0) { $0 + Double($1) }
+      if weights.allSatisfy({ $0 == 0 }),
+        reference.isFullyMasked(batch: b, query: i)
+          || reference.row(batch: b, query: i).preDropoutWeights.allSatisfy({ $0 == 0 })
+      {
+        maskedRows += 1
+        continue
       }
-      checks.append(Check(
-        name: "output_equals_weights_v",
-        title: dropout == nil ? "output equals weights·V" : "output equals (weights after dropout)·V",
-        passed: worst <= 1,
-        detail: "worst error / bound = \(String(format: "%.3f", worst)) (bound γ_{Tk+2}·Σ|w·v|)"))
+      // Non-finite inputs (--allow-nonfinite) make whole rows NaN, as in PyTorch; such a row
+      // passes when the reference row is non-finite too.
+      if !sum.isFinite
+        && reference.row(batch: b, query: i).preDropoutWeights.contains(where: { !$0.isFinite })
+      {
+        nonFiniteRows += 1
+        continue
+      }
+      let error = abs(sum - 1)
+      worst = max(worst, error.isNaN ? .infinity : error)
+      if !(error <= bound) { rowsOK = false }
     }
+    let rows = shape.batchCount * tq
+    return Check(
+      name: "weights_sum_to_one",
+      title: dropout == nil ? "softmax rows sum to 1" : "softmax rows sum to 1 (before dropout)",
+      passed: rowsOK,
+      detail: "max |sum − 1| = \(sci(worst)) ≤ \(sci(bound)) over"
+        + " \(rows - maskedRows - nonFiniteRows) rows"
+        + (maskedRows > 0 ? "; \(maskedRows) fully masked rows are zero" : "")
+        + (nonFiniteRows > 0 ? "; \(nonFiniteRows) rows non-finite as in the reference" : ""))
+  }
 
-    // Sampled rows against the float64 reference kernel, with the same dropout decisions.
-    var worstWeights = 0.0
-    var worstOutput = 0.0
+  /// output = (weights after dropout)·V, recomputed in Double from the kernel's own weights.
+  private func outputCheck(output: Tensor, weights post: Tensor) -> Check {
+    let shape = reference.shape
+    let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
+    var worst = 0.0
+    let values = reference.values.scalars
+    for row in 0..<(shape.batchCount * tq) {
+      let b = row / max(tq, 1)
+      for c in 0..<dv {
+        var sum = 0.0
+        var magnitude = 0.0
+        for j in 0..<tk {
+          let term = Double(post.scalars[row * tk + j]) * Double(values[(b * tk + j) * dv + c])
+          sum += term
+          magnitude += abs(term)
+        }
+        let actual = Double(output.scalars[row * dv + c])
+        // Non-finite weights or values (--allow-nonfinite) propagate: equal is all that holds.
+        if !sum.isFinite || !actual.isFinite {
+          if !sameNonFinite(actual, sum) { worst = .infinity }
+          continue
+        }
+        let bound = Double(tk + 2) * Self.unitRoundoff * magnitude
+          + Double(Float.leastNormalMagnitude)
+        let ratio = abs(actual - sum) / bound
+        worst = max(worst, ratio.isNaN ? .infinity : ratio)
+      }
+    }
+    return Check(
+      name: "output_equals_weights_v",
+      title: dropout == nil ? "output equals weights·V" : "output equals (weights after dropout)·V",
+      passed: worst <= 1,
+      detail: "worst error / bound = \(String(format: "%.3f", worst)) (bound γ_{Tk+2}·Σ|w·v|)")
+  }
+
+  /// Sampled rows against the float64 reference kernel, with the same dropout decisions.
+  private func referenceCheck(_ result: AttentionResult) -> Check {
+    let (tq, tk, dv) = (reference.shape.queries, reference.shape.keys, reference.shape.valueDim)
+    var worst = 0.0
     for ((b, i), expected) in zip(sampledRows, sampledReference) {
       let row = b * tq + i
       if let post = result.weights {
-        worstWeights = max(
-          worstWeights, expected.weightErrorRatio(post.scalars[(row * tk)..<(row * tk + tk)]))
+        worst = max(worst, expected.weightErrorRatio(post.scalars[(row * tk)..<(row * tk + tk)]))
       }
-      worstOutput = max(
-        worstOutput, expected.outputErrorRatio(result.output.scalars[(row * dv)..<(row * dv + dv)]))
+      worst = max(
+        worst, expected.outputErrorRatio(result.output.scalars[(row * dv)..<(row * dv + dv)]))
     }
-    let worst = max(worstWeights, worstOutput)
-    checks.append(Check(
+    return Check(
       name: "matches_reference",
       title: "rows match the float64 reference kernel",
       passed: worst <= 1,
-      detail: "\(sampledRows.count) rows, worst error / bound = \(String(format: "%.3f", worst))"))
-    return checks
+      detail: "\(sampledRows.count) rows, worst error / bound = \(String(format: "%.3f", worst))")
   }
 
   /// Dropout drops about `p` of the weights, and keeps the others scaled by `1/(1 − p)`.

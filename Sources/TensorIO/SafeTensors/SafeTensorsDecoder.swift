@@ -1,0 +1,229 @@
+import Tensors
+
+/// The steps of `SafeTensors.decode`, each a method: the header length, the header's JSON, one
+/// entry per tensor, the check that the entries tile the data section, and the data itself.
+/// Every size is checked against the file's size before anything is allocated; every error is an
+/// `AttentionError.file` naming `source` (and the tensor where there is one).
+struct SafeTensorsDecoder {
+  let bytes: [UInt8]
+  let source: String
+
+  /// One tensor's header entry, checked against the data section's size.
+  struct Entry {
+    var name: String
+    var dtype: SafeTensorsDType
+    var shape: [Int]
+    var count: Int
+    var begin: Int
+    var end: Int
+  }
+
+  func decode() throws -> SafeTensorsFile {
+    let (headerBytes, dataStart) = try header()
+    let members = try parse(headerBytes)
+    var entries: [Entry] = []
+    var metadata: [String: String] = [:]
+    for member in members {
+      if member.key == "__metadata__" {
+        metadata = try self.metadata(member.value)
+      } else {
+        entries.append(try entry(member, dataSize: bytes.count - dataStart))
+      }
+    }
+    try checkTiling(entries, dataSize: bytes.count - dataStart)
+    var tensors: [String: Tensor] = [:]
+    var dtypes: [String: SafeTensorsDType] = [:]
+    for entry in entries {
+      guard
+        let scalars = decodeFloats(
+          bytes, offset: dataStart + entry.begin, count: entry.count, as: entry.dtype.stored)
+      else { throw fail(entry.name, "internal error: data range out of bounds") }
+      tensors[entry.name] = Tensor(validShape: entry.shape, scalars: scalars)
+      dtypes[entry.name] = entry.dtype
+    }
+    return SafeTensorsFile(tensors: tensors, dtypes: dtypes, metadata: metadata, source: source)
+  }
+
+  private func fail(_ message: String) -> AttentionError { .file(path: source, message: message) }
+
+  private func fail(_ name: String, _ message: String) -> AttentionError {
+    .file(path: source, message: "tensor \(quotedForMessage(name)): \(message)")
+  }
+
+  /// The 8-byte little-endian header length, checked against the file and the limit; returns
+  /// the header's bytes (valid UTF-8) and where the data section starts.
+  private func header() throws -> (bytes: [UInt8], dataStart: Int) {
+    guard bytes.count >= 8 else {
+      throw fail("file is \(bytes.count) bytes, too short for the 8-byte header length")
+    }
+    var declared: UInt64 = 0
+    for i in 0..<8 { declared |= UInt64(bytes[i]) << (8 * UInt64(i)) }
+    guard declared <= UInt64(bytes.count - 8) else {
+      throw fail("header length \(declared) runs past the end of the file (\(bytes.count) bytes)")
+    }
+    let headerLength = Int(declared)  // ≤ bytes.count - 8, so it fits
+    guard headerLength <= SafeTensors.maxHeaderLength else {
+      throw fail(
+        "header length \(headerLength) is over the \(SafeTensors.maxHeaderLength)-byte limit")
+    }
+    let headerBytes = Array(bytes[8..<(8 + headerLength)])
+    guard String(validating: headerBytes, as: UTF8.self) != nil else {
+      throw fail("header is not valid UTF-8")
+    }
+    return (headerBytes, 8 + headerLength)
+  }
+
+  /// The header's top-level members; a name given twice is an error naming it.
+  private func parse(_ headerBytes: [UInt8]) throws -> [JSONMember] {
+    let root: JSONValue
+    do {
+      root = try HeaderJSON.parse(headerBytes)
+    } catch {
+      if case .duplicateKey(let key, depth: 1, _) = error {
+        throw key == "__metadata__"
+          ? fail("\"__metadata__\" appears twice in the header")
+          : fail(key, "appears twice in the header")
+      }
+      throw fail("header is not valid JSON: \(error)")
+    }
+    guard case .object(let members) = root else {
+      throw fail("header is \(root.kindName), not a JSON object")
+    }
+    return members
+  }
+
+  /// `__metadata__`: an object of strings to strings.
+  private func metadata(_ value: JSONValue) throws -> [String: String] {
+    guard case .object(let pairs) = value else {
+      throw fail("\"__metadata__\" is \(value.kindName), not an object")
+    }
+    var metadata: [String: String] = [:]
+    for pair in pairs {
+      guard case .string(let text) = pair.value else {
+        throw fail(
+          "\"__metadata__\" value for \(quotedForMessage(pair.key)) is"
+            + " \(pair.value.kindName), not a string")
+      }
+      metadata[pair.key] = text
+    }
+    return metadata
+  }
+
+  /// One tensor's entry: its dtype, shape and data offsets, each checked.
+  private func entry(_ member: JSONMember, dataSize: Int) throws -> Entry {
+    let name = member.key
+    guard case .object(let fields) = member.value else {
+      throw fail(name, "entry is \(member.value.kindName), not an object")
+    }
+    func field(_ key: String) throws -> JSONValue {
+      guard let found = fields.first(where: { $0.key == key }) else {
+        throw fail(name, "missing \"\(key)\"")
+      }
+      return found.value
+    }
+    let dtype = try self.dtype(try field("dtype"), name: name)
+    let shape = try self.shape(try field("shape"), name: name)
+    guard let count = try? Tensor.elementCount(of: shape) else {
+      throw fail(name, "shape \(shapeForMessage(shape)) has more elements than memory can index")
+    }
+    let (byteCount, overflow) = count.multipliedReportingOverflow(by: dtype.stored.size)
+    guard !overflow else {
+      throw fail(
+        name,
+        "shape \(shapeForMessage(shape)) of \(dtype.rawValue) needs more bytes than memory"
+          + " can index")
+    }
+    let (begin, end) = try offsets(try field("data_offsets"), name: name, dataSize: dataSize)
+    guard end - begin == byteCount else {
+      throw fail(
+        name,
+        "shape \(shapeForMessage(shape)) of \(dtype.rawValue) needs \(byteCount) bytes but"
+          + " data_offsets [\(begin), \(end)] hold \(end - begin)")
+    }
+    return Entry(name: name, dtype: dtype, shape: shape, count: count, begin: begin, end: end)
+  }
+
+  private func dtype(_ value: JSONValue, name: String) throws -> SafeTensorsDType {
+    guard case .string(let dtypeName) = value else {
+      throw fail(name, "\"dtype\" is not a string")
+    }
+    guard let dtype = SafeTensorsDType(rawValue: dtypeName) else {
+      let supported = SafeTensorsDType.allCases.map(\.rawValue).joined(separator: ", ")
+      let what =
+        SafeTensorsDType.knownUnsupported.contains(dtypeName)
+        ? "dtype \(quotedForMessage(dtypeName)) is not supported"
+        : "unknown dtype \(quotedForMessage(dtypeName))"
+      throw fail(name, "\(what) (supported: \(supported))")
+    }
+    return dtype
+  }
+
+  private func shape(_ value: JSONValue, name: String) throws -> [Int] {
+    guard case .array(let dims) = value else {
+      throw fail(name, "\"shape\" is not an array")
+    }
+    var shape: [Int] = []
+    shape.reserveCapacity(dims.count)
+    for dim in dims {
+      guard let extent = dim.intValue else {
+        if case .number(let text) = dim {
+          let isInteger = !text.contains(where: { $0 == "." || $0 == "e" || $0 == "E" })
+          throw fail(
+            name,
+            isInteger
+              ? "dimension \(quotedForMessage(text)) is too large"
+              : "dimension \(quotedForMessage(text)) is not an integer")
+        }
+        throw fail(name, "dimension is \(dim.kindName), not an integer")
+      }
+      guard extent >= 0 else { throw fail(name, "negative dimension \(extent) in shape") }
+      shape.append(extent)
+    }
+    return shape
+  }
+
+  private func offsets(_ value: JSONValue, name: String, dataSize: Int) throws -> (Int, Int) {
+    guard case .array(let offsets) = value, offsets.count == 2,
+      let begin = offsets[0].intValue, let end = offsets[1].intValue, begin >= 0, end >= 0
+    else {
+      throw fail(name, "\"data_offsets\" is not two non-negative integers")
+    }
+    guard begin <= end else {
+      throw fail(name, "data_offsets [\(begin), \(end)] begin after they end")
+    }
+    guard end <= dataSize else {
+      throw fail(
+        name,
+        "data_offsets [\(begin), \(end)] run past the end of the data section"
+          + " (\(dataSize) bytes)")
+    }
+    return (begin, end)
+  }
+
+  /// The tensors must tile the data section: sorted by position, each starts where the previous
+  /// one ended. Overlap would alias two tensors; gaps and a short tail mean a corrupt file.
+  private func checkTiling(_ entries: [Entry], dataSize: Int) throws {
+    let sorted = entries.sorted { ($0.begin, $0.end) < ($1.begin, $1.end) }
+    var position = 0
+    var previous: String?
+    for entry in sorted {
+      if entry.begin < position, let previous {
+        throw fail(
+          entry.name,
+          "data_offsets [\(entry.begin), \(entry.end)] overlap tensor"
+            + " \(quotedForMessage(previous)), which ends at \(position)")
+      }
+      if entry.begin > position {
+        throw fail(
+          entry.name,
+          "data_offsets [\(entry.begin), \(entry.end)] leave bytes"
+            + " \(position)..<\(entry.begin) of the data section unused")
+      }
+      position = entry.end
+      previous = entry.name
+    }
+    guard position == dataSize else {
+      throw fail("bytes \(position)..<\(dataSize) of the data section belong to no tensor")
+    }
+  }
+}
