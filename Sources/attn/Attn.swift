@@ -8,6 +8,9 @@ import Foundation
 /// flag or value, swift-argument-parser's convention). Errors are one line on stderr.
 @main
 struct Attn: ParsableCommand {
+  /// The release, as `attn --version` prints it (semantic versioning; README's changelog).
+  static let version = "0.3.0"
+
   static let configuration = CommandConfiguration(
     commandName: "attn",
     abstract: "Attention from scratch on the CPU, on OpenBLAS.",
@@ -18,7 +21,9 @@ struct Attn: ParsableCommand {
         attn relpos      relative-position attention (exercise 3)
         attn bench       the tiled kernel against OpenBLAS's ceiling
       Exit codes: 0 success, 1 runtime error or failed check, 64 usage error.
+      Shell completion: attn --generate-completion-script bash|zsh|fish.
       """,
+    version: "attn \(version)",
     subcommands: [
       DropoutCommand.self, ComplexityCommand.self, RelposCommand.self, BenchCommand.self,
     ]

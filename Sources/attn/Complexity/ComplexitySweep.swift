@@ -26,7 +26,7 @@ struct ComplexityRow {
 /// Runs every (n, kernel) of a `ComplexityCommand`.
 struct ComplexitySweep {
   let command: ComplexityCommand
-  private let progress = ComplexityProgress()
+  private let progress = Progress()
 
   init(command: ComplexityCommand) { self.command = command }
 
@@ -46,7 +46,7 @@ struct ComplexitySweep {
     var rows: [ComplexityRow] = []
     for n in command.sizes {
       var row = ComplexityRow(n: n)
-      let d = command.modelDim
+      let d = command.headDim
       let float = MemoryLayout<Float>.stride
       // Q, K, V and the output, [1, n, d] each.
       let ioBytes = 4 * n * d * float
@@ -132,22 +132,6 @@ struct ComplexitySweep {
       workspaceBytes: warmUp.workspaceBytes,
       footprintBytes: inputBytes + outputBytes + warmUp.workspaceBytes,
       rssGrowthBytes: rssGrowth)
-  }
-}
-
-/// One progress line on stderr, rewritten in place — only when stderr is a terminal, so pipes and
-/// logs get nothing extra.
-struct ComplexityProgress {
-  let enabled = isatty(STDERR_FILENO) == 1
-
-  func show(_ text: String) {
-    guard enabled else { return }
-    FileHandle.standardError.write(Data("\r\u{1B}[K\(text)".utf8))
-  }
-
-  func clear() {
-    guard enabled else { return }
-    FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
   }
 }
 

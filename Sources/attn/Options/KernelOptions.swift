@@ -72,10 +72,12 @@ struct KernelOptions: ParsableArguments {
     dropout: Dropout?
   ) throws -> AttentionResult {
     try explainingMemoryBudget {
-      try Attention.scaledDotProduct(
+      try Progress().during("running the \(kernel.rawValue) kernel") {
+        try Attention.scaledDotProduct(
         queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-        kernel: attentionKernel, needWeights: kernel == .materialized, threads: threads,
-        memoryBudget: memoryBudget)
+          kernel: attentionKernel, needWeights: kernel == .materialized, threads: threads,
+          memoryBudget: memoryBudget)
+      }
     }
   }
 }

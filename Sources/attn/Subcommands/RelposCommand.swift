@@ -73,20 +73,12 @@ struct RelposCommand: ParsableCommand {
 
   @OptionGroup var visualization: VisualizationOptions
 
-  /// Limits that keep a typo from allocating the machine away; far above the notebook's sizes.
-  static let maxModelDim = 1 << 16
-  static let maxDistance = 1 << 20
-
   func validate() throws {
     if rng == .torch && weights != nil && input != nil {
       throw ValidationError("--rng torch draws the weights and x; with --weights and --input nothing is drawn")
     }
-    if let modelDim, !(1...Self.maxModelDim).contains(modelDim) {
-      throw ValidationError("--d-model must be in 1...\(Self.maxModelDim), got \(modelDim)")
-    }
-    if let maxDistance, !(0...Self.maxDistance).contains(maxDistance) {
-      throw ValidationError("--max-rel must be in 0...\(Self.maxDistance), got \(maxDistance)")
-    }
+    try FlagLimits.check("--d-model", modelDim, in: 1...FlagLimits.dimension)
+    try FlagLimits.check("--max-rel", maxDistance, in: 0...FlagLimits.maxDistance)
     if let seqLen, seqLen < 1 {
       throw ValidationError("--seq-len must be positive, got \(seqLen)")
     }
@@ -134,9 +126,11 @@ struct RelposCommand: ParsableCommand {
 
     // The materialized kernel refuses weights over the budget (--max-memory) instead of thrashing.
     let result = try explainingMemoryBudget {
-      try module(
-        inputs, mask: attentionMask, kernel: kernelOptions.attentionKernel,
-        threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
+      try Progress().during("running the \(kernelOptions.kernel.rawValue) kernel") {
+        try module(
+          inputs, mask: attentionMask, kernel: kernelOptions.attentionKernel,
+          threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
+      }
     }
     try checkFiniteResult(
       result.output, name: "the output",
@@ -146,10 +140,11 @@ struct RelposCommand: ParsableCommand {
       queries: result.queries, keys: result.keys, values: result.values, mask: attentionMask,
       relativePosition: module.positionBias)
     let sampled = AttentionChecks.sampleRows(shape: reference.shape, seed: seed)
-    let checks: [Check] =
+    let checks: [Check] = Progress().during("checking against the float64 reference") {
       [projectionCheck(module: module, x: inputs, result: result, rows: sampled)]
-      + AttentionChecks(reference: reference, dropout: nil, sampledRows: sampled)
-      .run(result: result.attention, preDropout: result.weights)
+        + AttentionChecks(reference: reference, dropout: nil, sampledRows: sampled)
+        .run(result: result.attention, preDropout: result.weights)
+    }
 
     let visuals = try visualization.relpos(
       module: module, result: result, mask: attentionMask, maskName: mask.description,

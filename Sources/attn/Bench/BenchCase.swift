@@ -2,113 +2,6 @@ import ArgumentParser
 import AttentionKit
 import Foundation
 
-/// `attn bench`: the tiled kernel timed on the performance targets' shapes, beside OpenBLAS's own
-/// speed on the kernel's tile products, measured in the same run with the same threads.
-struct BenchCommand: ParsableCommand {
-  static let configuration = CommandConfiguration(
-    commandName: "bench",
-    abstract: "Time the tiled kernel against OpenBLAS's ceiling on its own tile products.",
-    discussion: """
-      Without shape flags it runs the standard cases (attention, causal, dropout, relpos, \
-      efficiency, long); with any of --batch, --heads, --seq-len, --relpos it runs that one case. \
-      Each result is checked against the float64 reference kernel on sampled rows before it is timed, and a \
-      kernel that disagrees is not reported. Times are medians of --repeats runs, interleaved \
-      with the sgemm ceiling runs; quote ratios, not absolute times, on a shared machine.
-      """
-  )
-
-  @Option(help: "Batch B (custom case).") var batch: Int?
-  @Option(help: "Heads H (custom case).") var heads: Int?
-  @Option(help: "Sequence length T (custom case).") var seqLen: Int?
-  @Option(name: .customLong("d-k"), help: "Head dimension D (custom case; default 64).")
-  var headDim: Int?
-  @Option(help: "Dropout probability (custom case; default 0).") var p: Float?
-  @Flag(help: "Causal mask.") var causal = false
-  @Flag(help: "Custom case: the relative-position module (d_model = --d-k, one head).")
-  var relpos = false
-  @Option(name: .customLong("max-rel"), help: "Largest relative distance M with --relpos (default 32).")
-  var maxDistance: Int?
-  @Option(help: "Cases to run, comma-separated (attention, causal, dropout, relpos, efficiency, long).")
-  var cases: String?
-  @OptionGroup var execution: ExecutionOptions
-  @Option(help: "Timed runs per case (the median is reported).") var repeats: Int = 5
-  @Option(help: "Query block Bq of the tiled kernel.") var queryBlock: Int = TiledAttention.Configuration.default.queryBlock
-  @Option(help: "Key block Bk of the tiled kernel.") var keyBlock: Int = TiledAttention.Configuration.default.keyBlock
-  @Option(help: "Seed for the inputs and dropout.") var seed: UInt64 = 42
-  @Option(help: "Output format: text or json.") var format: OutputFormat = .text
-
-  /// Any shape flag makes one custom case instead of the standard ones.
-  private var isCustom: Bool {
-    batch != nil || heads != nil || seqLen != nil || headDim != nil || p != nil || causal || relpos
-  }
-
-  func validate() throws {
-    for (name, value) in [("--batch", batch), ("--heads", heads), ("--seq-len", seqLen)] {
-      if let value, value < 1 { throw ValidationError("\(name) must be positive, got \(value)") }
-    }
-    if let headDim, headDim < 1 { throw ValidationError("--d-k must be positive, got \(headDim)") }
-    if let maxDistance, !(0...(1 << 20)).contains(maxDistance) {
-      throw ValidationError("--max-rel must be in 0...\(1 << 20), got \(maxDistance)")
-    }
-    if maxDistance != nil && !relpos { throw ValidationError("--max-rel goes with --relpos") }
-    if relpos && (heads ?? 1) != 1 {
-      throw ValidationError("--relpos runs the single-head module: leave --heads at 1")
-    }
-    if relpos && (p ?? 0) > 0 {
-      throw ValidationError("--relpos runs the notebook's module, which has no dropout: drop --p")
-    }
-    if let p, !(p >= 0 && p < 1) { throw ValidationError("--p must be in [0, 1), got \(p)") }
-    guard repeats > 0 else { throw ValidationError("--repeats must be positive, got \(repeats)") }
-    guard queryBlock > 0, keyBlock > 0 else { throw ValidationError("block sizes must be positive") }
-    if isCustom && cases != nil {
-      throw ValidationError("--cases picks standard cases; shape flags make one custom case: not both")
-    }
-    if let cases {
-      for name in cases.split(separator: ",") where BenchCase.standard[String(name)] == nil {
-        throw ValidationError(
-          "unknown case '\(name)'; choose from \(BenchCase.order.joined(separator: ", "))")
-      }
-    }
-  }
-
-  func run() throws {
-    WarmAllocator.keepFreedMemory()
-    let selected: [BenchCase]
-    if isCustom {
-      selected = [BenchCase(
-        name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024,
-        headDim: headDim ?? 64, dropout: p ?? 0, causal: causal,
-        maxDistance: relpos ? (maxDistance ?? 32) : nil)]
-    } else {
-      let names = cases.map { $0.split(separator: ",").map(String.init) } ?? BenchCase.order
-      selected = names.compactMap { BenchCase.standard[$0] }
-    }
-    let configuration = TiledAttention.Configuration(queryBlock: queryBlock, keyBlock: keyBlock)
-    let threadCount = execution.resolvedThreads
-    for benchCase in selected {
-      try benchCase.checkMemory(configuration: configuration, threads: threadCount)
-    }
-    var results: [BenchResult] = []
-    if format == .text {
-      print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(queryBlock) × Bk \(keyBlock)")
-    }
-    for benchCase in selected {
-      if isatty(STDERR_FILENO) == 1 {
-        FileHandle.standardError.write(Data("bench: \(benchCase.name) \(benchCase.shapeText)…\n".utf8))
-      }
-      let result = try benchCase.run(
-        configuration: configuration, threads: threadCount, repeats: repeats, seed: seed)
-      results.append(result)
-      if format == .text { print(result.line) }
-    }
-    if format == .json {
-      try printJSON(BenchReport(
-        openblasCore: BLAS.coreName, threads: threadCount, queryBlock: queryBlock,
-        keyBlock: keyBlock, cases: results))
-    }
-  }
-}
-
 /// One shape to time.
 struct BenchCase {
   var name: String
@@ -284,7 +177,7 @@ struct BenchResult: Encodable {
   }
 }
 
-private struct BenchReport: Encodable {
+struct BenchReport: Encodable {
   var openblasCore: String
   var threads: Int
   var queryBlock: Int

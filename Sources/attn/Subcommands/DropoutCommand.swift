@@ -135,7 +135,9 @@ struct DropoutCommand: ParsableCommand {
     let checker = AttentionChecks(
       reference: reference, dropout: dropout,
       sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: seed))
-    let checks = checker.run(result: result, preDropout: (preDropout ?? result).weights)
+    let checks = Progress().during("checking against the float64 reference") {
+      checker.run(result: result, preDropout: (preDropout ?? result).weights)
+    }
 
     // Only a verified result is written, so a failed check leaves every file as it was.
     if checks.allPassed {

@@ -1,137 +1,34 @@
-import ArgumentParser
 import AttentionKit
-import TensorIO
 import Foundation
 
-/// `attn complexity`: exercise 2, the time and space complexity of self-attention, measured.
-///
-/// For n = min, 2·min, 4·min, … ≤ max it prints the notebook's two lines (the `n × n` matrix's
-/// elements and its float32 megabytes), then times each kernel on random Q, K, V `[1, n, d]`:
-/// the median of `--repeats` runs after a warm-up, GFLOP/s (`4·n²·d` flops: `2·n²·d` for Q·Kᵀ and
-/// as many for weights·V), the kernel's workspace, the call's footprint (Q, K, V, output and
-/// workspace) and the growth of the process's peak resident memory. It then fits `y ≈ c·nᵉ` to
-/// time and memory per kernel (`PowerLawFit`, least squares on log–log) and sets the fitted
-/// exponents beside the notebook's O(n²·d) time and O(n²) space.
-struct ComplexityCommand: ParsableCommand {
-  static let configuration = CommandConfiguration(
-    commandName: "complexity",
-    abstract:
-      "Exercise 2: attention's time and memory against sequence length, measured and fitted.",
-    discussion: """
-      For each n = --min-len, doubled until it passes --max-len, prints the n×n attention \
-      matrix's size and float32 memory (as the notebook does), then runs each kernel on random \
-      Q, K, V of shape [1, n, dModel]: the median time of --repeats runs after a warm-up, \
-      GFLOP/s (4·n²·d flops), the workspace, the footprint (Q, K, V + output + workspace) and the \
-      peak-RSS growth of the warm-up run. The materialized kernel's workspace is the n² matrix; \
-      the tiled kernel's is a few tiles of at most Bq×Bk floats. A kernel the --max-memory budget cannot hold \
-      at some n is skipped there, with a note.
-      Then least-squares fits of log(time) and log(memory) against log(n) (LAPACKE dgels) give \
-      each kernel's exponents: time ≈ n², materialized memory → n², tiled memory → n.
-      --plot writes an SVG (memory and time against n, log–log, with n² reference lines). \
-      --format csv prints one row per (seqLen, kernel); notes then go to stderr.
-      """
-  )
-
-  /// Which kernels the sweep runs.
-  enum Kernels: String, ExpressibleByArgument, CaseIterable {
-    case materialized, tiled, both
-
-    var list: [KernelChoice] {
-      switch self {
-      case .materialized: return [.materialized]
-      case .tiled: return [.tiled]
-      case .both: return [.materialized, .tiled]
-      }
-    }
-  }
-
-  enum Format: String, ExpressibleByArgument, CaseIterable {
-    case text, json, csv
-  }
-
-  /// The largest --max-len accepted: beyond it n² no longer fits comfortably in memory or time,
-  /// and the sizes stay far from integer overflow.
-  static let lengthLimit = 1 << 20
-
-  @Option(help: "Largest sequence length n.")
-  var maxLen: Int = 2048
-
-  @Option(help: "First sequence length n; the sweep doubles it until it passes --max-len.")
-  var minLen: Int = 128
-
-  @Option(name: .customLong("d-model"), help: "Head dimension D of Q, K and V ([1, n, D]).")
-  var modelDim: Int = 64
-
-  @Option(help: "Kernels to measure: materialized, tiled or both.")
-  var kernel: Kernels = .both
-
-  @Option(help: "Timed runs per size and kernel (after one warm-up run); the median is reported.")
-  var repeats: Int = 3
-
-  @Option(help: "Seed for the random Q, K, V (Philox4x32-10).")
-  var seed: UInt64 = 42
-
-  @OptionGroup var execution: ExecutionOptions
-
-  @Option(help: ArgumentHelp("Write the memory and time charts as SVG.", valueName: "path.svg"))
-  var plot: String?
-
-  @Option(help: "Output format: text, json or csv.")
-  var format: Format = .text
-
-  func validate() throws {
-    guard minLen >= 1 else { throw ValidationError("--min-len must be ≥ 1, got \(minLen)") }
-    guard maxLen >= 1 else { throw ValidationError("--max-len must be ≥ 1, got \(maxLen)") }
-    guard minLen <= maxLen else {
-      throw ValidationError("--min-len (\(minLen)) must not exceed --max-len (\(maxLen))")
-    }
-    guard maxLen <= Self.lengthLimit else {
-      throw ValidationError("--max-len must be ≤ \(Self.lengthLimit), got \(maxLen)")
-    }
-    guard modelDim >= 1, modelDim <= 65536 else {
-      throw ValidationError("--d-model must be in 1…65536, got \(modelDim)")
-    }
-    guard repeats >= 1 else { throw ValidationError("--repeats must be ≥ 1, got \(repeats)") }
-    if let plot, plot.isEmpty { throw ValidationError("--plot needs a file path") }
-  }
-
-  /// n = min, 2·min, 4·min, … while n ≤ max.
-  var sizes: [Int] {
-    Array(sequence(first: minLen) { $0 <= maxLen / 2 ? $0 * 2 : nil })
-  }
-
-  var resolvedThreads: Int { execution.resolvedThreads }
-  var memoryBudget: Int { execution.memoryBudget }
-
-  func run() throws {
-    // Fail on an unwritable --plot before a sweep that can take minutes, not after it.
-    if let plot { try checkWritable(plot) }
-
-    let sweep = try ComplexitySweep(command: self).run()
-    let fits = ComplexityFits(rows: sweep.rows, kernels: kernel.list)
-    let notes = sweep.notes + fits.notes
-
-    switch format {
-    case .text: printText(rows: sweep.rows, fits: fits, notes: notes)
-    case .json: try printJSON(jsonReport(rows: sweep.rows, fits: fits, notes: notes))
-    case .csv: printCSV(rows: sweep.rows, notes: notes)
-    }
-    if let plot {
-      try writeAtomically(chart(rows: sweep.rows).document().bytes(), to: plot)
-      if format == .text { print("\nPlot written to \(plot)") }
-    }
-  }
-
+/// What `attn complexity` prints and draws from a sweep: the text report (one function per
+/// section), the JSON report, the CSV table and the two-panel SVG.
+extension ComplexityCommand {
   // MARK: Text
 
-  private func printText(rows: [ComplexityRow], fits: ComplexityFits, notes: [String]) {
+  func printText(rows: [ComplexityRow], fits: ComplexityFits, notes: [String]) {
+    printHeader()
+    printTable(rows)
+    printNotes(notes)
+    printFits(fits)
+    printChart(rows)
+    printAnalysis(rows: rows, fits: fits)
+  }
+
+  /// The settings in one line.
+  private func printHeader() {
     let kernels = kernel.list.map(\.rawValue).joined(separator: " and ")
     print(
-      "Exercise 2: attention complexity (d_model = \(modelDim); \(kernels); median of \(repeats) "
+      "Exercise 2: attention complexity (d_model = \(headDim); \(kernels); median of \(repeats) "
         + "run\(repeats == 1 ? "" : "s") after a warm-up; \(resolvedThreads) "
         + "thread\(resolvedThreads == 1 ? "" : "s"); memory budget \(formatBytes(memoryBudget)))")
     print("")
-    let nameWidth = kernel.list.map(\.rawValue.count).max() ?? 0
+  }
+
+  private var nameWidth: Int { kernel.list.map(\.rawValue.count).max() ?? 0 }
+
+  /// The notebook's two lines per n, then one line per kernel measured.
+  private func printTable(_ rows: [ComplexityRow]) {
     for row in rows {
       print(
         "Seq len \(row.n): Attention matrix size = \(row.n)x\(row.n) = "
@@ -154,12 +51,17 @@ struct ComplexityCommand: ParsableCommand {
     }
     print(
       "  (footprint = Q, K, V + output + workspace; peak RSS = growth of VmHWM in the warm-up run)")
+  }
 
+  private func printNotes(_ notes: [String]) {
     if !notes.isEmpty {
       print("\nNotes:")
       for note in notes { print("  - \(note)") }
     }
+  }
 
+  /// The fitted exponents and R² per kernel.
+  private func printFits(_ fits: ComplexityFits) {
     if !fits.byKernel.isEmpty {
       print("\nPower-law fits y ≈ c·n^e (least squares of log y on log n, LAPACKE_dgels):")
       print(
@@ -177,6 +79,10 @@ struct ComplexityCommand: ParsableCommand {
       }
     }
 
+  }
+
+  /// Time against n on log–log axes, in the terminal.
+  private func printChart(_ rows: [ComplexityRow]) {
     let series = kernel.list.compactMap { name -> TerminalChart.Series? in
       let points = rows.compactMap { row in
         row.measurements[name].map { (x: Double(row.n), y: $0.timeMilliseconds) }
@@ -193,6 +99,10 @@ struct ComplexityCommand: ParsableCommand {
         ).render())
     }
 
+  }
+
+  /// The notebook's closing analysis, with the measured exponents beside its O(·).
+  private func printAnalysis(rows: [ComplexityRow], fits: ComplexityFits) {
     print("\n=== Complexity Analysis ===")
     print("Time Complexity: O(n² × d) where n = sequence length, d = dimension")
     let timeParts = kernel.list.compactMap { name in
@@ -217,7 +127,7 @@ struct ComplexityCommand: ParsableCommand {
       print(
         "  (the footprint also holds Q, K, V and the output, 4·n·d floats growing as n, and the "
           + "tiled kernel's\n   tiles, which stop growing at n = Bk = \(blocks.keyBlock): the "
-          + "fitted exponents approach 2 and 1\n   as n grows past 4·d = \(4 * modelDim) and Bk)")
+          + "fitted exponents approach 2 and 1\n   as n grows past 4·d = \(4 * headDim) and Bk)")
     }
     print("\nThis is why:")
     print("  - GPT-4 has a 128K context limit")
@@ -249,12 +159,12 @@ struct ComplexityCommand: ParsableCommand {
 
   // MARK: JSON and CSV
 
-  private func jsonReport(rows: [ComplexityRow], fits: ComplexityFits, notes: [String])
+  func jsonReport(rows: [ComplexityRow], fits: ComplexityFits, notes: [String])
     -> ComplexityReport
   {
     ComplexityReport(
       settings: .init(
-        minLen: minLen, maxLen: maxLen, dModel: modelDim, repeats: repeats, seed: seed,
+        minLen: minLen, maxLen: maxLen, dModel: headDim, repeats: repeats, seed: seed,
         threads: resolvedThreads, memoryBudgetBytes: memoryBudget,
         kernels: kernel.list.map(\.rawValue)),
       rows: rows.map { row in
@@ -272,7 +182,7 @@ struct ComplexityCommand: ParsableCommand {
       notes: notes)
   }
 
-  private func printCSV(rows: [ComplexityRow], notes: [String]) {
+  func printCSV(rows: [ComplexityRow], notes: [String]) {
     print(
       "seq_len,kernel,elements,theoretical_mb,time_ms,gflops,workspace_bytes,footprint_bytes,"
         + "rss_growth_bytes")
@@ -295,7 +205,7 @@ struct ComplexityCommand: ParsableCommand {
 
   /// Two panels as the notebook's figure: memory against n, time against n; both log–log with an
   /// n² reference through the first measured point.
-  private func chart(rows: [ComplexityRow]) -> LineChartSVG {
+  func chart(rows: [ComplexityRow]) -> LineChartSVG {
     let colors: [KernelChoice: String] = [.materialized: "#1f77b4", .tiled: "#d62728"]
     func panel(
       id: String, title: String, yLabel: String, value: (ComplexityMeasurement) -> Double
@@ -324,7 +234,7 @@ struct ComplexityCommand: ParsableCommand {
         series: series)
     }
     return LineChartSVG(
-      title: "Attention complexity on the CPU (d_model = \(modelDim), "
+      title: "Attention complexity on the CPU (d_model = \(headDim), "
         + "median of \(repeats) run\(repeats == 1 ? "" : "s"))",
       panels: [
         panel(
@@ -337,5 +247,3 @@ struct ComplexityCommand: ParsableCommand {
       ])
   }
 }
-
-// MARK: - The sweep
