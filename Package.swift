@@ -22,13 +22,13 @@ let package = Package(
   targets: [
     // MARK: - Public API
     // `Tensor`, `AttentionError` and the message helpers every other target shares.
-    .target(name: "Tensors"),
+    .target(name: "Tensors", exclude: ["README.md"]),
     // `.npy` and safetensors readers and writers, JSON header parsing, half precision, atomic
     // file output. The fuzz targets (Tests/Fuzz) build against this target alone.
-    .target(name: "TensorIO", dependencies: ["Tensors"]),
+    .target(name: "TensorIO", dependencies: ["Tensors"], exclude: ["README.md"]),
     // The attention library: one entry point (`Attention.scaledDotProduct`), its kernels, steps,
     // relative positions, layers and random numbers.
-    .target(name: "AttentionKit", dependencies: ["Tensors", "CBLAS"]),
+    .target(name: "AttentionKit", dependencies: ["Tensors", "CBLAS"], exclude: ["README.md"]),
 
     // MARK: - Implementation details
     // OpenBLAS (cblas_sgemm), found through Debian's openblas.pc.
@@ -53,7 +53,8 @@ let package = Package(
         "TensorIO",
         "CLAPACKE",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
-      ]
+      ],
+      exclude: ["README.md"]
     ),
 
     // MARK: - Tests
@@ -62,7 +63,7 @@ let package = Package(
       name: "_TestSupport",
       dependencies: ["AttentionKit", "TensorIO"],
       path: "Tests/_TestSupport",
-      exclude: ["Fixtures"]
+      exclude: ["Fixtures", "README.md"]
     ),
     .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "_TestSupport"]),
     // DropoutTests measure masks with attn's binomial bound (Verification/BinomialBound.swift).

@@ -45,7 +45,7 @@ public func fastExp(_ x: Float) -> Float {
 }
 
 /// `a·b + c`: one fused multiply-add where the build says the CPU has them (`-DATTN_FMA`, which
-/// `Scripts/setup.sh` passes with `-target-cpu native` on CPUs with FMA), else a multiply and an
+/// `Scripts/build-flags.sh` passes with `-target-cpu native` on CPUs with FMA), else a multiply and an
 /// add. Without the flag `addingProduct` would call the C library's `fmaf` lane by lane.
 @inline(__always)
 func multiplyAdd(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: SIMD16<Float>) -> SIMD16<Float> {
