@@ -72,6 +72,12 @@ def make_npy(expected):
         "rank15_f4.npy": np.array([1.0, 2.0, 3.0], dtype=np.float32).reshape((1,) * 14 + (3,)),
         # A header that ends exactly on a 64-byte boundary, where numpy still adds 64 spaces.
         "aligned_f4.npy": (np.arange(100, dtype=np.float32) / 8).reshape((1,) * 11 + (10, 10, 1)),
+        # Masks as integer arrays (what torch.tril(torch.ones(…, dtype=int64)).numpy() gives),
+        # and float16 data (values exact in float32: a subnormal, the largest finite, inf).
+        "i8_2x3.npy": np.array([[1, 0, 0], [1, 1, 0]], dtype="<i8"),
+        "u1_2x2.npy": np.array([[1, 0], [0, 1]], dtype="|u1"),
+        "i4_4.npy": np.array([-2, 0, 16777217, 7], dtype="<i4"),
+        "f2_2x3.npy": np.array([[0.5, -0.0, 65504.0], [6e-8, -np.inf, 1 / 3]], dtype="<f2"),
     }
     for name, array in valid.items():
         np.save(OUT / name, array)
@@ -98,7 +104,7 @@ def make_npy(expected):
     f4 = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.save(OUT / "bad_fortran.npy", np.asfortranarray(f4))
     np.save(OUT / "bad_big_endian.npy", f4.astype(">f4"))
-    np.save(OUT / "bad_int32.npy", np.arange(4, dtype="<i4"))
+    np.save(OUT / "bad_complex64.npy", np.arange(4, dtype="<c8"))
     good = (OUT / "f4_2x3.npy").read_bytes()
     write("bad_truncated.npy", good[:-4])
     write("bad_magic.npy", b"\x93NUMPZ" + good[6:])
@@ -122,7 +128,7 @@ def make_npy(expected):
           npy_header_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), ")
           + f4.tobytes())
     for path in sorted(OUT.glob("bad_*.npy")):
-        if path.name in ("bad_fortran.npy", "bad_big_endian.npy", "bad_int32.npy",
+        if path.name in ("bad_fortran.npy", "bad_big_endian.npy", "bad_complex64.npy",
                          "bad_bool_byte.npy", "bad_shape_mismatch.npy"):
             # numpy reads these (a bool byte 2 as True, trailing bytes ignored);
             # AttentionKit refuses them by design.

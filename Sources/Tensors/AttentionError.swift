@@ -17,6 +17,8 @@ public enum AttentionError: Error, Equatable, CustomStringConvertible {
   case nonFinite(String)
   /// A named parameter (a `state_dict` entry) that is missing, unexpected or of the wrong shape.
   case parameter(name: String, message: String)
+  /// An allocation the system refused (a memory limit), asked for before allocating.
+  case outOfMemory(String)
 
   public var description: String {
     switch self {
@@ -25,7 +27,8 @@ public enum AttentionError: Error, Equatable, CustomStringConvertible {
     case .file(let path, let message): return "\(path): \(message)"
     case .memoryBudget(let exceeded): return "memory budget exceeded: \(exceeded)"
     case .nonFinite(let message): return "non-finite values: \(message)"
-    case .parameter(let name, let message): return "tensor \(quotedForMessage(name)): \(message)"
+    case .parameter(let name, let message): return "tensor \(quotedForMessage(name)) \(message)"
+    case .outOfMemory(let message): return "out of memory: \(message)"
     }
   }
 }

@@ -77,21 +77,33 @@ struct AtomicFileTests {
     #expect(error?.message.contains("device") == true, "\(error?.message ?? "no error")")
   }
 
-  /// A sparse file takes no disk space, so this costs nothing where the file system has them.
+  /// A sparse file takes no disk space, so this costs nothing where the file system has them: a
+  /// valid header whose data (larger than the machine's memory) is all holes. The reader refuses
+  /// it from the header, before allocating or reading any data.
   @Test("a file larger than the machine's memory is refused before it is read")
   func largerThanMemory() throws {
     try Self.withFolder { folder in
       let path = folder.path("huge.npy")
-      let size = ProcessInfo.processInfo.physicalMemory + (1 << 30)
-      let descriptor = open(path, O_WRONLY | O_CREAT, 0o644)
+      let elements = (ProcessInfo.processInfo.physicalMemory + (1 << 30)) / 4
+      let header = NPYTests.handWritten(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (\(elements),), }", data: [])
+      #expect(FileManager.default.createFile(atPath: path, contents: Data(header)))
+      let descriptor = open(path, O_WRONLY)
       try #require(descriptor >= 0)
       defer { close(descriptor) }
-      try #require(ftruncate(descriptor, off_t(size)) == 0, "no sparse files here")
-      let error = IOFixtures.fileError { _ = try NPY.read(contentsOf: path) }
-      #expect(error?.message.contains("more than this machine's memory") == true,
-        "\(error?.message ?? "no error")")
+      try #require(
+        ftruncate(descriptor, off_t(header.count) + off_t(elements) * 4) == 0,
+        "no sparse files here")
+      do {
+        _ = try NPY.read(contentsOf: path)
+        Issue.record("a file larger than memory was read")
+      } catch AttentionError.memoryBudget(let exceeded) {
+        #expect(exceeded.what.contains("huge.npy"), "\(exceeded)")
+        #expect(exceeded.neededBytes == Int(elements) * 4)
+      }
     }
   }
+
 
   @Test("a symbolic link to a regular file is replaced; the file it named stays as it was")
   func symlinkTarget() throws {

@@ -96,7 +96,7 @@ struct BadInputTests {
   static let npyCases: [Case] = [
     ("bad_fortran.npy", "Fortran"),
     ("bad_big_endian.npy", "big-endian"),
-    ("bad_int32.npy", "unsupported dtype"),
+    ("bad_complex64.npy", "unsupported dtype"),
     ("bad_truncated.npy", "truncated"),
     ("bad_magic.npy", "not an .npy file"),
     ("bad_version.npy", "version 4.0"),

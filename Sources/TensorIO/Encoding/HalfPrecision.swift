@@ -53,34 +53,27 @@ enum StoredFloat: Sendable {
   }
 }
 
-/// Decodes `count` little-endian elements starting at byte `offset` of `bytes` into `Float`s
-/// (`F64` is rounded to nearest, so values beyond `Float`'s range become infinite), or nil when
-/// the range is not inside `bytes`. Callers validate the range first; the check here is a second
-/// line of defence so that a mistake in a reader cannot read out of bounds.
-func decodeFloats(_ bytes: [UInt8], offset: Int, count: Int, as format: StoredFloat) -> [Float]? {
-  let (length, overflow) = count.multipliedReportingOverflow(by: format.size)
-  guard !overflow, offset >= 0, count >= 0, offset <= bytes.count, length <= bytes.count - offset
-  else { return nil }
-  return bytes.withUnsafeBytes { raw in
-    [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
-      for i in 0..<count {
-        let at = offset + i * format.size
-        switch format {
-        case .f16:
-          let bits = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt16.self))
-          buffer[i] = HalfPrecision.float(fromF16Bits: bits)
-        case .bf16:
-          let bits = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt16.self))
-          buffer[i] = HalfPrecision.float(fromBF16Bits: bits)
-        case .f32:
-          let bits = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt32.self))
-          buffer[i] = Float(bitPattern: bits)
-        case .f64:
-          let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
-          buffer[i] = Float(Double(bitPattern: bits))
-        }
-      }
-      initialized = count
+/// Decodes the little-endian elements in `raw` into `out` (as many as `out` holds; `F64` is
+/// rounded to nearest, so values beyond `Float`'s range become infinite).
+func decodeFloats(
+  _ raw: UnsafeRawBufferPointer, as format: StoredFloat, into out: UnsafeMutableBufferPointer<Float>
+) {
+  precondition(raw.count >= out.count * format.size, "decodeFloats: too few bytes")
+  for i in 0..<out.count {
+    let at = i * format.size
+    switch format {
+    case .f16:
+      let bits = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+      out[i] = HalfPrecision.float(fromF16Bits: bits)
+    case .bf16:
+      let bits = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+      out[i] = HalfPrecision.float(fromBF16Bits: bits)
+    case .f32:
+      let bits = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt32.self))
+      out[i] = Float(bitPattern: bits)
+    case .f64:
+      let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+      out[i] = Float(Double(bitPattern: bits))
     }
   }
 }

@@ -1,23 +1,46 @@
 import Tensors
 
-/// The element types AttentionKit reads from `.npy` files; all become `Float` in the tensor.
+/// The element types read from `.npy` files; all become `Float` in the tensor. Integers and
+/// booleans are for masks (0/1) chiefly; integers beyond ±2²⁴ round to the nearest `Float`.
 public enum NPYDType: String, Sendable, Equatable, CaseIterable {
+  /// `<f2`: little-endian binary16, exact in `Float`.
+  case float16 = "<f2"
   /// `<f4`: little-endian binary32, read as is.
   case float32 = "<f4"
   /// `<f8`: little-endian binary64, rounded to the nearest `Float` (beyond `Float`'s range: ±inf).
   case float64 = "<f8"
   /// `|b1`: one byte per element, 0 or 1, read as 0.0 or 1.0.
   case bool = "|b1"
+  case int8 = "|i1", uint8 = "|u1"
+  case int16 = "<i2", uint16 = "<u2"
+  case int32 = "<i4", uint32 = "<u4"
+  case int64 = "<i8", uint64 = "<u8"
 
   /// The numpy type descriptor, as written in the header.
   public var descr: String { rawValue }
 
+  /// Whether the values are integers or booleans (a mask's 0/1), not floating point.
+  public var isIntegral: Bool {
+    switch self {
+    case .float16, .float32, .float64: return false
+    default: return true
+    }
+  }
+
   var itemSize: Int {
     switch self {
-    case .float32: return 4
-    case .float64: return 8
-    case .bool: return 1
+    case .bool, .int8, .uint8: return 1
+    case .float16, .int16, .uint16: return 2
+    case .float32, .int32, .uint32: return 4
+    case .float64, .int64, .uint64: return 8
     }
+  }
+
+  /// The dtype of a header's `descr`; numpy writes one-byte types with `|`, and also accepts
+  /// `<` for them.
+  init?(descr: String) {
+    let aliases = ["<b1": "|b1", "<i1": "|i1", "<u1": "|u1"]
+    self.init(rawValue: aliases[descr] ?? descr)
   }
 }
 
@@ -55,122 +78,58 @@ public struct NPYArray: Equatable, Sendable {
 ///
 /// Nothing is allocated before the sizes in the header have been checked against the file's size.
 public enum NPY {
-  /// Reads the `.npy` file at `path`.
-  public static func read(contentsOf path: String) throws -> NPYArray {
-    try decode(readFileBytes(atPath: path), source: path)
+  /// Reads the `.npy` file (or pipe) at `path`, straight into the tensor's buffer. `maxBytes`
+  /// bounds the tensor's `Float` bytes, checked before anything is allocated (default: the
+  /// machine's physical memory); a larger file is an `AttentionError.memoryBudget`.
+  public static func read(contentsOf path: String, maxBytes: Int? = nil) throws -> NPYArray {
+    try read(from: ByteSource(path: path), maxBytes: maxBytes)
   }
 
   /// Decodes the bytes of a `.npy` file; `source` names it in error messages.
   public static func decode(_ bytes: [UInt8], source: String) throws -> NPYArray {
-    func fail(_ message: String) -> AttentionError { .file(path: source, message: message) }
-
-    let magic: [UInt8] = [0x93] + Array("NUMPY".utf8)
-    guard bytes.count >= 8, Array(bytes[0..<6]) == magic else {
-      throw fail("not an .npy file (it does not start with \\x93NUMPY)")
-    }
-    let version = (bytes[6], bytes[7])
-    let lengthSize: Int
-    switch version {
-    case (1, 0): lengthSize = 2
-    case (2, 0), (3, 0): lengthSize = 4
-    default:
-      throw fail("unsupported .npy version \(version.0).\(version.1) (1.0, 2.0 and 3.0 are read)")
-    }
-    let headerStart = 8 + lengthSize
-    guard bytes.count >= headerStart else {
-      throw fail("file ends inside the header length (\(bytes.count) bytes)")
-    }
-    var headerLength = 0
-    for i in 0..<lengthSize { headerLength |= Int(bytes[8 + i]) << (8 * i) }
-    // headerLength < 2³², so the sum cannot overflow.
-    let dataStart = headerStart + headerLength
-    guard dataStart <= bytes.count else {
-      throw fail(
-        "header length \(headerLength) runs past the end of the file (\(bytes.count) bytes)")
-    }
-
-    let header: NPYHeader
-    do {
-      header = try NPYHeaderParser.parse(Array(bytes[headerStart..<dataStart]))
-    } catch {
-      throw fail("invalid header: \(error.message)")
-    }
-    guard !header.fortranOrder else {
-      throw fail(
-        "Fortran-order arrays are not supported (save a C-order array: np.ascontiguousarray)")
-    }
-    let dtype: NPYDType
-    switch header.descr {
-    case "<f4": dtype = .float32
-    case "<f8": dtype = .float64
-    case "|b1": dtype = .bool
-    default:
-      let kind = header.descr.hasPrefix(">") ? "big-endian dtype" : "unsupported dtype"
-      throw fail("\(kind) \(quotedForMessage(header.descr)) (supported: \"<f4\", \"<f8\", \"|b1\")")
-    }
-
-    let shapeText = shapeForMessage(header.shape, python: true)
-    guard let count = try? Tensor.elementCount(of: header.shape) else {
-      throw fail("shape \(shapeText) has more elements than memory can index")
-    }
-    let (byteCount, overflow) = count.multipliedReportingOverflow(by: dtype.itemSize)
-    guard !overflow else {
-      throw fail("shape \(shapeText) of \(dtype.descr) needs more bytes than memory can index")
-    }
-    let available = bytes.count - dataStart
-    guard byteCount == available else {
-      let relation = available < byteCount ? "truncated" : "too long"
-      throw fail(
-        "data \(relation): shape \(shapeText) of \(dtype.descr) needs \(byteCount) bytes"
-          + " but the file has \(available) after the header")
-    }
-
-    let scalars: [Float]
-    switch dtype {
-    case .float32, .float64:
-      guard
-        let decoded = decodeFloats(
-          bytes, offset: dataStart, count: count, as: dtype == .float32 ? .f32 : .f64)
-      else { throw fail("internal error: data range out of bounds") }
-      scalars = decoded
-    case .bool:
-      var values = [Float](repeating: 0, count: count)
-      for i in 0..<count {
-        let byte = bytes[dataStart + i]
-        guard byte <= 1 else {
-          throw fail("bool element \(i) is stored as byte \(byte), not 0 or 1")
-        }
-        values[i] = Float(byte)
-      }
-      scalars = values
-    }
-    return NPYArray(tensor: Tensor(validShape: header.shape, scalars: scalars), dtype: dtype)
+    try read(from: ByteSource(bytes: bytes, name: source), maxBytes: nil)
   }
 
-  /// Reads the `.npy` file at `path` at full precision: `<f8` values exactly, `<f4` and `|b1`
-  /// widened to `Double`. The same checks as `read`.
+  static func read(from source: ByteSource, maxBytes: Int?) throws -> NPYArray {
+    let layout = try NPYLayout(reading: source)
+    try layout.checkBudget(elementSize: MemoryLayout<Float>.stride, maxBytes: maxBytes)
+    let scalars = try layout.readFloats(from: source)
+    try layout.checkEnd(of: source)
+    return NPYArray(tensor: Tensor(validShape: layout.shape, scalars: scalars), dtype: layout.dtype)
+  }
+
+  /// Reads the `.npy` file at `path` at full precision: `<f8` values exactly, the others widened
+  /// to `Double`. The same checks as `read`.
   public static func readDoubles(contentsOf path: String) throws -> (shape: [Int], values: [Double]) {
-    try decodeDoubles(readFileBytes(atPath: path), source: path)
+    try readDoubles(from: ByteSource(path: path))
   }
 
   /// `decode`, keeping `<f8` data as `Double` (for float64 references, which `Float` would round).
   public static func decodeDoubles(
     _ bytes: [UInt8], source: String
   ) throws -> (shape: [Int], values: [Double]) {
-    let array = try decode(bytes, source: source)
-    let count = array.tensor.count
-    guard array.dtype == .float64 else {
-      return (array.tensor.shape, array.tensor.scalars.map(Double.init))
+    try readDoubles(from: ByteSource(bytes: bytes, name: source))
+  }
+
+  static func readDoubles(from source: ByteSource) throws -> (shape: [Int], values: [Double]) {
+    let layout = try NPYLayout(reading: source)
+    try layout.checkBudget(elementSize: MemoryLayout<Double>.stride, maxBytes: nil)
+    let values: [Double]
+    if layout.dtype == .float64 {
+      values = try readElements(
+        layout.count, stride: 8, from: source, direct: isLittleEndianHost,
+        truncated: layout.truncated
+      ) { raw, out, _ in
+        for i in 0..<out.count {
+          out[i] = Double(
+            bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)))
+        }
+      }
+    } else {
+      values = try layout.readFloats(from: source).map(Double.init)
     }
-    // `decode` checked that the data fills the file to its end.
-    let start = bytes.count - 8 * count
-    var values = [Double](repeating: 0, count: count)
-    for e in 0..<count {
-      var bits: UInt64 = 0
-      for b in 0..<8 { bits |= UInt64(bytes[start + 8 * e + b]) << (8 * b) }
-      values[e] = Double(bitPattern: bits)
-    }
-    return (array.tensor.shape, values)
+    try layout.checkEnd(of: source)
+    return (layout.shape, values)
   }
 
   /// Writes `tensor` to `path` as `<f4` (see `encode`), atomically (see `writeAtomically`).
@@ -215,209 +174,5 @@ private func pythonTuple(_ shape: [Int]) -> String {
   case 0: return "()"
   case 1: return "(\(shape[0]),)"
   default: return "(" + shape.map(String.init).joined(separator: ", ") + ")"
-  }
-}
-
-private struct NPYHeader {
-  var descr: String
-  var fortranOrder: Bool
-  var shape: [Int]
-}
-
-private struct NPYHeaderError: Error {
-  var message: String
-}
-
-/// Parses the header dict: `{` key `:` value (`,` key `:` value)* `,`? `}` then only whitespace,
-/// where keys are strings and values are strings, `True`/`False` or tuples of integers. This is
-/// the subset of Python literal syntax numpy writes; anything else is refused rather than guessed.
-private struct NPYHeaderParser {
-  enum Value {
-    case string(String)
-    case bool(Bool)
-    case tuple([Int])
-  }
-
-  let bytes: [UInt8]
-  var position = 0
-
-  static func parse(_ bytes: [UInt8]) throws(NPYHeaderError) -> NPYHeader {
-    var parser = NPYHeaderParser(bytes: bytes)
-    let entries = try parser.parseDict()
-    var descr: String?
-    var fortranOrder: Bool?
-    var shape: [Int]?
-    for (key, value) in entries {
-      switch (key, value) {
-      case ("descr", .string(let text)): descr = text
-      case ("descr", _): throw NPYHeaderError(message: "'descr' is not a simple dtype string")
-      case ("fortran_order", .bool(let flag)): fortranOrder = flag
-      case ("fortran_order", _):
-        throw NPYHeaderError(message: "'fortran_order' is not True or False")
-      case ("shape", .tuple(let dims)): shape = dims
-      case ("shape", _): throw NPYHeaderError(message: "'shape' is not a tuple")
-      default: throw NPYHeaderError(message: "unexpected key \(quotedForMessage(key))")
-      }
-    }
-    guard let descr, let fortranOrder, let shape else {
-      let missing = [
-        ("descr", descr == nil), ("fortran_order", fortranOrder == nil),
-        ("shape", shape == nil),
-      ].filter(\.1).map { "'\($0.0)'" }
-      throw NPYHeaderError(message: "missing key \(missing.joined(separator: ", "))")
-    }
-    return NPYHeader(descr: descr, fortranOrder: fortranOrder, shape: shape)
-  }
-
-  var current: UInt8? { position < bytes.count ? bytes[position] : nil }
-
-  func error(_ what: String) -> NPYHeaderError {
-    NPYHeaderError(message: "\(what) at byte \(position) of the header")
-  }
-
-  mutating func skipWhitespace() {
-    // Space, tab, newline, carriage return, form feed: what Python allows between tokens here.
-    while let byte = current, byte == 0x20 || (0x09...0x0D).contains(byte) && byte != 0x0B {
-      position += 1
-    }
-  }
-
-  mutating func expect(_ byte: UInt8) throws(NPYHeaderError) {
-    guard current == byte else {
-      throw error("expected '\(Character(Unicode.Scalar(byte)))'")
-    }
-    position += 1
-  }
-
-  mutating func parseDict() throws(NPYHeaderError) -> [(String, Value)] {
-    skipWhitespace()
-    try expect(UInt8(ascii: "{"))
-    var entries: [(String, Value)] = []
-    var seen: Set<String> = []
-    while true {
-      skipWhitespace()
-      if current == UInt8(ascii: "}") { break }
-      let key = try parseString()
-      guard seen.insert(key).inserted else {
-        throw NPYHeaderError(message: "key \(quotedForMessage(key)) appears twice")
-      }
-      skipWhitespace()
-      try expect(UInt8(ascii: ":"))
-      skipWhitespace()
-      entries.append((key, try parseValue()))
-      skipWhitespace()
-      if current == UInt8(ascii: ",") {
-        position += 1
-        continue
-      }
-      guard current == UInt8(ascii: "}") else { throw error("expected ',' or '}'") }
-    }
-    position += 1  // '}'
-    skipWhitespace()
-    guard position == bytes.count else { throw error("unexpected text after the dict") }
-    return entries
-  }
-
-  mutating func parseValue() throws(NPYHeaderError) -> Value {
-    switch current {
-    case UInt8(ascii: "'"), UInt8(ascii: "\""): return .string(try parseString())
-    case UInt8(ascii: "("): return .tuple(try parseTuple())
-    case UInt8(ascii: "T"):
-      try parseWord("True")
-      return .bool(true)
-    case UInt8(ascii: "F"):
-      try parseWord("False")
-      return .bool(false)
-    default: throw error("expected a string, True, False or a tuple")
-    }
-  }
-
-  mutating func parseWord(_ word: String) throws(NPYHeaderError) {
-    for expected in word.utf8 {
-      guard current == expected else { throw error("expected \(word)") }
-      position += 1
-    }
-    // `Truex` is a name, not `True`.
-    if let next = current, isIdentifierByte(next) { throw error("expected \(word)") }
-  }
-
-  func isIdentifierByte(_ byte: UInt8) -> Bool {
-    (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
-      || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
-      || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || byte == UInt8(ascii: "_")
-      || byte >= 0x80
-  }
-
-  /// A quoted string without escapes (numpy's keys and simple descrs never have any).
-  mutating func parseString() throws(NPYHeaderError) -> String {
-    guard let quote = current, quote == UInt8(ascii: "'") || quote == UInt8(ascii: "\"") else {
-      throw error("expected a quoted string")
-    }
-    let start = position + 1
-    position += 1
-    while let byte = current, byte != quote {
-      guard byte != UInt8(ascii: "\\"), byte != 0x0A, byte != 0x0D else {
-        throw error("unsupported character in string")
-      }
-      position += 1
-    }
-    guard current == quote else { throw error("unterminated string") }
-    // Only ASCII can match a supported descr or key; other bytes just make an unknown name.
-    let text = String(decoding: bytes[start..<position], as: UTF8.self)
-    position += 1
-    return text
-  }
-
-  /// `()`, `(n,)`, `(n, m)`, `(n, m,)`; `(n)` is a parenthesized int in Python, not a tuple.
-  mutating func parseTuple() throws(NPYHeaderError) -> [Int] {
-    position += 1  // '('
-    var dims: [Int] = []
-    var sawComma = false
-    while true {
-      skipWhitespace()
-      if current == UInt8(ascii: ")") { break }
-      dims.append(try parseDimension())
-      skipWhitespace()
-      if current == UInt8(ascii: ",") {
-        sawComma = true
-        position += 1
-        continue
-      }
-      guard current == UInt8(ascii: ")") else { throw error("expected ',' or ')' in shape") }
-    }
-    position += 1  // ')'
-    guard dims.count != 1 || sawComma else {
-      throw NPYHeaderError(message: "'shape' is not a tuple")
-    }
-    return dims
-  }
-
-  mutating func parseDimension() throws(NPYHeaderError) -> Int {
-    var negative = false
-    if current == UInt8(ascii: "-") || current == UInt8(ascii: "+") {
-      negative = current == UInt8(ascii: "-")
-      position += 1
-      skipWhitespace()
-    }
-    let digitsStart = position
-    while let byte = current, byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") {
-      position += 1
-    }
-    guard position > digitsStart else { throw error("expected an integer in shape") }
-    let digits = String(decoding: bytes[digitsStart..<position], as: UTF8.self)
-    // Python 2 wrote longs with an `L` suffix; numpy still reads such files.
-    if current == UInt8(ascii: "L") || current == UInt8(ascii: "l") { position += 1 }
-    if let next = current, isIdentifierByte(next) || next == UInt8(ascii: ".") {
-      throw error("expected an integer in shape")
-    }
-    guard !negative || digits.allSatisfy({ $0 == "0" }) else {
-      // Cut short: a hostile header can hold a dimension millions of digits long.
-      let shown = digits.count > 40 ? digits.prefix(40) + "…" : digits
-      throw NPYHeaderError(message: "negative dimension -\(shown) in shape")
-    }
-    guard let value = Int(digits) else {
-      throw NPYHeaderError(message: "dimension \(quotedForMessage(digits)) in shape is too large")
-    }
-    return value
   }
 }

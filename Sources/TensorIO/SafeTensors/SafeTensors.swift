@@ -97,14 +97,20 @@ public enum SafeTensors {
   /// Header lengths above this are refused before reading the header (the reference's limit).
   public static let maxHeaderLength = 100_000_000
 
-  /// Reads the safetensors file at `path`.
-  public static func read(contentsOf path: String) throws -> SafeTensorsFile {
-    try decode(readFileBytes(atPath: path), source: path)
+  /// Reads the safetensors file (or pipe) at `path`, each tensor straight into its buffer.
+  /// `maxBytes` bounds the tensors' `Float` bytes, checked before anything is allocated
+  /// (default: the machine's physical memory).
+  public static func read(contentsOf path: String, maxBytes: Int? = nil) throws -> SafeTensorsFile {
+    try SafeTensorsDecoder(
+      source: ByteSource(path: path), maxBytes: maxBytes ?? physicalMemoryBytes()
+    ).decode()
   }
 
   /// Decodes the bytes of a safetensors file; `source` names it in error messages.
   public static func decode(_ bytes: [UInt8], source: String) throws -> SafeTensorsFile {
-    try SafeTensorsDecoder(bytes: bytes, source: source).decode()
+    try SafeTensorsDecoder(
+      source: ByteSource(bytes: bytes, name: source), maxBytes: physicalMemoryBytes()
+    ).decode()
   }
 
   /// Writes `tensors` as F32 with `metadata` to `path` (see `encode`), atomically (see

@@ -1,12 +1,14 @@
 import Tensors
 
-/// The steps of `SafeTensors.decode`, each a method: the header length, the header's JSON, one
-/// entry per tensor, the check that the entries tile the data section, and the data itself.
-/// Every size is checked against the file's size before anything is allocated; every error is an
-/// `AttentionError.file` naming `source` (and the tensor where there is one).
+/// The steps of reading a safetensors file, each a method: the header length, the header's JSON,
+/// one entry per tensor, the check that the entries tile the data section, and the data, read in
+/// file order straight into each tensor's buffer. Every size is checked against the file's size
+/// (when known: a pipe's is not) and the caller's limit before anything is allocated; every error
+/// is an `AttentionError.file` naming the source (and the tensor where there is one).
 struct SafeTensorsDecoder {
-  let bytes: [UInt8]
-  let source: String
+  let source: ByteSource
+  /// The most bytes the tensors may take as `Float`s.
+  let maxBytes: Int
 
   /// One tensor's header entry, checked against the data section's size.
   struct Entry {
@@ -19,58 +21,110 @@ struct SafeTensorsDecoder {
   }
 
   func decode() throws -> SafeTensorsFile {
-    let (headerBytes, dataStart) = try header()
+    let headerBytes = try header()
     let members = try parse(headerBytes)
+    // A regular file's data section is what follows the header; a pipe's is known only from
+    // the entries, and must then end where the last tensor ends.
+    let knownSize = source.remaining
     var entries: [Entry] = []
     var metadata: [String: String] = [:]
     for member in members {
       if member.key == "__metadata__" {
         metadata = try self.metadata(member.value)
       } else {
-        entries.append(try entry(member, dataSize: bytes.count - dataStart))
+        entries.append(try entry(member, dataSize: knownSize ?? Int.max))
       }
     }
-    try checkTiling(entries, dataSize: bytes.count - dataStart)
+    let dataSize = knownSize ?? entries.map(\.end).max() ?? 0
+    try checkTiling(entries, dataSize: dataSize)
+    try checkBudget(entries)
     var tensors: [String: Tensor] = [:]
     var dtypes: [String: SafeTensorsDType] = [:]
-    for entry in entries {
-      guard
-        let scalars = decodeFloats(
-          bytes, offset: dataStart + entry.begin, count: entry.count, as: entry.dtype.stored)
-      else { throw fail(entry.name, "internal error: data range out of bounds") }
-      tensors[entry.name] = Tensor(validShape: entry.shape, scalars: scalars)
+    // Tiled, so file order is offset order and each tensor starts where the last one ended.
+    for entry in entries.sorted(by: { $0.begin < $1.begin }) {
+      tensors[entry.name] = Tensor(validShape: entry.shape, scalars: try read(entry))
       dtypes[entry.name] = entry.dtype
     }
-    return SafeTensorsFile(tensors: tensors, dtypes: dtypes, metadata: metadata, source: source)
+    guard try source.isAtEnd() else {
+      throw fail("the data section holds more bytes than its \(dataSize) that belong to tensors")
+    }
+    return SafeTensorsFile(
+      tensors: tensors, dtypes: dtypes, metadata: metadata, source: source.name)
   }
 
-  private func fail(_ message: String) -> AttentionError { .file(path: source, message: message) }
+  private func fail(_ message: String) -> AttentionError {
+    .file(path: source.name, message: message)
+  }
 
   private func fail(_ name: String, _ message: String) -> AttentionError {
-    .file(path: source, message: "tensor \(quotedForMessage(name)): \(message)")
+    .file(path: source.name, message: "tensor \(quotedForMessage(name)): \(message)")
   }
 
   /// The 8-byte little-endian header length, checked against the file and the limit; returns
-  /// the header's bytes (valid UTF-8) and where the data section starts.
-  private func header() throws -> (bytes: [UInt8], dataStart: Int) {
-    guard bytes.count >= 8 else {
-      throw fail("file is \(bytes.count) bytes, too short for the 8-byte header length")
+  /// the header's bytes (valid UTF-8).
+  private func header() throws -> [UInt8] {
+    let fileSize = source.remaining
+    let prefix = try source.bytes(8)
+    guard prefix.count == 8 else {
+      throw fail("file is \(prefix.count) bytes, too short for the 8-byte header length")
     }
     var declared: UInt64 = 0
-    for i in 0..<8 { declared |= UInt64(bytes[i]) << (8 * UInt64(i)) }
-    guard declared <= UInt64(bytes.count - 8) else {
-      throw fail("header length \(declared) runs past the end of the file (\(bytes.count) bytes)")
+    for i in 0..<8 { declared |= UInt64(prefix[i]) << (8 * UInt64(i)) }
+    if let fileSize {
+      guard declared <= UInt64(fileSize - 8) else {
+        throw fail("header length \(declared) runs past the end of the file (\(fileSize) bytes)")
+      }
     }
-    let headerLength = Int(declared)  // ≤ bytes.count - 8, so it fits
-    guard headerLength <= SafeTensors.maxHeaderLength else {
+    guard declared <= UInt64(SafeTensors.maxHeaderLength) else {
       throw fail(
-        "header length \(headerLength) is over the \(SafeTensors.maxHeaderLength)-byte limit")
+        "header length \(declared) is over the \(SafeTensors.maxHeaderLength)-byte limit")
     }
-    let headerBytes = Array(bytes[8..<(8 + headerLength)])
+    let headerLength = Int(declared)
+    let headerBytes = try source.bytes(headerLength)
+    guard headerBytes.count == headerLength else {
+      throw fail(
+        "header length \(headerLength) runs past the end of the file"
+          + " (\(8 + headerBytes.count) bytes)")
+    }
     guard String(validating: headerBytes, as: UTF8.self) != nil else {
       throw fail("header is not valid UTF-8")
     }
-    return (headerBytes, 8 + headerLength)
+    return headerBytes
+  }
+
+  /// Refuses, before allocating, tensors whose `Float`s would exceed `maxBytes`.
+  private func checkBudget(_ entries: [Entry]) throws {
+    var total = 0
+    var overflow = false
+    for entry in entries {
+      let (bytes, o1) = entry.count.multipliedReportingOverflow(by: MemoryLayout<Float>.stride)
+      let (sum, o2) = total.addingReportingOverflow(bytes)
+      overflow = overflow || o1 || o2
+      total = sum
+    }
+    guard !overflow, total <= maxBytes else {
+      throw AttentionError.memoryBudget(
+        MemoryBudgetExceeded(
+          what: "\(quotedForMessage(source.name)): its \(entries.count) tensors",
+          neededBytes: overflow ? nil : total, budgetBytes: maxBytes,
+          advice: .other("read a smaller file")))
+    }
+    try checkAllocatable(total, for: "the tensors of \(source.name)")
+  }
+
+  /// One tensor's data as `Float`s, read from the current position straight into its buffer.
+  private func read(_ entry: Entry) throws -> [Float] {
+    let stored = entry.dtype.stored
+    return try readElements(
+      entry.count, stride: stored.size, from: source, direct: stored == .f32 && isLittleEndianHost,
+      truncated: { read in
+        fail(
+          entry.name,
+          "the file ends after \(read * stored.size) of its \(entry.end - entry.begin) bytes")
+      }
+    ) { raw, out, _ in
+      decodeFloats(raw, as: stored, into: out)
+    }
   }
 
   /// The header's top-level members; a name given twice is an error naming it.
