@@ -1,10 +1,12 @@
+import TensorIO
+
 /// libFuzzer entry point for the `.npy` reader: every input is a candidate `.npy` file, given to
 /// `NPY.decode` and to `NPY.decodeDoubles` (which decodes and then re-reads `<f8` data as
 /// `Double`, indexing the bytes on the strength of `decode`'s checks).
 ///
-/// Built by Scripts/fuzz.sh together with the reader's sources (not a SwiftPM target). A decode
-/// may succeed or throw; anything else (a trap, an out-of-bounds access that AddressSanitizer
-/// sees, a leak, a hang) is a bug the fuzzer reports with the input that caused it.
+/// Built by Scripts/fuzz.sh against the TensorIO module and its public API alone (not a SwiftPM
+/// target). A decode may succeed or throw; anything else (a trap, an out-of-bounds access that
+/// AddressSanitizer sees, a leak, a hang) is a bug the fuzzer reports with the input causing it.
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
   let bytes = Array(UnsafeBufferPointer(start: data, count: size))

@@ -72,8 +72,9 @@ public enum Attention {
       try checkWeightsBudget(shape, memoryBudget, kernel: "reference")
       return reference.compute()
     case .materialized:
-      // The products run on OpenBLAS's threads, the row passes on ours.
-      return try BLASThreads.withCount(workers) {
+      // Our threads split the work; OpenBLAS runs each product on one thread, so that no
+      // result depends on the thread count (see MaterializedAttention).
+      return try BLASThreads.withCount(1) {
         try MaterializedAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
           dropout: dropout, relativePosition: relativePosition, memoryBudget: memoryBudget,

@@ -3,15 +3,16 @@ import Synchronization
 /// Safe use of OpenBLAS's thread count, which is one setting for the whole process, from calls
 /// that may run at the same time on several threads.
 ///
-/// Each attention call takes a lease for the count it wants (the tiled kernel 1, because its
-/// own threads split the work; the materialized kernel `threads`). The first lease saves the
-/// setting it finds and applies its count; leases taken while others are held share the count
-/// already applied (results do not depend on it: OpenBLAS splits a product's rows and columns,
-/// never its sums); the last lease to end restores the saved setting. So after any number of
+/// Every kernel splits its work over its own threads and runs each product with OpenBLAS on one
+/// thread (OpenBLAS's threading would split a product differently for different thread counts,
+/// and its sums then differ in the last bits). Each call takes a lease for that count: the first
+/// lease saves the setting it finds and applies its count; leases taken while others are held
+/// share it; the last lease to end restores the saved setting. So after any number of
 /// concurrent calls the setting is what it was before them.
 ///
 /// What a program that uses AttentionKit must know: a change it makes to `BLAS.threadCount`
-/// while an attention call is running is undone when the call ends.
+/// while an attention call is running is undone when the call ends, and its own OpenBLAS calls
+/// made meanwhile run on one thread.
 enum BLASThreads {
   private struct State {
     var leases = 0
