@@ -73,6 +73,7 @@ public struct MemoryBudgetExceeded: Equatable, Sendable, CustomStringConvertible
     case .useTiledKernel: todo = "use the tiled kernel"
     case .other(let text): todo = text
     }
-    return "\(what) need \(needed), over the budget of \(formatBytes(budgetBytes))\(source); \(todo)"
+    return
+      "\(what) need \(needed), over the budget of \(formatBytes(budgetBytes))\(source); \(todo)"
   }
 }

@@ -71,7 +71,8 @@ public struct Tensor: Equatable, Sendable {
       }
       let (product, overflow) = count.multipliedReportingOverflow(by: extent)
       guard !overflow else {
-        throw AttentionError.invalidArgument("shape \(shape) has more elements than memory can index")
+        throw AttentionError.invalidArgument(
+          "shape \(shape) has more elements than memory can index")
       }
       count = product
     }

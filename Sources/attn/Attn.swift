@@ -43,7 +43,8 @@ struct Attn: ParsableCommand {
         print(fullMessage(for: error))
         Foundation.exit(0)
       }
-      let message = message(for: error)
+      let message =
+        message(for: error)
         .split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? "failed"
       FileHandle.standardError.write(Data("attn: \(message)\n".utf8))
       Foundation.exit(code.rawValue)

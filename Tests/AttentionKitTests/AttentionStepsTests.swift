@@ -90,8 +90,11 @@ struct AttentionStepsTests {
     let (q, k, v) = try c.tensors()
     let mask = try c.mask()
     let dropout = try c.dropout()
-    let kernel = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: mask, scale: c.scale, dropout: dropout, kernel: .materialized)
-    let plain = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: mask, scale: c.scale, kernel: .materialized)
+    let kernel = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: mask, scale: c.scale, dropout: dropout,
+      kernel: .materialized)
+    let plain = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: mask, scale: c.scale, kernel: .materialized)
     let kernelWeights = try #require(kernel.weights)
     let plainWeights = try #require(plain.weights)
     let (size, outSize) = (c.tq * c.tk, c.tq * c.dv)

@@ -1,8 +1,9 @@
 import AttentionKit
 import Foundation
 import Testing
-@testable import attn
 import _TestSupport
+
+@testable import attn
 
 /// Dropout on attention weights: the numpy fixtures' keep masks (Philox4x32-10, the layout of
 /// `Dropout`'s doc comment), the kernel with dropout against numpy's float64 values, and the
@@ -18,7 +19,9 @@ struct DropoutTests {
     let c = try LoadedSdpaCase(spec)
     let dropout = try #require(try c.dropout())
     #expect(Double(dropout.probability) == spec.dropout?.p, "p must be exactly a float32")
-    let result = try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: spec.scaleArgument, dropout: dropout, kernel: .materialized)
+    let result = try Attention.scaledDotProduct(
+      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: spec.scaleArgument,
+      dropout: dropout, kernel: .materialized)
     let weights = try #require(result.weights)
     // Tolerances of AttentionTolerance with dropout's scale 1/(1 − p) (+2u); the expected
     // weights are those after dropout, so the relative bounds carry over unchanged.
@@ -103,7 +106,10 @@ struct DropoutTests {
   func kernelUsesKeepMasks(spec: DropoutMaskCase) throws {
     let expected = try ReferenceFixtures.bools(spec.keep)
     let (b, tq, tk) = (spec.shape[0], spec.shape[1], spec.shape[2])
-    let result = try Attention.scaledDotProduct(queries: try Tensor(shape: [b, tq, 1]), keys: try Tensor(shape: [b, tk, 1]), values: try Tensor(shape: [b, tk, 1], repeating: 1), dropout: try Dropout(probability: Float(spec.p), seed: spec.seed), kernel: .materialized)
+    let result = try Attention.scaledDotProduct(
+      queries: try Tensor(shape: [b, tq, 1]), keys: try Tensor(shape: [b, tk, 1]),
+      values: try Tensor(shape: [b, tk, 1], repeating: 1),
+      dropout: try Dropout(probability: Float(spec.p), seed: spec.seed), kernel: .materialized)
     let weights = try #require(result.weights)
     let kept = (spec.scale ?? 0) / Double(tk)
     let tolerance = 3 * Float32Rounding.unit * kept
@@ -111,7 +117,10 @@ struct DropoutTests {
     for e in expected.indices {
       let w = weights.scalars[e]
       let ok = expected[e] ? abs(Double(w) - kept) <= tolerance : w == 0
-      if !ok { wrong.append("\(Tensor.multiIndex(ofFlat: e, shape: spec.shape)): \(w), keep \(expected[e])") }
+      if !ok {
+        wrong.append(
+          "\(Tensor.multiIndex(ofFlat: e, shape: spec.shape)): \(w), keep \(expected[e])")
+      }
     }
     #expect(
       wrong.isEmpty,
@@ -147,7 +156,8 @@ struct DropoutTests {
     let c = try LoadedSdpaCase(try ReferenceFixtures.sdpaCase(named: "basic"))
     let dropout = try #require(try c.dropout())
     func run() throws -> AttentionResult {
-      try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, dropout: dropout, kernel: .materialized)
+      try Attention.scaledDotProduct(
+        queries: c.queries, keys: c.keys, values: c.values, dropout: dropout, kernel: .materialized)
     }
     let (a, b) = (try run(), try run())
     #expect(a.weights == b.weights && a.output == b.output)
@@ -176,7 +186,10 @@ struct DropoutTests {
     arguments: [0.1, 0.5, 0.9] as [Float])
   func droppedShare(p: Float) throws {
     let t = 512
-    let result = try Attention.scaledDotProduct(queries: try Tensor(shape: [1, t, 1]), keys: try Tensor(shape: [1, t, 1]), values: try Tensor(shape: [1, t, 1]), dropout: try Dropout(probability: p, seed: 2024), kernel: .materialized)
+    let result = try Attention.scaledDotProduct(
+      queries: try Tensor(shape: [1, t, 1]), keys: try Tensor(shape: [1, t, 1]),
+      values: try Tensor(shape: [1, t, 1]), dropout: try Dropout(probability: p, seed: 2024),
+      kernel: .materialized)
     let weights = try #require(result.weights)
     let dropped = weights.scalars.filter { $0 == 0 }.count
     let interval = BinomialBound.interval(n: t * t, p: Double(p), failureProbability: 1e-6)
@@ -236,7 +249,10 @@ struct DropoutTests {
         dropout.keeps(row: row, key: key) == kept,
         "word \(word), p = \(p) (threshold \(Double(p) * 0x1p32)): keeps should be \(kept)")
       let weights = try #require(
-        try Attention.scaledDotProduct(queries: try Tensor(shape: [1, rows, 1]), keys: try Tensor(shape: [1, keys, 1]), values: try Tensor(shape: [1, keys, 1]), dropout: dropout, kernel: .materialized).weights)
+        try Attention.scaledDotProduct(
+          queries: try Tensor(shape: [1, rows, 1]), keys: try Tensor(shape: [1, keys, 1]),
+          values: try Tensor(shape: [1, keys, 1]), dropout: dropout, kernel: .materialized
+        ).weights)
       let w = weights.scalars[row * keys + key]
       #expect((w != 0) == kept, "kernel weight (\(row), \(key)) = \(w) for p = \(p)")
     }
@@ -247,8 +263,11 @@ struct DropoutTests {
     arguments: ["plain_tiny", "bool_mask_full_row", "causal_and_keep_full_row", "batch_2x3"])
   func zeroProbability(name: String) throws {
     let c = try LoadedSdpaCase(try ReferenceFixtures.sdpaCase(named: name))
-    let none = try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, kernel: .materialized)
-    let zero = try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, dropout: try Dropout(probability: 0, seed: 99), kernel: .materialized)
+    let none = try Attention.scaledDotProduct(
+      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, kernel: .materialized)
+    let zero = try Attention.scaledDotProduct(
+      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask,
+      dropout: try Dropout(probability: 0, seed: 99), kernel: .materialized)
     #expect(none.weights == zero.weights && none.output == zero.output, "\(name)")
     let referenceNone = try ReferenceAttention(
       queries: c.queries, keys: c.keys, values: c.values, mask: c.mask
@@ -267,7 +286,9 @@ struct DropoutTests {
   func fullProbability(name: String) throws {
     let c = try LoadedSdpaCase(try ReferenceFixtures.sdpaCase(named: name))
     let dropout = try Dropout(probability: 1, seed: 3)
-    let kernel = try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, dropout: dropout, kernel: .materialized)
+    let kernel = try Attention.scaledDotProduct(
+      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, dropout: dropout,
+      kernel: .materialized)
     let reference = try ReferenceAttention(
       queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, dropout: dropout
     ).compute()

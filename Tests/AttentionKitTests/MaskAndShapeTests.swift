@@ -28,7 +28,8 @@ struct MaskAndShapeTests {
       try filled(q), try filled(k, offset: 7), try filled(v, offset: 13)
     )
     let fast = #expect(throws: AttentionError.self, sourceLocation: sourceLocation) {
-      _ = try Attention.scaledDotProduct(queries: queries, keys: keys, values: values, mask: mask, kernel: .materialized)
+      _ = try Attention.scaledDotProduct(
+        queries: queries, keys: keys, values: values, mask: mask, kernel: .materialized)
     }
     let reference = #expect(throws: AttentionError.self, sourceLocation: sourceLocation) {
       _ = try ReferenceAttention(queries: queries, keys: keys, values: values, mask: mask)
@@ -95,7 +96,9 @@ struct MaskAndShapeTests {
       try Self.filled([6, 5], offset: 13)
     )
     let flat = try Attention.scaledDotProduct(queries: q, keys: k, values: v, kernel: .materialized)
-    let batched = try Attention.scaledDotProduct(queries: try q.reshaped([1, 4, 8]), keys: try k.reshaped([1, 6, 8]), values: try v.reshaped([1, 6, 5]), kernel: .materialized)
+    let batched = try Attention.scaledDotProduct(
+      queries: try q.reshaped([1, 4, 8]), keys: try k.reshaped([1, 6, 8]),
+      values: try v.reshaped([1, 6, 5]), kernel: .materialized)
     #expect(flat.output.shape == [4, 5] && flat.weights?.shape == [4, 6])
     #expect(flat.output.scalars == batched.output.scalars)
     #expect(flat.weights?.scalars == batched.weights?.scalars)
@@ -130,8 +133,10 @@ struct MaskAndShapeTests {
       try Self.filled([2, 4, 8]), try Self.filled([2, 5, 8], offset: 7),
       try Self.filled([2, 5, 8], offset: 13)
     )
-    let masked = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: mask, kernel: .materialized)
-    let plain = try Attention.scaledDotProduct(queries: q, keys: k, values: v, kernel: .materialized)
+    let masked = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: mask, kernel: .materialized)
+    let plain = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, kernel: .materialized)
     // Keep everything, add zero: the very same numbers.
     #expect(masked.weights == plain.weights && masked.output == plain.output)
   }
@@ -146,8 +151,10 @@ struct MaskAndShapeTests {
     let odd = try Tensor(
       shape: [3, 4], scalars: [1, 0.5, -3, 2, 7, 1e-30, -0.0001, 1, 1, 1, 1, 0])
     let ones = try Tensor(shape: [3, 4], scalars: [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0])
-    let a = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: .keep(odd), kernel: .materialized)
-    let b = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: .keep(ones), kernel: .materialized)
+    let a = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: .keep(odd), kernel: .materialized)
+    let b = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: .keep(ones), kernel: .materialized)
     #expect(a.weights == b.weights && a.output == b.output)
     #expect(a.weights?.scalars[11] == 0)
   }

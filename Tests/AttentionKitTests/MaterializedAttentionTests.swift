@@ -17,7 +17,9 @@ struct MaterializedAttentionTests {
 
   /// The same with another scale (`nil`: the default `1/√D`).
   static func run(_ c: LoadedSdpaCase, scale: Float?) throws -> AttentionResult {
-    try Attention.scaledDotProduct(queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: scale, dropout: try c.dropout(), kernel: .materialized)
+    try Attention.scaledDotProduct(
+      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: scale,
+      dropout: try c.dropout(), kernel: .materialized)
   }
 
   static func reference(_ c: LoadedSdpaCase) throws -> ReferenceAttention {

@@ -85,7 +85,8 @@ struct RelativePositionTests {
           magnitude += abs(product)
         }
         // One sgemm of D terms then the scale: γ_{D+1}·scale·Σ|q·e|.
-        let bound = Float32Rounding.gamma(d + 1) * scale * magnitude + Double(Float.leastNormalMagnitude)
+        let bound =
+          Float32Rounding.gamma(d + 1) * scale * magnitude + Double(Float.leastNormalMagnitude)
         worst = max(worst, abs(Double(scores.scalars[row * t + j]) - dot * scale) / bound)
       }
     }
@@ -190,8 +191,11 @@ struct RelativePositionTests {
     "A missing, misshapen or unexpected tensor is an error naming it and the file",
     arguments: [
       ("drop W_v.bias", "W_v.bias"), ("W_k.weight [12, 11]", "W_k.weight"),
-      ("W_q.bias [11]", "W_q.bias"), ("relative_embeddings.weight [6, 12]",
-                                       "relative_embeddings.weight"),
+      ("W_q.bias [11]", "W_q.bias"),
+      (
+        "relative_embeddings.weight [6, 12]",
+        "relative_embeddings.weight"
+      ),
       ("drop relative_embeddings.weight", "relative_embeddings.weight"),
       ("add extra.weight", "extra.weight"),
     ])
@@ -241,7 +245,8 @@ struct RelativePositionTests {
           sum += term
           magnitude += abs(term)
         }
-        worst = max(worst, abs(Double(y.scalars[row * 3 + o]) - sum) / (Float32Rounding.gamma(6) * magnitude))
+        worst = max(
+          worst, abs(Double(y.scalars[row * 3 + o]) - sum) / (Float32Rounding.gamma(6) * magnitude))
       }
     }
     #expect(worst <= 1, "error / γ₆·Σ|x·w| = \(worst)")
@@ -257,7 +262,8 @@ struct RelativePositionTests {
     for (k, name) in RelativePositionAttention.parameterNames.enumerated() {
       let tensor = try #require(tensors[name])
       let stream = RandomStream.parameters + UInt32(k)
-      let expected = name.hasPrefix("relative")
+      let expected =
+        name.hasPrefix("relative")
         ? try Tensor.randomNormal(shape: tensor.shape, seed: seed, stream: stream)
         : try Tensor.randomUniform(
           shape: tensor.shape, low: -bound, high: bound, seed: seed, stream: stream)
@@ -444,12 +450,15 @@ struct RelposErrorBounds {
         for c in 0..<d {
           let qc = row * d + c
           let positional = e[r * d + c]
-          propagated += q.error[qc] * (k.magnitude[key + c] + positional)
+          propagated +=
+            q.error[qc] * (k.magnitude[key + c] + positional)
             + (q.magnitude[qc] - q.error[qc]) * k.error[key + c]
           products += q.magnitude[qc] * (k.magnitude[key + c] + positional)
         }
         worstScore = max(
-          worstScore, scale * propagated + (Float32Rounding.gamma(d + 2) + Float32Rounding.gamma(2)) * scale * products)
+          worstScore,
+          scale * propagated + (Float32Rounding.gamma(d + 2) + Float32Rounding.gamma(2)) * scale
+            * products)
       }
       rowRelative[row] = expm1(2 * worstScore) + Float32Rounding.gamma(t + 8)
     }

@@ -11,8 +11,10 @@ struct TensorFiniteTests {
     let t = try Tensor(
       shape: [3, 7],
       scalars: (0..<21).map { i in
-        [Float.greatestFiniteMagnitude, -.greatestFiniteMagnitude, .leastNonzeroMagnitude,
-          -0.0, 1][i % 5]
+        [
+          Float.greatestFiniteMagnitude, -.greatestFiniteMagnitude, .leastNonzeroMagnitude,
+          -0.0, 1,
+        ][i % 5]
       })
     #expect(t.firstNonFiniteIndex() == nil)
     #expect(try Tensor(shape: [0, 4]).firstNonFiniteIndex() == nil)
@@ -22,8 +24,12 @@ struct TensorFiniteTests {
   /// Positions in the first 16-lane block, a later block and the tail (37 = 2·16 + 5).
   @Test(
     "reports the first one, wherever it lies",
-    arguments: zip([0, 5, 15, 16, 31, 33, 36], [Float.nan, .infinity, -.infinity, .nan, .nan,
-      .infinity, .nan]))
+    arguments: zip(
+      [0, 5, 15, 16, 31, 33, 36],
+      [
+        Float.nan, .infinity, -.infinity, .nan, .nan,
+        .infinity, .nan,
+      ]))
   func position(flat: Int, value: Float) throws {
     var scalars = [Float](repeating: 1, count: 37)
     scalars[flat] = value

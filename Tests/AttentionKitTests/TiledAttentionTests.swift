@@ -33,13 +33,16 @@ struct TiledAttentionTests {
     Case(name: "causal square", tq: 37, tk: 37, mask: .causal),
     Case(name: "causal Tq < Tk", tq: 10, tk: 29, mask: .causal),
     Case(name: "causal Tq > Tk", tq: 29, tk: 10, mask: .causal),
-    Case(name: "keep mask with a fully masked row", batch: [2, 2], tq: 21, tk: 18, mask: .keepWithFullRow),
+    Case(
+      name: "keep mask with a fully masked row", batch: [2, 2], tq: 21, tk: 18,
+      mask: .keepWithFullRow),
     Case(name: "additive bias", tq: 19, tk: 23, mask: .bias),
     Case(name: "dropout", tq: 25, tk: 31, dropout: 0.3),
     Case(name: "causal and dropout", tq: 25, tk: 25, mask: .causal, dropout: 0.5),
     Case(name: "relative positions", batch: [2], tq: 30, tk: 30, d: 16, dv: 16, maxDistance: 4),
-    Case(name: "relative positions, causal, dropout", batch: [1], tq: 20, tk: 20, mask: .causal,
-         dropout: 0.2, maxDistance: 3),
+    Case(
+      name: "relative positions, causal, dropout", batch: [1], tq: 20, tk: 20, mask: .causal,
+      dropout: 0.2, maxDistance: 3),
     // M far beyond the sequence: only the columns of R that |j − i| < T reads are computed.
     Case(name: "relative positions, M ≫ T, Tq ≠ Tk", batch: [2], tq: 7, tk: 11, maxDistance: 40),
   ]
@@ -78,11 +81,15 @@ struct TiledAttentionTests {
     return Problem(q: q, k: k, v: v, mask: mask, dropout: dropout, relative: relative)
   }
 
-  @Test("tiled rows stay within the reference kernel's float32 error bounds",
-        arguments: cases, blockSizes)
+  @Test(
+    "tiled rows stay within the reference kernel's float32 error bounds",
+    arguments: cases, blockSizes)
   func matchesReference(c: Case, blocks: (Int, Int)) throws {
     let p = try Self.problem(c)
-    let tiled = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, relativePosition: p.relative, kernel: .tiled(.init(queryBlock: blocks.0, keyBlock: blocks.1)), threads: 2)
+    let tiled = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
+      relativePosition: p.relative, kernel: .tiled(.init(queryBlock: blocks.0, keyBlock: blocks.1)),
+      threads: 2)
     #expect(tiled.weights == nil)
     let reference = try ReferenceAttention(
       queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
@@ -103,8 +110,12 @@ struct TiledAttentionTests {
   @Test("tiled equals materialized within float32 rounding", arguments: cases)
   func matchesMaterialized(c: Case) throws {
     let p = try Self.problem(c)
-    let materialized = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, relativePosition: p.relative, kernel: .materialized)
-    let tiled = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, relativePosition: p.relative, kernel: .tiled(.init(queryBlock: 5, keyBlock: 8)))
+    let materialized = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
+      relativePosition: p.relative, kernel: .materialized)
+    let tiled = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
+      relativePosition: p.relative, kernel: .tiled(.init(queryBlock: 5, keyBlock: 8)))
     // Both are within the reference's bounds (tested above and in the materialized suite); here
     // the direct difference: |o_t − o_m| ≤ 1e-5·(1 + |o_m|) is ~80 float32 ulps, the rescaling
     // and summation-order differences of an online softmax over ≤ 10 key blocks at |scores| ≲ 10.
@@ -117,7 +128,9 @@ struct TiledAttentionTests {
   func fullyMaskedRows() throws {
     let c = Self.cases[6]
     let p = try Self.problem(c)
-    let tiled = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, kernel: .tiled(.init(queryBlock: 4, keyBlock: 5)))
+    let tiled = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: p.mask,
+      kernel: .tiled(.init(queryBlock: 4, keyBlock: 5)))
     for b in 0..<4 {
       let row = (b * c.tq + 4) * c.dv
       #expect(tiled.output.scalars[row..<(row + c.dv)].allSatisfy { $0 == 0 })
@@ -129,8 +142,12 @@ struct TiledAttentionTests {
   @Test("results are bit-identical for any thread count", arguments: [1, 2, 3, 8])
   func threadIndependence(threads: Int) throws {
     let p = try Self.problem(Self.cases[9])
-    let one = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, kernel: .tiled(.init(queryBlock: 4, keyBlock: 8)), threads: 1)
-    let many = try Attention.scaledDotProduct(queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout, kernel: .tiled(.init(queryBlock: 4, keyBlock: 8)), threads: threads)
+    let one = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
+      kernel: .tiled(.init(queryBlock: 4, keyBlock: 8)), threads: 1)
+    let many = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
+      kernel: .tiled(.init(queryBlock: 4, keyBlock: 8)), threads: threads)
     #expect(one.output.scalars == many.output.scalars)
   }
 
@@ -140,16 +157,22 @@ struct TiledAttentionTests {
       let q = try Tensor(shape: [1, 64, 8])
       let k = try Tensor(shape: [1, tk, 8])
       let v = try Tensor(shape: [1, tk, 8])
-      return try Attention.scaledDotProduct(queries: q, keys: k, values: v, kernel: .tiled(.init(queryBlock: queryBlock, keyBlock: 16)), threads: 1).workspaceBytes
+      return try Attention.scaledDotProduct(
+        queries: q, keys: k, values: v, kernel: .tiled(.init(queryBlock: queryBlock, keyBlock: 16)),
+        threads: 1
+      ).workspaceBytes
     }
     #expect(try workspace(tk: 32, queryBlock: 8) == workspace(tk: 4096, queryBlock: 8))
-    let (w8, w16, w24) = (try workspace(tk: 64, queryBlock: 8), try workspace(tk: 64, queryBlock: 16),
-                          try workspace(tk: 64, queryBlock: 24))
+    let (w8, w16, w24) = (
+      try workspace(tk: 64, queryBlock: 8), try workspace(tk: 64, queryBlock: 16),
+      try workspace(tk: 64, queryBlock: 24)
+    )
     #expect(w16 - w8 == w24 - w16, "workspace \(w8), \(w16), \(w24) is not linear in Bq")
     // Bq·Bk + Bq·Dv + 2·Bq floats for one thread.
     #expect(w8 == (8 * 16 + 8 * 8 + 2 * 8) * 4)
     let q = try Tensor(shape: [3, 50, 8])
-    let materialized = try Attention.scaledDotProduct(queries: q, keys: q, values: q, kernel: .materialized)
+    let materialized = try Attention.scaledDotProduct(
+      queries: q, keys: q, values: q, kernel: .materialized)
     #expect(materialized.workspaceBytes == 3 * 50 * 50 * 4)
   }
 
@@ -157,10 +180,12 @@ struct TiledAttentionTests {
   func invalidConfiguration() throws {
     let q = try Tensor(shape: [1, 4, 8])
     #expect(throws: AttentionError.self) {
-      try Attention.scaledDotProduct(queries: q, keys: q, values: q, kernel: .tiled(.init(queryBlock: 0)))
+      try Attention.scaledDotProduct(
+        queries: q, keys: q, values: q, kernel: .tiled(.init(queryBlock: 0)))
     }
     #expect(throws: AttentionError.self) {
-      try Attention.scaledDotProduct(queries: q, keys: q, values: q, kernel: .tiled(.default), threads: 0)
+      try Attention.scaledDotProduct(
+        queries: q, keys: q, values: q, kernel: .tiled(.default), threads: 0)
     }
   }
 }
@@ -173,7 +198,8 @@ struct RelativeColumnsTests {
       embeddings: Tensor(shape: [2 * 40 + 1, 4]), maxDistance: 40)
     // j − i runs over −(Tq − 1) … Tk − 1 = −6 … 10: columns 34 … 50.
     #expect(bias.columns(queries: 7, keys: 11) == 34...50)
-    let narrow = try RelativePositionBias(embeddings: Tensor(shape: [2 * 3 + 1, 4]), maxDistance: 3)
+    let narrow = try RelativePositionBias(
+      embeddings: Tensor(shape: [2 * 3 + 1, 4]), maxDistance: 3)
     // Longer than M on both sides: all 2M + 1 columns.
     #expect(narrow.columns(queries: 20, keys: 20) == 0...6)
   }

@@ -1,6 +1,6 @@
+import Foundation
 import TensorIO
 import Tensors
-import Foundation
 import Testing
 import _TestSupport
 
@@ -103,7 +103,6 @@ struct AtomicFileTests {
       }
     }
   }
-
 
   @Test("a symbolic link to a regular file is replaced; the file it named stays as it was")
   func symlinkTarget() throws {

@@ -1,6 +1,6 @@
+import Foundation
 import TensorIO
 import Tensors
-import Foundation
 import Testing
 import _TestSupport
 

@@ -1,6 +1,6 @@
 import AttentionKit
-import TensorIO
 import Foundation
+import TensorIO
 import Testing
 
 /// The numpy reference fixtures of `Scripts/make_reference_fixtures.py` (its docstring is the
@@ -37,7 +37,9 @@ package enum ReferenceFixtures {
   package static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
 
   /// A `<f8` array at full float64 precision.
-  package static func doubles(_ ref: FileRef) throws -> [Double] { try loadDoubles(ref, in: folder) }
+  package static func doubles(_ ref: FileRef) throws -> [Double] {
+    try loadDoubles(ref, in: folder)
+  }
 
   /// A `|b1` array as booleans (`true` = the file's `True`).
   package static func bools(_ ref: FileRef) throws -> [Bool] {

@@ -23,7 +23,6 @@ package func ulpDistance(_ observed: Float, _ expected: Float) -> UInt32 {
   return UInt32(min(abs(ordered(observed) - ordered(expected)), Int64(UInt32.max)))
 }
 
-
 /// The worst element of an element-wise comparison.
 package struct ComparisonReport: CustomStringConvertible {
   package var label: String

@@ -77,14 +77,18 @@ struct BadInputTests {
   /// Inputs that are missing or cannot be read as files. (The tests run as root, for whom
   /// `chmod 000` changes nothing; these are the unreadable inputs root meets.)
   static let unreadableCases: [Case] = [
-    runtime(["dropout", "--q", "missing.npy", "--k", "k.npy", "--v", "v.npy"],
+    runtime(
+      ["dropout", "--q", "missing.npy", "--k", "k.npy", "--v", "v.npy"],
       "missing.npy", "no such file"),
     runtime(["dropout", "--q", "adir", "--k", "k.npy", "--v", "v.npy"], "adir", "folder"),
-    runtime(["dropout", "--q", "loop.npy", "--k", "k.npy", "--v", "v.npy"],
+    runtime(
+      ["dropout", "--q", "loop.npy", "--k", "k.npy", "--v", "v.npy"],
       "loop.npy", "cannot open"),
-    runtime(["dropout", "--q", "q.npy/x.npy", "--k", "k.npy", "--v", "v.npy"],
+    runtime(
+      ["dropout", "--q", "q.npy/x.npy", "--k", "k.npy", "--v", "v.npy"],
       "q.npy/x.npy", "cannot open"),
-    runtime(["dropout", "--q", "/dev/zero", "--k", "k.npy", "--v", "v.npy"],
+    runtime(
+      ["dropout", "--q", "/dev/zero", "--k", "k.npy", "--v", "v.npy"],
       "/dev/zero", "device"),
     runtime(["dropout", "--mask", "missing-mask.npy"], "missing-mask.npy"),
     runtime(["relpos", "--weights", "missing.safetensors"], "missing.safetensors"),
@@ -93,27 +97,28 @@ struct BadInputTests {
 
   /// Every malformed `.npy` fixture as Q, and a few as mask and bias; the reasons are those of
   /// NPYTests.
-  static let npyCases: [Case] = [
-    ("bad_fortran.npy", "Fortran"),
-    ("bad_big_endian.npy", "big-endian"),
-    ("bad_complex64.npy", "unsupported dtype"),
-    ("bad_truncated.npy", "truncated"),
-    ("bad_magic.npy", "not an .npy file"),
-    ("bad_version.npy", "version 4.0"),
-    ("bad_header_length.npy", "runs past the end"),
-    ("bad_shape_mismatch.npy", "too long"),
-    ("bad_bool_byte.npy", "bool element"),
-    ("bad_negative_dim.npy", "negative dimension"),
-    ("bad_overflow_dim.npy", "more elements than memory can index"),
-    ("bad_missing_key.npy", "missing key"),
-    ("bad_header_syntax.npy", "invalid header"),
-  ].map { file, reason in
-    runtime(["dropout", "--q", file, "--k", "k.npy", "--v", "v.npy"], file, reason)
-  } + [
-    runtime(["dropout", "--mask", "bad_magic.npy"], "bad_magic.npy", "not an .npy file"),
-    runtime(["dropout", "--bias", "bad_truncated.npy"], "bad_truncated.npy", "truncated"),
-    runtime(["relpos", "--input", "bad_negative_dim.npy"], "bad_negative_dim.npy", "negative"),
-  ]
+  static let npyCases: [Case] =
+    [
+      ("bad_fortran.npy", "Fortran"),
+      ("bad_big_endian.npy", "big-endian"),
+      ("bad_complex64.npy", "unsupported dtype"),
+      ("bad_truncated.npy", "truncated"),
+      ("bad_magic.npy", "not an .npy file"),
+      ("bad_version.npy", "version 4.0"),
+      ("bad_header_length.npy", "runs past the end"),
+      ("bad_shape_mismatch.npy", "too long"),
+      ("bad_bool_byte.npy", "bool element"),
+      ("bad_negative_dim.npy", "negative dimension"),
+      ("bad_overflow_dim.npy", "more elements than memory can index"),
+      ("bad_missing_key.npy", "missing key"),
+      ("bad_header_syntax.npy", "invalid header"),
+    ].map { file, reason in
+      runtime(["dropout", "--q", file, "--k", "k.npy", "--v", "v.npy"], file, reason)
+    } + [
+      runtime(["dropout", "--mask", "bad_magic.npy"], "bad_magic.npy", "not an .npy file"),
+      runtime(["dropout", "--bias", "bad_truncated.npy"], "bad_truncated.npy", "truncated"),
+      runtime(["relpos", "--input", "bad_negative_dim.npy"], "bad_negative_dim.npy", "negative"),
+    ]
 
   /// Every malformed safetensors fixture as relpos weights; the reasons are those of
   /// SafeTensorsTests.
@@ -149,28 +154,36 @@ struct BadInputTests {
     runtime(["dropout", "--bias", "mask3.npy"], "bias", "does not broadcast"),
     runtime(["relpos", "--input", "x_rank2.npy"], "x_rank2.npy", "[B, T, d_model]"),
     runtime(["relpos", "--input", "x16.npy", "--weights", "w.safetensors"], "x16.npy", "d_model"),
-    runtime(["relpos", "--weights", "w_missing.safetensors"], "w_missing.safetensors",
+    runtime(
+      ["relpos", "--weights", "w_missing.safetensors"], "w_missing.safetensors",
       "W_v.bias"),
-    runtime(["dropout", "--q", "q_nan.npy", "--k", "k.npy", "--v", "v.npy"],
+    runtime(
+      ["dropout", "--q", "q_nan.npy", "--k", "k.npy", "--v", "v.npy"],
       "q_nan.npy: NaN at [0, 3, 5]"),
-    runtime(["dropout", "--q", "q.npy", "--k", "k_inf.npy", "--v", "v.npy"],
+    runtime(
+      ["dropout", "--q", "q.npy", "--k", "k_inf.npy", "--v", "v.npy"],
       "k_inf.npy: inf at [0, 1, 2]"),
-    runtime(["dropout", "--q", "q.npy", "--k", "k.npy", "--v", "v_neginf.npy"],
+    runtime(
+      ["dropout", "--q", "q.npy", "--k", "k.npy", "--v", "v_neginf.npy"],
       "v_neginf.npy: -inf at [0, 2, 7]"),
     runtime(["dropout", "--mask", "mask_nan.npy"], "mask_nan.npy: NaN at [1, 2]"),
     runtime(["dropout", "--bias", "bias_nan.npy"], "bias_nan.npy: NaN at [2, 1]"),
     runtime(["dropout", "--bias", "bias_posinf.npy"], "bias_posinf.npy: inf at [0, 2, 3]"),
     runtime(["relpos", "--input", "x_nan.npy"], "x_nan.npy: NaN at [1, 2, 3]"),
-    runtime(["relpos", "--weights", "w_nan.safetensors"],
+    runtime(
+      ["relpos", "--weights", "w_nan.safetensors"],
       "w_nan.safetensors: tensor \"W_q.weight\": NaN at [3, 4]"),
     // Finite inputs whose scores overflow float32: an error, not a silent NaN.
-    runtime(["dropout", "--q", "q_huge.npy", "--k", "k_huge.npy", "--v", "v.npy", "--out", "o.npy"],
+    runtime(
+      ["dropout", "--q", "q_huge.npy", "--k", "k_huge.npy", "--v", "v.npy", "--out", "o.npy"],
       "the output has", "although every input is finite"),
     // A failed check: D = 0 makes the reference's scale 1/√0 = ∞ (NaN scores, as in PyTorch),
     // which the kernel does not reproduce. The report is printed, no output is written.
     Case(
-      arguments: ["dropout", "--q", "q_d0.npy", "--k", "k_d0.npy", "--v", "v.npy",
-        "--out", "o.npy", "--weights-out", "w.npy"],
+      arguments: [
+        "dropout", "--q", "q_d0.npy", "--k", "k_d0.npy", "--v", "v.npy",
+        "--out", "o.npy", "--weights-out", "w.npy",
+      ],
       status: 1, mentions: ["verification failed"], printsReport: true),
   ]
 
@@ -181,21 +194,30 @@ struct BadInputTests {
     runtime(["dropout", "--out", "/dev/null"], "/dev/null", "not a regular file"),
     // The first output could be written, the second cannot: neither is.
     runtime(["dropout", "--out", "o.npy", "--weights-out", "nofolder/w.npy"], "nofolder/w.npy"),
-    runtime(["relpos", "--out", "o.npy", "--save-weights", "nofolder/w.safetensors"],
+    runtime(
+      ["relpos", "--out", "o.npy", "--save-weights", "nofolder/w.safetensors"],
       "nofolder/w.safetensors"),
-    runtime(["complexity", "--min-len", "16", "--max-len", "16", "--repeats", "1",
-      "--plot", "nofolder/p.svg"], "nofolder/p.svg"),
-    runtime(["dropout", "--batch", "100000", "--seq-len", "100000", "--d-k", "100000"],
+    runtime(
+      [
+        "complexity", "--min-len", "16", "--max-len", "16", "--repeats", "1",
+        "--plot", "nofolder/p.svg",
+      ], "nofolder/p.svg"),
+    runtime(
+      ["dropout", "--batch", "100000", "--seq-len", "100000", "--d-k", "100000"],
       "memory budget exceeded", "--batch"),
-    runtime(["dropout", "--seq-len", "2048", "--max-memory", "1M"],
+    runtime(
+      ["dropout", "--seq-len", "2048", "--max-memory", "1M"],
       "memory budget exceeded", "--kernel tiled"),
     runtime(["relpos", "--d-model", "65536"], "memory budget exceeded", "d_model 65536"),
-    runtime(["relpos", "--seq-len", "100000", "--batch", "100000"],
+    runtime(
+      ["relpos", "--seq-len", "100000", "--batch", "100000"],
       "memory budget exceeded", "--batch"),
     runtime(["relpos", "--max-memory", "1K"], "memory budget exceeded", "--max-memory"),
-    runtime(["bench", "--seq-len", "100000000", "--batch", "1000"],
+    runtime(
+      ["bench", "--seq-len", "100000000", "--batch", "1000"],
       "memory budget exceeded", "--seq-len"),
-    runtime(["bench", "--seq-len", "65536", "--query-block", "65536", "--key-block", "65536"],
+    runtime(
+      ["bench", "--seq-len", "65536", "--query-block", "65536", "--key-block", "65536"],
       "memory budget exceeded", "--query-block"),
   ]
 
@@ -215,7 +237,8 @@ struct BadInputTests {
     }
   }
 
-  @Test("exits with the documented code, one line on stderr, every file as it was",
+  @Test(
+    "exits with the documented code, one line on stderr, every file as it was",
     arguments: allCases)
   func badInput(_ badCase: Case) throws {
     try AttnCLI.withTemporaryFolder { folder in
@@ -255,11 +278,13 @@ struct BadInputTests {
     }
   }
 
-  @Test("empty batches run without trapping", arguments: [
-    ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy"],
-    ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy", "--kernel", "tiled"],
-    ["relpos", "--input", "x0.npy", "--d-model", "8"],
-  ])
+  @Test(
+    "empty batches run without trapping",
+    arguments: [
+      ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy"],
+      ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy", "--kernel", "tiled"],
+      ["relpos", "--input", "x0.npy", "--d-model", "8"],
+    ])
   func emptyBatch(arguments: [String]) throws {
     try AttnCLI.withTemporaryFolder { folder in
       try BadInputFiles.create(in: folder, naming: arguments)
@@ -276,8 +301,10 @@ struct BadInputTests {
     try AttnCLI.withTemporaryFolder { folder in
       try BadInputFiles.create(in: folder, naming: [])
       let nan = try AttnCLI.run(
-        ["dropout", "--q", "q_nan.npy", "--k", "k.npy", "--v", "v.npy", "--allow-nonfinite",
-          "--out", "nan.npy"], in: folder)
+        [
+          "dropout", "--q", "q_nan.npy", "--k", "k.npy", "--v", "v.npy", "--allow-nonfinite",
+          "--out", "nan.npy",
+        ], in: folder)
       #expect(nan.status == 0, "exit \(nan.status), stderr: \(nan.stderr)")
       let clean = try AttnCLI.run(["dropout"] + Self.qkv + ["--out", "clean.npy"], in: folder)
       #expect(clean.status == 0, "exit \(clean.status), stderr: \(clean.stderr)")
@@ -389,8 +416,11 @@ enum BadInputFiles {
         let attributes = try manager.attributesOfItem(atPath: full.path)
         switch attributes[.type] as? FileAttributeType {
         case .typeSymbolicLink?:
-          entries[path] = Data(("link:" + (try manager.destinationOfSymbolicLink(
-            atPath: full.path))).utf8)
+          entries[path] = Data(
+            ("link:"
+              + (try manager.destinationOfSymbolicLink(
+                atPath: full.path)))
+              .utf8)
         case .typeDirectory?:
           entries[path] = Data("folder".utf8)
           pending.append(path)

@@ -115,8 +115,10 @@ struct ExplainTests {
     let k = try Tensor.randomNormal(shape: shape, seed: 9, stream: RandomStream.keys)
     let v = try Tensor.randomNormal(shape: shape, seed: 9, stream: RandomStream.values)
     let dropout = try Dropout(probability: p, seed: 9)
-    let eval = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: .causal, kernel: .materialized)
-    let trained = try Attention.scaledDotProduct(queries: q, keys: k, values: v, mask: .causal, dropout: dropout, kernel: .materialized)
+    let eval = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: .causal, kernel: .materialized)
+    let trained = try Attention.scaledDotProduct(
+      queries: q, keys: k, values: v, mask: .causal, dropout: dropout, kernel: .materialized)
     let (size, outSize) = (t * t, t * d)
     func slice(_ tensor: Tensor?, _ n: Int) -> [Float] {
       Array(tensor?.scalars[(b * n)..<((b + 1) * n)] ?? [])

@@ -1,9 +1,9 @@
+import AttentionKit
 import Foundation
 import Testing
 import _TestSupport
 
 @testable import attn
-import AttentionKit
 
 /// `PowerLawFit` on synthetic data `y = c·xᵉ`: exact data must give back `c` and `e` to rounding
 /// and `R² = 1`; data with small multiplicative noise must give them back to within what the noise

@@ -161,8 +161,10 @@ struct TorchRNGTests {
     }
     let (run, saved, output, weights) = try AttnCLI.withTemporaryFolder { dir in
       let run = try AttnCLI.run(
-        ["relpos", "--rng", "torch", "--seed", "42", "--out", "o.npy", "--weights-out", "a.npy",
-         "--save-weights", "w.safetensors"], in: dir)
+        [
+          "relpos", "--rng", "torch", "--seed", "42", "--out", "o.npy", "--weights-out", "a.npy",
+          "--save-weights", "w.safetensors",
+        ], in: dir)
       func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
       return (
         run, try? SafeTensors.read(contentsOf: path("w.safetensors")),

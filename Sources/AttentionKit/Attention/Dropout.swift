@@ -86,7 +86,8 @@ public struct Dropout: Sendable, Equatable {
     var group = firstKey / 64
     while group * 64 < lastKey {
       let words = rng.blocks16(
-        major: major, minorBase: UInt32(truncatingIfNeeded: group * 16), stream: RandomStream.dropout)
+        major: major, minorBase: UInt32(truncatingIfNeeded: group * 16),
+        stream: RandomStream.dropout)
       applyChunk(words.0, startingAt: group * 64)
       applyChunk(words.1, startingAt: group * 64 + 16)
       applyChunk(words.2, startingAt: group * 64 + 32)

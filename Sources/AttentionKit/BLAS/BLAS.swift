@@ -51,7 +51,9 @@ public enum BLAS {
 extension Tensor {
   /// Batched matrix product over equal leading dimensions: `[…, M, K] · […, K, N] → […, M, N]`,
   /// or `[…, M, K] · […, N, K]ᵀ` when `transposeRight` (the QKᵀ form). One sgemm per matrix pair.
-  public func matmul(_ right: Tensor, transposeRight: Bool = false, alpha: Float = 1) throws -> Tensor {
+  public func matmul(_ right: Tensor, transposeRight: Bool = false, alpha: Float = 1) throws
+    -> Tensor
+  {
     guard rank >= 2, right.rank >= 2, batchShape == right.batchShape else {
       throw AttentionError.shapeMismatch(
         "cannot multiply \(shape) by \(right.shape)\(transposeRight ? "ᵀ" : ""): "

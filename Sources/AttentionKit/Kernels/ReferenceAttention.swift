@@ -55,7 +55,8 @@ public struct ReferenceAttention: Sendable {
       var dot = 0.0
       var magnitude = 0.0
       for c in 0..<d {
-        let product = Double(queries.scalars[(batch * tq + i) * d + c])
+        let product =
+          Double(queries.scalars[(batch * tq + i) * d + c])
           * Double(keys.scalars[(batch * tk + j) * d + c])
         dot += product
         magnitude += abs(product)
@@ -64,7 +65,8 @@ public struct ReferenceAttention: Sendable {
         // q_i·E[clip(j − i) + M], the position term, in the same sum as q_i·k_j.
         let r = relativePosition.index(query: i, key: j)
         for c in 0..<d {
-          let product = Double(queries.scalars[(batch * tq + i) * d + c])
+          let product =
+            Double(queries.scalars[(batch * tq + i) * d + c])
             * Double(relativePosition.embeddings.scalars[r * d + c])
           dot += product
           magnitude += abs(product)
@@ -119,7 +121,9 @@ public struct ReferenceAttention: Sendable {
     for j in 0..<shape.keys {
       if mask.isCausal && j > i { continue }
       if let keep = mask.keep, keep.value(batch: batch, row: i, column: j) == 0 { continue }
-      if let bias = mask.bias, bias.value(batch: batch, row: i, column: j) == -.infinity { continue }
+      if let bias = mask.bias, bias.value(batch: batch, row: i, column: j) == -.infinity {
+        continue
+      }
       return false
     }
     return true

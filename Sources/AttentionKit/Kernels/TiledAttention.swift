@@ -79,7 +79,8 @@ public enum TiledAttention {
     let tasks = batchCount * queryBlocks
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
     let workspace = workspaceBytes(
-      queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim, tasks: tasks, relativeWidth: width,
+      queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim, tasks: tasks,
+      relativeWidth: width,
       configuration: configuration, threads: threads)
     if tasks == 0 || shape.keys == 0 {
       return AttentionResult(output: output, weights: nil, workspaceBytes: 0, kernel: .tiled)

@@ -48,7 +48,8 @@ public struct Linear: Sendable, Equatable {
     let bound = 1 / Float(inputFeatures).squareRoot()
     let weight = try Tensor.randomUniform(
       shape: [outputFeatures, inputFeatures], low: -bound, high: bound, seed: seed, stream: stream)
-    let biasTensor = bias
+    let biasTensor =
+      bias
       ? try Tensor.randomUniform(
         shape: [outputFeatures], low: -bound, high: bound, seed: seed, stream: stream &+ 1)
       : nil

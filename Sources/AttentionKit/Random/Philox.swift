@@ -66,7 +66,9 @@ extension Philox4x32 {
   {
     var x0 = SIMD16<UInt32>(repeating: UInt32(truncatingIfNeeded: major))
     var x1 = SIMD16<UInt32>(repeating: UInt32(truncatingIfNeeded: major >> 32))
-    var x2 = SIMD16<UInt32>(repeating: minorBase) &+ SIMD16<UInt32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    var x2 =
+      SIMD16<UInt32>(repeating: minorBase)
+      &+ SIMD16<UInt32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
     var x3 = SIMD16<UInt32>(repeating: stream)
     var k0 = key.0
     var k1 = key.1

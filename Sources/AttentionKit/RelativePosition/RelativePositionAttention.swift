@@ -51,8 +51,10 @@ public struct RelativePositionAttention: Sendable, Equatable {
     relativeEmbeddings: Embedding, maxDistance: Int
   ) throws {
     let d = queryProjection.inputFeatures
-    for (name, layer) in [("W_q", queryProjection), ("W_k", keyProjection),
-                          ("W_v", valueProjection)] {
+    for (name, layer) in [
+      ("W_q", queryProjection), ("W_k", keyProjection),
+      ("W_v", valueProjection),
+    ] {
       guard layer.weight.shape == [d, d] else {
         throw AttentionError.shapeMismatch(
           "\(name).weight must be [d_model, d_model] = [\(d), \(d)], got \(layer.weight.shape)")

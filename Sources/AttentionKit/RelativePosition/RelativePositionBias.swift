@@ -61,8 +61,10 @@ public struct RelativePositionBias: Sendable {
   /// `firstKey ..< firstKey + count`; `table` is row `i` of `R = scale·Q·Eᵀ`, indexed by the full
   /// column number (only `columns(queries:keys:)` of it are read).
   @inline(__always)
-  func add(table: UnsafePointer<Float>, to row: UnsafeMutablePointer<Float>,
-           query i: Int, firstKey: Int, count: Int) {
+  func add(
+    table: UnsafePointer<Float>, to row: UnsafeMutablePointer<Float>,
+    query i: Int, firstKey: Int, count: Int
+  ) {
     let m = maxDistance
     // Keys left of i − M all use table[0]; right of i + M, table[2M]; between, table[j − i + M].
     let leftEnd = min(max(i - m - firstKey, 0), count)

@@ -1,3 +1,5 @@
+import Tensors
+
 #if canImport(Glibc)
   import Glibc
 #elseif canImport(Musl)
@@ -5,7 +7,6 @@
 #elseif canImport(Darwin)
   import Darwin
 #endif
-import Tensors
 
 /// Writes `bytes` to `path` so that readers see either the old file or the complete new one.
 ///

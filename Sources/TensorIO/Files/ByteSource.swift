@@ -1,3 +1,5 @@
+import Tensors
+
 #if canImport(Glibc)
   import Glibc
 #elseif canImport(Musl)
@@ -5,7 +7,6 @@
 #elseif canImport(Darwin)
   import Darwin
 #endif
-import Tensors
 
 /// Where a reader's bytes come from, read front to back exactly once: an open file — a regular
 /// file, or a pipe or FIFO (`--q <(…)` in a shell) — or bytes already in memory (tests, fuzzers).

@@ -1,3 +1,5 @@
+import Tensors
+
 #if canImport(Glibc)
   import Glibc
 #elseif canImport(Musl)
@@ -5,7 +7,6 @@
 #elseif canImport(Darwin)
   import Darwin
 #endif
-import Tensors
 
 /// The C library's text for `errno` value `code`.
 func errorText(_ code: Int32) -> String {

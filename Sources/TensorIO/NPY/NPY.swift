@@ -100,7 +100,8 @@ public enum NPY {
 
   /// Reads the `.npy` file at `path` at full precision: `<f8` values exactly, the others widened
   /// to `Double`. The same checks as `read`.
-  public static func readDoubles(contentsOf path: String) throws -> (shape: [Int], values: [Double]) {
+  public static func readDoubles(contentsOf path: String) throws -> (shape: [Int], values: [Double])
+  {
     try readDoubles(from: ByteSource(path: path))
   }
 
@@ -122,7 +123,8 @@ public enum NPY {
       ) { raw, out, _ in
         for i in 0..<out.count {
           out[i] = Double(
-            bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)))
+            bitPattern: UInt64(
+              littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)))
         }
       }
     } else {

@@ -108,7 +108,8 @@ struct NPYLayout {
     .file(
       path: source,
       message: "data truncated: shape \(shapeForMessage(shape, python: true)) of \(dtype.descr)"
-        + " needs \(byteCount) bytes but the file has \(elements * dtype.itemSize) after the header")
+        + " needs \(byteCount) bytes but the file has \(elements * dtype.itemSize) after the header"
+    )
   }
 
   /// Throws when a pipe holds more than the shape says (a regular file's size was checked).
@@ -142,7 +143,8 @@ struct NPYLayout {
           let byte = raw[i]
           guard byte <= 1 else {
             throw AttentionError.file(
-              path: name, message: "bool element \(first + i) is stored as byte \(byte), not 0 or 1")
+              path: name, message: "bool element \(first + i) is stored as byte \(byte), not 0 or 1"
+            )
           }
           out[i] = Float(byte)
         }

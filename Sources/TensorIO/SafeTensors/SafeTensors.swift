@@ -68,7 +68,8 @@ public struct SafeTensorsFile: Equatable, Sendable {
     do {
       return try body()
     } catch AttentionError.parameter(let name, let message) {
-      throw AttentionError.file(path: source, message: "tensor \(quotedForMessage(name)) \(message)")
+      throw AttentionError.file(
+        path: source, message: "tensor \(quotedForMessage(name)) \(message)")
     }
   }
 }

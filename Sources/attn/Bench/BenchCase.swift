@@ -19,8 +19,10 @@ struct BenchCase {
   static let order = ["attention", "causal", "dropout", "relpos", "efficiency", "long"]
   static let standard: [String: BenchCase] = [
     "attention": BenchCase(name: "attention", batch: 1, heads: 8, length: 2048, headDim: 64),
-    "causal": BenchCase(name: "causal", batch: 1, heads: 8, length: 2048, headDim: 64, causal: true),
-    "dropout": BenchCase(name: "dropout", batch: 4, heads: 8, length: 1024, headDim: 64, dropout: 0.1),
+    "causal": BenchCase(
+      name: "causal", batch: 1, heads: 8, length: 2048, headDim: 64, causal: true),
+    "dropout": BenchCase(
+      name: "dropout", batch: 4, heads: 8, length: 1024, headDim: 64, dropout: 0.1),
     "relpos": BenchCase(
       name: "relpos", batch: 1, heads: 1, length: 2048, headDim: 64, maxDistance: 32),
     "efficiency": BenchCase(name: "efficiency", batch: 1, heads: 8, length: 4096, headDim: 64),
@@ -102,8 +104,10 @@ struct BenchCase {
     let dv = reference.shape.valueDim
     for (b, i) in rows {
       let offset = (b * reference.shape.queries + i) * dv
-      worst = max(worst, reference.row(batch: b, query: i)
-        .outputErrorRatio(first.output.scalars[offset..<(offset + dv)]))
+      worst = max(
+        worst,
+        reference.row(batch: b, query: i)
+          .outputErrorRatio(first.output.scalars[offset..<(offset + dv)]))
     }
     guard worst <= 1 else {
       throw AttentionError.invalidArgument(
@@ -112,7 +116,8 @@ struct BenchCase {
     }
 
     let ceiling = GemmCeiling(
-      queryBlock: min(configuration.queryBlock, length), keyBlock: min(configuration.keyBlock, length),
+      queryBlock: min(configuration.queryBlock, length),
+      keyBlock: min(configuration.keyBlock, length),
       headDim: headDim, valueDim: headDim, threads: threads)
     let tiles = max(threads, Int(4 * pairs * Double(headDim) / ceiling.flopsPerTile))
     var times: [Double] = []

@@ -31,11 +31,12 @@ struct GemmCeiling {
         for _ in 0..<perThread {
           BLAS.sgemm(
             transposeB: true, m: bq, n: bk, k: d, a: t.q, lda: d, b: t.k, ldb: d, c: t.s, ldc: bk)
-          BLAS.sgemm(m: bq, n: dv, k: bk, a: t.s, lda: bk, b: t.v, ldb: dv, beta: 1, c: t.o, ldc: dv)
+          BLAS.sgemm(
+            m: bq, n: dv, k: bk, a: t.s, lda: bk, b: t.v, ldb: dv, beta: 1, c: t.o, ldc: dv)
         }
       }
     }
-    buffers.forEach { $0.deallocate() }
+    for buffer in buffers { buffer.deallocate() }
     return flopsPerTile * Double(perThread * threads) / seconds * 1e-9
   }
 }

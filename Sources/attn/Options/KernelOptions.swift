@@ -74,7 +74,7 @@ struct KernelOptions: ParsableArguments {
     try explainingMemoryBudget {
       try Progress().during("running the \(kernel.rawValue) kernel") {
         try Attention.scaledDotProduct(
-        queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
+          queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
           kernel: attentionKernel, needWeights: kernel == .materialized, threads: threads,
           memoryBudget: memoryBudget)
       }

@@ -1,7 +1,7 @@
 import ArgumentParser
 import AttentionKit
-import TensorIO
 import Foundation
+import TensorIO
 
 /// Reads a `.npy` file as a Float tensor (float32, float64 or bool).
 func loadTensor(_ path: String) throws -> Tensor {
@@ -22,10 +22,11 @@ func writeOutputs(_ files: [(path: String?, bytes: () throws -> [UInt8])]) throw
 
 /// `writeOutputs` for tensors saved as float32 `.npy`; a pair with a `nil` tensor is skipped.
 func writeOutputs(npy files: [(path: String?, tensor: Tensor?)]) throws {
-  try writeOutputs(files.compactMap { file -> (path: String?, bytes: () throws -> [UInt8])? in
-    guard let path = file.path, let tensor = file.tensor else { return nil }
-    return (path, { NPY.encode(tensor) })
-  })
+  try writeOutputs(
+    files.compactMap { file -> (path: String?, bytes: () throws -> [UInt8])? in
+      guard let path = file.path, let tensor = file.tensor else { return nil }
+      return (path, { NPY.encode(tensor) })
+    })
 }
 
 /// Refuses an output path that is also an input path (a usage error, exit 64): a run must never

@@ -11,7 +11,9 @@ enum Stopwatch {
 
   /// Seconds taken by `body`, and its result, which is returned rather than dropped so that
   /// freeing it happens after the clock stops.
-  static func measure<Result>(_ body: () throws -> Result) rethrows -> (seconds: Double, result: Result) {
+  static func measure<Result>(_ body: () throws -> Result) rethrows -> (
+    seconds: Double, result: Result
+  ) {
     let start = DispatchTime.now().uptimeNanoseconds
     let result = try body()
     return (Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9, result)

@@ -60,7 +60,8 @@ struct TerminalHeatmap {
     switch style {
     case .plain: return "'" + String(ramp) + "'"
     case .palette256:
-      return (0...8).map { "\u{1B}[48;5;\(Viridis.xterm256(Double($0) / 8))m " }.joined() + "\u{1B}[0m"
+      return (0...8).map { "\u{1B}[48;5;\(Viridis.xterm256(Double($0) / 8))m " }.joined()
+        + "\u{1B}[0m"
     case .trueColor:
       return (0...8).map {
         let c = Viridis.rgb(Double($0) / 8)

@@ -21,10 +21,11 @@ enum Viridis {
   /// `#rrggbb`, for SVG.
   static func hex(_ t: Double) -> String {
     let c = rgb(t)
-    return "#" + [c.red, c.green, c.blue].map { value in
-      let s = String(value, radix: 16)
-      return s.count == 1 ? "0" + s : s
-    }.joined()
+    return "#"
+      + [c.red, c.green, c.blue].map { value in
+        let s = String(value, radix: 16)
+        return s.count == 1 ? "0" + s : s
+      }.joined()
   }
 
   /// The nearest colour of the xterm 256-colour 6×6×6 cube.

@@ -26,14 +26,18 @@ struct BenchCommand: ParsableCommand {
   @Flag(help: "Causal mask.") var causal = false
   @Flag(help: "Custom case: the relative-position module (d_model = --d-k, one head).")
   var relpos = false
-  @Option(name: .customLong("max-rel"), help: "Largest relative distance M with --relpos (default 32).")
+  @Option(
+    name: .customLong("max-rel"), help: "Largest relative distance M with --relpos (default 32).")
   var maxDistance: Int?
-  @Option(help: "Cases to run, comma-separated (attention, causal, dropout, relpos, efficiency, long).")
+  @Option(
+    help: "Cases to run, comma-separated (attention, causal, dropout, relpos, efficiency, long).")
   var cases: String?
   @OptionGroup var execution: ExecutionOptions
   @Option(help: "Timed runs per case (the median is reported).") var repeats: Int = 5
-  @Option(help: "Query block Bq of the tiled kernel.") var queryBlock: Int = TiledAttention.Configuration.default.queryBlock
-  @Option(help: "Key block Bk of the tiled kernel.") var keyBlock: Int = TiledAttention.Configuration.default.keyBlock
+  @Option(help: "Query block Bq of the tiled kernel.") var queryBlock: Int = TiledAttention
+    .Configuration.default.queryBlock
+  @Option(help: "Key block Bk of the tiled kernel.") var keyBlock: Int = TiledAttention
+    .Configuration.default.keyBlock
   @Option(help: "Seed for the inputs and dropout.") var seed: UInt64 = 42
   @Option(help: "Output format: text or json.") var format: OutputFormat = .text
 
@@ -57,9 +61,12 @@ struct BenchCommand: ParsableCommand {
     }
     if let p, !(p >= 0 && p < 1) { throw ValidationError("--p must be in [0, 1), got \(p)") }
     try FlagLimits.check("--repeats", repeats, in: 1...FlagLimits.repeats)
-    guard queryBlock > 0, keyBlock > 0 else { throw ValidationError("block sizes must be positive") }
+    guard queryBlock > 0, keyBlock > 0 else {
+      throw ValidationError("block sizes must be positive")
+    }
     if isCustom && cases != nil {
-      throw ValidationError("--cases picks standard cases; shape flags make one custom case: not both")
+      throw ValidationError(
+        "--cases picks standard cases; shape flags make one custom case: not both")
     }
     if let cases {
       for name in cases.split(separator: ",") where BenchCase.standard[String(name)] == nil {
@@ -73,10 +80,12 @@ struct BenchCommand: ParsableCommand {
     WarmAllocator.keepFreedMemory()
     let selected: [BenchCase]
     if isCustom {
-      selected = [BenchCase(
-        name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024,
-        headDim: headDim ?? 64, dropout: p ?? 0, causal: causal,
-        maxDistance: relpos ? (maxDistance ?? 32) : nil)]
+      selected = [
+        BenchCase(
+          name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024,
+          headDim: headDim ?? 64, dropout: p ?? 0, causal: causal,
+          maxDistance: relpos ? (maxDistance ?? 32) : nil)
+      ]
     } else {
       let names = cases.map { $0.split(separator: ",").map(String.init) } ?? BenchCase.order
       selected = names.compactMap { BenchCase.standard[$0] }
@@ -88,7 +97,9 @@ struct BenchCommand: ParsableCommand {
     }
     var results: [BenchResult] = []
     if format == .text {
-      print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(queryBlock) × Bk \(keyBlock)")
+      print(
+        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(queryBlock) × Bk \(keyBlock)"
+      )
     }
     let progress = Progress()
     defer { progress.clear() }
@@ -100,9 +111,10 @@ struct BenchCommand: ParsableCommand {
       if format == .text { print(result.line) }
     }
     if format == .json {
-      try printJSON(BenchReport(
-        openblasCore: BLAS.coreName, threads: threadCount, queryBlock: queryBlock,
-        keyBlock: keyBlock, cases: results))
+      try printJSON(
+        BenchReport(
+          openblasCore: BLAS.coreName, threads: threadCount, queryBlock: queryBlock,
+          keyBlock: keyBlock, cases: results))
     }
   }
 }

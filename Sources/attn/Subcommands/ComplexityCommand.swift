@@ -1,7 +1,7 @@
 import ArgumentParser
 import AttentionKit
-import TensorIO
 import Foundation
+import TensorIO
 
 /// `attn complexity`: exercise 2, the time and space complexity of self-attention, measured.
 ///
@@ -114,4 +114,3 @@ struct ComplexityCommand: ParsableCommand {
     }
   }
 }
-

@@ -42,10 +42,13 @@ struct DropoutCommand: ParsableCommand {
   @Flag(help: "Evaluation mode: no dropout (as training=False).")
   var eval = false
 
-  @Option(help: "Mask: none, causal, or a .npy of 0/1 or booleans broadcastable to […, Tq, Tk] (0 = masked).")
+  @Option(
+    help:
+      "Mask: none, causal, or a .npy of 0/1 or booleans broadcastable to […, Tq, Tk] (0 = masked).")
   var mask: MaskChoice = .none
 
-  @Option(help: "Additive float mask (.npy) broadcastable to […, Tq, Tk], added to the scaled scores.")
+  @Option(
+    help: "Additive float mask (.npy) broadcastable to […, Tq, Tk], added to the scaled scores.")
   var bias: String?
 
   @Option(help: "Queries Q […, Tq, D] (.npy); give --q, --k and --v together.")
@@ -86,7 +89,8 @@ struct DropoutCommand: ParsableCommand {
         "--rng torch draws Q, K and V; it cannot be combined with --q, --k, --v")
     }
     if kernelOptions.kernel == .tiled && weightsOut != nil {
-      throw ValidationError("--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
+      throw ValidationError(
+        "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
     try visualization.check(
       kernel: kernelOptions.kernel, batchCount: given == 0 ? batch : nil, queries: seqLen,
@@ -148,13 +152,14 @@ struct DropoutCommand: ParsableCommand {
     let droppedFraction = checker.droppedFraction(result: result, preDropout: preDropout?.weights)
     switch format {
     case .json:
-      try printJSON(DropoutReport(
-        outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,
-        p: Double(p.description) ?? Double(p), seed: seed, rng: rng.rawValue, training: !eval,
-        kernel: kernelOptions.kernel.rawValue,
-        mask: mask.description, droppedFraction: droppedFraction,
-        checks: checks.dictionary, verified: checks.allPassed,
-        explainBatch: visuals.batch, steps: visuals.steps))
+      try printJSON(
+        DropoutReport(
+          outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,
+          p: Double(p.description) ?? Double(p), seed: seed, rng: rng.rawValue, training: !eval,
+          kernel: kernelOptions.kernel.rawValue,
+          mask: mask.description, droppedFraction: droppedFraction,
+          checks: checks.dictionary, verified: checks.allPassed,
+          explainBatch: visuals.batch, steps: visuals.steps))
     case .text:
       printText(
         result: result, shape: reference.shape, checks: checks, dropped: droppedFraction,
@@ -195,8 +200,9 @@ struct DropoutCommand: ParsableCommand {
   ) {
     let mode = eval ? "eval, no dropout" : "training, p = \(p)"
     let generator = rng == .philox ? "" : ", \(rng) rng"
-    print("Exercise 1: scaled dot-product attention with dropout "
-      + "(\(mode), seed \(seed)\(generator), mask \(mask), \(kernelOptions.kernel) kernel)")
+    print(
+      "Exercise 1: scaled dot-product attention with dropout "
+        + "(\(mode), seed \(seed)\(generator), mask \(mask), \(kernelOptions.kernel) kernel)")
     if let note = rng.note(training: !eval) { print(note) }
     print("Output shape: \(torchSizeDescription(result.output.shape))")
     print("Attention shape: \(torchSizeDescription(shape.weightsShape))")
@@ -209,9 +215,10 @@ struct DropoutCommand: ParsableCommand {
     if let weights = result.weights, shape.batchCount > 0, shape.queries <= 64, shape.keys <= 64 {
       let title = shape.batchCount > 1 ? " (first of \(shape.batchCount) matrices)" : ""
       print("\nAttention weights after dropout\(title):")
-      print(TerminalHeatmap.render(
-        Array(weights.scalars[0..<(shape.queries * shape.keys)]),
-        rows: shape.queries, columns: shape.keys))
+      print(
+        TerminalHeatmap.render(
+          Array(weights.scalars[0..<(shape.queries * shape.keys)]),
+          rows: shape.queries, columns: shape.keys))
     }
     print(checks.allPassed ? "\nSolution verified!" : "\nSolution NOT verified.")
   }

@@ -1,7 +1,7 @@
 import ArgumentParser
 import AttentionKit
-import TensorIO
 import Foundation
+import TensorIO
 
 /// `attn relpos`: exercise 3, self-attention with learned relative-position embeddings.
 struct RelposCommand: ParsableCommand {
@@ -25,7 +25,8 @@ struct RelposCommand: ParsableCommand {
   )
 
   @Option(
-    name: .customLong("d-model"), help: "Model width D = d_model (default 64, or from --weights or --input).")
+    name: .customLong("d-model"),
+    help: "Model width D = d_model (default 64, or from --weights or --input).")
   var modelDim: Int?
 
   @Option(
@@ -55,7 +56,8 @@ struct RelposCommand: ParsableCommand {
   var saveWeights: String?
 
   @Option(
-    help: "Mask: none, causal, or a .npy of 0/1 or booleans broadcastable to [B, T, T] (0 = masked).")
+    help:
+      "Mask: none, causal, or a .npy of 0/1 or booleans broadcastable to [B, T, T] (0 = masked).")
   var mask: MaskChoice = .none
 
   @Option(help: "Write the output [B, T, d_model] as float32 .npy.")
@@ -75,7 +77,8 @@ struct RelposCommand: ParsableCommand {
 
   func validate() throws {
     if rng == .torch && weights != nil && input != nil {
-      throw ValidationError("--rng torch draws the weights and x; with --weights and --input nothing is drawn")
+      throw ValidationError(
+        "--rng torch draws the weights and x; with --weights and --input nothing is drawn")
     }
     try FlagLimits.check("--d-model", modelDim, in: 1...FlagLimits.dimension)
     try FlagLimits.check("--max-rel", maxDistance, in: 0...FlagLimits.maxDistance)
@@ -134,7 +137,8 @@ struct RelposCommand: ParsableCommand {
     }
     try checkFiniteResult(
       result.output, name: "the output",
-      inputs: [inputs] + Array(module.stateDict.tensors.values) + [attentionMask.keep].compactMap { $0 })
+      inputs: [inputs] + Array(module.stateDict.tensors.values)
+        + [attentionMask.keep].compactMap { $0 })
 
     let reference = try ReferenceAttention(
       queries: result.queries, keys: result.keys, values: result.values, mask: attentionMask,
@@ -157,7 +161,10 @@ struct RelposCommand: ParsableCommand {
     if checks.allPassed {
       var files: [(path: String?, bytes: () throws -> [UInt8])] = [
         (out, { NPY.encode(result.output) }),
-        (saveWeights, { try SafeTensors.encode(module.stateDict.tensors, metadata: ["format": "pt"]) }),
+        (
+          saveWeights,
+          { try SafeTensors.encode(module.stateDict.tensors, metadata: ["format": "pt"]) }
+        ),
       ]
       if let weights = result.weights { files.append((weightsOut, { NPY.encode(weights) })) }
       try writeOutputs(files)
@@ -167,14 +174,15 @@ struct RelposCommand: ParsableCommand {
     let (b, t) = (inputs.shape[0], inputs.shape[1])
     switch format {
     case .json:
-      try printJSON(RelposReport(
-        inputShape: inputs.shape, outputShape: result.output.shape, weightsShape: [b, t, t],
-        dModel: d, maxRel: module.maxDistance, seed: seed, rng: rng.rawValue,
-        weights: weights ?? "random", input: input ?? "random", mask: mask.description,
-        kernel: kernelOptions.kernel.rawValue, workspaceBytes: result.workspaceBytes,
-        gatherBytes: Self.gatherBytes(t: t, d: d),
-        checks: checks.dictionary, verified: checks.allPassed,
-        explainBatch: visuals.batch, steps: visuals.steps))
+      try printJSON(
+        RelposReport(
+          inputShape: inputs.shape, outputShape: result.output.shape, weightsShape: [b, t, t],
+          dModel: d, maxRel: module.maxDistance, seed: seed, rng: rng.rawValue,
+          weights: weights ?? "random", input: input ?? "random", mask: mask.description,
+          kernel: kernelOptions.kernel.rawValue, workspaceBytes: result.workspaceBytes,
+          gatherBytes: Self.gatherBytes(t: t, d: d),
+          checks: checks.dictionary, verified: checks.allPassed,
+          explainBatch: visuals.batch, steps: visuals.steps))
     case .text:
       try printText(
         module: module, inputs: inputs, result: result, checks: checks,
@@ -297,15 +305,18 @@ struct RelposCommand: ParsableCommand {
     checks: [Check], explanation: String?
   ) throws {
     let (b, t, d) = (inputs.shape[0], inputs.shape[1], module.modelDim)
-    let source = weights.map { "weights \($0)" }
+    let source =
+      weights.map { "weights \($0)" }
       ?? (rng == .torch ? "weights from torch.manual_seed(\(seed))" : "weights from seed \(seed)")
-    print("Exercise 3: relative position attention (d_model \(d), M \(module.maxDistance), "
-      + "\(source), mask \(mask), \(kernelOptions.kernel) kernel)")
+    print(
+      "Exercise 3: relative position attention (d_model \(d), M \(module.maxDistance), "
+        + "\(source), mask \(mask), \(kernelOptions.kernel) kernel)")
     print("Input shape: \(torchSizeDescription(inputs.shape))")
     print("Output shape: \(torchSizeDescription(result.output.shape))")
     print("Attention shape: \(torchSizeDescription([b, t, t]))")
-    print("Memory: \(formatBytes(result.workspaceBytes)) of workspace; the notebook's "
-      + "[T, T, d_model] gather alone would take \(formatBytes(Self.gatherBytes(t: t, d: d)))")
+    print(
+      "Memory: \(formatBytes(result.workspaceBytes)) of workspace; the notebook's "
+        + "[T, T, d_model] gather alone would take \(formatBytes(Self.gatherBytes(t: t, d: d)))")
     if let explanation { print("\n" + explanation) }
     print("\nChecks:")
     print(checks.report())
@@ -326,9 +337,10 @@ struct RelposCommand: ParsableCommand {
       print("\nRelative-position term q_i·E[clip(j − i) + M]/√d_model\(title):")
       print(TerminalHeatmap.render(position, rows: t, columns: t, low: low, high: high))
     }
-    print(checks.allPassed
-      ? "\nRelative position attention implemented successfully!"
-      : "\nRelative position attention NOT verified.")
+    print(
+      checks.allPassed
+        ? "\nRelative position attention implemented successfully!"
+        : "\nRelative position attention NOT verified.")
   }
 }
 

@@ -56,7 +56,9 @@ struct AttentionChecks {
       let (dropped, candidates) = sampledDrops(dropout)
       checks.append(dropShareCheck(dropped: dropped, candidates: candidates, dropout: dropout))
     }
-    if let post = result.weights { checks.append(outputCheck(output: result.output, weights: post)) }
+    if let post = result.weights {
+      checks.append(outputCheck(output: result.output, weights: post))
+    }
     checks.append(referenceCheck(result))
     return checks
   }
@@ -129,7 +131,8 @@ struct AttentionChecks {
           if !sameNonFinite(actual, sum) { worst = .infinity }
           continue
         }
-        let bound = Double(tk + 2) * Self.unitRoundoff * magnitude
+        let bound =
+          Double(tk + 2) * Self.unitRoundoff * magnitude
           + Double(Float.leastNormalMagnitude)
         let ratio = abs(actual - sum) / bound
         worst = max(worst, ratio.isNaN ? .infinity : ratio)

@@ -7,7 +7,9 @@ import Foundation
 /// built from the two exact tails with `P(X < low) ≤ α/2` and `P(X > high) ≤ α/2`, so a correct
 /// implementation falls outside it with probability at most `α` (the CLI uses `α = 10⁻⁴`).
 public enum BinomialBound {
-  public static func interval(n: Int, p: Double, failureProbability alpha: Double) -> ClosedRange<Int> {
+  public static func interval(n: Int, p: Double, failureProbability alpha: Double) -> ClosedRange<
+    Int
+  > {
     if n == 0 || p <= 0 { return 0...0 }
     if p >= 1 { return n...n }
     let tail = alpha / 2
@@ -16,8 +18,9 @@ public enum BinomialBound {
     let logQ = log1p(-p)
     let logN = logGamma(Double(n) + 1)
     func pmf(_ k: Int) -> Double {
-      exp(logN - logGamma(Double(k) + 1) - logGamma(Double(n - k) + 1)
-        + Double(k) * logP + Double(n - k) * logQ)
+      exp(
+        logN - logGamma(Double(k) + 1) - logGamma(Double(n - k) + 1)
+          + Double(k) * logP + Double(n - k) * logQ)
     }
     var low = 0
     var below = 0.0  // P(X < low)

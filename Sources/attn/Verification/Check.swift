@@ -1,5 +1,5 @@
-import Foundation
 import AttentionKit
+import Foundation
 
 /// One verification the CLI performs on a result: a name for JSON, a sentence for people, and the
 /// measured figure that decided it.
@@ -18,7 +18,9 @@ struct ChecksFailed: Error, CustomStringConvertible {
 
 extension Array where Element == Check {
   var allPassed: Bool { allSatisfy(\.passed) }
-  var dictionary: [String: Bool] { Dictionary(map { ($0.name, $0.passed) }, uniquingKeysWith: { $0 && $1 }) }
+  var dictionary: [String: Bool] {
+    Dictionary(map { ($0.name, $0.passed) }, uniquingKeysWith: { $0 && $1 })
+  }
 
   /// The checks as text lines, `✓`/`✗` first.
   func report() -> String {

@@ -1,7 +1,7 @@
 import ArgumentParser
 import AttentionKit
-import TensorIO
 import Foundation
+import TensorIO
 
 /// The CLI's policy on hostile or unlucky inputs: non-finite values in files, non-finite results
 /// from finite inputs, and buffers sized by flags that the memory budget cannot hold.
@@ -164,9 +164,13 @@ extension BenchCase {
     let workers = max(1, min(threads, tasks))
     // With relpos: the table E [2M + 1, D], the projections of x (3 more [B, T, D]), and each
     // thread's [Bq, ≤ min(2M + 1, 2T − 1)] slice of R = Q·Eᵀ.
-    let relpos: [[Int]] = maxDistance.map { m in
-      [[2 * m + 1, headDim], [4, batch, length, headDim], [workers, bq, min(2 * m + 1, 2 * length)]]
-    } ?? []
+    let relpos: [[Int]] =
+      maxDistance.map { m in
+        [
+          [2 * m + 1, headDim], [4, batch, length, headDim],
+          [workers, bq, min(2 * m + 1, 2 * length)],
+        ]
+      } ?? []
     try MemoryGuard.check(
       [
         [4, batch, heads, length, headDim], [2, workers, bq, bk], [2, workers, bq, headDim],
