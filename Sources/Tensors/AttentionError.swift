@@ -66,7 +66,8 @@ public struct MemoryBudgetExceeded: Equatable, Sendable, CustomStringConvertible
   }
 
   public var description: String {
-    let needed = neededBytes.map(formatBytes) ?? "more bytes than memory can index"
+    let needed =
+      neededBytes.map { formatBytes($0) + " needed" } ?? "more bytes than memory can index"
     let source = budgetSource.map { " (\($0))" } ?? ""
     let todo: String
     switch advice {
@@ -74,6 +75,6 @@ public struct MemoryBudgetExceeded: Equatable, Sendable, CustomStringConvertible
     case .other(let text): todo = text
     }
     return
-      "\(what) need \(needed), over the budget of \(formatBytes(budgetBytes))\(source); \(todo)"
+      "\(what): \(needed), over the budget of \(formatBytes(budgetBytes))\(source); \(todo)"
   }
 }

@@ -16,11 +16,32 @@ public func formatBytes(_ bytes: Int) -> String {
   return unit == 0 ? "\(bytes) B" : String(format: "%.2f %@", value, units[unit])
 }
 
-/// A name as it appears in an error message: quoted, with control characters escaped so the
-/// message stays on one line, and cut short when a hostile file makes it huge.
+/// A name as it appears in an error message: quoted, with every character that could change
+/// how the terminal shows the line escaped as `\u{…}` — control characters (C0, DEL, C1: escape
+/// sequences, carriage return, NUL) and the bidirectional controls (U+061C, U+200E–U+200F,
+/// U+202A–U+202E, U+2066–U+2069: a name cannot reorder the rest of the message) — and cut to
+/// `limit` characters when a hostile file makes it huge.
 public func quotedForMessage(_ text: String, limit: Int = 80) -> String {
-  if text.count <= limit { return text.debugDescription }
-  return String(text.prefix(limit)).debugDescription + "…"
+  var out = "\""
+  var count = 0
+  for scalar in text.unicodeScalars {
+    if count == limit {
+      out += "\"…"
+      return out
+    }
+    count += 1
+    switch scalar.value {
+    case 0x22: out += "\\\""
+    case 0x5C: out += "\\\\"
+    case 0x0A: out += "\\n"
+    case 0x0D: out += "\\r"
+    case 0x09: out += "\\t"
+    case 0x00...0x1F, 0x7F...0x9F, 0x061C, 0x200E...0x200F, 0x202A...0x202E, 0x2066...0x2069:
+      out += "\\u{" + String(scalar.value, radix: 16) + "}"
+    default: out.unicodeScalars.append(scalar)
+    }
+  }
+  return out + "\""
 }
 
 /// A shape as it appears in an error message, `[2, 3]` or Python's `(2, 3)`; a hostile file's

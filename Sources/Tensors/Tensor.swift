@@ -21,7 +21,7 @@ public struct Tensor: Equatable, Sendable {
     let count = try Tensor.elementCount(of: shape)
     guard count == scalars.count else {
       throw AttentionError.shapeMismatch(
-        "shape \(shape) holds \(count) elements but \(scalars.count) were given")
+        "shape \(shapeForMessage(shape)) holds \(count) elements but \(scalars.count) were given")
     }
     self.shape = shape
     self.scalars = scalars
@@ -51,7 +51,8 @@ public struct Tensor: Equatable, Sendable {
     precondition(index.count == shape.count, "index rank \(index.count) ≠ tensor rank \(rank)")
     var flat = 0
     for (i, extent) in zip(index, shape) {
-      precondition(i >= 0 && i < extent, "index \(index) out of bounds for shape \(shape)")
+      precondition(
+        i >= 0 && i < extent, "index \(index) out of bounds for shape \(shapeForMessage(shape))")
       flat = flat * extent + i
     }
     return flat
@@ -67,12 +68,13 @@ public struct Tensor: Equatable, Sendable {
     var count = 1
     for extent in shape {
       guard extent >= 0 else {
-        throw AttentionError.invalidArgument("negative dimension \(extent) in shape \(shape)")
+        throw AttentionError.invalidArgument(
+          "negative dimension \(extent) in shape \(shapeForMessage(shape))")
       }
       let (product, overflow) = count.multipliedReportingOverflow(by: extent)
       guard !overflow else {
         throw AttentionError.invalidArgument(
-          "shape \(shape) has more elements than memory can index")
+          "shape \(shapeForMessage(shape)) has more elements than memory can index")
       }
       count = product
     }
@@ -81,5 +83,5 @@ public struct Tensor: Equatable, Sendable {
 }
 
 extension Tensor: CustomStringConvertible {
-  public var description: String { "Tensor(shape: \(shape))" }
+  public var description: String { "Tensor(shape: \(shapeForMessage(shape)))" }
 }

@@ -30,24 +30,34 @@ struct Attn: ParsableCommand {
   )
 
   /// Parses, runs, and turns every error into one line and an exit code, instead of the
-  /// library's default of printing the usage text after a usage error.
+  /// library's default of printing the usage text after a usage error. A failed write to
+  /// standard output is an error too (exit 1); one to standard error is not (nowhere to say so).
   static func main() {
     OpenBLASCore.upgradeIfNeeded()
+    StandardStreams.prepare()
+    SignalCleanup.install()
+    let arguments = StandardStreams.separatingOutputs(Array(CommandLine.arguments.dropFirst()))
+    var code = ExitCode.success
     do {
-      var command = try parseAsRoot()
+      var command = try parseAsRoot(arguments)
       try command.run()
     } catch {
-      let code = exitCode(for: error)
+      code = exitCode(for: error)
       if code == .success {
         // --help, --version: the parser's full text on stdout.
         print(fullMessage(for: error))
-        Foundation.exit(0)
+      } else {
+        let message =
+          message(for: error)
+          .split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init)
+          ?? "failed"
+        StandardStreams.writeError("attn: \(message)")
       }
-      let message =
-        message(for: error)
-        .split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? "failed"
-      FileHandle.standardError.write(Data("attn: \(message)\n".utf8))
-      Foundation.exit(code.rawValue)
     }
+    if let failure = StandardStreams.finishStandardOutput() {
+      StandardStreams.writeError("attn: \(failure)")
+      if code == .success { code = .failure }
+    }
+    Foundation.exit(code.rawValue)
   }
 }

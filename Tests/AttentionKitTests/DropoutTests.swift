@@ -1,8 +1,8 @@
-import AttentionKit
 import Foundation
 import Testing
 import _TestSupport
 
+@testable import AttentionKit
 @testable import attn
 
 /// Dropout on attention weights: the numpy fixtures' keep masks (Philox4x32-10, the layout of

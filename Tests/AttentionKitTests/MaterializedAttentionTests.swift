@@ -1,7 +1,8 @@
-import AttentionKit
 import Foundation
 import Testing
 import _TestSupport
+
+@testable import AttentionKit
 
 /// `MaterializedAttention` and `ReferenceAttention` on every `sdpa` case of the numpy fixtures.
 ///

@@ -166,7 +166,8 @@ struct BadInputTests {
     runtime(
       ["dropout", "--q", "q.npy", "--k", "k.npy", "--v", "v_neginf.npy"],
       "v_neginf.npy: -inf at [0, 2, 7]"),
-    runtime(["dropout", "--mask", "mask_nan.npy"], "mask_nan.npy: NaN at [1, 2]"),
+    runtime(
+      ["dropout", "--mask", "mask_nan.npy"], "mask_nan.npy: value NaN at [1, 2] is not 0 or 1"),
     runtime(["dropout", "--bias", "bias_nan.npy"], "bias_nan.npy: NaN at [2, 1]"),
     runtime(["dropout", "--bias", "bias_posinf.npy"], "bias_posinf.npy: inf at [0, 2, 3]"),
     runtime(["relpos", "--input", "x_nan.npy"], "x_nan.npy: NaN at [1, 2, 3]"),
@@ -191,7 +192,6 @@ struct BadInputTests {
   static let outputAndMemoryCases: [Case] = [
     runtime(["dropout", "--out", "nofolder/o.npy"], "nofolder/o.npy", "does not exist"),
     runtime(["dropout", "--out", "adir"], "adir", "folder"),
-    runtime(["dropout", "--out", "/dev/null"], "/dev/null", "not a regular file"),
     // The first output could be written, the second cannot: neither is.
     runtime(["dropout", "--out", "o.npy", "--weights-out", "nofolder/w.npy"], "nofolder/w.npy"),
     runtime(

@@ -46,7 +46,8 @@ struct BroadcastMatrix: Sendable {
     let target = batchShape + [rows, columns]
     guard tensor.rank <= target.count else {
       throw AttentionError.shapeMismatch(
-        "\(name) of shape \(tensor.shape) has more dimensions than the scores \(target)")
+        "\(name) of shape \(shapeForMessage(tensor.shape)) has more dimensions than the scores \(shapeForMessage(target))"
+      )
     }
     // Strides of the tensor itself, then aligned to the target at the right.
     var ownStrides = [Int](repeating: 0, count: tensor.rank)
@@ -62,7 +63,8 @@ struct BroadcastMatrix: Sendable {
       let targetExtent = target[lead + axis]
       guard extent == targetExtent || extent == 1 else {
         throw AttentionError.shapeMismatch(
-          "\(name) of shape \(tensor.shape) does not broadcast to the scores \(target)")
+          "\(name) of shape \(shapeForMessage(tensor.shape)) does not broadcast to the scores \(shapeForMessage(target))"
+        )
       }
       strides[lead + axis] = extent == 1 ? 0 : ownStrides[axis]
     }

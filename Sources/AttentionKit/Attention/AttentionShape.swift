@@ -17,19 +17,23 @@ public struct AttentionShape: Sendable, Equatable {
   public init(queries q: Tensor, keys k: Tensor, values v: Tensor) throws {
     guard q.rank >= 2, k.rank >= 2, v.rank >= 2 else {
       throw AttentionError.shapeMismatch(
-        "queries \(q.shape), keys \(k.shape) and values \(v.shape) need at least 2 dimensions")
+        "queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)) and values \(shapeForMessage(v.shape)) need at least 2 dimensions"
+      )
     }
     guard q.batchShape == k.batchShape, k.batchShape == v.batchShape else {
       throw AttentionError.shapeMismatch(
-        "leading dimensions differ: queries \(q.shape), keys \(k.shape), values \(v.shape)")
+        "leading dimensions differ: queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)), values \(shapeForMessage(v.shape))"
+      )
     }
     guard q.shape[q.rank - 1] == k.shape[k.rank - 1] else {
       throw AttentionError.shapeMismatch(
-        "queries \(q.shape) and keys \(k.shape) have different head dimensions D")
+        "queries \(shapeForMessage(q.shape)) and keys \(shapeForMessage(k.shape)) have different head dimensions D"
+      )
     }
     guard k.shape[k.rank - 2] == v.shape[v.rank - 2] else {
       throw AttentionError.shapeMismatch(
-        "keys \(k.shape) and values \(v.shape) have different numbers of keys Tk")
+        "keys \(shapeForMessage(k.shape)) and values \(shapeForMessage(v.shape)) have different numbers of keys Tk"
+      )
     }
     batchShape = q.batchShape
     batchCount = q.batchCount

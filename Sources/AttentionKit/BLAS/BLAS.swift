@@ -56,7 +56,7 @@ extension Tensor {
   {
     guard rank >= 2, right.rank >= 2, batchShape == right.batchShape else {
       throw AttentionError.shapeMismatch(
-        "cannot multiply \(shape) by \(right.shape)\(transposeRight ? "ᵀ" : ""): "
+        "cannot multiply \(shapeForMessage(shape)) by \(shapeForMessage(right.shape))\(transposeRight ? "ᵀ" : ""): "
           + "both need rank ≥ 2 and equal leading dimensions")
     }
     let m = shape[rank - 2]
@@ -65,7 +65,8 @@ extension Tensor {
     let rightK = transposeRight ? right.shape[right.rank - 1] : right.shape[right.rank - 2]
     guard k == rightK else {
       throw AttentionError.shapeMismatch(
-        "inner dimensions differ: \(shape) · \(right.shape)\(transposeRight ? "ᵀ" : "")")
+        "inner dimensions differ: \(shapeForMessage(shape)) · \(shapeForMessage(right.shape))\(transposeRight ? "ᵀ" : "")"
+      )
     }
     try BLAS.checkDimensions(m, n, k, context: "matmul")
     var result = try Tensor(shape: batchShape + [m, n])

@@ -130,7 +130,7 @@ public struct ReferenceAttention: Sendable {
   }
 
   /// Every row, as a result with the same layout as the fast kernels'.
-  public func compute() -> AttentionResult {
+  func compute() -> AttentionResult {
     let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
     var weights = [Float](repeating: 0, count: shape.batchCount * tq * tk)
     var output = [Float](repeating: 0, count: shape.batchCount * tq * dv)

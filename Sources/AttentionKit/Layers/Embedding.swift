@@ -17,7 +17,7 @@ public struct Embedding: Sendable, Equatable {
   public init(weight: Tensor) throws {
     guard weight.rank == 2 else {
       throw AttentionError.shapeMismatch(
-        "an embedding table must be [N, D], got \(weight.shape)")
+        "an embedding table must be [N, D], got \(shapeForMessage(weight.shape))")
     }
     self.weight = weight
   }

@@ -21,12 +21,12 @@ public struct Linear: Sendable, Equatable {
   public init(weight: Tensor, bias: Tensor?) throws {
     guard weight.rank == 2 else {
       throw AttentionError.shapeMismatch(
-        "a linear layer's weight must be [out, in], got \(weight.shape)")
+        "a linear layer's weight must be [out, in], got \(shapeForMessage(weight.shape))")
     }
     if let bias, bias.shape != [weight.shape[0]] {
       throw AttentionError.shapeMismatch(
-        "a linear layer's bias must be [out] = [\(weight.shape[0])] for weight \(weight.shape), "
-          + "got \(bias.shape)")
+        "a linear layer's bias must be [out] = [\(weight.shape[0])] for weight \(shapeForMessage(weight.shape)), "
+          + "got \(shapeForMessage(bias.shape))")
     }
     self.weight = weight
     self.bias = bias
@@ -64,7 +64,8 @@ public struct Linear: Sendable, Equatable {
     let (inWidth, outWidth) = (inputFeatures, outputFeatures)
     guard x.rank >= 1, x.shape[x.rank - 1] == inWidth else {
       throw AttentionError.shapeMismatch(
-        "a linear layer with weight \(weight.shape) takes inputs [..., \(inWidth)], got \(x.shape)")
+        "a linear layer with weight \(shapeForMessage(weight.shape)) takes inputs [..., \(inWidth)], got \(shapeForMessage(x.shape))"
+      )
     }
     let rows = inWidth == 0 ? x.shape.dropLast().reduce(1, *) : x.count / inWidth
     try BLAS.checkDimensions(rows, inWidth, outWidth, context: "linear layer")

@@ -57,12 +57,13 @@ public struct RelativePositionAttention: Sendable, Equatable {
     ] {
       guard layer.weight.shape == [d, d] else {
         throw AttentionError.shapeMismatch(
-          "\(name).weight must be [d_model, d_model] = [\(d), \(d)], got \(layer.weight.shape)")
+          "\(name).weight must be [d_model, d_model] = [\(d), \(d)], got \(shapeForMessage(layer.weight.shape))"
+        )
       }
     }
     guard relativeEmbeddings.dimension == d else {
       throw AttentionError.shapeMismatch(
-        "relative_embeddings.weight \(relativeEmbeddings.weight.shape) has width "
+        "relative_embeddings.weight \(shapeForMessage(relativeEmbeddings.weight.shape)) has width "
           + "\(relativeEmbeddings.dimension), d_model is \(d)")
     }
     self.queryProjection = queryProjection
@@ -214,7 +215,8 @@ public struct RelativePositionAttention: Sendable, Equatable {
   public func positionScores(queries: Tensor) throws -> Tensor {
     guard queries.rank == 3, queries.shape[2] == modelDim else {
       throw AttentionError.shapeMismatch(
-        "queries must be [B, T, d_model] = [B, T, \(modelDim)], got \(queries.shape)")
+        "queries must be [B, T, d_model] = [B, T, \(modelDim)], got \(shapeForMessage(queries.shape))"
+      )
     }
     let (b, t) = (queries.shape[0], queries.shape[1])
     let width = positionBias.tableWidth
@@ -235,7 +237,7 @@ public struct RelativePositionAttention: Sendable, Equatable {
   private func checkInput(_ x: Tensor) throws {
     guard x.rank == 3, x.shape[2] == modelDim else {
       throw AttentionError.shapeMismatch(
-        "input must be [B, T, d_model] = [B, T, \(modelDim)], got \(x.shape)")
+        "input must be [B, T, d_model] = [B, T, \(modelDim)], got \(shapeForMessage(x.shape))")
     }
   }
 

@@ -24,7 +24,7 @@ public struct RelativePositionBias: Sendable {
     guard embeddings.rank == 2, embeddings.shape[0] == 2 * maxDistance + 1 else {
       throw AttentionError.shapeMismatch(
         "relative embeddings must be [2M + 1, D] = [\(2 * maxDistance + 1), D], "
-          + "got \(embeddings.shape)")
+          + "got \(shapeForMessage(embeddings.shape))")
     }
     self.embeddings = embeddings
     self.maxDistance = maxDistance
@@ -52,7 +52,7 @@ public struct RelativePositionBias: Sendable {
   func checkHeadDim(_ headDim: Int) throws {
     guard embeddings.shape[1] == headDim else {
       throw AttentionError.shapeMismatch(
-        "relative embeddings \(embeddings.shape) have width \(embeddings.shape[1]), "
+        "relative embeddings \(shapeForMessage(embeddings.shape)) have width \(embeddings.shape[1]), "
           + "queries have D = \(headDim)")
     }
   }

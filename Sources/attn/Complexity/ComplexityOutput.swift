@@ -198,7 +198,7 @@ extension ComplexityCommand {
       }
     }
     // The table has no place for them, and a skipped kernel must not pass unnoticed.
-    for note in notes { FileHandle.standardError.write(Data("attn: note: \(note)\n".utf8)) }
+    for note in notes { StandardStreams.writeError("attn: note: \(note)") }
   }
 
   // MARK: Plot

@@ -185,7 +185,8 @@ enum ExplainPrinter {
     var lines = [heading]
     for (number, step) in steps.enumerated() {
       lines.append("")
-      lines.append("\(number + 1). \(step.title)  \(step.matrix.shape), \(step.axes)")
+      lines.append(
+        "\(number + 1). \(step.title)  \(shapeForMessage(step.matrix.shape)), \(step.axes)")
       lines.append("   " + step.description)
       lines += matrixLines(step, precision: precision).map { "   " + $0 }
     }

@@ -32,12 +32,16 @@ enum MaskChoice: ExpressibleByArgument, Equatable, CustomStringConvertible {
 
   static var allValueStrings: [String] { ["none", "causal", "PATH.npy"] }
 
-  /// Loads the mask (a file is read here); `bias` adds an additive float mask.
-  func resolve(bias: Tensor? = nil) throws -> AttentionMask {
+  /// Loads the mask (a file is read here, as a keep mask: 0/1 or booleans); `bias` adds an
+  /// additive float mask.
+  func resolve(
+    bias: Tensor? = nil, inputs: InputFiles, additiveFlag: String? = "--bias"
+  ) throws -> AttentionMask {
     switch self {
     case .none: return AttentionMask(bias: bias)
     case .causal: return AttentionMask(bias: bias, isCausal: true)
-    case .file(let path): return AttentionMask(keep: try loadTensor(path), bias: bias)
+    case .file(let path):
+      return AttentionMask(keep: try inputs.keepMask(path, additiveFlag: additiveFlag), bias: bias)
     }
   }
 

@@ -29,7 +29,8 @@ struct ExecutionOptions: ParsableArguments {
   @Option(
     help: ArgumentHelp(
       "Memory budget, e.g. 512M or 4G (default: ¼ of RAM); larger work is refused first.",
-      valueName: "bytes"))
+      valueName: "bytes"),
+    transform: ByteCount.parse)
   var maxMemory: ByteCount?
 
   func validate() throws {

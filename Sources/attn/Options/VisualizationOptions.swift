@@ -79,6 +79,9 @@ struct VisualizationOptions: ParsableArguments {
   }
 
   private func checkShape(batchCount: Int, queries: Int, keys: Int) throws {
+    if explain && batchCount == 0 {
+      throw ValidationError("--explain has nothing to show: the inputs hold no batch elements")
+    }
     if explain && batch >= batchCount {
       throw ValidationError(
         "--explain-batch \(batch) is out of range: the inputs hold \(batchCount) batch "

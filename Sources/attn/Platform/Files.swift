@@ -3,11 +3,6 @@ import AttentionKit
 import Foundation
 import TensorIO
 
-/// Reads a `.npy` file as a Float tensor (float32, float64 or bool).
-func loadTensor(_ path: String) throws -> Tensor {
-  try NPY.read(contentsOf: path).tensor
-}
-
 /// Writes a command's outputs only when all of them can be written: every file is encoded and
 /// staged before any is renamed into place (see `writeAtomically`), so a missing folder or a path
 /// naming a folder fails the run with every existing file as it was. `nil` paths are skipped.

@@ -9,20 +9,31 @@ import Foundation
 /// when it loads, before `main`, so `attn` re-executes itself once with the variable set to the
 /// best family the CPU's flags support. Results are still checked against the float64 reference
 /// by every command. A user's own `OPENBLAS_CORETYPE` is respected, and
-/// `ATTN_KEEP_OPENBLAS_CORE=1` turns this off.
+/// `ATTN_KEEP_OPENBLAS_CORE` set to anything but empty or `0` turns this off (`0` and empty
+/// mean unset).
 enum OpenBLASCore {
+  /// Set in the re-executed process, so that it never re-executes again.
+  static let reexecutedMarker = "ATTN_OPENBLAS_CORE_REEXECUTED"
+
   static func upgradeIfNeeded() {
     let environment = ProcessInfo.processInfo.environment
-    guard environment["OPENBLAS_CORETYPE"] == nil, environment["ATTN_KEEP_OPENBLAS_CORE"] == nil,
+    guard environment["OPENBLAS_CORETYPE"] == nil, !keepsCore(environment),
+      environment[reexecutedMarker] == nil,
       BLAS.coreName == "Prescott", let better = bestCoreForThisCPU()
     else { return }
     setenv("OPENBLAS_CORETYPE", better, 1)
     // Only once: if the exec fails or OpenBLAS ignores the variable, carry on as we are.
-    setenv("ATTN_KEEP_OPENBLAS_CORE", "1", 1)
+    setenv(reexecutedMarker, "1", 1)
     let arguments = CommandLine.arguments
     var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) }
     argv.append(nil)
     execv("/proc/self/exe", &argv)
+  }
+
+  /// Whether `ATTN_KEEP_OPENBLAS_CORE` asks to keep OpenBLAS's own choice.
+  static func keepsCore(_ environment: [String: String]) -> Bool {
+    guard let value = environment["ATTN_KEEP_OPENBLAS_CORE"] else { return false }
+    return !value.isEmpty && value != "0"
   }
 
   /// "SkylakeX" with AVX-512 (F, BW, VL, DQ), "Haswell" with AVX2 and FMA, else `nil`.

@@ -20,6 +20,8 @@ enum ProcessMemory {
     var resident: Int
     /// `VmHWM`, the peak of `resident` since the start or the last `resetPeak()`.
     var peak: Int
+    /// `VmSize`, the address space in use (what `ulimit -v` limits).
+    var virtual: Int
   }
 
   /// `VmRSS` and `VmHWM` in bytes, or `nil` when `/proc/self/status` cannot be read (not Linux).
@@ -27,6 +29,7 @@ enum ProcessMemory {
     guard let text = readProcFile("/proc/self/status") else { return nil }
     var resident: Int?
     var peak: Int?
+    var virtual = 0
     for line in text.split(separator: "\n") {
       // "VmHWM:\t  123456 kB"
       let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
@@ -34,9 +37,10 @@ enum ProcessMemory {
       let bytes = fields.count >= 3 && fields[2] == "kB" ? value * 1024 : value
       if fields[0] == "VmRSS:" { resident = bytes }
       if fields[0] == "VmHWM:" { peak = bytes }
+      if fields[0] == "VmSize:" { virtual = bytes }
     }
     guard let resident, let peak else { return nil }
-    return Status(resident: resident, peak: peak)
+    return Status(resident: resident, peak: peak, virtual: virtual)
   }
 
   /// Resets `VmHWM` to the current `VmRSS` by writing `5` to `/proc/self/clear_refs` (Linux ≥ 4.0).

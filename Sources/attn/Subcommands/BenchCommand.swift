@@ -93,7 +93,8 @@ struct BenchCommand: ParsableCommand {
     let configuration = TiledAttention.Configuration(queryBlock: queryBlock, keyBlock: keyBlock)
     let threadCount = execution.resolvedThreads
     for benchCase in selected {
-      try benchCase.checkMemory(configuration: configuration, threads: threadCount)
+      try benchCase.checkMemory(
+        configuration: configuration, threads: threadCount, execution: execution)
     }
     var results: [BenchResult] = []
     if format == .text {

@@ -75,6 +75,9 @@ struct DropoutCommand: ParsableCommand {
 
   @OptionGroup var visualization: VisualizationOptions
 
+  /// `--p`, with `-0` read as 0 (the same probability, printed as such).
+  var probability: Float { p == 0 ? 0 : p }
+
   func validate() throws {
     guard p >= 0, p <= 1 else { throw ValidationError("--p must be in [0, 1], got \(p)") }
     guard seqLen > 0 else { throw ValidationError("--seq-len must be positive, got \(seqLen)") }
@@ -101,13 +104,14 @@ struct DropoutCommand: ParsableCommand {
   }
 
   func run() throws {
-    let (queries, keys, values) = try loadInputs()
-    let biasTensor = try bias.map(loadTensor)
-    let attentionMask = try mask.resolve(bias: biasTensor)
+    let files = InputFiles(kernelOptions.execution)
+    let (queries, keys, values) = try loadInputs(files)
+    let biasTensor = try bias.map(files.tensor)
+    let attentionMask = try mask.resolve(bias: biasTensor, inputs: files)
     try inputSafety.check(
       [(queries, q), (keys, k), (values, v), (attentionMask.keep, mask.path)],
       biases: [(biasTensor, bias)])
-    let dropout = eval ? nil : try Dropout(probability: p, seed: seed)
+    let dropout = eval ? nil : try Dropout(probability: probability, seed: seed)
     // --explain and --heatmap: checks the shapes now, computes the steps from the same inputs.
     let visuals = try visualization.dropout(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout,
@@ -120,7 +124,8 @@ struct DropoutCommand: ParsableCommand {
       let shape = try AttentionShape(queries: queries, keys: keys, values: values)
       try MemoryGuard.check(
         [[2] + shape.weightsShape],
-        for: "the weights before and after dropout \(shape.weightsShape), which the checks compare",
+        for:
+          "the weights before and after dropout \(shapeForMessage(shape.weightsShape)), which the checks compare",
         budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource,
         advice: "use --kernel tiled (its checks recompute sampled rows) or raise --max-memory")
     }
@@ -155,7 +160,8 @@ struct DropoutCommand: ParsableCommand {
       try printJSON(
         DropoutReport(
           outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,
-          p: Double(p.description) ?? Double(p), seed: seed, rng: rng.rawValue, training: !eval,
+          p: Double(probability.description) ?? Double(probability), seed: seed, rng: rng.rawValue,
+          training: !eval,
           kernel: kernelOptions.kernel.rawValue,
           mask: mask.description, droppedFraction: droppedFraction,
           checks: checks.dictionary, verified: checks.allPassed,
@@ -168,9 +174,9 @@ struct DropoutCommand: ParsableCommand {
     if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
   }
 
-  private func loadInputs() throws -> (Tensor, Tensor, Tensor) {
+  private func loadInputs(_ files: InputFiles) throws -> (Tensor, Tensor, Tensor) {
     if let q, let k, let v {
-      return (try loadTensor(q), try loadTensor(k), try loadTensor(v))
+      return (try files.tensor(q), try files.tensor(k), try files.tensor(v))
     }
     let shape = [batch, seqLen, headDim]
     try MemoryGuard.check(
@@ -198,7 +204,7 @@ struct DropoutCommand: ParsableCommand {
     result: AttentionResult, shape: AttentionShape, checks: [Check], dropped: Double,
     explanation: String?
   ) {
-    let mode = eval ? "eval, no dropout" : "training, p = \(p)"
+    let mode = eval ? "eval, no dropout" : "training, p = \(probability)"
     let generator = rng == .philox ? "" : ", \(rng) rng"
     print(
       "Exercise 1: scaled dot-product attention with dropout "

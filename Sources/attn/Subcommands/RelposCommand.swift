@@ -99,12 +99,13 @@ struct RelposCommand: ParsableCommand {
   }
 
   func run() throws {
-    let x = try input.map(loadTensor)
+    let files = InputFiles(kernelOptions.execution)
+    let x = try input.map(files.tensor)
     try inputSafety.check([(x, input)])
     // With --rng torch the module is initialized and x drawn as the notebook's cell does after
     // torch.manual_seed: W_q, W_k, W_v, the embedding table, then x.
     var generator = TorchGenerator(seed: seed)
-    let module = try loadModule(inputWidth: x?.shape.last, generator: &generator)
+    let module = try loadModule(inputWidth: x?.shape.last, files: files, generator: &generator)
     let d = module.modelDim
     if x == nil {
       try MemoryGuard.check(
@@ -121,7 +122,7 @@ struct RelposCommand: ParsableCommand {
       inputs = try Tensor.randomNormal(
         shape: [batch ?? 2, seqLen ?? 20, d], seed: seed, stream: RandomStream.input)
     }
-    let attentionMask = try mask.resolve()
+    let attentionMask = try mask.resolve(inputs: files, additiveFlag: nil)
     // --explain-batch and --heatmap against the input's shape, before the kernel runs.
     try visualization.prepare(
       batchCount: inputs.shape[0], queries: inputs.shape[1], keys: inputs.shape[1])
@@ -194,7 +195,7 @@ struct RelposCommand: ParsableCommand {
   /// The module from `--weights` (d_model and M from its shapes, which explicit flags and the
   /// input must agree with), else freshly initialized from `--seed`.
   private func loadModule(
-    inputWidth: Int?, generator: inout TorchGenerator
+    inputWidth: Int?, files: InputFiles, generator: inout TorchGenerator
   ) throws -> RelativePositionAttention {
     guard let weights else {
       let (d, m) = (modelDim ?? inputWidth ?? 64, maxDistance ?? 16)
@@ -208,7 +209,7 @@ struct RelposCommand: ParsableCommand {
       }
       return try RelativePositionAttention(modelDim: d, maxDistance: m, seed: seed)
     }
-    let file = try SafeTensors.read(contentsOf: weights)
+    let file = try files.safetensors(weights)
     try inputSafety.check(file)
     let (d, m) = try file.naming { try RelativePositionAttention.dimensions(in: file.stateDict) }
     if let modelDim, modelDim != d {
@@ -234,13 +235,17 @@ struct RelposCommand: ParsableCommand {
     guard x.rank == 3, x.shape[2] == d else {
       let origin = weights.map { " (from \($0))" } ?? ""
       throw AttentionError.file(
-        path: path, message: "shape \(x.shape) is not [B, T, d_model] with d_model \(d)\(origin)")
+        path: path,
+        message:
+          "shape \(shapeForMessage(x.shape)) is not [B, T, d_model] with d_model \(d)\(origin)")
     }
     if let batch, batch != x.shape[0] {
-      throw ValidationError("--batch \(batch) conflicts with \(path), of shape \(x.shape)")
+      throw ValidationError(
+        "--batch \(batch) conflicts with \(path), of shape \(shapeForMessage(x.shape))")
     }
     if let seqLen, seqLen != x.shape[1] {
-      throw ValidationError("--seq-len \(seqLen) conflicts with \(path), of shape \(x.shape)")
+      throw ValidationError(
+        "--seq-len \(seqLen) conflicts with \(path), of shape \(shapeForMessage(x.shape))")
     }
     return x
   }

@@ -54,14 +54,9 @@ struct InputSafetyOptions: ParsableArguments {
       }
       throw AttentionError.file(
         path: file.source,
-        message: "tensor \(quoted(name)): \(Self.describe(tensor, at: flat))"
+        message: "tensor \(quotedForMessage(name)): \(Self.describe(tensor, at: flat))"
           + " (pass --allow-nonfinite to accept NaN and ±inf)")
     }
-  }
-
-  /// A tensor name as messages show it: quoted and escaped, cut short if a file made it huge.
-  private func quoted(_ name: String) -> String {
-    name.count <= 80 ? name.debugDescription : String(name.prefix(80)).debugDescription + "…"
   }
 
   /// "NaN at [0, 3, 5]".
@@ -125,15 +120,36 @@ enum MemoryGuard {
     advice: String = "choose smaller sizes"
   ) throws {
     let bytes = floatBytes(buffers)
-    if let bytes, bytes <= budget { return }
+    if let bytes, bytes <= budget {
+      // Within the budget, but the system may still refuse (a memory limit): ask it first.
+      try checkAllocatable(bytes, for: what)
+      return
+    }
     throw AttentionError.memoryBudget(
       MemoryBudgetExceeded(
         what: what, neededBytes: bytes, budgetBytes: budget, budgetSource: budgetSource,
         advice: .other(advice)))
   }
 
-  /// The default budget, as `--max-memory` documents it: a quarter of the physical memory.
-  static var defaultBudget: Int { Int(ProcessInfo.processInfo.physicalMemory / 4) }
+  /// The default budget, as `--max-memory` documents it: a quarter of the physical memory, or
+  /// less under a limit: half of what the address-space limit (`ulimit -v`) leaves free, half of
+  /// a cgroup's `memory.max` (a container's limit).
+  static var defaultBudget: Int {
+    var budget = Int(ProcessInfo.processInfo.physicalMemory / 4)
+    var limit = rlimit()
+    if getrlimit(Int32(RLIMIT_AS.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max,
+      limit.rlim_cur < UInt64(Int.max)
+    {
+      let used = ProcessMemory.status()?.virtual ?? 0
+      budget = min(budget, max(0, Int(limit.rlim_cur) - used) / 2)
+    }
+    if let text = try? String(contentsOfFile: "/sys/fs/cgroup/memory.max", encoding: .utf8),
+      let bytes = Int(text.trimmingCharacters(in: .whitespacesAndNewlines))
+    {
+      budget = min(budget, bytes / 2)
+    }
+    return max(budget, 1)
+  }
 }
 
 /// Runs `body` and spells the kernels' advice to use the tiled kernel as the flags that do it.
@@ -147,13 +163,15 @@ func explainingMemoryBudget<Result>(_ body: () throws -> Result) rethrows -> Res
 }
 
 extension BenchCase {
-  /// Refuses a case whose buffers would not fit in the default budget (`attn bench` has no
-  /// `--max-memory`): Q, K, V and the output `[B, H, T, D]`, then the tiles of the tiled kernel
-  /// and of the sgemm ceiling, `[Bq, Bk]`, `[Bq, D]` and `[Bk, D]` per worker (blocks capped at
-  /// `T`). The inputs are checked first, which also keeps the tile arithmetic from overflowing.
-  func checkMemory(configuration: TiledAttention.Configuration, threads: Int) throws {
-    let budget = MemoryGuard.defaultBudget
-    let source = "a quarter of RAM"
+  /// Refuses a case whose buffers would not fit in the budget (`--max-memory`): Q, K, V and the
+  /// output `[B, H, T, D]`, then the tiles of the tiled kernel, `[Bq, Bk]`, `[Bq, D]` per worker,
+  /// and the operands of the sgemm ceiling per requested thread (blocks capped at `T`). The
+  /// inputs are checked first, which also keeps the tile arithmetic from overflowing.
+  func checkMemory(
+    configuration: TiledAttention.Configuration, threads: Int, execution: ExecutionOptions
+  ) throws {
+    let budget = execution.memoryBudget
+    let source = execution.memoryBudgetSource
     let what = "--batch \(batch) × --heads \(heads) × --seq-len \(length) × --d-k \(headDim)"
     try MemoryGuard.check(
       [[4, batch, heads, length, headDim]], for: "\(name): Q, K, V and the output of \(what)",
@@ -162,6 +180,7 @@ extension BenchCase {
     let bk = min(configuration.keyBlock, length)
     let tasks = batch * heads * ((length + bq - 1) / bq)
     let workers = max(1, min(threads, tasks))
+    // The kernel's tiles are per worker; the ceiling's operands are per requested thread.
     // With relpos: the table E [2M + 1, D], the projections of x (3 more [B, T, D]), and each
     // thread's [Bq, ≤ min(2M + 1, 2T − 1)] slice of R = Q·Eᵀ.
     let relpos: [[Int]] =
@@ -173,11 +192,11 @@ extension BenchCase {
       } ?? []
     try MemoryGuard.check(
       [
-        [4, batch, heads, length, headDim], [2, workers, bq, bk], [2, workers, bq, headDim],
-        [2, workers, bk, headDim], [2, workers, 2, bq],
+        [4, batch, heads, length, headDim], [workers, bq, bk], [workers, bq, headDim],
+        [workers, 2, bq], [threads, bq, bk], [threads, 2, bq, headDim], [threads, bk, headDim],
       ] + relpos,
       for: "\(name): the inputs and the tiles of --query-block \(bq) × --key-block \(bk) on"
-        + " \(workers) thread\(workers == 1 ? "" : "s")", budget: budget, budgetSource: source,
+        + " \(threads) thread\(threads == 1 ? "" : "s")", budget: budget, budgetSource: source,
       advice: "choose smaller blocks or fewer threads")
   }
 }

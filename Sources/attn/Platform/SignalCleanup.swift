@@ -1,0 +1,26 @@
+import Foundation
+import TensorIO
+
+/// On SIGINT, SIGTERM or SIGHUP: removes the temporary files of outputs being written (the
+/// targets stay as they were, or as complete new files: each rename is atomic), then exits with
+/// 128 + the signal's number, as a shell reports a process killed by it.
+///
+/// The handlers are dispatch sources, which run on an ordinary thread and may take locks, not
+/// in the signal's own context. `kill -9` cannot be handled: a `.NAME.tmp-PID-…` file being
+/// written at that moment stays behind (README, "Errors and exit codes").
+enum SignalCleanup {
+  nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+
+  static func install() {
+    for number in [SIGINT, SIGTERM, SIGHUP] {
+      signal(number, SIG_IGN)
+      let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+      source.setEventHandler {
+        removeTemporaryFiles()
+        _exit(128 + number)
+      }
+      source.resume()
+      sources.append(source)
+    }
+  }
+}
