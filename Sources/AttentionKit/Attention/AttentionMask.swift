@@ -7,20 +7,34 @@ import Tensors
 ///   notebook's `scores.masked_fill(mask == 0, -inf)`), any other value means "may attend".
 /// - `bias`: a float tensor broadcastable to `[…, Tq, Tk]`, added to the scaled scores (an
 ///   "additive mask": `−∞` masks, finite values shift).
-/// - `isCausal`: query `i` sees key `j` only when `j ≤ i`, aligned at the top-left corner as
-///   PyTorch's `is_causal` is, also when `Tq ≠ Tk`.
+/// - `isCausal`: query `i` sees key `j` only when `j ≤ limit(i)`, with `limit(i) = i` aligned at
+///   the top-left corner as PyTorch's `is_causal` is (`causalAlignment = .topLeft`), or
+///   `limit(i) = i + Tk − Tq` aligned at the bottom-right corner as PyTorch's
+///   `causal_lower_right` (`.bottomRight`: the last query sees every key, as a decoder's new
+///   tokens against a KV cache).
+/// - `window`: a sliding window of `W` keys (Mistral's convention): query `i` sees at most the
+///   `W` most recent keys the causal alignment allows, `limit(i) − W < j ≤ limit(i)`. A window
+///   makes the mask causal.
 ///
-/// The three compose: a score is masked when any of them masks it. Broadcasting follows numpy:
+/// They compose: a score is masked when any of them masks it. Broadcasting follows numpy:
 /// shapes are aligned at the right, and a dimension of 1 repeats.
 public struct AttentionMask: Sendable {
   public var keep: Tensor?
   public var bias: Tensor?
   public var isCausal: Bool
+  public var causalAlignment: CausalAlignment
+  /// `W ≥ 1`, or `nil` for no window.
+  public var window: Int?
 
-  public init(keep: Tensor? = nil, bias: Tensor? = nil, isCausal: Bool = false) {
+  public init(
+    keep: Tensor? = nil, bias: Tensor? = nil, isCausal: Bool = false,
+    causalAlignment: CausalAlignment = .topLeft, window: Int? = nil
+  ) {
     self.keep = keep
     self.bias = bias
     self.isCausal = isCausal
+    self.causalAlignment = causalAlignment
+    self.window = window
   }
 
   /// Every query sees every key.
@@ -31,6 +45,14 @@ public struct AttentionMask: Sendable {
   public static func keep(_ mask: Tensor) -> AttentionMask { AttentionMask(keep: mask) }
   /// An additive float mask.
   public static func bias(_ bias: Tensor) -> AttentionMask { AttentionMask(bias: bias) }
+}
+
+/// Where the causal diagonal starts when `Tq ≠ Tk` (see `AttentionMask.isCausal`).
+public enum CausalAlignment: String, Sendable, Equatable, CaseIterable {
+  /// Query `i` sees keys `j ≤ i` (PyTorch's `is_causal`).
+  case topLeft = "top-left"
+  /// Query `i` sees keys `j ≤ i + Tk − Tq` (PyTorch's `causal_lower_right`).
+  case bottomRight = "bottom-right"
 }
 
 /// A mask tensor laid over `[batch…, Tq, Tk]` by broadcasting: for each flat batch index, the
@@ -96,7 +118,12 @@ struct BroadcastMatrix: Sendable {
 struct ResolvedMask: Sendable {
   let keep: BroadcastMatrix?
   let bias: BroadcastMatrix?
+  /// Causal, or windowed (a window is causal).
   let isCausal: Bool
+  /// `limit(i) = i + diagonalOffset`: 0 top-left, `Tk − Tq` bottom-right.
+  let diagonalOffset: Int
+  let window: Int?
+  let keys: Int
 
   init(_ mask: AttentionMask, batchShape: [Int], queries: Int, keys: Int) throws {
     keep = try mask.keep.map {
@@ -105,7 +132,24 @@ struct ResolvedMask: Sendable {
     bias = try mask.bias.map {
       try BroadcastMatrix($0, batchShape: batchShape, rows: queries, columns: keys, name: "bias")
     }
-    isCausal = mask.isCausal
+    if let window = mask.window, window < 1 {
+      throw AttentionError.invalidArgument("the window must be at least 1 key, got \(window)")
+    }
+    isCausal = mask.isCausal || mask.window != nil
+    diagonalOffset = mask.causalAlignment == .bottomRight ? keys - queries : 0
+    window = mask.window
+    self.keys = keys
+  }
+
+  /// The keys query `i` may see by the causal alignment and the window (before `keep` and
+  /// `bias`): `max(0, limit − W + 1) ..< min(Tk, limit + 1)`, empty when none.
+  @inline(__always)
+  func visibleKeys(query i: Int) -> Range<Int> {
+    guard isCausal else { return 0..<keys }
+    let limit = i + diagonalOffset
+    let upper = min(keys, max(0, limit + 1))
+    let lower = window.map { min(upper, max(0, limit - $0 + 1)) } ?? 0
+    return lower..<upper
   }
 
   /// Applies the mask to scaled scores `row[0..<count]` of keys `firstKey…`: adds the bias and
@@ -129,9 +173,12 @@ struct ResolvedMask: Sendable {
       }
     }
     if isCausal {
-      // Keys after `query` are hidden; this tile holds keys firstKey ..< firstKey + count.
-      let visible = max(0, min(count, query + 1 - firstKey))
-      for j in visible..<count { row[j] = -.infinity }
+      // Keys outside the causal window are hidden; this tile holds keys firstKey ..< +count.
+      let visible = visibleKeys(query: query)
+      let lower = max(0, min(count, visible.lowerBound - firstKey))
+      let upper = max(lower, min(count, visible.upperBound - firstKey))
+      for j in 0..<lower { row[j] = -.infinity }
+      for j in upper..<count { row[j] = -.infinity }
     }
   }
 }

@@ -11,4 +11,18 @@ public struct AttentionResult: Sendable {
   public var workspaceBytes: Int
   /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
   public var kernel: Attention.KernelName
+  /// The `Bq × Bk` tiles the tiled kernel computed (causal and windowed calls skip the others);
+  /// `nil` from the other kernels.
+  public var tilesComputed: Int?
+
+  public init(
+    output: Tensor, weights: Tensor?, workspaceBytes: Int, kernel: Attention.KernelName,
+    tilesComputed: Int? = nil
+  ) {
+    self.output = output
+    self.weights = weights
+    self.workspaceBytes = workspaceBytes
+    self.kernel = kernel
+    self.tilesComputed = tilesComputed
+  }
 }

@@ -4,11 +4,19 @@ import Tensors
 ///
 /// Legend used everywhere: `B` batch, `H` heads, `Tq` queries, `Tk` keys, `D` head dimension,
 /// `Dv` value dimension. Queries `[…, Tq, D]`, keys `[…, Tk, D]`, values `[…, Tk, Dv]`; the leading
-/// dimensions `…` (for example `[B, H]`) are any number of equal batch dimensions.
+/// dimensions `…` (for example `[B, H]`) are any number of equal batch dimensions — except the
+/// last one, the heads, where keys and values may have fewer, `Hkv`, with `H % Hkv == 0`
+/// (grouped-query attention; `Hkv = 1` is multi-query): query head `h` then uses key/value head
+/// `h / (H / Hkv)`, PyTorch's `enable_gqa` mapping, and K and V are read in place, never copied.
 public struct AttentionShape: Sendable, Equatable {
+  /// The queries' leading dimensions, `[B, H]`.
   public let batchShape: [Int]
   /// The product of `batchShape` (`B·H` for `[B, H, T, D]` inputs).
   public let batchCount: Int
+  /// `H / Hkv`: query heads per key/value head (1 without grouping).
+  public let groupSize: Int
+  /// The keys' and values' leading dimensions, `[B, Hkv]`.
+  public let keyValueBatchShape: [Int]
   public let queries: Int
   public let keys: Int
   public let headDim: Int
@@ -20,11 +28,23 @@ public struct AttentionShape: Sendable, Equatable {
         "queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)) and values \(shapeForMessage(v.shape)) need at least 2 dimensions"
       )
     }
-    guard q.batchShape == k.batchShape, k.batchShape == v.batchShape else {
+    let heads = q.batchShape.last ?? 1
+    let kvHeads = k.batchShape.last ?? 1
+    guard k.batchShape == v.batchShape, q.batchShape.count == k.batchShape.count,
+      q.batchShape.dropLast() == k.batchShape.dropLast(), kvHeads > 0 || heads == 0,
+      heads == kvHeads || (kvHeads > 0 && heads % kvHeads == 0)
+    else {
+      let grouped =
+        q.batchShape.count == k.batchShape.count
+          && q.batchShape.dropLast() == k.batchShape.dropLast()
+        ? " (grouped-query attention needs the query heads \(heads) to be a multiple of the "
+          + "key/value heads \(kvHeads))" : ""
       throw AttentionError.shapeMismatch(
         "leading dimensions differ: queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)), values \(shapeForMessage(v.shape))"
-      )
+          + grouped)
     }
+    groupSize = kvHeads == 0 ? 1 : heads / kvHeads
+    keyValueBatchShape = k.batchShape
     guard q.shape[q.rank - 1] == k.shape[k.rank - 1] else {
       throw AttentionError.shapeMismatch(
         "queries \(shapeForMessage(q.shape)) and keys \(shapeForMessage(k.shape)) have different head dimensions D"
@@ -42,6 +62,19 @@ public struct AttentionShape: Sendable, Equatable {
     headDim = q.shape[q.rank - 1]
     valueDim = v.shape[v.rank - 1]
     try BLAS.checkDimensions(queries, keys, headDim, valueDim, context: "attention")
+  }
+
+  /// Whether keys and values have fewer heads than the queries.
+  public var isGrouped: Bool { groupSize != 1 }
+
+  /// The flat key/value batch index that flat query batch `b` reads: `(b / H)·Hkv + (b % H) / G`
+  /// with `G = H / Hkv`; `b` itself without grouping.
+  @inline(__always)
+  public func keyValueBatch(_ b: Int) -> Int {
+    guard groupSize != 1 else { return b }
+    let heads = batchShape.last ?? 1
+    let kvHeads = heads / groupSize
+    return (b / heads) * kvHeads + (b % heads) / groupSize
   }
 
   /// The output's shape, `[…, Tq, Dv]`.

@@ -125,6 +125,7 @@ enum MaterializedAttention {
       batch b: Int, firstQuery: Int, buffers: Buffers, table: UnsafeMutablePointer<Float>
     ) {
       let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
+      let kv = shape.keyValueBatch(b)
       let rows = min(rowBlock, tq - firstQuery)
       let scores = buffers.w + (b * tq + firstQuery) * tk
       let q = buffers.q + (b * tq + firstQuery) * d
@@ -132,7 +133,7 @@ enum MaterializedAttention {
       if d > 0 {
         BLAS.sgemm(
           transposeB: true, m: rows, n: tk, k: d, alpha: scale, a: q, lda: d,
-          b: buffers.k + b * tk * d, ldb: d, c: scores, ldc: tk)
+          b: buffers.k + kv * tk * d, ldb: d, c: scores, ldc: tk)
         if let relativePosition {
           relativePosition.embeddings.scalars.withUnsafeBufferPointer { e in
             BLAS.sgemm(
@@ -161,7 +162,7 @@ enum MaterializedAttention {
       // Step 6: output = weights · V.
       if dv > 0 {
         BLAS.sgemm(
-          m: rows, n: dv, k: tk, a: scores, lda: tk, b: buffers.v + b * tk * dv, ldb: dv,
+          m: rows, n: dv, k: tk, a: scores, lda: tk, b: buffers.v + kv * tk * dv, ldb: dv,
           c: buffers.o + (b * tq + firstQuery) * dv, ldc: dv)
       }
     }

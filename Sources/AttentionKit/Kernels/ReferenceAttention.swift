@@ -48,6 +48,8 @@ public struct ReferenceAttention: Sendable {
   /// A kernel that drops or duplicates a key, mis-masks, or mis-scales exceeds these at once.
   public func row(batch: Int, query i: Int) -> ReferenceRow {
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
+    let kv = shape.keyValueBatch(batch)
+    let visible = mask.visibleKeys(query: i)
     let gamma = Float32Rounding.gamma
     var scores = [Double](repeating: 0, count: tk)
     var worstScoreError = 0.0
@@ -57,7 +59,7 @@ public struct ReferenceAttention: Sendable {
       for c in 0..<d {
         let product =
           Double(queries.scalars[(batch * tq + i) * d + c])
-          * Double(keys.scalars[(batch * tk + j) * d + c])
+          * Double(keys.scalars[(kv * tk + j) * d + c])
         dot += product
         magnitude += abs(product)
       }
@@ -75,7 +77,7 @@ public struct ReferenceAttention: Sendable {
       var s = dot * scale
       if let bias = mask.bias { s += Double(bias.value(batch: batch, row: i, column: j)) }
       if let keep = mask.keep, keep.value(batch: batch, row: i, column: j) == 0 { s = -.infinity }
-      if mask.isCausal && j > i { s = -.infinity }
+      if !visible.contains(j) { s = -.infinity }
       scores[j] = s
       if s.isFinite {
         worstScoreError = max(worstScoreError, gamma(d + 2) * scale * magnitude + gamma(2) * abs(s))
@@ -106,7 +108,7 @@ public struct ReferenceAttention: Sendable {
     for j in 0..<tk {
       let weightError = weights[j] * (relative + gamma(tk))
       for c in 0..<dv {
-        let value = Double(values.scalars[(batch * tk + j) * dv + c])
+        let value = Double(values.scalars[(kv * tk + j) * dv + c])
         output[c] += weights[j] * value
         outputBounds[c] += weightError * abs(value)
       }
@@ -118,8 +120,7 @@ public struct ReferenceAttention: Sendable {
 
   /// Whether every key is masked for this query (its weights and output are then zero).
   public func isFullyMasked(batch: Int, query i: Int) -> Bool {
-    for j in 0..<shape.keys {
-      if mask.isCausal && j > i { continue }
+    for j in mask.visibleKeys(query: i) {
       if let keep = mask.keep, keep.value(batch: batch, row: i, column: j) == 0 { continue }
       if let bias = mask.bias, bias.value(batch: batch, row: i, column: j) == -.infinity {
         continue

@@ -19,12 +19,20 @@ import Tensors
 ///    dropout acts on the normalized weights), and the running output is rescaled by `exp(m − m')`;
 /// 4. dropout on `P` (kept ×1/(1−p)), then `O += P·V_blk` with one sgemm;
 /// and at the end `O /= ℓ` (0 where `ℓ = 0`: every key masked).
-/// With `isCausal`, key blocks entirely above the diagonal are skipped, not computed and masked.
+/// With a causal mask, key blocks entirely above the (top-left or bottom-right) diagonal are
+/// skipped, not computed and masked; with a window, so are the blocks entirely before it, so a
+/// windowed call costs `O(Tq·W)`, not `O(Tq·Tk)`. Grouped-query keys and values are read in
+/// place (`AttentionShape.keyValueBatch`).
 ///
-/// Work is split over batch × query blocks on `threads` threads, which take the next block as they
-/// finish one, OpenBLAS single-threaded inside each; every row is computed the same way whatever
-/// the thread count, so results are identical for any `threads`. Workspace: per thread `Bq·Bk + Bq·Dv + 2·Bq (+ Bq·(2M + 1))` floats, allocated
-/// once per thread — independent of `Tk` and linear in `Bq`.
+/// Work is split over batch × query blocks on `threads` threads, which take the next task as they
+/// finish one, OpenBLAS single-threaded inside each. When there are fewer than
+/// `keySplitThreshold` such tasks (decoding: one query against a long cache), each task's keys
+/// are split into up to `maxKeySplits` chunks of whole key blocks, computed as separate tasks,
+/// and merged by log-sum-exp in a fixed order (flash-decoding). Both splits depend on the shape
+/// alone, and every row is computed the same way whatever the thread count, so results are
+/// identical for any `threads`. Workspace: per thread `Bq·Bk + Bq·Dv + 2·Bq (+ Bq·(2M + 1))`
+/// floats, allocated once per thread — independent of `Tk` and linear in `Bq` — plus, with a key
+/// split, `Bq·(Dv + 2)` floats per split task for the partial results.
 public enum TiledAttention {
   /// Block sizes. The defaults were chosen by measurement (see README, "Performance").
   public struct Configuration: Sendable, Equatable {
@@ -41,18 +49,49 @@ public enum TiledAttention {
     public static let `default` = Configuration()
   }
 
+  /// Fewer (batch, query block) tasks than this split their keys (see the type's comment).
+  public static let keySplitThreshold = 16
+  /// The most chunks one task's keys are split into.
+  public static let maxKeySplits = 16
+
+  /// How a call is cut into tasks: `rowTasks` (batch, query block) pairs, each with its keys in
+  /// `splits` chunks of `blocksPerSplit` key blocks.
+  struct Partition {
+    let queryBlock: Int
+    let keyBlock: Int
+    let queryBlocks: Int
+    let rowTasks: Int
+    let splits: Int
+    let blocksPerSplit: Int
+
+    init(queries: Int, keys: Int, batchCount: Int, configuration: Configuration) {
+      queryBlock = min(configuration.queryBlock, max(queries, 1))
+      keyBlock = min(configuration.keyBlock, max(keys, 1))
+      queryBlocks = (queries + queryBlock - 1) / queryBlock
+      rowTasks = batchCount * queryBlocks
+      let keyBlocks = max(1, (keys + keyBlock - 1) / keyBlock)
+      let wanted = rowTasks < keySplitThreshold ? min(keyBlocks, maxKeySplits) : 1
+      blocksPerSplit = (keyBlocks + wanted - 1) / wanted
+      splits = (keyBlocks + blocksPerSplit - 1) / blocksPerSplit
+    }
+
+    var tasks: Int { rowTasks * splits }
+  }
+
   /// The bytes of workspace `compute` allocates: per thread a `[Bq, Bk]` tile, a `[Bq, Dv]`
   /// accumulator, the row max and sum, and `[Bq, ≤ 2M + 1]` for relative positions, with the
-  /// blocks capped at `Tq` and `Tk`.
+  /// blocks capped at `Tq` and `Tk`; with a key split, `[Bq, Dv + 2]` per split task.
   public static func workspaceBytes(
-    queries: Int, keys: Int, valueDim: Int, tasks: Int, relativeWidth: Int = 0,
+    queries: Int, keys: Int, valueDim: Int, batchCount: Int, relativeWidth: Int = 0,
     configuration: Configuration = .default, threads: Int
   ) -> Int {
-    let bq = min(configuration.queryBlock, max(queries, 1))
-    let bk = min(configuration.keyBlock, max(keys, 1))
-    let workers = min(max(threads, 1), max(tasks, 1))
+    let partition = Partition(
+      queries: queries, keys: keys, batchCount: batchCount, configuration: configuration)
+    let (bq, bk) = (partition.queryBlock, partition.keyBlock)
+    let workers = min(max(threads, 1), max(partition.tasks, 1))
     let perThread = bq * bk + bq * valueDim + 2 * bq + bq * relativeWidth
-    return workers * perThread * MemoryLayout<Float>.stride
+    let partials = partition.splits > 1 ? partition.tasks * bq * (valueDim + 2) : 0
+    return (workers * perThread + partials) * MemoryLayout<Float>.stride
   }
 
   /// Called through `Attention.scaledDotProduct`, which holds OpenBLAS at one thread meanwhile.
@@ -70,27 +109,24 @@ public enum TiledAttention {
     try relativePosition?.checkHeadDim(shape.headDim)
     let resolved = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
-    var output = Tensor(
-      validShape: shape.outputShape,
-      scalars: [Float](repeating: 0, count: try Tensor.elementCount(of: shape.outputShape)))
-    let bq = min(configuration.queryBlock, max(shape.queries, 1))
-    let queryBlocks = (shape.queries + bq - 1) / bq
-    let batchCount = shape.batchCount
-    let tasks = batchCount * queryBlocks
+    var output = try Tensor(shape: shape.outputShape)
+    let partition = Partition(
+      queries: shape.queries, keys: shape.keys, batchCount: shape.batchCount,
+      configuration: configuration)
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
     let workspace = workspaceBytes(
-      queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim, tasks: tasks,
-      relativeWidth: width,
-      configuration: configuration, threads: threads)
-    if tasks == 0 || shape.keys == 0 {
-      return AttentionResult(output: output, weights: nil, workspaceBytes: 0, kernel: .tiled)
+      queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim,
+      batchCount: shape.batchCount, relativeWidth: width, configuration: configuration,
+      threads: threads)
+    if partition.rowTasks == 0 || shape.keys == 0 {
+      return AttentionResult(
+        output: output, weights: nil, workspaceBytes: 0, kernel: .tiled, tilesComputed: 0)
     }
-    let workers = min(threads, tasks)
     let plan = TilePlan(
-      shape: shape, scale: shape.resolvedScale(scale), queryBlock: bq,
-      keyBlock: min(configuration.keyBlock, max(shape.keys, 1)), mask: resolved, dropout: dropout,
+      shape: shape, scale: shape.resolvedScale(scale), queryBlock: partition.queryBlock,
+      keyBlock: partition.keyBlock, mask: resolved, dropout: dropout,
       relativePosition: relativePosition)
-
+    let tiles = Atomic<Int>(0)
     queries.scalars.withUnsafeBufferPointer { q in
       keys.scalars.withUnsafeBufferPointer { k in
         values.scalars.withUnsafeBufferPointer { v in
@@ -100,28 +136,99 @@ public enum TiledAttention {
               let buffers = TileBuffers(
                 q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o.baseAddress!,
                 e: e.baseAddress)
-              let queue = TaskQueue()
-              DispatchQueue.concurrentPerform(iterations: workers) { _ in
-                var scratch = TileScratch(plan: plan)
-                // Each worker takes the next task until none is left; which worker runs a task
-                // does not change how it is computed. With a causal mask the last query blocks
-                // see the most keys, so they go first and the short ones fill in at the end.
-                while case let next = queue.take(), next < tasks {
-                  let (batch, block) =
-                    mask.isCausal
-                    ? (next % batchCount, queryBlocks - 1 - next / batchCount)
-                    : (next / queryBlocks, next % queryBlocks)
-                  plan.run(
-                    batch: batch, firstQuery: block * bq, buffers: buffers, scratch: &scratch)
-                }
-              }
+              let count =
+                partition.splits == 1
+                ? runWhole(plan, partition, buffers, threads: threads)
+                : runSplit(plan, partition, buffers, threads: threads)
+              tiles.store(count, ordering: .relaxed)
             }
           }
         }
       }
     }
-    return AttentionResult(output: output, weights: nil, workspaceBytes: workspace, kernel: .tiled)
+    return AttentionResult(
+      output: output, weights: nil, workspaceBytes: workspace, kernel: .tiled,
+      tilesComputed: tiles.load(ordering: .relaxed))
   }
+
+  /// One task per (batch, query block), each normalized into the output; returns the tiles
+  /// computed.
+  private static func runWhole(
+    _ plan: TilePlan, _ partition: Partition, _ buffers: TileBuffers, threads: Int
+  ) -> Int {
+    let (batchCount, queryBlocks) = (plan.shape.batchCount, partition.queryBlocks)
+    let queue = TaskQueue()
+    let tiles = Atomic<Int>(0)
+    DispatchQueue.concurrentPerform(iterations: min(threads, partition.tasks)) { _ in
+      var scratch = TileScratch(plan: plan)
+      // Each worker takes the next task until none is left; which worker runs a task does not
+      // change how it is computed. With a causal mask the last query blocks see the most keys,
+      // so they go first and the short ones fill in at the end.
+      while case let next = queue.take(), next < partition.tasks {
+        let (batch, block) =
+          plan.mask.isCausal
+          ? (next % batchCount, queryBlocks - 1 - next / batchCount)
+          : (next / queryBlocks, next % queryBlocks)
+        let i0 = block * plan.queryBlock
+        let count = plan.accumulate(
+          batch: batch, firstQuery: i0, keys: 0..<plan.shape.keys, buffers: buffers,
+          scratch: &scratch)
+        tiles.add(count, ordering: .relaxed)
+        plan.normalize(batch: batch, firstQuery: i0, scratch: scratch, into: buffers.o)
+      }
+    }
+    return tiles.load(ordering: .relaxed)
+  }
+
+  /// One task per (batch, query block, key chunk), each leaving its unnormalized partial result
+  /// (`O`, `m`, `ℓ`); then, per (batch, query block), the chunks merged in order:
+  /// `m = max_c m_c`, `ℓ = Σ_c ℓ_c·e^(m_c − m)`, `O = Σ_c O_c·e^(m_c − m) / ℓ`.
+  private static func runSplit(
+    _ plan: TilePlan, _ partition: Partition, _ buffers: TileBuffers, threads: Int
+  ) -> Int {
+    let (bq, dv) = (plan.queryBlock, plan.shape.valueDim)
+    let stride = bq * (dv + 2)
+    let partials = UnsafeMutablePointer<Float>.allocate(capacity: partition.tasks * stride)
+    defer { partials.deallocate() }
+    let shared = SharedPointer(partials)
+    let chunkKeys = partition.blocksPerSplit * plan.keyBlock
+    let queue = TaskQueue()
+    let tiles = Atomic<Int>(0)
+    DispatchQueue.concurrentPerform(iterations: min(threads, partition.tasks)) { _ in
+      var scratch = TileScratch(plan: plan)
+      while case let next = queue.take(), next < partition.tasks {
+        let (rowTask, split) = next.quotientAndRemainder(dividingBy: partition.splits)
+        let (batch, block) = rowTask.quotientAndRemainder(dividingBy: partition.queryBlocks)
+        let start = split * chunkKeys
+        let count = plan.accumulate(
+          batch: batch, firstQuery: block * bq,
+          keys: start..<min(plan.shape.keys, start + chunkKeys), buffers: buffers,
+          scratch: &scratch)
+        tiles.add(count, ordering: .relaxed)
+        let slot = shared.pointer + next * stride
+        slot.update(from: scratch.accumulator, count: bq * dv)
+        (slot + bq * dv).update(from: scratch.rowMax, count: bq)
+        (slot + bq * dv + bq).update(from: scratch.rowSum, count: bq)
+      }
+    }
+    let mergeQueue = TaskQueue()
+    DispatchQueue.concurrentPerform(iterations: min(threads, partition.rowTasks)) { _ in
+      while case let rowTask = mergeQueue.take(), rowTask < partition.rowTasks {
+        let (batch, block) = rowTask.quotientAndRemainder(dividingBy: partition.queryBlocks)
+        plan.merge(
+          batch: batch, firstQuery: block * bq,
+          partials: shared.pointer + rowTask * partition.splits * stride,
+          splits: partition.splits, into: buffers.o)
+      }
+    }
+    return tiles.load(ordering: .relaxed)
+  }
+}
+
+/// A pointer shared by tasks that write disjoint parts of what it points to.
+struct SharedPointer: @unchecked Sendable {
+  let pointer: UnsafeMutablePointer<Float>
+  init(_ pointer: UnsafeMutablePointer<Float>) { self.pointer = pointer }
 }
 
 /// The next task index, shared by the workers.
@@ -186,9 +293,15 @@ struct TilePlan: Sendable {
   }
   var relativeWidth: Int { relativePosition == nil ? 0 : relativeColumns.count }
 
-  /// Computes output rows `firstQuery ..< firstQuery + Bq` of flat batch `batch`.
-  func run(batch b: Int, firstQuery i0: Int, buffers: TileBuffers, scratch: inout TileScratch) {
+  /// Passes 1–4 for rows `firstQuery ..< firstQuery + Bq` of flat batch `batch` over the keys
+  /// `keys` that the mask lets any of the rows see, leaving the unnormalized output, the row
+  /// max and the row sum in `scratch`; returns the number of key blocks (tiles) computed.
+  func accumulate(
+    batch b: Int, firstQuery i0: Int, keys: Range<Int>, buffers: TileBuffers,
+    scratch: inout TileScratch
+  ) -> Int {
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
+    let kv = shape.keyValueBatch(b)
     let rows = min(queryBlock, tq - i0)
     let bk = keyBlock
     let q = buffers.q + (b * tq + i0) * d
@@ -210,16 +323,20 @@ struct TilePlan: Sendable {
     // Indexed by full column numbers, as `RelativePositionBias.add` reads it.
     let positionRows = scratch.positions - firstColumn
 
-    // Causal: keys past the block's last query are hidden from every row of the block.
-    let keyEnd = mask.isCausal ? min(tk, i0 + rows) : tk
-    var j0 = 0
+    // Causal and windowed: only keys some row of the block may see; the first row sees the
+    // earliest (the window's start; 0 when it sees none), the last row the latest.
+    let keyStart = max(keys.lowerBound, mask.visibleKeys(query: i0).lowerBound)
+    let keyEnd = min(keys.upperBound, mask.visibleKeys(query: i0 + rows - 1).upperBound)
+    var j0 = keyStart
+    var tiles = 0
     while j0 < keyEnd {
       let cols = min(bk, keyEnd - j0)
+      tiles += 1
       // Pass 1: S = scale·Q_blk·K_blkᵀ.
       if d > 0 {
         BLAS.sgemm(
           transposeB: true, m: rows, n: cols, k: d, alpha: scale,
-          a: q, lda: d, b: buffers.k + (b * tk + j0) * d, ldb: d, c: s, ldc: bk)
+          a: q, lda: d, b: buffers.k + (kv * tk + j0) * d, ldb: d, c: s, ldc: bk)
       } else {
         for r in 0..<rows { (s + r * bk).update(repeating: 0, count: cols) }
       }
@@ -257,18 +374,65 @@ struct TilePlan: Sendable {
       // Pass 4b: O += P·V_blk.
       if dv > 0 {
         BLAS.sgemm(
-          m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (b * tk + j0) * dv, ldb: dv,
+          m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (kv * tk + j0) * dv, ldb: dv,
           beta: 1, c: acc, ldc: dv)
       }
       j0 += cols
     }
+    return tiles
+  }
 
-    // Normalize: O = acc / ℓ; a row that saw no key keeps zeros.
-    let out = buffers.o + (b * tq + i0) * dv
+  /// `O = acc / ℓ` into the output rows; a row that saw no key keeps zeros.
+  func normalize(
+    batch b: Int, firstQuery i0: Int, scratch: borrowing TileScratch,
+    into output: UnsafeMutablePointer<Float>
+  ) {
+    let (tq, dv) = (shape.queries, shape.valueDim)
+    let rows = min(queryBlock, tq - i0)
+    let out = output + (b * tq + i0) * dv
     for r in 0..<rows {
       let sum = scratch.rowSum[r]
       let factor: Float = sum > 0 ? 1 / sum : (sum.isNaN ? .nan : 0)
-      for c in 0..<dv { out[r * dv + c] = acc[r * dv + c] * factor }
+      for c in 0..<dv { out[r * dv + c] = scratch.accumulator[r * dv + c] * factor }
+    }
+  }
+
+  /// Merges `splits` partial results (each `[Bq, Dv]` output, `[Bq]` max, `[Bq]` sum, in key
+  /// order) by log-sum-exp into the output rows.
+  func merge(
+    batch b: Int, firstQuery i0: Int, partials: UnsafeMutablePointer<Float>, splits: Int,
+    into output: UnsafeMutablePointer<Float>
+  ) {
+    let (tq, dv, bq) = (shape.queries, shape.valueDim, queryBlock)
+    let rows = min(bq, tq - i0)
+    let stride = bq * (dv + 2)
+    let out = output + (b * tq + i0) * dv
+    for r in 0..<rows {
+      var peak = -Float.infinity
+      var poisoned = false
+      for c in 0..<splits {
+        let m = partials[c * stride + bq * dv + r]
+        if m.isNaN { poisoned = true }
+        peak = max(peak, m)
+      }
+      let row = out + r * dv
+      row.update(repeating: 0, count: dv)
+      if poisoned {
+        row.update(repeating: .nan, count: dv)
+        continue
+      }
+      guard peak > -.infinity else { continue }
+      var sum: Float = 0
+      for c in 0..<splits {
+        let base = partials + c * stride
+        let m = base[bq * dv + r]
+        guard m > -.infinity else { continue }
+        let factor = fastExp(m - peak)
+        sum += base[bq * dv + bq + r] * factor
+        for k in 0..<dv { row[k] += base[r * dv + k] * factor }
+      }
+      let factor: Float = sum > 0 ? 1 / sum : 0
+      for k in 0..<dv { row[k] *= factor }
     }
   }
 }

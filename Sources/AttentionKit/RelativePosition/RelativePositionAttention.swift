@@ -316,7 +316,7 @@ public struct RelativePositionAttention: Sendable, Equatable {
           if let keep = resolved.keep, keep.value(batch: batch, row: i, column: j) == 0 {
             s = -.infinity
           }
-          if resolved.isCausal && j > i { s = -.infinity }
+          if !resolved.visibleKeys(query: i).contains(j) { s = -.infinity }
           scores[j] = s
         }
         // Softmax; a row with every key masked stays all zero (PyTorch ≥ 2.5), not NaN.

@@ -68,9 +68,8 @@ struct ComplexitySweep {
       for name in command.kernel.list {
         let kernel = name.attentionKernel()
         if case .tiled(let configuration) = kernel {
-          let tasks = (n + configuration.queryBlock - 1) / configuration.queryBlock
           let workspace = TiledAttention.workspaceBytes(
-            queries: n, keys: n, valueDim: d, tasks: tasks, configuration: configuration,
+            queries: n, keys: n, valueDim: d, batchCount: 1, configuration: configuration,
             threads: threads)
           if ioBytes + workspace > budget {
             notes.append(
