@@ -19,13 +19,15 @@ struct Attn: ParsableCommand {
         attn dropout     attention with a mask and dropout (exercise 1)
         attn complexity  time and memory against length (exercise 2)
         attn relpos      relative-position attention (exercise 3)
+        attn sdpa        PyTorch's scaled_dot_product_attention on your tensors
         attn bench       the tiled kernel against OpenBLAS's ceiling
       Exit codes: 0 success, 1 runtime error or failed check, 64 usage error.
       Shell completion: attn --generate-completion-script bash|zsh|fish.
       """,
     version: "attn \(version)",
     subcommands: [
-      DropoutCommand.self, ComplexityCommand.self, RelposCommand.self, BenchCommand.self,
+      DropoutCommand.self, ComplexityCommand.self, RelposCommand.self, SdpaCommand.self,
+      BenchCommand.self,
     ]
   )
 

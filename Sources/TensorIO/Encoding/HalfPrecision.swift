@@ -30,6 +30,46 @@ public enum HalfPrecision {
     }
   }
 
+  /// The binary16 value nearest to `value`, ties to even (numpy's `astype(np.float16)`):
+  /// beyond 65504 (after rounding) ±inf, below the smallest subnormal ±0, NaN stays NaN.
+  public static func f16Bits(from value: Float) -> UInt16 {
+    let bits = value.bitPattern
+    let sign = UInt16((bits >> 16) & 0x8000)
+    let exponent = Int((bits >> 23) & 0xFF)
+    let fraction = bits & 0x7F_FFFF
+    if exponent == 0xFF {
+      return sign | 0x7C00 | (fraction == 0 ? 0 : 0x0200 | UInt16(fraction >> 13))
+    }
+    let unbiased = exponent - 127
+    if unbiased > 15 { return sign | 0x7C00 }
+    if unbiased >= -14 {
+      // Normal: keep 10 fraction bits, round the 13 dropped ones to nearest even; a carry may
+      // run into the exponent (and up to infinity), which is the right result.
+      let half = UInt32(unbiased + 15) << 10 | (fraction >> 13)
+      let rest = fraction & 0x1FFF
+      let roundUp = rest > 0x1000 || (rest == 0x1000 && half & 1 == 1)
+      return sign | UInt16(half + (roundUp ? 1 : 0))
+    }
+    // Subnormal or zero: the significand with its implicit bit, shifted to units of 2⁻²⁴.
+    let shift = -unbiased - 14 + 13
+    guard shift < 25, exponent != 0 else { return sign }
+    let significand = fraction | 0x80_0000
+    let kept = significand >> UInt32(shift)
+    let rest = significand & ((1 << UInt32(shift)) - 1)
+    let halfway = UInt32(1) << UInt32(shift - 1)
+    let roundUp = rest > halfway || (rest == halfway && kept & 1 == 1)
+    return sign | UInt16(kept + (roundUp ? 1 : 0))
+  }
+
+  /// The bfloat16 value nearest to `value`, ties to even (the upper 16 bits of the rounded
+  /// binary32); NaN stays a quiet NaN.
+  public static func bf16Bits(from value: Float) -> UInt16 {
+    let bits = value.bitPattern
+    if value.isNaN { return UInt16(bits >> 16) | 0x0040 }
+    let rounding = 0x7FFF + ((bits >> 16) & 1)
+    return UInt16((bits &+ rounding) >> 16)
+  }
+
   /// The `Float` equal to a bfloat16 value (safetensors `BF16`).
   ///
   /// bfloat16 is the upper half of a binary32 `Float` (1 sign, 8 exponent, 7 fraction bits), so
@@ -74,6 +114,30 @@ func decodeFloats(
     case .f64:
       let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
       out[i] = Float(Double(bitPattern: bits))
+    }
+  }
+}
+
+/// Appends `scalars` to `bytes` as little-endian elements of `format` (rounded to nearest even
+/// for the 16-bit formats).
+func appendLittleEndian(_ scalars: [Float], as format: StoredFloat, to bytes: inout [UInt8]) {
+  switch format {
+  case .f32: appendLittleEndian(scalars, to: &bytes)
+  case .f64:
+    bytes.reserveCapacity(bytes.count + scalars.count * 8)
+    for value in scalars {
+      let bits = Double(value).bitPattern
+      for shift in stride(from: 0, to: 64, by: 8) {
+        bytes.append(UInt8(truncatingIfNeeded: bits >> UInt64(shift)))
+      }
+    }
+  case .f16, .bf16:
+    bytes.reserveCapacity(bytes.count + scalars.count * 2)
+    for value in scalars {
+      let bits =
+        format == .f16 ? HalfPrecision.f16Bits(from: value) : HalfPrecision.bf16Bits(from: value)
+      bytes.append(UInt8(truncatingIfNeeded: bits))
+      bytes.append(UInt8(truncatingIfNeeded: bits >> 8))
     }
   }
 }

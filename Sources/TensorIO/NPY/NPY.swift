@@ -139,13 +139,22 @@ public enum NPY {
     try writeAtomically(encode(tensor), to: path)
   }
 
-  /// The bytes `np.save` writes for `tensor` as a C-order `float32` array.
+  /// The bytes `np.save` writes for `tensor` as a C-order `float32` array (or `float16` /
+  /// `float64` with `dtype`, rounded to nearest even).
   ///
   /// Version 1.0 (2.0 only if the header outgrows 65535 bytes, as numpy does), with numpy's
   /// header: keys sorted, the spare spaces it leaves for growing the first axis, and padding that
   /// makes the data start at a multiple of 64 bytes so it can be memory-mapped aligned.
-  public static func encode(_ tensor: Tensor) -> [UInt8] {
-    var dict = "{'descr': '<f4', 'fortran_order': False, 'shape': \(pythonTuple(tensor.shape)), }"
+  public static func encode(_ tensor: Tensor, dtype: NPYDType = .float32) -> [UInt8] {
+    let stored: StoredFloat
+    switch dtype {
+    case .float16: stored = .f16
+    case .float64: stored = .f64
+    default: stored = .f32
+    }
+    let descr = stored == .f16 ? "<f2" : stored == .f64 ? "<f8" : "<f4"
+    var dict =
+      "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(pythonTuple(tensor.shape)), }"
     if let first = tensor.shape.first {
       // numpy's GROWTH_AXIS_MAX_DIGITS = 21: room to rewrite the first dimension in place.
       dict += String(repeating: " ", count: max(0, 21 - String(first).count))
@@ -165,7 +174,7 @@ public enum NPY {
       out += [2, 0] + (0..<4).map { UInt8(truncatingIfNeeded: length >> (8 * $0)) }
       out += headerBytes + [UInt8](repeating: 0x20, count: padding2) + [0x0A]
     }
-    appendLittleEndian(tensor.scalars, to: &out)
+    appendLittleEndian(tensor.scalars, as: stored, to: &out)
     return out
   }
 }

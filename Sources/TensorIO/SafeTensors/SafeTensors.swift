@@ -140,7 +140,8 @@ public enum SafeTensors {
   ///
   /// Throws `AttentionError.invalidArgument` for a tensor named `__metadata__`, a reserved key.
   public static func encode(
-    _ tensors: [String: Tensor], metadata: [String: String] = [:]
+    _ tensors: [String: Tensor], metadata: [String: String] = [:],
+    dtype: SafeTensorsDType = .f32
   ) throws -> [UInt8] {
     guard tensors["__metadata__"] == nil else {
       throw AttentionError.invalidArgument(
@@ -157,10 +158,10 @@ public enum SafeTensors {
     var offset = 0
     for name in names {
       guard let tensor = tensors[name] else { continue }
-      let end = offset + tensor.count * 4
+      let end = offset + tensor.count * dtype.stored.size
       let shape = tensor.shape.map(String.init).joined(separator: ",")
       parts.append(
-        jsonQuoted(name) + ":{\"dtype\":\"F32\",\"shape\":[\(shape)],"
+        jsonQuoted(name) + ":{\"dtype\":\"\(dtype.rawValue)\",\"shape\":[\(shape)],"
           + "\"data_offsets\":[\(offset),\(end)]}")
       offset = end
     }
@@ -173,7 +174,9 @@ public enum SafeTensors {
     for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: length >> (8 * UInt64(i)))) }
     out += header
     for name in names {
-      if let tensor = tensors[name] { appendLittleEndian(tensor.scalars, to: &out) }
+      if let tensor = tensors[name] {
+        appendLittleEndian(tensor.scalars, as: dtype.stored, to: &out)
+      }
     }
     return out
   }

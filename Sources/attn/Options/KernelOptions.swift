@@ -9,6 +9,8 @@ enum KernelChoice: String, ExpressibleByArgument, CaseIterable {
   case materialized
   /// Online softmax over tiles; memory linear in the sequence, no weights returned.
   case tiled
+  /// Materialized when the weights are asked for and fit the memory budget, else tiled.
+  case auto
 
   /// The library's kernel for this choice (`tiled` with the given blocks).
   func attentionKernel(
@@ -17,6 +19,7 @@ enum KernelChoice: String, ExpressibleByArgument, CaseIterable {
     switch self {
     case .materialized: return .materialized
     case .tiled: return .tiled(blocks)
+    case .auto: return .automatic
     }
   }
 }
@@ -55,7 +58,11 @@ struct ExecutionOptions: ParsableArguments {
 
 /// `--kernel`, `--threads`, `--max-memory`: shared by the commands that run attention.
 struct KernelOptions: ParsableArguments {
-  @Option(help: "Attention kernel: materialized (returns the weights) or tiled (memory-lean).")
+  @Option(
+    help: """
+      Attention kernel: materialized (returns the weights), tiled (memory-lean), or auto \
+      (materialized when the weights are needed and fit --max-memory).
+      """)
   var kernel: KernelChoice = .materialized
 
   @OptionGroup var execution: ExecutionOptions
@@ -76,7 +83,7 @@ struct KernelOptions: ParsableArguments {
       try Progress().during("running the \(kernel.rawValue) kernel") {
         try Attention.scaledDotProduct(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-          kernel: attentionKernel, needWeights: kernel == .materialized, threads: threads,
+          kernel: attentionKernel, needWeights: kernel != .tiled, threads: threads,
           memoryBudget: memoryBudget)
       }
     }

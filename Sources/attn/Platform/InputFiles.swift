@@ -25,6 +25,54 @@ final class InputFiles {
     try array(path).tensor
   }
 
+  /// How an input was stored, for outputs written "as the input".
+  enum Storage: String {
+    case float16, bfloat16, float32, float64, bool, integer
+  }
+
+  /// An input named as `PATH.npy` or `FILE.safetensors:NAME` (a tensor inside a safetensors
+  /// file), with how it was stored.
+  func input(_ spec: String) throws -> (tensor: Tensor, storage: Storage) {
+    if let (file, name) = Self.safetensorsAddress(spec) {
+      let contents = try safetensorsFile(file)
+      let tensor = try contents.tensor(named: name)
+      let storage: Storage
+      switch contents.dtypes[name] {
+      case .f16?: storage = .float16
+      case .bf16?: storage = .bfloat16
+      case .f64?: storage = .float64
+      default: storage = .float32
+      }
+      return (tensor, storage)
+    }
+    let array = try array(spec)
+    let storage: Storage
+    switch array.dtype {
+    case .float16: storage = .float16
+    case .float32: storage = .float32
+    case .float64: storage = .float64
+    case .bool: storage = .bool
+    default: storage = .integer
+    }
+    return (array.tensor, storage)
+  }
+
+  /// `FILE.safetensors:NAME` split at the first `.safetensors:`; `nil` for a plain path.
+  static func safetensorsAddress(_ spec: String) -> (file: String, name: String)? {
+    guard let range = spec.range(of: ".safetensors:") else { return nil }
+    return (String(spec[..<range.lowerBound]) + ".safetensors", String(spec[range.upperBound...]))
+  }
+
+  /// Safetensors files already read, so that Q, K and V from one file read it once.
+  private var files: [String: SafeTensorsFile] = [:]
+
+  private func safetensorsFile(_ path: String) throws -> SafeTensorsFile {
+    if let file = files[path] { return file }
+    let file = try safetensors(path)
+    files[path] = file
+    return file
+  }
+
   /// A `.npy` keep mask: booleans or 0/1 of any dtype (`NPYArray.keepMask`); an additive mask
   /// given here is refused with the flag that takes it.
   func keepMask(_ path: String, additiveFlag: String?) throws -> Tensor {

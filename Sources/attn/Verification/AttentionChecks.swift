@@ -117,11 +117,12 @@ struct AttentionChecks {
     let values = reference.values.scalars
     for row in 0..<(shape.batchCount * tq) {
       let b = row / max(tq, 1)
+      let kv = shape.keyValueBatch(b)
       for c in 0..<dv {
         var sum = 0.0
         var magnitude = 0.0
         for j in 0..<tk {
-          let term = Double(post.scalars[row * tk + j]) * Double(values[(b * tk + j) * dv + c])
+          let term = Double(post.scalars[row * tk + j]) * Double(values[(kv * tk + j) * dv + c])
           sum += term
           magnitude += abs(term)
         }
