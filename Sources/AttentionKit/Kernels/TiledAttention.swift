@@ -56,19 +56,28 @@ public enum TiledAttention {
 
   /// How a call is cut into tasks: `rowTasks` (batch, query block) pairs, each with its keys in
   /// `splits` chunks of `blocksPerSplit` key blocks.
+  ///
+  /// With grouped-query heads and every query in one block (decoding), the `G` query heads that
+  /// share a key/value head are stacked into one block of `G·Tq` rows (`stackedHeads`): their
+  /// rows are contiguous, and each tile of K and V is then read once for the group.
   struct Partition {
     let queryBlock: Int
     let keyBlock: Int
     let queryBlocks: Int
+    let stackedHeads: Int
     let rowTasks: Int
     let splits: Int
     let blocksPerSplit: Int
 
-    init(queries: Int, keys: Int, batchCount: Int, configuration: Configuration) {
+    init(
+      queries: Int, keys: Int, batchCount: Int, groupSize: Int = 1, relativePosition: Bool = false,
+      configuration: Configuration
+    ) {
       queryBlock = min(configuration.queryBlock, max(queries, 1))
       keyBlock = min(configuration.keyBlock, max(keys, 1))
       queryBlocks = (queries + queryBlock - 1) / queryBlock
-      rowTasks = batchCount * queryBlocks
+      stackedHeads = groupSize > 1 && queryBlocks == 1 && !relativePosition ? groupSize : 1
+      rowTasks = batchCount / stackedHeads * queryBlocks
       let keyBlocks = max(1, (keys + keyBlock - 1) / keyBlock)
       let wanted = rowTasks < keySplitThreshold ? min(keyBlocks, maxKeySplits) : 1
       blocksPerSplit = (keyBlocks + wanted - 1) / wanted
@@ -82,12 +91,13 @@ public enum TiledAttention {
   /// accumulator, the row max and sum, and `[Bq, ≤ 2M + 1]` for relative positions, with the
   /// blocks capped at `Tq` and `Tk`; with a key split, `[Bq, Dv + 2]` per split task.
   public static func workspaceBytes(
-    queries: Int, keys: Int, valueDim: Int, batchCount: Int, relativeWidth: Int = 0,
-    configuration: Configuration = .default, threads: Int
+    queries: Int, keys: Int, valueDim: Int, batchCount: Int, groupSize: Int = 1,
+    relativeWidth: Int = 0, configuration: Configuration = .default, threads: Int
   ) -> Int {
     let partition = Partition(
-      queries: queries, keys: keys, batchCount: batchCount, configuration: configuration)
-    let (bq, bk) = (partition.queryBlock, partition.keyBlock)
+      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
+      relativePosition: relativeWidth > 0, configuration: configuration)
+    let (bq, bk) = (partition.queryBlock * partition.stackedHeads, partition.keyBlock)
     let workers = min(max(threads, 1), max(partition.tasks, 1))
     let perThread = bq * bk + bq * valueDim + 2 * bq + bq * relativeWidth
     let partials = partition.splits > 1 ? partition.tasks * bq * (valueDim + 2) : 0
@@ -112,20 +122,21 @@ public enum TiledAttention {
     var output = try Tensor(shape: shape.outputShape)
     let partition = Partition(
       queries: shape.queries, keys: shape.keys, batchCount: shape.batchCount,
+      groupSize: shape.groupSize, relativePosition: relativePosition != nil,
       configuration: configuration)
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
     let workspace = workspaceBytes(
       queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim,
-      batchCount: shape.batchCount, relativeWidth: width, configuration: configuration,
-      threads: threads)
+      batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
+      configuration: configuration, threads: threads)
     if partition.rowTasks == 0 || shape.keys == 0 {
       return AttentionResult(
         output: output, weights: nil, workspaceBytes: 0, kernel: .tiled, tilesComputed: 0)
     }
     let plan = TilePlan(
       shape: shape, scale: shape.resolvedScale(scale), queryBlock: partition.queryBlock,
-      keyBlock: partition.keyBlock, mask: resolved, dropout: dropout,
-      relativePosition: relativePosition)
+      keyBlock: partition.keyBlock, stackedHeads: partition.stackedHeads, mask: resolved,
+      dropout: dropout, relativePosition: relativePosition)
     let tiles = Atomic<Int>(0)
     queries.scalars.withUnsafeBufferPointer { q in
       keys.scalars.withUnsafeBufferPointer { k in
@@ -156,7 +167,7 @@ public enum TiledAttention {
   private static func runWhole(
     _ plan: TilePlan, _ partition: Partition, _ buffers: TileBuffers, threads: Int
   ) -> Int {
-    let (batchCount, queryBlocks) = (plan.shape.batchCount, partition.queryBlocks)
+    let (groups, queryBlocks) = (partition.rowTasks / partition.queryBlocks, partition.queryBlocks)
     let queue = TaskQueue()
     let tiles = Atomic<Int>(0)
     DispatchQueue.concurrentPerform(iterations: min(threads, partition.tasks)) { _ in
@@ -165,11 +176,11 @@ public enum TiledAttention {
       // change how it is computed. With a causal mask the last query blocks see the most keys,
       // so they go first and the short ones fill in at the end.
       while case let next = queue.take(), next < partition.tasks {
-        let (batch, block) =
+        let (group, block) =
           plan.mask.isCausal
-          ? (next % batchCount, queryBlocks - 1 - next / batchCount)
+          ? (next % groups, queryBlocks - 1 - next / groups)
           : (next / queryBlocks, next % queryBlocks)
-        let i0 = block * plan.queryBlock
+        let (batch, i0) = (group * plan.stackedHeads, block * plan.queryBlock)
         let count = plan.accumulate(
           batch: batch, firstQuery: i0, keys: 0..<plan.shape.keys, buffers: buffers,
           scratch: &scratch)
@@ -186,7 +197,7 @@ public enum TiledAttention {
   private static func runSplit(
     _ plan: TilePlan, _ partition: Partition, _ buffers: TileBuffers, threads: Int
   ) -> Int {
-    let (bq, dv) = (plan.queryBlock, plan.shape.valueDim)
+    let (bq, dv) = (plan.blockRows, plan.shape.valueDim)
     let stride = bq * (dv + 2)
     let partials = UnsafeMutablePointer<Float>.allocate(capacity: partition.tasks * stride)
     defer { partials.deallocate() }
@@ -198,10 +209,10 @@ public enum TiledAttention {
       var scratch = TileScratch(plan: plan)
       while case let next = queue.take(), next < partition.tasks {
         let (rowTask, split) = next.quotientAndRemainder(dividingBy: partition.splits)
-        let (batch, block) = rowTask.quotientAndRemainder(dividingBy: partition.queryBlocks)
+        let (group, block) = rowTask.quotientAndRemainder(dividingBy: partition.queryBlocks)
         let start = split * chunkKeys
         let count = plan.accumulate(
-          batch: batch, firstQuery: block * bq,
+          batch: group * plan.stackedHeads, firstQuery: block * plan.queryBlock,
           keys: start..<min(plan.shape.keys, start + chunkKeys), buffers: buffers,
           scratch: &scratch)
         tiles.add(count, ordering: .relaxed)
@@ -214,9 +225,9 @@ public enum TiledAttention {
     let mergeQueue = TaskQueue()
     DispatchQueue.concurrentPerform(iterations: min(threads, partition.rowTasks)) { _ in
       while case let rowTask = mergeQueue.take(), rowTask < partition.rowTasks {
-        let (batch, block) = rowTask.quotientAndRemainder(dividingBy: partition.queryBlocks)
+        let (group, block) = rowTask.quotientAndRemainder(dividingBy: partition.queryBlocks)
         plan.merge(
-          batch: batch, firstQuery: block * bq,
+          batch: group * plan.stackedHeads, firstQuery: block * plan.queryBlock,
           partials: shared.pointer + rowTask * partition.splits * stride,
           splits: partition.splits, into: buffers.o)
       }
@@ -260,7 +271,7 @@ struct TileScratch: ~Copyable {
   let positions: UnsafeMutablePointer<Float>
 
   init(plan: TilePlan) {
-    let bq = plan.queryBlock
+    let bq = plan.blockRows
     scores = .allocate(capacity: bq * plan.keyBlock)
     accumulator = .allocate(capacity: bq * plan.shape.valueDim)
     rowMax = .allocate(capacity: bq)
@@ -281,8 +292,11 @@ struct TileScratch: ~Copyable {
 struct TilePlan: Sendable {
   let shape: AttentionShape
   let scale: Float
+  /// Queries per block, per head.
   let queryBlock: Int
   let keyBlock: Int
+  /// Query heads stacked into one block (see `TiledAttention.Partition`).
+  let stackedHeads: Int
   let mask: ResolvedMask
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
@@ -292,6 +306,14 @@ struct TilePlan: Sendable {
     relativePosition?.columns(queries: shape.queries, keys: shape.keys) ?? 0...0
   }
   var relativeWidth: Int { relativePosition == nil ? 0 : relativeColumns.count }
+  /// Rows of one block: `Bq` per stacked head.
+  var blockRows: Int { queryBlock * stackedHeads }
+
+  /// The rows of the block of flat batch `b` starting at query `i0`: per head, and in all.
+  func rowCounts(firstQuery i0: Int) -> (perHead: Int, total: Int) {
+    let perHead = min(queryBlock, shape.queries - i0)
+    return (perHead, perHead * stackedHeads)
+  }
 
   /// Passes 1–4 for rows `firstQuery ..< firstQuery + Bq` of flat batch `batch` over the keys
   /// `keys` that the mask lets any of the rows see, leaving the unnormalized output, the row
@@ -302,7 +324,8 @@ struct TilePlan: Sendable {
   ) -> Int {
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
     let kv = shape.keyValueBatch(b)
-    let rows = min(queryBlock, tq - i0)
+    // Stacked heads: rows of heads b, b + 1, … follow each other (every query in one block).
+    let (perHead, rows) = rowCounts(firstQuery: i0)
     let bk = keyBlock
     let q = buffers.q + (b * tq + i0) * d
     let s = scratch.scores
@@ -326,7 +349,7 @@ struct TilePlan: Sendable {
     // Causal and windowed: only keys some row of the block may see; the first row sees the
     // earliest (the window's start; 0 when it sees none), the last row the latest.
     let keyStart = max(keys.lowerBound, mask.visibleKeys(query: i0).lowerBound)
-    let keyEnd = min(keys.upperBound, mask.visibleKeys(query: i0 + rows - 1).upperBound)
+    let keyEnd = min(keys.upperBound, mask.visibleKeys(query: i0 + perHead - 1).upperBound)
     var j0 = keyStart
     var tiles = 0
     while j0 < keyEnd {
@@ -341,12 +364,12 @@ struct TilePlan: Sendable {
         for r in 0..<rows { (s + r * bk).update(repeating: 0, count: cols) }
       }
       for r in 0..<rows {
-        let i = i0 + r
+        let (qb, i) = (b + r / perHead, i0 + r % perHead)
         let row = s + r * bk
         // Pass 2: position term, mask, and the new running max.
         relativePosition?.add(
           table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
-        mask.apply(to: row, batch: b, query: i, firstKey: j0, count: cols)
+        mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
         let tileMax = RowSoftmax.maximum(row, count: cols)
         if tileMax.isNaN || previous.isNaN {
@@ -369,7 +392,7 @@ struct TilePlan: Sendable {
         scratch.rowMax[r] = peak
         if correction != 1 { RowSoftmax.scale(acc + r * dv, count: dv, by: correction) }
         // Pass 4a: dropout on the probabilities (the normalizer ℓ stays the pre-dropout sum).
-        dropout?.apply(to: row, row: b * tq + i, firstKey: j0, count: cols)
+        dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
       }
       // Pass 4b: O += P·V_blk.
       if dv > 0 {
@@ -388,7 +411,7 @@ struct TilePlan: Sendable {
     into output: UnsafeMutablePointer<Float>
   ) {
     let (tq, dv) = (shape.queries, shape.valueDim)
-    let rows = min(queryBlock, tq - i0)
+    let rows = rowCounts(firstQuery: i0).total
     let out = output + (b * tq + i0) * dv
     for r in 0..<rows {
       let sum = scratch.rowSum[r]
@@ -403,8 +426,8 @@ struct TilePlan: Sendable {
     batch b: Int, firstQuery i0: Int, partials: UnsafeMutablePointer<Float>, splits: Int,
     into output: UnsafeMutablePointer<Float>
   ) {
-    let (tq, dv, bq) = (shape.queries, shape.valueDim, queryBlock)
-    let rows = min(bq, tq - i0)
+    let (tq, dv, bq) = (shape.queries, shape.valueDim, blockRows)
+    let rows = rowCounts(firstQuery: i0).total
     let stride = bq * (dv + 2)
     let out = output + (b * tq + i0) * dv
     for r in 0..<rows {

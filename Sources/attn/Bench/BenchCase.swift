@@ -11,12 +11,22 @@ struct BenchCase {
   var headDim: Int
   var dropout: Float = 0
   var causal = false
+  /// `Tq` when it differs from `Tk = length` (decoding: a few queries against a long cache).
+  var queries: Int? = nil
+  /// `Hkv` when K and V have fewer heads than Q (grouped-query attention).
+  var keyValueHeads: Int? = nil
+  /// A sliding window of `W` keys (causal).
+  var window: Int? = nil
+  var alignment: CausalAlignment = .topLeft
   /// `M`: run the relative-position module (projections, R = Q·Eᵀ, tiled attention) instead of
   /// bare attention, and time plain attention with the same projections beside it.
   var maxDistance: Int? = nil
   var repeats: Int? = nil
 
-  static let order = ["attention", "causal", "dropout", "relpos", "efficiency", "long"]
+  static let order = [
+    "attention", "causal", "dropout", "relpos", "efficiency", "long", "decode", "gqa",
+    "window16k", "causal16k",
+  ]
   static let standard: [String: BenchCase] = [
     "attention": BenchCase(name: "attention", batch: 1, heads: 8, length: 2048, headDim: 64),
     "causal": BenchCase(
@@ -27,17 +37,49 @@ struct BenchCase {
       name: "relpos", batch: 1, heads: 1, length: 2048, headDim: 64, maxDistance: 32),
     "efficiency": BenchCase(name: "efficiency", batch: 1, heads: 8, length: 4096, headDim: 64),
     "long": BenchCase(name: "long", batch: 1, heads: 1, length: 65536, headDim: 64, repeats: 1),
+    // One new token of a Llama-sized layer against a 4,096-token KV cache.
+    "decode": BenchCase(
+      name: "decode", batch: 1, heads: 32, length: 4096, headDim: 128, causal: true,
+      queries: 1, keyValueHeads: 8, alignment: .bottomRight),
+    "gqa": BenchCase(
+      name: "gqa", batch: 1, heads: 32, length: 2048, headDim: 128, keyValueHeads: 8),
+    // A sliding window against full causal attention at the same length.
+    "window16k": BenchCase(
+      name: "window16k", batch: 1, heads: 4, length: 16384, headDim: 64, causal: true,
+      window: 512, repeats: 3),
+    "causal16k": BenchCase(
+      name: "causal16k", batch: 1, heads: 4, length: 16384, headDim: 64, causal: true,
+      repeats: 3),
   ]
 
-  var shapeText: String {
-    "B \(batch) H \(heads) T \(length) D \(headDim)" + (causal ? " causal" : "")
-      + (dropout > 0 ? " p \(dropout)" : "") + (maxDistance.map { " relpos M \($0)" } ?? "")
+  /// `Tq`.
+  var queryCount: Int { queries ?? length }
+
+  var mask: AttentionMask {
+    AttentionMask(isCausal: causal, causalAlignment: alignment, window: window)
   }
 
-  /// Query–key pairs actually computed: all of them, or the lower triangle when causal.
+  var shapeText: String {
+    "B \(batch) H \(heads)" + (keyValueHeads.map { "/\($0)" } ?? "")
+      + (queries.map { " Tq \($0) Tk \(length)" } ?? " T \(length)") + " D \(headDim)"
+      + (causal ? " causal" : "") + (alignment == .bottomRight ? " bottom-right" : "")
+      + (window.map { " W \($0)" } ?? "") + (dropout > 0 ? " p \(dropout)" : "")
+      + (maxDistance.map { " relpos M \($0)" } ?? "")
+  }
+
+  /// Query–key pairs the mask lets through (all of them, the causal triangle, the window's band).
   var pairs: Double {
-    let t = Double(length)
-    return Double(batch * heads) * (causal ? t * (t + 1) / 2 : t * t)
+    guard causal || window != nil else {
+      return Double(batch * heads) * Double(queryCount) * Double(length)
+    }
+    let offset = alignment == .bottomRight ? length - queryCount : 0
+    var visible = 0.0
+    for i in 0..<queryCount {
+      let upper = min(length, max(0, i + offset + 1))
+      let lower = window.map { min(upper, max(0, i + offset - $0 + 1)) } ?? 0
+      visible += Double(upper - lower)
+    }
+    return Double(batch * heads) * visible
   }
 
   /// What one timed run computes, and how its rows are checked.
@@ -51,7 +93,7 @@ struct BenchCase {
   private func workload(
     configuration: TiledAttention.Configuration, threads: Int, seed: UInt64
   ) throws -> Workload {
-    let mask: AttentionMask = causal ? .causal : .none
+    let mask = self.mask
     let drop = dropout > 0 ? try Dropout(probability: dropout, seed: seed) : nil
     if let maxDistance {
       // The notebook's module: x [B, T, d] → Q, K, V projections → relative-position attention.
@@ -75,10 +117,11 @@ struct BenchCase {
             kernel: .tiled(configuration), threads: threads)
         })
     }
-    let shape = [batch, heads, length, headDim]
-    let q = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.queries)
-    let k = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.keys)
-    let v = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.values)
+    let keyShape = [batch, keyValueHeads ?? heads, length, headDim]
+    let q = try Tensor.randomNormal(
+      shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries)
+    let k = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys)
+    let v = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
     return Workload(
       reference: try ReferenceAttention(queries: q, keys: k, values: v, mask: mask, dropout: drop),
       run: {
@@ -116,7 +159,7 @@ struct BenchCase {
     }
 
     let ceiling = GemmCeiling(
-      queryBlock: min(configuration.queryBlock, length),
+      queryBlock: min(configuration.queryBlock, queryCount),
       keyBlock: min(configuration.keyBlock, length),
       headDim: headDim, valueDim: headDim, threads: threads)
     let tiles = max(threads, Int(4 * pairs * Double(headDim) / ceiling.flopsPerTile))
@@ -136,7 +179,8 @@ struct BenchCase {
     let plainMedian = plainTimes.isEmpty ? nil : Stopwatch.median(plainTimes)
     return BenchResult(
       name: name, batch: batch, heads: heads, seqLen: length, dK: headDim, p: Double(dropout),
-      causal: causal, maxRel: maxDistance, medianMs: median * 1e3,
+      causal: causal, maxRel: maxDistance, tq: queryCount, kvHeads: keyValueHeads ?? heads,
+      window: window, causalAlign: alignment.rawValue, medianMs: median * 1e3,
       minMs: (times.min() ?? .nan) * 1e3,
       gflops: gflops, sgemmGflops: sgemm, ratioToSgemm: gflops / sgemm,
       plainMedianMs: plainMedian.map { $0 * 1e3 },
@@ -154,6 +198,9 @@ struct BenchResult: Encodable {
   var p: Double
   var causal: Bool
   var maxRel: Int?
+  var tq, kvHeads: Int
+  var window: Int?
+  var causalAlign: String
   var medianMs, minMs, gflops, sgemmGflops, ratioToSgemm: Double
   /// relpos: projections plus plain attention of the same shape, and our time over it.
   var plainMedianMs: Double?
@@ -167,11 +214,14 @@ struct BenchResult: Encodable {
   var line: String {
     let peak = peakRssBytes.map { formatBytes($0) } ?? "n/a"
     var label = name.padding(toLength: 10, withPad: " ", startingAt: 0)
-    label += " B\(batch) H\(heads) T\(seqLen) D\(dK)"
-    if causal { label += " causal" }
+    label += " B\(batch) H\(heads)" + (kvHeads != heads ? "/\(kvHeads)" : "")
+    label += tq != seqLen ? " Tq\(tq) Tk\(seqLen)" : " T\(seqLen)"
+    label += " D\(dK)"
+    if causal { label += causalAlign == "bottom-right" ? " causal-br" : " causal" }
+    if let window { label += " W\(window)" }
     if p > 0 { label += " p\(Float(p))" }
     if let maxRel { label += " M\(maxRel)" }
-    var text = label.padding(toLength: 40, withPad: " ", startingAt: 0)
+    var text = label.padding(toLength: 44, withPad: " ", startingAt: 0)
     text += String(
       format: "median %8.2f ms  min %8.2f ms  %6.1f GFLOP/s  sgemm %6.1f  ratio %4.2f",
       medianMs, minMs, gflops, sgemmGflops, ratioToSgemm)

@@ -24,6 +24,14 @@ struct BenchCommand: ParsableCommand {
   var headDim: Int?
   @Option(help: "Dropout probability (custom case; default 0).") var p: Float?
   @Flag(help: "Causal mask.") var causal = false
+  @Option(help: "Queries Tq when they differ from the keys (custom case; default --seq-len).")
+  var tq: Int?
+  @Option(help: "Keys Tk (custom case; same as --seq-len).") var tk: Int?
+  @Option(help: "Key/value heads Hkv for grouped-query attention (custom case).")
+  var kvHeads: Int?
+  @Option(help: "Sliding window W, causal (custom case).") var window: Int?
+  @Option(help: "Causal alignment: top-left or bottom-right (custom case).")
+  var causalAlign: CausalAlignment?
   @Flag(help: "Custom case: the relative-position module (d_model = --d-k, one head).")
   var relpos = false
   @Option(
@@ -44,11 +52,24 @@ struct BenchCommand: ParsableCommand {
   /// Any shape flag makes one custom case instead of the standard ones.
   private var isCustom: Bool {
     batch != nil || heads != nil || seqLen != nil || headDim != nil || p != nil || causal || relpos
+      || tq != nil || tk != nil || kvHeads != nil || window != nil || causalAlign != nil
   }
 
   func validate() throws {
-    for (name, value) in [("--batch", batch), ("--heads", heads), ("--seq-len", seqLen)] {
+    for (name, value) in [
+      ("--batch", batch), ("--heads", heads), ("--seq-len", seqLen), ("--tq", tq), ("--tk", tk),
+      ("--kv-heads", kvHeads), ("--window", window),
+    ] {
       if let value, value < 1 { throw ValidationError("\(name) must be positive, got \(value)") }
+    }
+    if let seqLen, let tk, seqLen != tk {
+      throw ValidationError("--seq-len \(seqLen) and --tk \(tk) differ; give one")
+    }
+    if let kvHeads, (heads ?? 1) % kvHeads != 0 {
+      throw ValidationError("--heads \(heads ?? 1) must be a multiple of --kv-heads \(kvHeads)")
+    }
+    if relpos && (kvHeads != nil || window != nil || tq != nil) {
+      throw ValidationError("--relpos runs the notebook's module: no --kv-heads, --window or --tq")
     }
     try FlagLimits.check("--d-k", headDim, in: 1...FlagLimits.dimension)
     try FlagLimits.check("--max-rel", maxDistance, in: 0...FlagLimits.maxDistance)
@@ -82,8 +103,10 @@ struct BenchCommand: ParsableCommand {
     if isCustom {
       selected = [
         BenchCase(
-          name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: seqLen ?? 1024,
-          headDim: headDim ?? 64, dropout: p ?? 0, causal: causal,
+          name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: tk ?? seqLen ?? 1024,
+          headDim: headDim ?? 64, dropout: p ?? 0,
+          causal: causal || window != nil || causalAlign != nil, queries: tq,
+          keyValueHeads: kvHeads, window: window, alignment: causalAlign ?? .topLeft,
           maxDistance: relpos ? (maxDistance ?? 32) : nil)
       ]
     } else {
