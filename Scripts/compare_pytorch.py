@@ -44,8 +44,13 @@ CASES = {
     "relpos": dict(batch=1, heads=1, seq_len=2048, d=64, max_rel=32),
     "efficiency": dict(batch=1, heads=8, seq_len=4096, d=64),
     "long": dict(batch=1, heads=1, seq_len=65536, d=64),
+    # One new token against a 4,096-token KV cache, grouped-query heads (32 on 8).
+    "decode": dict(batch=1, heads=32, kv_heads=8, tq=1, seq_len=4096, d=128),
+    "gqa": dict(batch=1, heads=32, kv_heads=8, seq_len=2048, d=128),
 }
-TORCH_TARGET = {"attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0}
+TORCH_TARGET = {
+    "attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
+}
 
 
 def parse_args():
@@ -97,14 +102,18 @@ def torch_runner(torch, case):
             with torch.no_grad():
                 module(x)
         return run
-    shape = (c["batch"], c["heads"], c["seq_len"], c["d"])
-    q, k, v = (torch.randn(shape) for _ in range(3))
+    kv_heads = c.get("kv_heads", c["heads"])
+    q = torch.randn(c["batch"], c["heads"], c.get("tq", c["seq_len"]), c["d"])
+    k, v = (torch.randn(c["batch"], kv_heads, c["seq_len"], c["d"]) for _ in range(2))
     causal = c.get("causal", False)
     p = c.get("p", 0.0)
+    gqa = kv_heads != c["heads"]
 
     def run():
         with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+            # One query against the cache sees every key: no mask, as a decoder step calls it.
+            F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=causal, enable_gqa=gqa)
     return run
 
 
