@@ -144,6 +144,19 @@ package func readElements<Element>(
   }
 }
 
+/// Refuses, before a reader allocates them, `bytes` (`nil`: more than an `Int` holds) over
+/// `maxBytes`, and then any the system cannot allocate now. `what` names them in messages,
+/// starting with the source.
+package func checkReadBudget(_ bytes: Int?, maxBytes: Int, what: String) throws {
+  guard let bytes, bytes <= maxBytes else {
+    throw AttentionError.memoryBudget(
+      MemoryBudgetExceeded(
+        what: what, neededBytes: bytes, budgetBytes: maxBytes,
+        advice: .other("read a smaller file")))
+  }
+  try checkAllocatable(bytes, for: what)
+}
+
 /// Throws `AttentionError.outOfMemory` unless `bytes` can be allocated now: a reader asks before
 /// it allocates a size that a file or a flag decided, because a failed allocation in Swift ends
 /// the process (under `ulimit -v` or a container's limit, where it can fail).

@@ -92,15 +92,9 @@ struct NPYLayout {
   /// `maxBytes` (default: physical memory), or one the system cannot allocate now.
   func checkBudget(elementSize: Int, maxBytes: Int?) throws {
     let (bytes, overflow) = count.multipliedReportingOverflow(by: elementSize)
-    let budget = maxBytes ?? physicalMemoryBytes()
-    guard !overflow, bytes <= budget else {
-      throw AttentionError.memoryBudget(
-        MemoryBudgetExceeded(
-          what: "\(quotedForMessage(source)): its \(shapeForMessage(shape)) tensor",
-          neededBytes: overflow ? nil : bytes, budgetBytes: budget,
-          advice: .other("read a smaller file")))
-    }
-    try checkAllocatable(bytes, for: "the \(shapeForMessage(shape)) tensor of \(source)")
+    try checkReadBudget(
+      overflow ? nil : bytes, maxBytes: maxBytes ?? physicalMemoryBytes(),
+      what: "\(quotedForMessage(source)): its \(shapeForMessage(shape)) tensor")
   }
 
   /// The error for data that ends after `elements` of `count` elements.

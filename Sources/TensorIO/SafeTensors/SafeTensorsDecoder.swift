@@ -102,14 +102,9 @@ struct SafeTensorsDecoder {
       overflow = overflow || o1 || o2
       total = sum
     }
-    guard !overflow, total <= maxBytes else {
-      throw AttentionError.memoryBudget(
-        MemoryBudgetExceeded(
-          what: "\(quotedForMessage(source.name)): its \(entries.count) tensors",
-          neededBytes: overflow ? nil : total, budgetBytes: maxBytes,
-          advice: .other("read a smaller file")))
-    }
-    try checkAllocatable(total, for: "the tensors of \(source.name)")
+    try checkReadBudget(
+      overflow ? nil : total, maxBytes: maxBytes,
+      what: "\(quotedForMessage(source.name)): its \(entries.count) tensors")
   }
 
   /// One tensor's data as `Float`s, read from the current position straight into its buffer.
