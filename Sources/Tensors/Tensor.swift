@@ -12,6 +12,9 @@ public struct Tensor: Equatable, Sendable {
   /// A tensor of `shape` filled with `value`.
   public init(shape: [Int], repeating value: Float = 0) throws {
     let count = try Tensor.elementCount(of: shape)
+    let (bytes, overflow) = count.multipliedReportingOverflow(by: MemoryLayout<Float>.stride)
+    try checkAllocatable(
+      overflow ? .max : bytes, for: "a tensor of shape \(shapeForMessage(shape))")
     self.shape = shape
     self.scalars = [Float](repeating: value, count: count)
   }

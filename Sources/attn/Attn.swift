@@ -1,6 +1,7 @@
 import ArgumentParser
 import AttentionKit
 import Foundation
+import TensorIO
 
 /// `attn`: the notebook's three exercises as subcommands, on OpenBLAS.
 ///
@@ -56,7 +57,12 @@ struct Attn: ParsableCommand {
         StandardStreams.writeError("attn: \(message)")
       }
     }
-    if let failure = StandardStreams.finishStandardOutput() {
+    switch StandardStreams.finishStandardOutput() {
+    case .written: break
+    case .readerLeft:
+      removeTemporaryFiles()
+      Foundation.exit(128 + SIGPIPE)
+    case .failed(let failure):
       StandardStreams.writeError("attn: \(failure)")
       if code == .success { code = .failure }
     }

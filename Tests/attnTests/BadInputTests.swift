@@ -221,9 +221,53 @@ struct BadInputTests {
       "memory budget exceeded", "--query-block"),
   ]
 
+  /// The reliability work's cases that fit the battery (ReliabilityTests has the others): keep
+  /// masks holding other values than 0 and 1 (an additive mask named as such), a FIFO without a
+  /// reader as an output, inputs and threads over `--max-memory`, names and shapes from files
+  /// escaped and capped, flags out of their documented ranges.
+  static let reliabilityCases: [Case] = [
+    runtime(
+      ["dropout", "--mask", "mask_hf.npy"], "mask_hf.npy", "value -3.4028235e+38 at [0, 1]",
+      "1 = attend, 0 = masked", "look like an additive mask", "(pass an additive mask with --bias)"
+    ),
+    runtime(
+      ["dropout", "--mask", "mask_neginf.npy"], "mask_neginf.npy", "value -inf at [0, 1]",
+      "look like an additive mask", "(pass an additive mask with --bias)"),
+    runtime(
+      ["relpos", "--mask", "mask_hf.npy"], "mask_hf.npy", "look like an additive mask",
+      "(this command takes keep masks only)"),
+    runtime(
+      ["dropout", "--mask", "mask_two.npy"], "mask_two.npy", "value 2.0 at [2, 3] is not 0 or 1",
+      "1 = attend, 0 = masked", "(pass an additive mask with --bias)"),
+    runtime(["dropout", "--out", "w.fifo"], "w.fifo", "no reader"),
+    // The regular output is staged, then the FIFO fails: o.npy is not written either.
+    runtime(["dropout", "--out", "o.npy", "--weights-out", "w.fifo"], "w.fifo", "no reader"),
+    runtime(
+      ["dropout", "--q", "big.npy", "--k", "k.npy", "--v", "v.npy", "--max-memory", "1M"],
+      "memory budget exceeded", "big.npy", "--max-memory"),
+    runtime(
+      ["bench", "--threads", "1000", "--cases", "attention", "--max-memory", "64M"],
+      "memory budget exceeded", "1000 threads"),
+    runtime(
+      ["relpos", "--weights", "w_escape.safetensors"], "w_escape.safetensors",
+      #"\u{1b}[31m"#, "is unexpected"),
+    runtime(
+      ["dropout", "--q", "descr_bidi.npy", "--k", "k.npy", "--v", "v.npy"], "descr_bidi.npy",
+      "unsupported dtype", #"\u{202e}"#),
+    runtime(
+      ["dropout", "--q", "rank30000.npy", "--k", "k.npy", "--v", "v.npy"], "30000 dimensions"),
+    usage(["dropout", "--max-memory", "0"], "--max-memory", "from 1 byte to 1024T"),
+    usage(["dropout", "--max-memory", "2000T"], "--max-memory", "from 1 byte to 1024T"),
+    usage(["bench", "--repeats", "100000"], "--repeats", "1…10000", "100000"),
+    usage(["complexity", "--repeats", "100000"], "--repeats", "1…10000", "100000"),
+    usage(
+      ["dropout", "--explain", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy"],
+      "--explain", "no batch elements"),
+  ]
+
   static let allCases =
     flagCases + unreadableCases + npyCases + safetensorsCases + contentCases
-    + outputAndMemoryCases
+    + outputAndMemoryCases + reliabilityCases
 
   @Test("the battery has the documented breadth")
   func breadth() {
@@ -321,9 +365,11 @@ struct BadInputTests {
 }
 
 /// The files the battery runs on, written into each test's folder: small valid tensors, the same
-/// with one NaN or ±inf at a known index, shapes that do not fit, a folder, a symbolic-link loop,
-/// a symbolic and a hard link to `v.npy`, and the malformed fixtures of AttentionKitTests that a
-/// case names.
+/// with one NaN or ±inf at a known index, shapes that do not fit, keep masks of every dtype and
+/// additive masks, a header with a bidirectional control, a rank-30,000 array, a weights file
+/// with a control-character tensor name, a folder, a FIFO, a symbolic-link loop, a symbolic and
+/// a hard link to `v.npy`, and the malformed fixtures of AttentionKitTests and the 4 MB
+/// `big.npy` when a case names them.
 enum BadInputFiles {
   static let io = Fixtures.folder("io")
 
@@ -374,6 +420,9 @@ enum BadInputFiles {
     for (name, tensor) in npy {
       try Data(NPY.encode(tensor)).write(to: folder.appendingPathComponent(name))
     }
+    for (name, bytes) in try reliabilityNPY(naming: arguments) {
+      try Data(bytes).write(to: folder.appendingPathComponent(name))
+    }
 
     let weights = try RelativePositionAttention(modelDim: 8, maxDistance: 2, seed: 7)
       .stateDict.tensors
@@ -381,8 +430,12 @@ enum BadInputFiles {
     withNaN["W_q.weight"]?[3, 4] = .nan
     var missing = weights
     missing["W_v.bias"] = nil
+    // An extra tensor whose name holds an escape sequence, a carriage return and a NUL.
+    var withEscapes = weights
+    withEscapes["evil\u{1B}[31m\r\u{0}name"] = try Tensor(shape: [1], repeating: 1)
     for (name, tensors) in [
       "w.safetensors": weights, "w_nan.safetensors": withNaN, "w_missing.safetensors": missing,
+      "w_escape.safetensors": withEscapes,
     ] {
       try Data(SafeTensors.encode(tensors)).write(to: folder.appendingPathComponent(name))
     }
@@ -396,6 +449,9 @@ enum BadInputFiles {
       atPath: folder.appendingPathComponent("v_link.npy").path, withDestinationPath: "v.npy")
     try manager.linkItem(
       at: folder.appendingPathComponent("v.npy"), to: folder.appendingPathComponent("v_hard.npy"))
+    guard mkfifo(folder.appendingPathComponent("w.fifo").path, 0o644) == 0 else {
+      throw AttnCLIError("mkfifo w.fifo: errno \(errno)")
+    }
     for name in Set(arguments) where name.hasPrefix("bad_") {
       try manager.copyItem(
         at: io.appendingPathComponent(name), to: folder.appendingPathComponent(name))
@@ -403,7 +459,9 @@ enum BadInputFiles {
   }
 
   /// Every entry under `folder`, hidden ones included (a temporary file left behind is hidden):
-  /// regular files by content, symbolic links by destination, folders by name.
+  /// each by its permission bits and owner, then regular files by content, symbolic links by
+  /// destination, folders by name, and other files (the FIFO) by type, never opened (reading a
+  /// FIFO would wait for a writer).
   static func snapshot(_ folder: URL) throws -> [String: Data] {
     let manager = FileManager.default
     var entries: [String: Data] = [:]
@@ -413,22 +471,90 @@ enum BadInputFiles {
       for name in try manager.contentsOfDirectory(atPath: url.path) {
         let path = relative.isEmpty ? name : relative + "/" + name
         let full = folder.appendingPathComponent(path)
-        let attributes = try manager.attributesOfItem(atPath: full.path)
-        switch attributes[.type] as? FileAttributeType {
-        case .typeSymbolicLink?:
-          entries[path] = Data(
-            ("link:"
-              + (try manager.destinationOfSymbolicLink(
-                atPath: full.path)))
-              .utf8)
-        case .typeDirectory?:
-          entries[path] = Data("folder".utf8)
-          pending.append(path)
-        default:
-          entries[path] = try Data(contentsOf: full)
+        var info = stat()
+        guard lstat(full.path, &info) == 0 else {
+          throw AttnCLIError("cannot stat \(full.path): errno \(errno)")
         }
+        let owner =
+          "mode \(String(info.st_mode & 0o7777, radix: 8)), owner \(info.st_uid):\(info.st_gid); "
+        var entry = Data(owner.utf8)
+        switch info.st_mode & S_IFMT {
+        case S_IFLNK:
+          entry += Data(("link:" + (try manager.destinationOfSymbolicLink(atPath: full.path))).utf8)
+        case S_IFDIR:
+          entry += Data("folder".utf8)
+          pending.append(path)
+        case S_IFREG:
+          entry += try Data(contentsOf: full)
+        default:
+          entry += Data("special file of type \(String(info.st_mode & S_IFMT, radix: 8))".utf8)
+        }
+        entries[path] = entry
       }
     }
     return entries
+  }
+
+  /// The `.npy` files of the reliability cases, as bytes: keep masks of every dtype holding the
+  /// same causal 0/1 pattern (hand-written where `NPY.encode`, which writes `<f4`, cannot),
+  /// one holding a 2, additive masks (0 and float32's lowest, as Hugging Face writes them; 0 and
+  /// −inf), a bias masking all of query row 2, a version 3.0 header whose `descr` holds U+202E,
+  /// a rank-30,000 array (a version 2.0 header), and, when named, `big.npy` of 4 MiB.
+  static func reliabilityNPY(naming arguments: [String]) throws -> [String: [UInt8]] {
+    let causal: [UInt8] = (0..<16).map { $0 % 4 <= $0 / 4 ? 1 : 0 }
+    var two = causal.map(Int64.init)
+    two[2 * 4 + 3] = 2
+    let additive = causal.map { $0 == 1 ? Float(0) : -Float.greatestFiniteMagnitude }
+    let negativeInfinity = causal.map { $0 == 1 ? Float(0) : -Float.infinity }
+    var rowMasked = try Tensor(shape: [1, 4, 4], repeating: 0)
+    for key in 0..<4 { rowMasked[0, 2, key] = -.infinity }
+    var files: [String: [UInt8]] = [
+      "mask_b1.npy": npy(descr: "|b1", shape: [4, 4], data: causal),
+      "mask_u1.npy": npy(descr: "|u1", shape: [4, 4], data: causal),
+      "mask_i1.npy": npy(descr: "|i1", shape: [4, 4], data: causal),
+      "mask_i4.npy": npy(descr: "<i4", shape: [4, 4], data: littleEndian(causal.map(Int32.init))),
+      "mask_i8.npy": npy(descr: "<i8", shape: [4, 4], data: littleEndian(causal.map(Int64.init))),
+      "mask_f2.npy": npy(
+        descr: "<f2", shape: [4, 4], data: littleEndian(causal.map { UInt16($0) * 0x3C00 })),
+      "mask_f4.npy": NPY.encode(try Tensor(shape: [4, 4], scalars: causal.map(Float.init))),
+      "mask_f8.npy": npy(
+        descr: "<f8", shape: [4, 4], data: littleEndian(causal.map { Double($0).bitPattern })),
+      "mask_two.npy": npy(descr: "<i8", shape: [4, 4], data: littleEndian(two)),
+      "mask_hf.npy": NPY.encode(try Tensor(shape: [4, 4], scalars: additive)),
+      "mask_neginf.npy": NPY.encode(try Tensor(shape: [4, 4], scalars: negativeInfinity)),
+      "bias_row_neginf.npy": NPY.encode(rowMasked),
+      "descr_bidi.npy": npy(
+        descr: "<f\u{202E}4", shape: [2], data: littleEndian([Float(1), 2].map(\.bitPattern)),
+        version: 3),
+      "rank30000.npy": NPY.encode(try Tensor(shape: [Int](repeating: 1, count: 30_000))),
+    ]
+    if arguments.contains("big.npy") {
+      files["big.npy"] = NPY.encode(try Tensor(shape: [1, 1024, 1024]))
+    }
+    return files
+  }
+
+  /// A `.npy` file written by hand: the header dict with `descr` and `shape` (C order), padded
+  /// with spaces and a newline so the data starts at a multiple of 64 bytes, after the magic,
+  /// `version`.0 and the header length (2 bytes in version 1.0, 4 in 2.0 and 3.0; 3.0 declares
+  /// the header UTF-8). See `NPYTests.handWritten`.
+  static func npy(descr: String, shape: [Int], data: [UInt8], version: UInt8 = 1) -> [UInt8] {
+    let tuple =
+      shape.count == 1
+      ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
+    let header = Array("{'descr': '\(descr)', 'fortran_order': False, 'shape': \(tuple), }".utf8)
+    let prefix = version == 1 ? 10 : 12
+    let padding = (64 - (prefix + header.count + 1) % 64) % 64
+    let length = header.count + padding + 1
+    let lengthBytes = (0..<(prefix - 8)).map { UInt8(truncatingIfNeeded: length >> (8 * $0)) }
+    return [0x93] + Array("NUMPY".utf8) + [version, 0] + lengthBytes + header
+      + [UInt8](repeating: 0x20, count: padding) + [0x0A] + data
+  }
+
+  /// `values` as little-endian bytes.
+  static func littleEndian<T: FixedWidthInteger>(_ values: [T]) -> [UInt8] {
+    values.flatMap { value in
+      (0..<MemoryLayout<T>.size).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) }
+    }
   }
 }

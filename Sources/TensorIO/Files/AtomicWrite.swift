@@ -115,13 +115,15 @@ private func writeTemporary(_ bytes: [UInt8], beside path: String) throws -> Str
   let name = String(path.split(separator: "/", omittingEmptySubsequences: false).last ?? "")
   let temporaryPath =
     (folder == "/" ? "" : folder) + "/" + temporaryName(for: name, folder: folder)
+  // Registered before it exists, so that a signal arriving right after the creation finds it.
+  TemporaryFiles.add(temporaryPath)
   let descriptor = open(temporaryPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
   guard descriptor >= 0 else {
     let code = errno
+    TemporaryFiles.forget(temporaryPath)
     throw AttentionError.file(
       path: path, message: "cannot write: " + describeCreateError(code, folder))
   }
-  TemporaryFiles.add(temporaryPath)
   keepPermissions(of: path, on: descriptor)
   var writeError = writeAll(bytes, to: descriptor)
   // close can report a deferred write error (NFS, full disk), so its result counts too.

@@ -157,17 +157,6 @@ package func checkReadBudget(_ bytes: Int?, maxBytes: Int, what: String) throws 
   try checkAllocatable(bytes, for: what)
 }
 
-/// Throws `AttentionError.outOfMemory` unless `bytes` can be allocated now: a reader asks before
-/// it allocates a size that a file or a flag decided, because a failed allocation in Swift ends
-/// the process (under `ulimit -v` or a container's limit, where it can fail).
-package func checkAllocatable(_ bytes: Int, for what: @autoclosure () -> String) throws {
-  guard bytes > 1 << 20 else { return }
-  guard let probe = malloc(bytes) else {
-    throw AttentionError.outOfMemory("cannot allocate \(formatBytes(bytes)) for \(what())")
-  }
-  free(probe)
-}
-
 /// The machine's physical memory in bytes (`Int.max` when the system does not say): the default
 /// limit of the readers.
 package func physicalMemoryBytes() -> Int {

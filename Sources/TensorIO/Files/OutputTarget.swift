@@ -32,6 +32,13 @@ enum OutputTarget: Equatable {
       throw AttentionError.file(
         path: path, message: "cannot write: the path names a folder, not a file")
     }
+    let limit = pathconf(Self.folder(of: path), Int32(_PC_NAME_MAX))
+    if limit > 0 && name.utf8.count > limit {
+      throw AttentionError.file(
+        path: path,
+        message: "cannot write: the name is \(name.utf8.count) bytes, over the file system's "
+          + "limit of \(limit)")
+    }
     // A chain of symbolic links may end at a descriptor's name.
     var hop = path
     for _ in 0..<40 {
@@ -85,6 +92,13 @@ enum OutputTarget: Equatable {
     let folder = String(path[..<slash])
     return folder.isEmpty ? "/" : folder
   }
+}
+
+/// The descriptor an output path writes to (`-`, `/dev/stdout`, `/dev/fd/N`, or a link leading
+/// to one), or `nil` for a file, a device or a FIFO.
+public func outputDescriptor(for path: String) -> Int32? {
+  if case .descriptor(let number)? = try? OutputTarget(path: path) { return number }
+  return nil
 }
 
 /// Writes all of `bytes` to `descriptor`, retrying short writes and interruptions; returns the

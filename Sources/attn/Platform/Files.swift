@@ -27,17 +27,26 @@ func writeOutputs(npy files: [(path: String?, tensor: Tensor?)]) throws {
 /// Refuses an output path that is also an input path (a usage error, exit 64): a run must never
 /// overwrite what it reads. Paths are compared after resolving `.`, `..` and symbolic links, and
 /// existing files also by device and inode, so another spelling or a hard link is caught too.
+/// Also refuses `/dev/fd/N` for a descriptor the shell did not hand over (`attn`'s own).
 func checkOutputs(_ outputs: [String?], against inputs: [String?]) throws {
   let inputPaths = Set(inputs.compactMap { $0 }.map(canonicalPath))
   let inputFiles = Set(inputs.compactMap { $0 }.compactMap(fileIdentity))
   var seen = Set<String>()
   for path in outputs.compactMap({ $0 }) {
+    let typed = StandardStreams.typedName(path)
     let canonical = canonicalPath(path)
     if inputPaths.contains(canonical) || fileIdentity(path).map(inputFiles.contains) == true {
-      throw ValidationError("output \(path) is also an input; choose another path")
+      throw ValidationError("output \(typed) is also an input; choose another path")
     }
     if !seen.insert(canonical).inserted {
-      throw ValidationError("\(path) is named as two outputs")
+      throw ValidationError("\(typed) is named as two outputs")
+    }
+    if typed == path, let descriptor = outputDescriptor(for: path),
+      !StandardStreams.initialDescriptors.contains(descriptor)
+    {
+      throw ValidationError(
+        "\(path): descriptor \(descriptor) was not open when attn started (give the shell's "
+          + "redirection, such as 3>file, to write to it)")
     }
   }
 }

@@ -12,6 +12,10 @@ enum SignalCleanup {
   nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
 
   static func install() {
+    // A reader that leaves a pipe makes writes fail with EPIPE instead of ending the process on
+    // the spot, so that temporary files are removed as after any failed write
+    // (StandardStreams turns a failed report on standard output into the shell's 141).
+    signal(SIGPIPE, SIG_IGN)
     for number in [SIGINT, SIGTERM, SIGHUP] {
       signal(number, SIG_IGN)
       let source = DispatchSource.makeSignalSource(signal: number, queue: .global())

@@ -1,4 +1,5 @@
 import Foundation
+import TensorIO
 
 /// The process's standard streams, made safe to fail: every write to standard output is checked
 /// (at the end, through stdio's error flag), a failing or closed standard error never crashes the
@@ -25,6 +26,7 @@ enum StandardStreams {
   /// later takes its number (an output file would otherwise receive the report printed to a
   /// closed standard output).
   static func prepare() {
+    recordInitialDescriptors()
     for descriptor: Int32 in 0...2 where fcntl(descriptor, F_GETFD) < 0 && errno == EBADF {
       if descriptor == 1 { stdoutWasClosed = true }
       let opened = open("/dev/null", descriptor == 0 ? O_RDONLY : O_WRONLY)
@@ -39,29 +41,52 @@ enum StandardStreams {
   /// `/dev/fd/1`, `/proc/self/fd/1`) replaced by a copy of the descriptor, and standard output
   /// itself pointed at standard error, so that the report and the data never mix.
   static func separatingOutputs(_ arguments: [String]) -> [String] {
-    let names: Set<String> = ["-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
     var result = arguments
     var saved: Int32?
-    func stdoutCopy() -> String {
+    func stdoutCopy(for original: String) -> String {
       if saved == nil {
         fflush(standardOutput)
         saved = fcntl(1, F_DUPFD_CLOEXEC, 3)
         dup2(2, 1)
+        reportOnStandardError = true
       }
-      return "/dev/fd/\(saved ?? 1)"
+      let copy = "/dev/fd/\(saved ?? 1)"
+      typedNames[copy] = original
+      return copy
     }
+    // `-`, `/dev/stdout`, `/dev/fd/1`, and links that lead to them.
+    func isStandardOutput(_ path: String) -> Bool { outputDescriptor(for: path) == 1 }
     for index in result.indices {
       let argument = result[index]
-      if index > 0, outputFlags.contains(result[index - 1]), names.contains(argument) {
-        result[index] = stdoutCopy()
+      if index > 0, outputFlags.contains(result[index - 1]), isStandardOutput(argument) {
+        result[index] = stdoutCopy(for: argument)
       } else if let equals = argument.firstIndex(of: "="),
         outputFlags.contains(String(argument[..<equals])),
-        names.contains(String(argument[argument.index(after: equals)...]))
+        isStandardOutput(String(argument[argument.index(after: equals)...]))
       {
-        result[index] = String(argument[...equals]) + stdoutCopy()
+        result[index] =
+          String(argument[...equals])
+          + stdoutCopy(for: String(argument[argument.index(after: equals)...]))
       }
     }
     return result
+  }
+
+  /// Whether the report goes to standard error because an output took standard output.
+  nonisolated(unsafe) private(set) static var reportOnStandardError = false
+  /// The paths typed for outputs that were rewritten to a descriptor, for messages.
+  nonisolated(unsafe) private static var typedNames: [String: String] = [:]
+  /// The descriptors open when the process started (`/dev/fd/N` may name only these).
+  nonisolated(unsafe) private(set) static var initialDescriptors: Set<Int32> = [0, 1, 2]
+
+  /// The path as the user typed it (a rewritten standard output shows as typed).
+  static func typedName(_ path: String) -> String { typedNames[path] ?? path }
+
+  /// Records the descriptors open now, before the process opens its own.
+  static func recordInitialDescriptors() {
+    guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")
+    else { return }
+    initialDescriptors = Set(names.compactMap { Int32($0) })
   }
 
   /// Writes one line to standard error; a closed or full standard error is ignored (there is no
@@ -79,14 +104,27 @@ enum StandardStreams {
     }
   }
 
-  /// Flushes standard output; the description of the first failed write to it, if any.
-  /// A reader that left (EPIPE) ends the process by SIGPIPE, as for any Unix filter.
-  static func finishStandardOutput() -> String? {
-    if stdoutWasClosed { return "cannot write the report: standard output is closed" }
+  /// How writing the report to standard output ended.
+  enum Ending: Equatable {
+    case written
+    /// The reader of a pipe left (EPIPE): end quietly with 128 + SIGPIPE, as a filter killed
+    /// by the signal would.
+    case readerLeft
+    case failed(String)
+  }
+
+  /// Flushes standard output and says whether every write to it succeeded. When the report was
+  /// moved to standard error (an output went to standard output), its failure is not an error,
+  /// as no other failed write to standard error is.
+  static func finishStandardOutput() -> Ending {
+    if stdoutWasClosed { return .failed("cannot write the report: standard output is closed") }
     if fflush(standardOutput) != 0 || ferror(standardOutput) != 0 {
       let code = errno
-      return "cannot write the report to standard output: \(String(cString: strerror(code)))"
+      if reportOnStandardError { return .written }
+      if code == EPIPE { return .readerLeft }
+      return .failed(
+        "cannot write the report to standard output: \(String(cString: strerror(code)))")
     }
-    return nil
+    return .written
   }
 }
