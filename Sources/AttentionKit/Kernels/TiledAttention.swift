@@ -91,6 +91,19 @@ public enum TiledAttention {
     var tasks: Int { rowTasks * splits }
   }
 
+  /// The tile the kernel computes for a problem: `rows` query rows (`Bq`, capped at `Tq` and by a
+  /// window, times the stacked heads of a decode step) by `keys` keys (`Bk`, capped at `Tk`) —
+  /// the shapes of its two products, for measuring OpenBLAS alone on them.
+  public static func tile(
+    queries: Int, keys: Int, batchCount: Int, groupSize: Int = 1, window: Int? = nil,
+    configuration: Configuration = .default
+  ) -> (rows: Int, keys: Int) {
+    let partition = Partition(
+      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
+      window: window, configuration: configuration)
+    return (partition.queryBlock * partition.stackedHeads, partition.keyBlock)
+  }
+
   /// The bytes of workspace `compute` allocates: per thread a `[Bq, Bk]` tile, a `[Bq, Dv]`
   /// accumulator, the row max and sum, and `[Bq, ≤ 2M + 1]` for relative positions, with the
   /// blocks capped at `Tq` and `Tk`; with a key split, `[Bq, Dv + 2]` per split task.

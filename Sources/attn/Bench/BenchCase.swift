@@ -133,7 +133,8 @@ struct BenchCase {
   }
 
   func run(
-    configuration: TiledAttention.Configuration, threads: Int, repeats: Int, seed: UInt64
+    configuration: TiledAttention.Configuration, threads: Int, repeats: Int, warmup: Int,
+    seed: UInt64
   ) throws -> BenchResult {
     let memoryBefore = ProcessMemory.status()?.resident
     let peakReset = ProcessMemory.resetPeak()
@@ -158,11 +159,16 @@ struct BenchCase {
           + "not reporting its time")
     }
 
+    // OpenBLAS alone on the products the kernel actually computes: its tile, as the kernel
+    // shapes it for this problem (window, decode).
+    let tile = TiledAttention.tile(
+      queries: queryCount, keys: length, batchCount: batch * heads,
+      groupSize: heads / (keyValueHeads ?? heads), window: window, configuration: configuration)
     let ceiling = GemmCeiling(
-      queryBlock: min(configuration.queryBlock, queryCount),
-      keyBlock: min(configuration.keyBlock, length),
-      headDim: headDim, valueDim: headDim, threads: threads)
+      queryBlock: tile.rows, keyBlock: tile.keys, headDim: headDim, valueDim: headDim,
+      threads: threads)
     let tiles = max(threads, Int(4 * pairs * Double(headDim) / ceiling.flopsPerTile))
+    for _ in 0..<warmup { _ = try work.run() }
     var times: [Double] = []
     var plainTimes: [Double] = []
     var ceilings: [Double] = []
@@ -181,7 +187,9 @@ struct BenchCase {
       name: name, batch: batch, heads: heads, seqLen: length, dK: headDim, p: Double(dropout),
       causal: causal, maxRel: maxDistance, tq: queryCount, kvHeads: keyValueHeads ?? heads,
       window: window, causalAlign: alignment.rawValue, medianMs: median * 1e3,
-      minMs: (times.min() ?? .nan) * 1e3,
+      minMs: (times.min() ?? .nan) * 1e3, warmup: warmup,
+      timeMs: Stopwatch.Statistics(times).scaled(by: 1e3), timesMs: times.map { $0 * 1e3 },
+      tileRows: tile.rows, tileKeys: tile.keys,
       gflops: gflops, sgemmGflops: sgemm, ratioToSgemm: gflops / sgemm,
       plainMedianMs: plainMedian.map { $0 * 1e3 },
       relposOverPlain: plainMedian.map { median / $0 },
@@ -201,7 +209,15 @@ struct BenchResult: Encodable {
   var tq, kvHeads: Int
   var window: Int?
   var causalAlign: String
-  var medianMs, minMs, gflops, sgemmGflops, ratioToSgemm: Double
+  var medianMs, minMs: Double
+  /// Untimed runs before the timed ones (after the checking run).
+  var warmup: Int
+  /// Mean ± standard deviation, min, median and max of the timed runs, and every run's time.
+  var timeMs: Stopwatch.Statistics
+  var timesMs: [Double]
+  /// The kernel's tile, on which the sgemm ceiling is measured.
+  var tileRows, tileKeys: Int
+  var gflops, sgemmGflops, ratioToSgemm: Double
   /// relpos: projections plus plain attention of the same shape, and our time over it.
   var plainMedianMs: Double?
   var relposOverPlain: Double?
@@ -223,8 +239,10 @@ struct BenchResult: Encodable {
     if let maxRel { label += " M\(maxRel)" }
     var text = label.padding(toLength: 44, withPad: " ", startingAt: 0)
     text += String(
-      format: "median %8.2f ms  min %8.2f ms  %6.1f GFLOP/s  sgemm %6.1f  ratio %4.2f",
-      medianMs, minMs, gflops, sgemmGflops, ratioToSgemm)
+      format: "median %8.2f ms  (mean %8.2f ± %6.2f, min %8.2f, max %8.2f)  %6.1f GFLOP/s  "
+        + "sgemm %6.1f  ratio %4.2f",
+      medianMs, timeMs.mean, timeMs.standardDeviation, minMs, timeMs.max, gflops, sgemmGflops,
+      ratioToSgemm)
     if let plainMedianMs, let relposOverPlain {
       text += String(format: "  plain %7.2f ms (relpos/plain %.2f)", plainMedianMs, relposOverPlain)
     }

@@ -42,6 +42,8 @@ struct BenchCommand: ParsableCommand {
   var cases: String?
   @OptionGroup var execution: ExecutionOptions
   @Option(help: "Timed runs per case (the median is reported).") var repeats: Int = 5
+  @Option(help: "Untimed runs per case before the timed ones (after the checking run).")
+  var warmup: Int = 0
   @Option(help: "Query block Bq of the tiled kernel.") var queryBlock: Int = TiledAttention
     .Configuration.default.queryBlock
   @Option(help: "Key block Bk of the tiled kernel.") var keyBlock: Int = TiledAttention
@@ -82,6 +84,7 @@ struct BenchCommand: ParsableCommand {
     }
     if let p, !(p >= 0 && p < 1) { throw ValidationError("--p must be in [0, 1), got \(p)") }
     try FlagLimits.check("--repeats", repeats, in: 1...FlagLimits.repeats)
+    try FlagLimits.check("--warmup", warmup, in: 0...FlagLimits.repeats)
     guard queryBlock > 0, keyBlock > 0 else {
       throw ValidationError("block sizes must be positive")
     }
@@ -130,7 +133,8 @@ struct BenchCommand: ParsableCommand {
     for benchCase in selected {
       progress.show("bench: \(benchCase.name) \(benchCase.shapeText)…")
       let result = try benchCase.run(
-        configuration: configuration, threads: threadCount, repeats: repeats, seed: seed)
+        configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
+        seed: seed)
       results.append(result)
       if format == .text { print(result.line) }
     }
