@@ -8,7 +8,8 @@ import Tensors
 ///
 /// Shape legend, used throughout the library: `B` batch, `H` heads, `Tq` queries, `Tk` keys, `D`
 /// head dimension (of queries and keys), `Dv` value dimension, `M` largest relative distance.
-/// Any leading dimensions are a batch (`[B, H, …]`), the same for Q, K and V.
+/// Any leading dimensions are a batch (`[B, H, …]`), the same for Q, K and V — except the heads,
+/// where K and V may have fewer (`Hkv`, grouped-query attention; see `AttentionShape`).
 public enum Attention {
   /// Which kernel computes the attention. Every kernel has the same semantics and agrees with the
   /// others to float32 rounding; they differ in speed, memory and whether weights come back.

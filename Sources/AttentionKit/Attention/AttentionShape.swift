@@ -43,7 +43,7 @@ public struct AttentionShape: Sendable, Equatable {
         "leading dimensions differ: queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)), values \(shapeForMessage(v.shape))"
           + grouped)
     }
-    groupSize = kvHeads == 0 ? 1 : heads / kvHeads
+    groupSize = heads == 0 || kvHeads == 0 ? 1 : heads / kvHeads
     keyValueBatchShape = k.batchShape
     guard q.shape[q.rank - 1] == k.shape[k.rank - 1] else {
       throw AttentionError.shapeMismatch(

@@ -30,7 +30,8 @@ import Tensors
 /// are split into up to `maxKeySplits` chunks of whole key blocks, computed as separate tasks,
 /// and merged by log-sum-exp in a fixed order (flash-decoding). Both splits depend on the shape
 /// alone, and every row is computed the same way whatever the thread count, so results are
-/// identical for any `threads`. Workspace: per thread `Bq·Bk + Bq·Dv + 2·Bq (+ Bq·(2M + 1))`
+/// identical for any `threads`. Workspace: per thread `R·Bk + R·Dv + 2·R (+ R·(2M + 1))` with
+/// `R = Bq` rows (`G·Bq` when `G` heads are stacked for decoding)
 /// floats, allocated once per thread — independent of `Tk` and linear in `Bq` — plus, with a key
 /// split, `Bq·(Dv + 2)` floats per split task for the partial results.
 public enum TiledAttention {

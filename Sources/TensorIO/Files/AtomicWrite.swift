@@ -115,12 +115,10 @@ private func writeTemporary(_ bytes: [UInt8], beside path: String) throws -> Str
   let name = String(path.split(separator: "/", omittingEmptySubsequences: false).last ?? "")
   let temporaryPath =
     (folder == "/" ? "" : folder) + "/" + temporaryName(for: name, folder: folder)
-  // Registered before it exists, so that a signal arriving right after the creation finds it.
-  TemporaryFiles.add(temporaryPath)
-  let descriptor = open(temporaryPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
+  // Created and registered at once, so that a signal's cleanup finds every file that exists.
+  let descriptor = TemporaryFiles.create(temporaryPath)
   guard descriptor >= 0 else {
     let code = errno
-    TemporaryFiles.forget(temporaryPath)
     throw AttentionError.file(
       path: path, message: "cannot write: " + describeCreateError(code, folder))
   }

@@ -11,17 +11,37 @@ import Synchronization
 /// The temporary files `writeAtomically` has created and not yet renamed or removed, so that a
 /// program interrupted while it writes can remove them (`removeTemporaryFiles()`).
 enum TemporaryFiles {
-  private static let paths = Mutex<Set<String>>([])
+  private struct State {
+    var paths: Set<String> = []
+    /// Set by `removeAll`: the process is ending, and no new temporary file may appear.
+    var closed = false
+  }
 
-  static func add(_ path: String) { paths.withLock { _ = $0.insert(path) } }
+  private static let state = Mutex(State())
 
-  static func forget(_ path: String) { paths.withLock { _ = $0.remove(path) } }
+  /// Creates the temporary file `path` (exclusively, for writing) and registers it, both under
+  /// the lock, so that `removeAll` sees every file that exists. Returns the descriptor, or −1
+  /// with `errno` set (`EINTR` once the process is ending).
+  static func create(_ path: String) -> Int32 {
+    state.withLock { state -> Int32 in
+      guard !state.closed else {
+        errno = EINTR
+        return -1
+      }
+      let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
+      if descriptor >= 0 { state.paths.insert(path) }
+      return descriptor
+    }
+  }
 
-  /// Removes and forgets every registered temporary file.
+  static func forget(_ path: String) { state.withLock { _ = $0.paths.remove(path) } }
+
+  /// Removes and forgets every registered temporary file; none can be created afterwards.
   static func removeAll() {
-    paths.withLock { paths in
-      for path in paths { unlink(path) }
-      paths.removeAll()
+    state.withLock { state in
+      for path in state.paths { unlink(path) }
+      state.paths.removeAll()
+      state.closed = true
     }
   }
 }

@@ -65,7 +65,8 @@ public struct NPYArray: Equatable, Sendable {
 /// in a newline; versions 1.0 and 2.0 encode it in Latin-1, 3.0 in UTF-8.
 ///
 /// Accepted: versions 1.0, 2.0 and 3.0; a header with exactly the keys `descr`, `fortran_order`
-/// and `shape`, quoted with `'` or `"`; `descr` `'<f4'`, `'<f8'` or `'|b1'`; `fortran_order`
+/// and `shape`, quoted with `'` or `"`; `descr` one of `NPYDType` (little-endian float16, 32 and
+/// 64, booleans, and 8- to 64-bit integers); `fortran_order`
 /// `False`; `shape` a tuple of non-negative integers (`()` is a scalar, `(n,)` a vector; the `L`
 /// suffix of files written under Python 2 is allowed); data of exactly the size the shape says.
 ///

@@ -29,8 +29,10 @@ func writeOutputs(npy files: [(path: String?, tensor: Tensor?)]) throws {
 /// existing files also by device and inode, so another spelling or a hard link is caught too.
 /// Also refuses `/dev/fd/N` for a descriptor the shell did not hand over (`attn`'s own).
 func checkOutputs(_ outputs: [String?], against inputs: [String?]) throws {
-  let inputPaths = Set(inputs.compactMap { $0 }.map(canonicalPath))
-  let inputFiles = Set(inputs.compactMap { $0 }.compactMap(fileIdentity))
+  // A tensor inside a safetensors file (`FILE.safetensors:NAME`) is its file.
+  let inputs = inputs.compactMap { $0 }.map { InputFiles.safetensorsAddress($0)?.file ?? $0 }
+  let inputPaths = Set(inputs.map(canonicalPath))
+  let inputFiles = Set(inputs.compactMap(fileIdentity))
   var seen = Set<String>()
   for path in outputs.compactMap({ $0 }) {
     let typed = StandardStreams.typedName(path)

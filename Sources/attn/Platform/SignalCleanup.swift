@@ -17,6 +17,12 @@ enum SignalCleanup {
     // (StandardStreams turns a failed report on standard output into the shell's 141).
     signal(SIGPIPE, SIG_IGN)
     for number in [SIGINT, SIGTERM, SIGHUP] {
+      // A signal the parent set to be ignored (nohup, a background job's SIGINT) stays ignored.
+      var previous = sigaction()
+      sigaction(number, nil, &previous)
+      // SIG_IGN is the handler address 1.
+      let ignored = previous.__sigaction_handler.sa_handler.map { unsafeBitCast($0, to: Int.self) }
+      if ignored == 1 { continue }
       signal(number, SIG_IGN)
       let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
       source.setEventHandler {

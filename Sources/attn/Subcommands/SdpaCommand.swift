@@ -64,7 +64,11 @@ struct SdpaCommand: ParsableCommand {
   @Option(help: "Write the attention weights [B, H, Tq, Tk] (needs the materialized kernel).")
   var weightsOut: String?
 
-  @Option(help: "Element type of the written tensors: float32, float16, or input (the query's).")
+  @Option(
+    help: """
+      Element type of the written tensors: float32, float16, or input (the query's: float16, \
+      bfloat16 (safetensors only), float32 or float64).
+      """)
   var outDtype: OutputDtype = .float32
 
   @Option(help: "Output format: text or json.")
@@ -82,6 +86,15 @@ struct SdpaCommand: ParsableCommand {
       throw ValidationError("--dropout-p must be in [0, 1], got \(dropoutP)")
     }
     if let window, window < 1 { throw ValidationError("--window must be ≥ 1, got \(window)") }
+    if causalAlign != .topLeft && !isCausal && window == nil {
+      throw ValidationError("--causal-align goes with --is-causal or --window")
+    }
+    if window != nil && attnMask != nil {
+      // As --is-causal: a window is a causal mask, which PyTorch does not combine with attn_mask.
+      throw ValidationError(
+        "--attn-mask and --window cannot both be given (the window is a causal mask); put the "
+          + "window into the mask")
+    }
     if let scale, !scale.isFinite { throw ValidationError("--scale must be finite, got \(scale)") }
     if isCausal && attnMask != nil {
       // PyTorch's own rule for scaled_dot_product_attention.
@@ -196,11 +209,13 @@ struct SdpaCommand: ParsableCommand {
   ) throws -> [UInt8] {
     if path.hasSuffix(".safetensors") {
       let dtype: SafeTensorsDType =
-        storage == .float16 ? .f16 : storage == .bfloat16 ? .bf16 : .f32
+        storage == .float16
+        ? .f16 : storage == .bfloat16 ? .bf16 : storage == .float64 ? .f64 : .f32
       return try SafeTensors.encode([name: tensor], dtype: dtype)
     }
     switch storage {
     case .float16: return NPY.encode(tensor, dtype: .float16)
+    case .float64: return NPY.encode(tensor, dtype: .float64)
     case .bfloat16:
       throw AttentionError.file(
         path: path,
@@ -221,7 +236,8 @@ struct SdpaCommand: ParsableCommand {
     let heads = shape.batchShape.last ?? 1
     let groupText =
       shape.isGrouped
-      ? "\(heads) query heads on \(heads / shape.groupSize) K/V heads" : "heads \(heads)"
+      ? "\(heads) query heads on \(shape.keyValueBatchShape.last ?? 1) K/V heads"
+      : "heads \(heads)"
     switch format {
     case .json:
       try? printJSON(
@@ -229,7 +245,7 @@ struct SdpaCommand: ParsableCommand {
           outputShape: result.output.shape,
           weightsShape: weightsOut == nil ? nil : shape.weightsShape,
           kernel: result.kernel.rawValue, tilesComputed: result.tilesComputed,
-          groupSize: shape.groupSize, isCausal: mask.isCausal,
+          groupSize: shape.groupSize, isCausal: mask.isCausal || mask.window != nil,
           causalAlign: mask.causalAlignment.rawValue, window: mask.window,
           scale: Double(shape.resolvedScale(scale)), dropoutP: Double(dropoutP),
           checks: checks.dictionary, verified: checks.allPassed))

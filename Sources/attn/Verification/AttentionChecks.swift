@@ -54,7 +54,12 @@ struct AttentionChecks {
     } else if let dropout {
       // No weights from the kernel (tiled): the dropped share over the sampled rows' visible keys.
       let (dropped, candidates) = sampledDrops(dropout)
-      checks.append(dropShareCheck(dropped: dropped, candidates: candidates, dropout: dropout))
+      // These are the reference's decisions (the kernel's are checked through its output by
+      // matches_reference): the check is of the generator, on the sampled rows.
+      checks.append(
+        dropShareCheck(
+          dropped: dropped, candidates: candidates, dropout: dropout,
+          title: "share of dropped weights (Philox, sampled rows) is consistent with p"))
     }
     if let post = result.weights {
       checks.append(outputCheck(output: result.output, weights: post))
@@ -223,13 +228,16 @@ extension AttentionChecks {
   }
 
   /// `dropped` lies in the binomial interval a correct dropout leaves with probability 1 − 10⁻⁴.
-  func dropShareCheck(dropped: Int, candidates: Int, dropout: Dropout) -> Check {
+  func dropShareCheck(
+    dropped: Int, candidates: Int, dropout: Dropout,
+    title: String = "share of dropped weights is consistent with p"
+  ) -> Check {
     let interval = BinomialBound.interval(
       n: candidates, p: Double(dropout.probability), failureProbability: 1e-4)
     let share = candidates > 0 ? Double(dropped) / Double(candidates) : 0
     return Check(
       name: "dropped_share",
-      title: "share of dropped weights is consistent with p",
+      title: title,
       passed: interval.contains(dropped),
       detail: String(
         format: "%d of %d dropped (%.1f%%); p = %@ allows %d…%d (binomial, α = 1e-4)",
