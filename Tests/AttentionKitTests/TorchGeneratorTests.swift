@@ -212,18 +212,9 @@ enum TorchFixtures {
   static func manifest() throws -> TorchManifest { try cachedManifest.get() }
 
   private static let cachedManifest: Result<TorchManifest, any Error> = Result {
-    let url = folder.appendingPathComponent("manifest.json")
-    let data: Data
-    do {
-      data = try Data(contentsOf: url)
-    } catch {
-      throw FixtureError("cannot read \(url.path): \(error) (Scripts/make_torch_fixtures.py)")
-    }
-    let manifest = try JSONDecoder().decode(TorchManifest.self, from: data)
-    guard manifest.schemaVersion == 1 else {
-      throw FixtureError("manifest schema_version \(manifest.schemaVersion), these tests read 1")
-    }
-    return manifest
+    try Fixtures.manifest(
+      in: folder, as: TorchManifest.self, schemaVersion: \.schemaVersion,
+      script: "Scripts/make_torch_fixtures.py")
   }
 
   static func drawCases() throws -> [TorchDrawCase] { try manifest().draws }

@@ -16,18 +16,9 @@ package enum ReferenceFixtures {
   package static func manifest() throws -> Manifest { try cachedManifest.get() }
 
   private static let cachedManifest: Result<Manifest, any Error> = Result {
-    let url = folder.appendingPathComponent("manifest.json")
-    let data: Data
-    do {
-      data = try Data(contentsOf: url)
-    } catch {
-      throw FixtureError("cannot read \(url.path): \(error)")
-    }
-    let manifest = try JSONDecoder().decode(Manifest.self, from: data)
-    guard manifest.schemaVersion == 1 else {
-      throw FixtureError("manifest schema_version \(manifest.schemaVersion), these tests read 1")
-    }
-    return manifest
+    try Fixtures.manifest(
+      in: folder, as: Manifest.self, schemaVersion: \.schemaVersion,
+      script: "Scripts/make_reference_fixtures.py")
   }
 
   /// The absolute path of a file named in the manifest.

@@ -17,4 +17,24 @@ package enum Fixtures {
   package static func folder(_ name: String) -> URL {
     root.appendingPathComponent(name, isDirectory: true)
   }
+
+  /// `folder/manifest.json` decoded as `Manifest`, whose `schemaVersion` must be 1; `script`
+  /// names the script that writes it, for the message when it is missing.
+  package static func manifest<Manifest: Decodable>(
+    in folder: URL, as _: Manifest.Type, schemaVersion: KeyPath<Manifest, Int>, script: String
+  ) throws -> Manifest {
+    let url = folder.appendingPathComponent("manifest.json")
+    let data: Data
+    do {
+      data = try Data(contentsOf: url)
+    } catch {
+      throw FixtureError("cannot read \(url.path): \(error) (\(script))")
+    }
+    let manifest = try JSONDecoder().decode(Manifest.self, from: data)
+    guard manifest[keyPath: schemaVersion] == 1 else {
+      throw FixtureError(
+        "manifest schema_version \(manifest[keyPath: schemaVersion]), these tests read 1")
+    }
+    return manifest
+  }
 }

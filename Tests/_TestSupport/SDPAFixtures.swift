@@ -19,18 +19,9 @@ package enum SDPAFixtures {
   package static func manifest() throws -> SDPAManifest { try cachedManifest.get() }
 
   private static let cachedManifest: Result<SDPAManifest, any Error> = Result {
-    let url = folder.appendingPathComponent("manifest.json")
-    let data: Data
-    do {
-      data = try Data(contentsOf: url)
-    } catch {
-      throw FixtureError("cannot read \(url.path): \(error)")
-    }
-    let manifest = try JSONDecoder().decode(SDPAManifest.self, from: data)
-    guard manifest.schemaVersion == 1 else {
-      throw FixtureError("manifest schema_version \(manifest.schemaVersion), these tests read 1")
-    }
-    return manifest
+    try Fixtures.manifest(
+      in: folder, as: SDPAManifest.self, schemaVersion: \.schemaVersion,
+      script: "Scripts/make_sdpa_fixtures.py")
   }
 
   /// Every case, in the manifest's order.

@@ -35,15 +35,34 @@ enum AttnCLI {
     var stderrLines: [Substring] { stderr.split(separator: "\n") }
   }
 
-  /// Runs `attn arguments…` in `folder`; stdout and stderr go to files there, so that neither
-  /// can fill a pipe and block the child.
-  /// Runs `attn` in `folder`; `environment` adds to (or overrides) this process's variables.
-  static func run(
-    _ arguments: [String], in folder: URL, environment extra: [String: String] = [:]
-  ) throws -> Run {
-    let logs = folder.appendingPathComponent(".logs-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: logs, withIntermediateDirectories: false)
-    defer { try? FileManager.default.removeItem(at: logs) }
+  /// A running child and the files its output goes to: a folder of its own, never the folder
+  /// a test compares, so that neither stream can fill a pipe and block the child.
+  struct Child {
+    var process: Process
+    var logs: URL
+
+    func stdout() -> Data {
+      (try? Data(contentsOf: logs.appendingPathComponent("stdout"))) ?? Data()
+    }
+
+    func stderrData() -> Data {
+      (try? Data(contentsOf: logs.appendingPathComponent("stderr"))) ?? Data()
+    }
+
+    func stderr() -> String { String(decoding: stderrData(), as: UTF8.self) }
+
+    func cleanUp() { try? FileManager.default.removeItem(at: logs) }
+  }
+
+  /// Starts `executable arguments…` (attn by default) in `folder`, with `$ATTN` set to attn's
+  /// path and `environment` added to (or overriding) this process's variables.
+  static func start(
+    executable: URL? = nil, _ arguments: [String], in folder: URL,
+    environment extra: [String: String] = [:]
+  ) throws -> Child {
+    let logs = FileManager.default.temporaryDirectory
+      .appendingPathComponent("attn-cli-logs-\(UUID().uuidString)", isDirectory: true)
+    try FileManager.default.createDirectory(at: logs, withIntermediateDirectories: true)
     let outURL = logs.appendingPathComponent("stdout")
     let errURL = logs.appendingPathComponent("stderr")
     guard FileManager.default.createFile(atPath: outURL.path, contents: nil),
@@ -51,8 +70,12 @@ enum AttnCLI {
     else { throw AttnCLIError("cannot create log files in \(logs.path)") }
     let out = try FileHandle(forWritingTo: outURL)
     let err = try FileHandle(forWritingTo: errURL)
+    defer {
+      try? out.close()
+      try? err.close()
+    }
     let process = Process()
-    process.executableURL = try executable()
+    process.executableURL = try executable ?? Self.executable()
     process.arguments = arguments
     process.currentDirectoryURL = folder
     process.standardOutput = out
@@ -60,16 +83,23 @@ enum AttnCLI {
     process.standardInput = FileHandle.nullDevice
     var environment = ProcessInfo.processInfo.environment
     environment["NO_COLOR"] = "1"
+    environment["ATTN"] = try Self.executable().path
     environment.merge(extra) { _, new in new }
     process.environment = environment
     try process.run()
-    process.waitUntilExit()
-    try out.close()
-    try err.close()
+    return Child(process: process, logs: logs)
+  }
+
+  /// Runs `attn arguments…` in `folder` and waits for it.
+  static func run(
+    _ arguments: [String], in folder: URL, environment extra: [String: String] = [:]
+  ) throws -> Run {
+    let child = try start(arguments, in: folder, environment: extra)
+    defer { child.cleanUp() }
+    child.process.waitUntilExit()
     return Run(
-      status: process.terminationStatus,
-      stdout: try String(contentsOf: outURL, encoding: .utf8),
-      stderr: try String(contentsOf: errURL, encoding: .utf8))
+      status: child.process.terminationStatus,
+      stdout: String(decoding: child.stdout(), as: UTF8.self), stderr: child.stderr())
   }
 
   /// A fresh, empty temporary folder; `body` runs with it and it is removed afterwards.

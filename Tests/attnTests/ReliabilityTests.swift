@@ -646,58 +646,16 @@ enum ReliabilityShell {
     var stderrLines: [Substring] { stderrText.split(separator: "\n") }
   }
 
-  /// A running child and the files its output goes to.
-  struct Child {
-    var process: Process
-    var logs: URL
-
-    func stderr() -> String {
-      let data = (try? Data(contentsOf: logs.appendingPathComponent("stderr"))) ?? Data()
-      return String(decoding: data, as: UTF8.self)
-    }
-
-    func cleanUp() { try? FileManager.default.removeItem(at: logs) }
-  }
-
-  /// Starts `executable arguments…` in `folder`, with `$ATTN` set to attn's path.
-  static func start(executable: URL, _ arguments: [String], in folder: URL) throws -> Child {
-    let logs = FileManager.default.temporaryDirectory
-      .appendingPathComponent("attn-reliability-logs-\(UUID().uuidString)", isDirectory: true)
-    try FileManager.default.createDirectory(at: logs, withIntermediateDirectories: true)
-    let outURL = logs.appendingPathComponent("stdout")
-    let errURL = logs.appendingPathComponent("stderr")
-    guard FileManager.default.createFile(atPath: outURL.path, contents: nil),
-      FileManager.default.createFile(atPath: errURL.path, contents: nil)
-    else { throw AttnCLIError("cannot create log files in \(logs.path)") }
-    let out = try FileHandle(forWritingTo: outURL)
-    let err = try FileHandle(forWritingTo: errURL)
-    defer {
-      try? out.close()
-      try? err.close()
-    }
-    let process = Process()
-    process.executableURL = executable
-    process.arguments = arguments
-    process.currentDirectoryURL = folder
-    process.standardOutput = out
-    process.standardError = err
-    process.standardInput = FileHandle.nullDevice
-    var environment = ProcessInfo.processInfo.environment
-    environment["NO_COLOR"] = "1"
-    environment["ATTN"] = try AttnCLI.executable().path
-    process.environment = environment
-    try process.run()
-    return Child(process: process, logs: logs)
-  }
+  typealias Child = AttnCLI.Child
 
   /// Starts `attn arguments…` in `folder`.
   static func start(_ arguments: [String], in folder: URL) throws -> Child {
-    try start(executable: try AttnCLI.executable(), arguments, in: folder)
+    try AttnCLI.start(arguments, in: folder)
   }
 
   /// Runs `script` with `/bin/sh -c` in `folder` and waits for it.
   static func run(_ script: String, in folder: URL) throws -> Result {
-    let child = try start(
+    let child = try AttnCLI.start(
       executable: URL(fileURLWithPath: "/bin/sh"), ["-c", script], in: folder)
     defer { child.cleanUp() }
     child.process.waitUntilExit()
@@ -705,8 +663,7 @@ enum ReliabilityShell {
     let killed = child.process.terminationReason == .uncaughtSignal
     return Result(
       status: (killed ? 128 : 0) + child.process.terminationStatus,
-      stdout: try Data(contentsOf: child.logs.appendingPathComponent("stdout")),
-      stderr: try Data(contentsOf: child.logs.appendingPathComponent("stderr")))
+      stdout: child.stdout(), stderr: child.stderrData())
   }
 
   /// Runs `attn arguments…` (quoted for the shell) followed by `redirections`.
