@@ -205,4 +205,28 @@ struct RelativeColumnsTests {
     // Longer than M on both sides: all 2M + 1 columns.
     #expect(narrow.columns(queries: 20, keys: 20) == 0...6)
   }
+
+  /// With D = 0 there are no products: every score is 0, every weight 1/Tk, and the output the
+  /// mean of V's rows, as PyTorch gives (not the NaN of 0·(1/√0)). The mean is computed here.
+  @Test(
+    "D = 0 gives the mean of V on every kernel", arguments: ["reference", "materialized", "tiled"])
+  func emptyHeadDimension(kernel: String) throws {
+    let q = try Tensor(shape: [2, 3, 0])
+    let k = try Tensor(shape: [2, 5, 0])
+    let v = try Tensor.randomNormal(shape: [2, 5, 4], seed: 9, stream: RandomStream.values)
+    let chosen: Attention.Kernel =
+      kernel == "reference"
+      ? .reference : kernel == "materialized" ? .materialized : .tiled(.default)
+    let result = try Attention.scaledDotProduct(queries: q, keys: k, values: v, kernel: chosen)
+    for b in 0..<2 {
+      for c in 0..<4 {
+        var mean = 0.0
+        for j in 0..<5 { mean += Double(v.scalars[(b * 5 + j) * 4 + c]) / 5 }
+        for i in 0..<3 {
+          let got = Double(result.output.scalars[(b * 3 + i) * 4 + c])
+          #expect(abs(got - mean) <= 1e-6 * max(1, abs(mean)), "\(kernel) [\(b), \(i), \(c)]")
+        }
+      }
+    }
+  }
 }

@@ -178,12 +178,14 @@ struct BadInputTests {
     runtime(
       ["dropout", "--q", "q_huge.npy", "--k", "k_huge.npy", "--v", "v.npy", "--out", "o.npy"],
       "the output has", "although every input is finite"),
-    // A failed check: D = 0 makes the reference's scale 1/√0 = ∞ (NaN scores, as in PyTorch),
-    // which the kernel does not reproduce. The report is printed, no output is written.
+    // A failed check: NaN in the last value row under a causal mask. The float64 reference (as
+    // PyTorch's math path) multiplies every row's zero weight for that key by NaN; the tiled
+    // kernel skips the key blocks above the diagonal, so the first 512 rows stay finite — a real
+    // disagreement, which the check reports. The report is printed, no output is written.
     Case(
       arguments: [
-        "dropout", "--q", "q_d0.npy", "--k", "k_d0.npy", "--v", "v.npy",
-        "--out", "o.npy", "--weights-out", "w.npy",
+        "dropout", "--q", "q1024.npy", "--k", "q1024.npy", "--v", "v1024_nan.npy", "--mask",
+        "causal", "--kernel", "tiled", "--allow-nonfinite", "--eval", "--out", "o.npy",
       ],
       status: 1, mentions: ["verification failed"], printsReport: true),
   ]
@@ -328,6 +330,8 @@ struct BadInputTests {
       ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy"],
       ["dropout", "--q", "q0.npy", "--k", "k0.npy", "--v", "v0.npy", "--kernel", "tiled"],
       ["relpos", "--input", "x0.npy", "--d-model", "8"],
+      // D = 0: every score is 0, the output the mean of V (as PyTorch), verified.
+      ["dropout", "--q", "q_d0.npy", "--k", "k_d0.npy", "--v", "v.npy", "--eval"],
     ])
   func emptyBatch(arguments: [String]) throws {
     try AttnCLI.withTemporaryFolder { folder in
@@ -407,6 +411,8 @@ enum BadInputFiles {
       "q0.npy": try Tensor(shape: [0, 4, 8]), "k0.npy": try Tensor(shape: [0, 4, 8]),
       "v0.npy": try Tensor(shape: [0, 4, 8]), "x0.npy": try Tensor(shape: [0, 5, 8]),
       "q_d0.npy": try Tensor(shape: [1, 4, 0]), "k_d0.npy": try Tensor(shape: [1, 4, 0]),
+      "q1024.npy": try tensor([1, 1024, 8], stream: 6),
+      "v1024_nan.npy": try tensor([1, 1024, 8], stream: 7, set: [([0, 1023, 0], .nan)]),
       "q_nan.npy": try tensor([1, 4, 8], stream: 1, set: [([0, 3, 5], .nan)]),
       "k_inf.npy": try tensor([1, 4, 8], stream: 2, set: [([0, 1, 2], .infinity)]),
       "v_neginf.npy": try tensor([1, 4, 8], stream: 3, set: [([0, 2, 7], -.infinity)]),

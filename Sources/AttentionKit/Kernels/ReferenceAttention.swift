@@ -74,13 +74,16 @@ public struct ReferenceAttention: Sendable {
           magnitude += abs(product)
         }
       }
-      var s = dot * scale
+      // D = 0: no products, every score 0 (PyTorch's result is the mean of V, not the NaN of
+      // 0·(1/√0)).
+      var s = d == 0 ? 0 : dot * scale
       if let bias = mask.bias { s += Double(bias.value(batch: batch, row: i, column: j)) }
       if let keep = mask.keep, keep.value(batch: batch, row: i, column: j) == 0 { s = -.infinity }
       if !visible.contains(j) { s = -.infinity }
       scores[j] = s
       if s.isFinite {
-        worstScoreError = max(worstScoreError, gamma(d + 2) * scale * magnitude + gamma(2) * abs(s))
+        let products = d == 0 ? 0 : gamma(d + 2) * scale * magnitude
+        worstScoreError = max(worstScoreError, products + gamma(2) * abs(s))
       }
     }
     var weights = [Double](repeating: 0, count: tk)
