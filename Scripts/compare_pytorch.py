@@ -80,6 +80,21 @@ def attn_once(case, threads):
     return json.loads(out.stdout)["cases"][0]
 
 
+PROBE_SCALING = 1.8  # two threads must reach this multiple of one thread's FMA rate
+
+
+def parallel_now(threads):
+    """Whether the threads run in parallel right now (`attn bench --probe`: the FMA rate on
+    `threads` threads over one thread's); the vCPUs of this machine sometimes share one core."""
+    if threads < 2:
+        return True, 1.0
+    out = subprocess.run(
+        [str(ATTN), "bench", "--probe", "--threads", str(threads), "--format", "json"],
+        check=True, capture_output=True, text=True)
+    scaling = json.loads(out.stdout)["scaling"]
+    return scaling >= PROBE_SCALING * threads / 2, scaling
+
+
 def timed(fn, runs=SLOT):
     """The median of `runs` timed calls, in seconds."""
     times = []
@@ -175,6 +190,7 @@ def main():
               "Install it with `pip install torch` to compare against PyTorch.\n")
 
     rows = []
+    discards = {}
     for case in args.cases:
         print(f"running {case} …", file=sys.stderr)
         t_run = torch_runner(torch, case) if torch is not None and case in TORCH_TARGET else None
@@ -184,7 +200,17 @@ def main():
             if fn is not None:
                 fn()
         attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
-        for _ in range(1 if case == "long" else args.repeats):
+        wanted = 1 if case == "long" else args.repeats
+        discarded = 0
+        while len(attn_ms) < wanted and discarded < 4 * wanted:
+            # A slot counts only when the probe before it saw the threads run in parallel.
+            ok, scaling = parallel_now(args.threads)
+            if not ok:
+                discarded += 1
+                print(f"  slot discarded: {args.threads} threads ran at {scaling:.2f}× one "
+                      f"thread's FMA rate", file=sys.stderr)
+                time.sleep(1)
+                continue
             figures = attn_once(case, args.threads)
             attn_ms.append(figures["median_ms"])
             eff.append(figures["ratio_to_sgemm"])
@@ -195,8 +221,15 @@ def main():
                 torch_ms.append(timed(t_run) * 1e3)
             if n_run is not None:
                 numpy_ms.append(timed(n_run) * 1e3)
+        discards[case] = discarded
+        if not attn_ms:
+            print(f"{case}: every slot discarded (the threads never ran in parallel)",
+                  file=sys.stderr)
+            continue
         rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks))
     print_table(rows, args)
+    print("slots discarded by the FMA probe (threads not running in parallel): "
+          + ", ".join(f"{case} {count}" for case, count in discards.items()))
 
 
 def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):

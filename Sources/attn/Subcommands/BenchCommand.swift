@@ -49,6 +49,9 @@ struct BenchCommand: ParsableCommand {
   @Option(help: "Key block Bk of the tiled kernel.") var keyBlock: Int = TiledAttention
     .Configuration.default.keyBlock
   @Option(help: "Seed for the inputs and dropout.") var seed: UInt64 = 42
+  @Flag(
+    help: "Only probe whether the threads run in parallel now (FMA rate on 1 and N threads).")
+  var probe = false
   @Option(help: "Output format: text or json.") var format: OutputFormat = .text
 
   /// Any shape flag makes one custom case instead of the standard ones.
@@ -101,6 +104,18 @@ struct BenchCommand: ParsableCommand {
   }
 
   func run() throws {
+    if probe {
+      let result = CoreProbe.run(threads: execution.resolvedThreads)
+      if format == .json {
+        try printJSON(result)
+      } else {
+        print(
+          String(
+            format: "FMA rate: %.1f GFLOP/s on 1 thread, %.1f on %d (%.2f×)",
+            2 * result.singleGflops, 2 * result.parallelGflops, result.threads, result.scaling))
+      }
+      return
+    }
     WarmAllocator.keepFreedMemory()
     let selected: [BenchCase]
     if isCustom {

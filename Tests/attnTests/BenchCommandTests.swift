@@ -1,0 +1,50 @@
+import Foundation
+import Testing
+import _TestSupport
+
+/// `attn bench`'s report: the statistics of the timed runs and the core probe. Nothing here is
+/// timed against a threshold (tests never assert speed); only the report's consistency.
+@Suite("attn bench (the executable)")
+struct BenchCommandTests {
+  @Test("the JSON holds every timed run, and the statistics agree with them")
+  func statistics() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let run = try AttnCLI.run(
+        [
+          "bench", "--heads", "2", "--seq-len", "128", "--d-k", "16", "--repeats", "4",
+          "--warmup", "1", "--threads", "1", "--format", "json",
+        ], in: folder)
+      #expect(run.status == 0, "\(run.stderr)")
+      let report = try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any]
+      let cases = try #require(report?["cases"] as? [[String: Any]])
+      let figures = try #require(cases.first)
+      let times = try #require(figures["times_ms"] as? [Double])
+      let stats = try #require(figures["time_ms"] as? [String: Double])
+      #expect(times.count == 4 && figures["warmup"] as? Int == 1)
+      let mean = times.reduce(0, +) / 4
+      #expect(abs((stats["mean"] ?? 0) - mean) <= 1e-9 * max(1, mean))
+      #expect(stats["min"] == times.min() && stats["max"] == times.max())
+      let sorted = times.sorted()
+      #expect(abs((stats["median"] ?? 0) - (sorted[1] + sorted[2]) / 2) <= 1e-9 * max(1, mean))
+      #expect((stats["standard_deviation"] ?? -1) >= 0)
+      // The ceiling is measured on the kernel's own tile: capped at T = 128 here.
+      #expect(figures["tile_rows"] as? Int == 128 && figures["tile_keys"] as? Int == 128)
+    }
+  }
+
+  @Test("--probe reports both rates and their ratio")
+  func probe() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let run = try AttnCLI.run(
+        ["bench", "--probe", "--threads", "2", "--format", "json"], in: folder)
+      #expect(run.status == 0, "\(run.stderr)")
+      let report = try #require(
+        try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+      let single = try #require(report["single_gflops"] as? Double)
+      let parallel = try #require(report["parallel_gflops"] as? Double)
+      let scaling = try #require(report["scaling"] as? Double)
+      #expect(single > 0 && parallel > 0 && report["threads"] as? Int == 2)
+      #expect(abs(scaling - parallel / single) <= 1e-9 * scaling)
+    }
+  }
+}
