@@ -1,4 +1,6 @@
+import AttentionKit
 import Foundation
+import TensorIO
 import Testing
 import _TestSupport
 
@@ -45,6 +47,25 @@ struct BenchCommandTests {
       let scaling = try #require(report["scaling"] as? Double)
       #expect(single > 0 && parallel > 0 && report["threads"] as? Int == 2)
       #expect(abs(scaling - parallel / single) <= 1e-9 * scaling)
+    }
+  }
+
+  @Test("--read times reading a file: its size, every read, a rate")
+  func read() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let path = folder.appendingPathComponent("x.npy")
+      let bytes = NPY.encode(try Tensor(shape: [64, 64], repeating: 0.5))
+      try Data(bytes).write(to: path)
+      let run = try AttnCLI.run(
+        ["bench", "--read", "x.npy", "--repeats", "3", "--format", "json"], in: folder)
+      #expect(run.status == 0, "\(run.stderr)")
+      let report = try #require(
+        try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+      #expect(report["bytes"] as? Int == bytes.count)
+      #expect((report["times_ms"] as? [Double])?.count == 3)
+      #expect((report["gb_per_second"] as? Double ?? 0) > 0)
+      let bad = try AttnCLI.run(["bench", "--read", "missing.npy"], in: folder)
+      #expect(bad.status == 1 && bad.stderr.contains("missing.npy"), "\(bad.stderr)")
     }
   }
 }

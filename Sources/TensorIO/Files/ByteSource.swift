@@ -118,6 +118,7 @@ package func readElements<Element>(
   decode: (UnsafeRawBufferPointer, UnsafeMutableBufferPointer<Element>, Int) throws -> Void
 ) throws -> [Element] {
   try [Element](unsafeUninitializedCapacity: count) { buffer, initialized in
+    adviseHugePages(UnsafeMutableRawBufferPointer(buffer))
     if direct && stride == MemoryLayout<Element>.stride {
       let filled = try source.read(into: UnsafeMutableRawBufferPointer(buffer))
       guard filled == count * stride else { throw truncated(filled / stride) }
@@ -142,6 +143,18 @@ package func readElements<Element>(
     }
     initialized = count
   }
+}
+
+/// Asks the kernel to back a large new buffer with transparent huge pages (where the system
+/// allows it only on request): reading 1 GiB into 4 KiB pages spends most of its time in a
+/// quarter of a million page faults. Only whole 2 MiB pages inside the buffer are advised.
+private func adviseHugePages(_ buffer: UnsafeMutableRawBufferPointer) {
+  let huge = 2 << 20
+  guard buffer.count >= 4 * huge, let base = buffer.baseAddress else { return }
+  let start = (Int(bitPattern: base) + huge - 1) & ~(huge - 1)
+  let end = (Int(bitPattern: base) + buffer.count) & ~(huge - 1)
+  guard end > start, let pointer = UnsafeMutableRawPointer(bitPattern: start) else { return }
+  _ = madvise(pointer, end - start, MADV_HUGEPAGE)
 }
 
 /// Refuses, before a reader allocates them, `bytes` (`nil`: more than an `Int` holds) over
