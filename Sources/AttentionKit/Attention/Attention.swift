@@ -49,6 +49,8 @@ public enum Attention {
   ///   - threads: worker threads, every core when `nil`. Results do not depend on it.
   ///   - memoryBudget: bytes the kernel may allocate for the weights; a larger problem is refused
   ///     before allocating (`AttentionError.memoryBudget`) or, with `.automatic`, goes tiled.
+  ///   - keyCount: only the first `keyCount` rows of each head of `keys` and `values` take part
+  ///     (`Tk = keyCount`; a `KVCache`'s filled rows, read in place); all of them when `nil`.
   /// - Returns: the output `[…, Tq, Dv]`, the weights when the kernel holds them, the kernel's
   ///   workspace and which kernel ran.
   /// - Throws: `AttentionError` for shapes that do not fit, a mask that does not broadcast, a
@@ -58,18 +60,19 @@ public enum Attention {
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
     relativePosition: RelativePositionBias? = nil,
     kernel: Kernel = .automatic, needWeights: Bool = false,
-    threads: Int? = nil, memoryBudget: Int? = nil
+    threads: Int? = nil, memoryBudget: Int? = nil, keyCount: Int? = nil
   ) throws -> AttentionResult {
     if let threads, threads < 1 {
       throw AttentionError.invalidArgument("threads must be ≥ 1, got \(threads)")
     }
     let workers = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
-    let shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    let shape = try AttentionShape(
+      queries: queries, keys: keys, values: values, keyCount: keyCount)
     switch resolve(kernel, shape: shape, needWeights: needWeights, memoryBudget: memoryBudget) {
     case .reference:
       let reference = try ReferenceAttention(
         queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-        relativePosition: relativePosition)
+        relativePosition: relativePosition, keyCount: keyCount)
       try checkWeightsBudget(shape, memoryBudget, kernel: "reference")
       return reference.compute()
     case .materialized:
@@ -79,7 +82,7 @@ public enum Attention {
         try MaterializedAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
           dropout: dropout, relativePosition: relativePosition, memoryBudget: memoryBudget,
-          threads: workers)
+          threads: workers, keyCount: keyCount)
       }
     case .tiled(let configuration):
       // Our threads split the work; OpenBLAS's own threads would only compete with them.
@@ -87,7 +90,7 @@ public enum Attention {
         try TiledAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
           dropout: dropout, relativePosition: relativePosition, configuration: configuration,
-          threads: workers)
+          threads: workers, keyCount: keyCount)
       }
     case .automatic:
       preconditionFailure("resolve(_:) never returns .automatic")

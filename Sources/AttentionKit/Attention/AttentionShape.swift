@@ -18,11 +18,17 @@ public struct AttentionShape: Sendable, Equatable {
   /// The keys' and values' leading dimensions, `[B, Hkv]`.
   public let keyValueBatchShape: [Int]
   public let queries: Int
+  /// `Tk`, the keys that take part: every stored key, or the first `keyCount` of them.
   public let keys: Int
+  /// The key (and value) rows stored per head, `≥ Tk`: a KV cache holds its capacity and fills
+  /// the first `Tk`, and the kernels read head `h`'s keys from row `h·keyRows`.
+  public let keyRows: Int
   public let headDim: Int
   public let valueDim: Int
 
-  public init(queries q: Tensor, keys k: Tensor, values v: Tensor) throws {
+  /// Validates the shapes of `q`, `k`, `v`; with `keyCount`, only the first `keyCount` rows of
+  /// each head of `k` and `v` are keys (the rest, a cache's unused capacity, is never read).
+  public init(queries q: Tensor, keys k: Tensor, values v: Tensor, keyCount: Int? = nil) throws {
     guard q.rank >= 2, k.rank >= 2, v.rank >= 2 else {
       throw AttentionError.shapeMismatch(
         "queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)) and values \(shapeForMessage(v.shape)) need at least 2 dimensions"
@@ -58,7 +64,13 @@ public struct AttentionShape: Sendable, Equatable {
     batchShape = q.batchShape
     batchCount = q.batchCount
     queries = q.shape[q.rank - 2]
-    keys = k.shape[k.rank - 2]
+    keyRows = k.shape[k.rank - 2]
+    if let keyCount, keyCount < 0 || keyCount > keyRows {
+      throw AttentionError.invalidArgument(
+        "keyCount \(keyCount) is outside the \(keyRows) key rows of keys \(shapeForMessage(k.shape))"
+      )
+    }
+    keys = keyCount ?? keyRows
     headDim = q.shape[q.rank - 1]
     valueDim = v.shape[v.rank - 1]
     try BLAS.checkDimensions(queries, keys, headDim, valueDim, context: "attention")
@@ -76,6 +88,10 @@ public struct AttentionShape: Sendable, Equatable {
     let kvHeads = heads / groupSize
     return (b / heads) * kvHeads + (b % heads) / groupSize
   }
+
+  /// The first row of flat query batch `b`'s keys and values: `keyValueBatch(b)·keyRows`.
+  @inline(__always)
+  public func keyRowOffset(_ b: Int) -> Int { keyValueBatch(b) * keyRows }
 
   /// The output's shape, `[…, Tq, Dv]`.
   public var outputShape: [Int] { batchShape + [queries, valueDim] }

@@ -30,9 +30,11 @@ enum MaterializedAttention {
   static func compute(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask, scale: Float?, dropout: Dropout?,
-    relativePosition: RelativePositionBias?, memoryBudget: Int?, threads: Int
+    relativePosition: RelativePositionBias?, memoryBudget: Int?, threads: Int,
+    keyCount: Int? = nil
   ) throws -> AttentionResult {
-    let shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    let shape = try AttentionShape(
+      queries: queries, keys: keys, values: values, keyCount: keyCount)
     let resolved = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
     try relativePosition?.checkHeadDim(shape.headDim)
@@ -125,7 +127,7 @@ enum MaterializedAttention {
       batch b: Int, firstQuery: Int, buffers: Buffers, table: UnsafeMutablePointer<Float>
     ) {
       let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
-      let kv = shape.keyValueBatch(b)
+      let kv = shape.keyRowOffset(b)
       let rows = min(rowBlock, tq - firstQuery)
       let scores = buffers.w + (b * tq + firstQuery) * tk
       let q = buffers.q + (b * tq + firstQuery) * d
@@ -133,7 +135,7 @@ enum MaterializedAttention {
       if d > 0 {
         BLAS.sgemm(
           transposeB: true, m: rows, n: tk, k: d, alpha: scale, a: q, lda: d,
-          b: buffers.k + kv * tk * d, ldb: d, c: scores, ldc: tk)
+          b: buffers.k + kv * d, ldb: d, c: scores, ldc: tk)
         if let relativePosition {
           relativePosition.embeddings.scalars.withUnsafeBufferPointer { e in
             BLAS.sgemm(
@@ -162,7 +164,7 @@ enum MaterializedAttention {
       // Step 6: output = weights · V.
       if dv > 0 {
         BLAS.sgemm(
-          m: rows, n: dv, k: tk, a: scores, lda: tk, b: buffers.v + kv * tk * dv, ldb: dv,
+          m: rows, n: dv, k: tk, a: scores, lda: tk, b: buffers.v + kv * dv, ldb: dv,
           c: buffers.o + (b * tq + firstQuery) * dv, ldc: dv)
       }
     }

@@ -20,9 +20,9 @@ public struct ReferenceAttention: Sendable {
   public init(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    relativePosition: RelativePositionBias? = nil
+    relativePosition: RelativePositionBias? = nil, keyCount: Int? = nil
   ) throws {
-    shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    shape = try AttentionShape(queries: queries, keys: keys, values: values, keyCount: keyCount)
     try relativePosition?.checkHeadDim(shape.headDim)
     self.relativePosition = relativePosition
     self.mask = try ResolvedMask(
@@ -48,7 +48,7 @@ public struct ReferenceAttention: Sendable {
   /// A kernel that drops or duplicates a key, mis-masks, or mis-scales exceeds these at once.
   public func row(batch: Int, query i: Int) -> ReferenceRow {
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
-    let kv = shape.keyValueBatch(batch)
+    let kv = shape.keyRowOffset(batch)
     let visible = mask.visibleKeys(query: i)
     let gamma = Float32Rounding.gamma
     var scores = [Double](repeating: 0, count: tk)
@@ -59,7 +59,7 @@ public struct ReferenceAttention: Sendable {
       for c in 0..<d {
         let product =
           Double(queries.scalars[(batch * tq + i) * d + c])
-          * Double(keys.scalars[(kv * tk + j) * d + c])
+          * Double(keys.scalars[(kv + j) * d + c])
         dot += product
         magnitude += abs(product)
       }
@@ -111,7 +111,7 @@ public struct ReferenceAttention: Sendable {
     for j in 0..<tk {
       let weightError = weights[j] * (relative + gamma(tk))
       for c in 0..<dv {
-        let value = Double(values.scalars[(kv * tk + j) * dv + c])
+        let value = Double(values.scalars[(kv + j) * dv + c])
         output[c] += weights[j] * value
         outputBounds[c] += weightError * abs(value)
       }

@@ -128,9 +128,10 @@ public enum TiledAttention {
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask, scale: Float?, dropout: Dropout?,
     relativePosition: RelativePositionBias?,
-    configuration: Configuration, threads: Int
+    configuration: Configuration, threads: Int, keyCount: Int? = nil
   ) throws -> AttentionResult {
-    let shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    let shape = try AttentionShape(
+      queries: queries, keys: keys, values: values, keyCount: keyCount)
     guard configuration.queryBlock > 0, configuration.keyBlock > 0 else {
       throw AttentionError.invalidArgument(
         "block sizes must be positive, got \(configuration.queryBlock)×\(configuration.keyBlock)")
@@ -342,7 +343,7 @@ struct TilePlan: Sendable {
     scratch: inout TileScratch
   ) -> Int {
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
-    let kv = shape.keyValueBatch(b)
+    let kv = shape.keyRowOffset(b)
     // Stacked heads: rows of heads b, b + 1, … follow each other (every query in one block).
     let (perHead, rows) = rowCounts(firstQuery: i0)
     let bk = keyBlock
@@ -378,7 +379,7 @@ struct TilePlan: Sendable {
       if d > 0 {
         BLAS.sgemm(
           transposeB: true, m: rows, n: cols, k: d, alpha: scale,
-          a: q, lda: d, b: buffers.k + (kv * tk + j0) * d, ldb: d, c: s, ldc: bk)
+          a: q, lda: d, b: buffers.k + (kv + j0) * d, ldb: d, c: s, ldc: bk)
       } else {
         for r in 0..<rows { (s + r * bk).update(repeating: 0, count: cols) }
       }
@@ -416,7 +417,7 @@ struct TilePlan: Sendable {
       // Pass 4b: O += P·V_blk.
       if dv > 0 {
         BLAS.sgemm(
-          m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (kv * tk + j0) * dv, ldb: dv,
+          m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (kv + j0) * dv, ldb: dv,
           beta: 1, c: acc, ldc: dv)
       }
       j0 += cols

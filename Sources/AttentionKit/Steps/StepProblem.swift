@@ -55,7 +55,7 @@ struct StepProblem {
             BLAS.sgemm(
               transposeB: true, m: tq, n: tk, k: d, alpha: scale,
               a: q.baseAddress! + batch * tq * d, lda: d,
-              b: k.baseAddress! + shape.keyValueBatch(batch) * tk * d, ldb: d,
+              b: k.baseAddress! + shape.keyRowOffset(batch) * d, ldb: d,
               c: c.baseAddress!, ldc: tk)
           }
         }
@@ -123,7 +123,7 @@ struct StepProblem {
           result.withUnsafeMutableBufferPointer { o in
             BLAS.sgemm(
               m: tq, n: dv, k: tk, a: w.baseAddress!, lda: tk,
-              b: v.baseAddress! + shape.keyValueBatch(batch) * tk * dv, ldb: dv, c: o.baseAddress!,
+              b: v.baseAddress! + shape.keyRowOffset(batch) * dv, ldb: dv, c: o.baseAddress!,
               ldc: dv)
           }
         }
