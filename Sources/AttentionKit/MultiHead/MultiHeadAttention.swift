@@ -1,0 +1,212 @@
+import Tensors
+
+/// A multi-head attention layer: projections in, scaled dot-product attention per head, a
+/// projection out — PyTorch's `nn.MultiheadAttention`, Hugging Face's `BertAttention` and
+/// `LlamaAttention` are all this layer with different weights and options (`WeightLayout`).
+///
+/// Shapes: input `x` `[B, T, E]`; `H` query heads and `Hkv` key/value heads of dimension `D`
+/// (`H = Hkv`: classic multi-head; `Hkv < H`: grouped-query, `Hkv = 1`: multi-query, query head
+/// `h` reading key/value head `h / (H / Hkv)`).
+/// 1. `Q = x·W_qᵀ + b_q` `[B, T, H·D]`, `K = x·W_kᵀ + b_k` and `V = x·W_vᵀ + b_v` `[B, T, Hkv·D]`
+///    — one sgemm for the three (their weights are stacked once, at construction) — then split
+///    into heads: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`;
+/// 2. optionally, rotary position embeddings on `Q` and `K` (`RotaryEmbedding`), token `t` at
+///    position `positionOffset + t`;
+/// 3. `Attention.scaledDotProduct` with scale `1/√D` and the masks (`MultiHeadMasks`: a
+///    key-padding mask `[B, Tk]`, True = padding, and an SDPA attention mask), with a zero
+///    output row for a query that sees no key (PyTorch's `nn.MultiheadAttention` gives NaN);
+/// 4. heads merged, `[B, T, H·D]`, and `y = ctx·W_oᵀ + b_o` `[B, T, E]`;
+/// 5. with `residualNorm` (BERT's `BertSelfOutput`), `y = LayerNorm(y + x)`.
+///
+/// `step(_:cache:…)` runs the same layer on new tokens against a `KVCache` (decoding).
+/// `MultiHeadReference` computes the layer in `Double` with error bounds, for checking.
+public struct MultiHeadAttention: Sendable {
+  /// `W_q` `[H·D, E]`, `W_k` and `W_v` `[Hkv·D, E]`, `W_o` `[E, H·D]`, biases optional.
+  public let queryProjection: Linear
+  public let keyProjection: Linear
+  public let valueProjection: Linear
+  public let outputProjection: Linear
+  /// `H`, `Hkv`, `D`.
+  public let heads: Int
+  public let keyValueHeads: Int
+  public let headDim: Int
+  /// Rotary embeddings on queries and keys, or `nil`.
+  public let rotary: RotaryEmbedding?
+  /// `LayerNorm(y + x)` after the output projection (BERT), or `nil`.
+  public let residualNorm: LayerNorm?
+  /// `W_q`, `W_k`, `W_v` stacked: `[(H + 2·Hkv)·D, E]`, so that one sgemm projects all three.
+  let stackedProjection: Linear
+
+  /// `E`, the width of inputs and outputs.
+  public var embedDim: Int { queryProjection.inputFeatures }
+  /// `1/√D`, as float32 (PyTorch's default SDPA scale).
+  public var scale: Float { 1 / Float(headDim).squareRoot() }
+
+  /// A layer from its parts; throws `AttentionError.shapeMismatch` naming the projection whose
+  /// shape does not fit `H`, `Hkv` and `D`, or `invalidArgument` when `Hkv` does not divide `H`.
+  public init(
+    queryProjection: Linear, keyProjection: Linear, valueProjection: Linear,
+    outputProjection: Linear, heads: Int, keyValueHeads: Int? = nil,
+    rotary: RotaryEmbedding? = nil, residualNorm: LayerNorm? = nil
+  ) throws {
+    let kvHeads = keyValueHeads ?? heads
+    guard heads > 0, kvHeads > 0 else {
+      throw AttentionError.invalidArgument(
+        "a multi-head layer needs at least one head, got \(heads) query and \(kvHeads) key/value heads"
+      )
+    }
+    guard heads % kvHeads == 0 else {
+      throw AttentionError.invalidArgument(
+        "the key/value heads (\(kvHeads)) must divide the query heads (\(heads))")
+    }
+    let e = queryProjection.inputFeatures
+    guard queryProjection.outputFeatures % heads == 0 else {
+      throw AttentionError.shapeMismatch(
+        "the query projection's \(queryProjection.outputFeatures) outputs do not split into \(heads) heads"
+      )
+    }
+    let d = queryProjection.outputFeatures / heads
+    func check(_ layer: Linear, _ name: String, out: Int, in width: Int) throws {
+      guard layer.weight.shape == [out, width] else {
+        throw AttentionError.shapeMismatch(
+          "the \(name) projection's weight is \(shapeForMessage(layer.weight.shape)), expected [\(out), \(width)] for E \(e), H \(heads), Hkv \(kvHeads), D \(d)"
+        )
+      }
+    }
+    try check(keyProjection, "key", out: kvHeads * d, in: e)
+    try check(valueProjection, "value", out: kvHeads * d, in: e)
+    try check(outputProjection, "output", out: e, in: heads * d)
+    if let rotary, rotary.dimension != d {
+      throw AttentionError.shapeMismatch(
+        "the rotary embedding rotates \(rotary.dimension) features, the head dimension is \(d)")
+    }
+    if let residualNorm, residualNorm.features != e {
+      throw AttentionError.shapeMismatch(
+        "the layer norm normalizes \(residualNorm.features) features, the layer's width is \(e)")
+    }
+    self.queryProjection = queryProjection
+    self.keyProjection = keyProjection
+    self.valueProjection = valueProjection
+    self.outputProjection = outputProjection
+    self.heads = heads
+    self.keyValueHeads = kvHeads
+    self.headDim = d
+    self.rotary = rotary
+    self.residualNorm = residualNorm
+    stackedProjection = try Self.stack([queryProjection, keyProjection, valueProjection])
+  }
+
+  /// One layer whose rows are those of `layers` in order; a missing bias counts as zeros.
+  private static func stack(_ layers: [Linear]) throws -> Linear {
+    let rows = layers.map(\.outputFeatures).reduce(0, +)
+    let width = layers[0].inputFeatures
+    let weight = try Tensor(shape: [rows, width], scalars: layers.flatMap(\.weight.scalars))
+    let hasBias = layers.contains { $0.bias != nil }
+    let bias =
+      hasBias
+      ? try Tensor(
+        shape: [rows],
+        scalars: layers.flatMap {
+          $0.bias?.scalars ?? [Float](repeating: 0, count: $0.outputFeatures)
+        }) : nil
+    return try Linear(weight: weight, bias: bias)
+  }
+
+  // MARK: - Forward
+
+  /// The layer on `x` `[B, T, E]` (self-attention): output `[B, T, E]`, and with `needWeights`
+  /// the per-head weights `[B, H, T, T]` (when the kernel holds them).
+  ///
+  /// - Parameters:
+  ///   - keyPaddingMask: `[B, T]`, nonzero (True) = padding: that key is hidden from every query
+  ///     of its batch element (PyTorch's `key_padding_mask`).
+  ///   - attentionMask: SDPA's mask: keep (0 = masked), additive bias, causal, window —
+  ///     broadcast to `[B, H, T, T]`. (`nn.MultiheadAttention`'s own boolean `attn_mask` is the
+  ///     opposite, True = masked.)
+  ///   - positionOffset: the position of token 0 for the rotary embedding.
+  ///   - kernel, needWeights, threads, memoryBudget: as `Attention.scaledDotProduct`.
+  public func callAsFunction(
+    _ x: Tensor, keyPaddingMask: Tensor? = nil, attentionMask: AttentionMask = .none,
+    positionOffset: Int = 0, kernel: Attention.Kernel = .automatic, needWeights: Bool = false,
+    threads: Int? = nil, memoryBudget: Int? = nil
+  ) throws -> MultiHeadResult {
+    let (batch, length) = try checkInput(x)
+    let heads = try project(x, positionOffset: positionOffset)
+    let mask = try MultiHeadMasks.combine(
+      attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: length)
+    let attention = try Attention.scaledDotProduct(
+      queries: heads.queries, keys: heads.keys, values: heads.values, mask: mask, scale: scale,
+      kernel: kernel, needWeights: needWeights, threads: threads, memoryBudget: memoryBudget)
+    return MultiHeadResult(output: try finish(attention.output, input: x), attention: attention)
+  }
+
+  /// Steps 1–2: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`, rotated when the layer has
+  /// rotary embeddings.
+  public func project(_ x: Tensor, positionOffset: Int = 0) throws -> ProjectedHeads {
+    _ = try checkInput(x)
+    let stacked = try stackedProjection(x)
+    var split = try HeadLayout.split(
+      stacked, headCounts: [heads, keyValueHeads, keyValueHeads], headDim: headDim)
+    if let rotary {
+      try rotary.apply(to: &split[0], positionOffset: positionOffset)
+      try rotary.apply(to: &split[1], positionOffset: positionOffset)
+    }
+    return ProjectedHeads(queries: split[0], keys: split[1], values: split[2])
+  }
+
+  /// Steps 4–5: the attention output `[B, H, T, D]` merged, projected and (BERT) normalized.
+  func finish(_ context: Tensor, input x: Tensor) throws -> Tensor {
+    var y = try outputProjection(HeadLayout.merge(context))
+    if let residualNorm {
+      for index in y.scalars.indices { y.scalars[index] += x.scalars[index] }
+      try residualNorm.apply(to: &y)
+    }
+    return y
+  }
+
+  @discardableResult
+  func checkInput(_ x: Tensor) throws -> (batch: Int, length: Int) {
+    guard x.rank == 3, x.shape[2] == embedDim else {
+      throw AttentionError.shapeMismatch(
+        "the input must be [B, T, E] = [B, T, \(embedDim)], got \(shapeForMessage(x.shape))")
+    }
+    return (x.shape[0], x.shape[1])
+  }
+}
+
+/// The projections of one call, split into heads.
+public struct ProjectedHeads: Sendable {
+  /// `[B, H, T, D]`.
+  public var queries: Tensor
+  /// `[B, Hkv, T, D]`.
+  public var keys: Tensor
+  public var values: Tensor
+}
+
+/// What `MultiHeadAttention` returns.
+public struct MultiHeadResult: Sendable {
+  /// `[B, Tq, E]`.
+  public var output: Tensor
+  /// The attention call: its output `[B, H, Tq, D]` (before the heads are merged), weights
+  /// `[B, H, Tq, Tk]` when asked for and held, workspace, kernel.
+  public var attention: AttentionResult
+
+  /// `[B, H, Tq, Tk]`, or `nil`.
+  public var weights: Tensor? { attention.weights }
+
+  /// The weights averaged over the heads, `[B, Tq, Tk]` (`average_attn_weights=True`), or `nil`.
+  public var averagedWeights: Tensor? {
+    guard let weights, weights.rank == 4 else { return nil }
+    let (b, h, plane) = (weights.shape[0], weights.shape[1], weights.shape[2] * weights.shape[3])
+    var mean = [Float](repeating: 0, count: b * plane)
+    for batch in 0..<b {
+      for head in 0..<h {
+        let source = (batch * h + head) * plane
+        for k in 0..<plane { mean[batch * plane + k] += weights.scalars[source + k] }
+      }
+    }
+    let inverse = 1 / Float(max(h, 1))
+    return Tensor(
+      validShape: [b, weights.shape[2], weights.shape[3]], scalars: mean.map { $0 * inverse })
+  }
+}

@@ -1,0 +1,234 @@
+import Foundation
+import Tensors
+
+/// A `MultiHeadAttention` layer computed in `Double` with plain loops — projections, rotary
+/// embeddings, masks, softmax, output projection, layer norm — for chosen query rows, with a
+/// bound on how far a correct float32 computation of each value may lie from it.
+///
+/// The bound follows each stage's worst-case float32 error to first order (Higham, *Accuracy and
+/// Stability of Numerical Algorithms*, §3.1; `u = 2⁻²⁴`, `γₙ = n·u/(1 − n·u)`), carrying an
+/// absolute error `e` beside every value:
+/// - a projection `p = b + Σ_e x_e·W_e` (one sgemm over `E`): `e_p = γ_{E+1}·(|b| + Σ|x_e·W_e|)`;
+/// - a rotated pair: `e' = |cos θ|·e₀ + |sin θ|·e₁ + γ₄·(|x₀| + |x₁|)` (the products, the sum,
+///   and the rounding of `cos θ`, `sin θ`);
+/// - a score `s_j = scale·Σ_c q_c·k_jc`: `δ_j = γ_{D+3}·scale·Σ|q_c·k_jc| + scale·Σ(e_q·|k| + |q|·e_k)`
+///   (the sum, the scale's own rounding, and the projections' errors);
+/// - the weights, relatively: `ρ = 2·max_j δ_j + γ_{Tk+8}`, so `|Δw_j| ≤ w_j·ρ` (as `ReferenceRow`);
+/// - the context `c = Σ_j w_j·v_j`: `Σ_j w_j·((ρ + γ_{Tk})·|v_j| + e_v)`;
+/// - the output projection: `γ_{H·D+1}·(|b| + Σ|c_k·W_k|) + Σ e_c·|W_k|`;
+/// - with a layer norm on `z = y + x`: `e_z = e_y + u·|z|`, and output feature `i` is off by at
+///   most `|γ_i|·σ⁻¹·(2 + |n_i|)·max_j e_z + γ₈·((|z_i| + |μ|)·σ⁻¹·|γ_i| + |β_i|)`, `n_i` the
+///   normalized value (the norm's Jacobian has row sums `≤ σ⁻¹·|γ_i|·(2 + |n_i|)`).
+/// A kernel that drops a head, mis-rotates, mis-masks or mis-scales exceeds these at once.
+public struct MultiHeadReference: Sendable {
+  public let layer: MultiHeadAttention
+  public let input: Tensor
+  let mask: ResolvedMask
+  let positionOffset: Int
+  let batch: Int
+  let length: Int
+
+  /// The reference of `layer` on `x` `[B, T, E]` with the forward's masks and offset.
+  public init(
+    layer: MultiHeadAttention, input x: Tensor, keyPaddingMask: Tensor? = nil,
+    attentionMask: AttentionMask = .none, positionOffset: Int = 0
+  ) throws {
+    let (b, t) = try layer.checkInput(x)
+    let combined = try MultiHeadMasks.combine(
+      attentionMask, keyPaddingMask: keyPaddingMask, batch: b, keys: t)
+    mask = try ResolvedMask(combined, batchShape: [b, layer.heads], queries: t, keys: t)
+    self.layer = layer
+    self.input = x
+    self.positionOffset = positionOffset
+    batch = b
+    length = t
+  }
+
+  /// Output rows `(batch, token)`: the layer's output `[E]`, its bound, and each head's weights
+  /// `[Tk]` with theirs. Rows of one batch element share their key and value projections.
+  public func rows(_ wanted: [(batch: Int, token: Int)]) -> [MultiHeadReferenceRow] {
+    var byBatch: [Int: KeyValues] = [:]
+    return wanted.map { row in
+      let kv =
+        byBatch[row.batch]
+        ?? {
+          let computed = keyValues(batch: row.batch)
+          byBatch[row.batch] = computed
+          return computed
+        }()
+      return self.row(batch: row.batch, token: row.token, keyValues: kv)
+    }
+  }
+
+  /// Values with their error bounds.
+  struct Bounded {
+    var value: [Double]
+    var error: [Double]
+  }
+
+  /// Keys and values of every token of one batch element: `[T][Hkv·D]`, rotated.
+  struct KeyValues {
+    var keys: [Bounded]
+    var values: [Bounded]
+  }
+
+  /// `x_row·Wᵀ + b` in `Double`, with `γ_{E+1}·(|b| + Σ|x·W|)`.
+  func project(_ layer: Linear, batch b: Int, token t: Int) -> Bounded {
+    let e = self.layer.embedDim
+    let x = input.scalars[((b * length + t) * e)..<((b * length + t + 1) * e)].map(Double.init)
+    return Self.project(layer, x: x, errors: nil)
+  }
+
+  /// `x·Wᵀ + b` for a row `x` whose entries carry `errors` (or none).
+  static func project(_ layer: Linear, x: [Double], errors: [Double]?) -> Bounded {
+    let (width, outputs) = (layer.inputFeatures, layer.outputFeatures)
+    let gamma = Float32Rounding.gamma(width + 1)
+    var result = Bounded(
+      value: [Double](repeating: 0, count: outputs), error: [Double](repeating: 0, count: outputs))
+    layer.weight.scalars.withUnsafeBufferPointer { w in
+      for o in 0..<outputs {
+        let bias = layer.bias.map { Double($0.scalars[o]) } ?? 0
+        var (sum, magnitude, carried) = (bias, abs(bias), 0.0)
+        for c in 0..<width {
+          let weight = Double(w[o * width + c])
+          sum += x[c] * weight
+          magnitude += abs(x[c] * weight)
+          if let errors { carried += errors[c] * abs(weight) }
+        }
+        result.value[o] = sum
+        result.error[o] = gamma * magnitude + carried
+      }
+    }
+    return result
+  }
+
+  /// Rotates each head's `D` values of `v` (heads side by side) at `position`, with the bound.
+  func rotate(_ v: inout Bounded, position: Int) {
+    guard let rotary = layer.rotary else { return }
+    let d = layer.headDim
+    let gamma = Float32Rounding.gamma(4)
+    for head in 0..<(v.value.count / d) {
+      let base = head * d
+      for i in 0..<(d / 2) {
+        let angle = Double(position) * rotary.frequency(i)
+        let (c, s) = (cos(angle), sin(angle))
+        let (a, b) = rotary.pair(i)
+        let (x0, x1) = (v.value[base + a], v.value[base + b])
+        let (e0, e1) = (v.error[base + a], v.error[base + b])
+        let own = gamma * (abs(x0) + abs(x1))
+        v.value[base + a] = x0 * c - x1 * s
+        v.value[base + b] = x0 * s + x1 * c
+        v.error[base + a] = abs(c) * e0 + abs(s) * e1 + own
+        v.error[base + b] = abs(s) * e0 + abs(c) * e1 + own
+      }
+    }
+  }
+
+  func keyValues(batch b: Int) -> KeyValues {
+    var result = KeyValues(keys: [], values: [])
+    for t in 0..<length {
+      var k = project(layer.keyProjection, batch: b, token: t)
+      rotate(&k, position: positionOffset + t)
+      result.keys.append(k)
+      result.values.append(project(layer.valueProjection, batch: b, token: t))
+    }
+    return result
+  }
+
+  func row(batch b: Int, token i: Int, keyValues kv: KeyValues) -> MultiHeadReferenceRow {
+    let (h, d, tk) = (layer.heads, layer.headDim, length)
+    let group = h / layer.keyValueHeads
+    let scale = Double(layer.scale)
+    var q = project(layer.queryProjection, batch: b, token: i)
+    rotate(&q, position: positionOffset + i)
+    var context = Bounded(
+      value: [Double](repeating: 0, count: h * d), error: [Double](repeating: 0, count: h * d))
+    var weights: [[Double]] = []
+    var weightBounds: [[Double]] = []
+    let scoreGamma = Float32Rounding.gamma(d + 3)
+    for head in 0..<h {
+      let kvBase = (head / group) * d
+      let qBase = head * d
+      let flat = b * h + head
+      var scores = [Double](repeating: -.infinity, count: tk)
+      var worst = 0.0
+      for j in mask.visibleKeys(query: i) {
+        if let keep = mask.keep, keep.value(batch: flat, row: i, column: j) == 0 { continue }
+        var (dot, magnitude, carried) = (0.0, 0.0, 0.0)
+        for c in 0..<d {
+          let (qc, kc) = (q.value[qBase + c], kv.keys[j].value[kvBase + c])
+          dot += qc * kc
+          magnitude += abs(qc * kc)
+          carried += q.error[qBase + c] * abs(kc) + abs(qc) * kv.keys[j].error[kvBase + c]
+        }
+        var s = dot * scale
+        var error = scoreGamma * scale * magnitude + scale * carried
+        if let bias = mask.bias {
+          s += Double(bias.value(batch: flat, row: i, column: j))
+          error += Float32Rounding.gamma(1) * abs(s)
+        }
+        if s == -.infinity { continue }
+        scores[j] = s
+        worst = max(worst, error)
+      }
+      let peak = scores.max() ?? -.infinity
+      var w = [Double](repeating: 0, count: tk)
+      var bound = [Double](repeating: 0, count: tk)
+      if peak > -.infinity {
+        let exps = scores.map { exp($0 - peak) }
+        let sum = exps.reduce(0, +)
+        let rho = 2 * worst + Float32Rounding.gamma(tk + 8)
+        let sumGamma = Float32Rounding.gamma(tk)
+        for j in 0..<tk where exps[j] > 0 {
+          w[j] = exps[j] / sum
+          bound[j] = w[j] * rho
+          for c in 0..<d {
+            let v = kv.values[j].value[kvBase + c]
+            context.value[qBase + c] += w[j] * v
+            context.error[qBase + c] +=
+              w[j] * ((rho + sumGamma) * abs(v) + kv.values[j].error[kvBase + c])
+          }
+        }
+      }
+      weights.append(w)
+      weightBounds.append(bound)
+    }
+    var y = Self.project(layer.outputProjection, x: context.value, errors: context.error)
+    if let norm = layer.residualNorm {
+      let e = layer.embedDim
+      let x = (0..<e).map { Double(input.scalars[(b * length + i) * e + $0]) }
+      let u = Float32Rounding.unit
+      var z = y.value
+      for c in 0..<e {
+        z[c] += x[c]
+        y.error[c] += u * abs(z[c])
+      }
+      let (mean, inverse) = norm.statistics(e) { z[$0] }
+      let worstZ = y.error.max() ?? 0
+      let gamma8 = Float32Rounding.gamma(8)
+      for c in 0..<e {
+        let n = (z[c] - mean) * inverse
+        let (g, beta) = (Double(norm.weight.scalars[c]), Double(norm.bias.scalars[c]))
+        y.value[c] = n * g + beta
+        y.error[c] =
+          abs(g) * inverse * (2 + abs(n)) * worstZ
+          + gamma8 * ((abs(z[c]) + abs(mean)) * inverse * abs(g) + abs(beta))
+      }
+    }
+    return MultiHeadReferenceRow(
+      batch: b, token: i, output: y.value, bound: y.error, weights: weights,
+      weightBounds: weightBounds)
+  }
+}
+
+/// One query row of `MultiHeadReference`.
+public struct MultiHeadReferenceRow: Sendable {
+  public var batch: Int
+  public var token: Int
+  /// The layer's output `[E]` and, per feature, the largest error a correct float32 layer shows.
+  public var output: [Double]
+  public var bound: [Double]
+  /// `[H][Tk]`: each head's weights and their bounds.
+  public var weights: [[Double]]
+  public var weightBounds: [[Double]]
+}
