@@ -7,7 +7,9 @@ import Foundation
 /// - `torch/`: PyTorch's generator and the notebook's cells (`Scripts/make_torch_fixtures.py`);
 /// - `io/`: `.npy` and safetensors files, good and malformed (`Scripts/make_io_fixtures.py`);
 /// - `sdpa_gqa/`: float64 references of PyTorch's SDPA semantics — grouped-query heads, causal
-///   alignments, windows, masks, half precision, decode (`Scripts/make_sdpa_fixtures.py`).
+///   alignments, windows, masks, half precision, decode (`Scripts/make_sdpa_fixtures.py`);
+/// - `backward/`: float64 gradients of attention — dQ, dK, dV, d(bias), with masks, grouped
+///   heads and given dropout decisions (`Scripts/make_backward_fixtures.py`).
 package enum Fixtures {
   package static let root: URL = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()

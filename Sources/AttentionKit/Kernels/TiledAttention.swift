@@ -34,6 +34,10 @@ import Tensors
 /// `R = Bq` rows (`G·Bq` when `G` heads are stacked for decoding)
 /// floats, allocated once per thread — independent of `Tk` and linear in `Bq` — plus, with a key
 /// split, `Bq·(Dv + 2)` floats per split task for the partial results.
+///
+/// For the backward pass (`TiledBackward`), `compute` can also write each row's log-sum-exp
+/// `L = m + log ℓ` (`−∞` for a row that sees no key, NaN for a poisoned one) where it
+/// normalizes or merges the row: the backward then recomputes `P = exp(S − L)` tile by tile.
 public enum TiledAttention {
   /// Block sizes. The defaults were chosen by measurement (see README, "Performance").
   public struct Configuration: Sendable, Equatable {
@@ -128,7 +132,8 @@ public enum TiledAttention {
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask, scale: Float?, dropout: Dropout?,
     relativePosition: RelativePositionBias?,
-    configuration: Configuration, threads: Int, keyCount: Int? = nil
+    configuration: Configuration, threads: Int, keyCount: Int? = nil,
+    logSumExp: UnsafeMutablePointer<Float>? = nil
   ) throws -> AttentionResult {
     let shape = try AttentionShape(
       queries: queries, keys: keys, values: values, keyCount: keyCount)
@@ -150,6 +155,7 @@ public enum TiledAttention {
       batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
       window: mask.window, configuration: configuration, threads: threads)
     if partition.rowTasks == 0 || shape.keys == 0 {
+      logSumExp?.update(repeating: -.infinity, count: shape.batchCount * shape.queries)
       return AttentionResult(
         output: output, weights: nil, workspaceBytes: 0, kernel: .tiled, tilesComputed: 0)
     }
@@ -166,7 +172,7 @@ public enum TiledAttention {
             embeddings.withUnsafeBufferPointer { e in
               let buffers = TileBuffers(
                 q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o.baseAddress!,
-                e: e.baseAddress)
+                e: e.baseAddress, l: logSumExp)
               let count =
                 partition.splits == 1
                 ? runWhole(plan, partition, buffers, threads: threads)
@@ -205,7 +211,9 @@ public enum TiledAttention {
           batch: batch, firstQuery: i0, keys: 0..<plan.shape.keys, buffers: buffers,
           scratch: &scratch)
         tiles.add(count, ordering: .relaxed)
-        plan.normalize(batch: batch, firstQuery: i0, scratch: scratch, into: buffers.o)
+        plan.normalize(
+          batch: batch, firstQuery: i0, scratch: scratch, into: buffers.o,
+          logSumExp: buffers.l)
       }
     }
     return tiles.load(ordering: .relaxed)
@@ -249,7 +257,7 @@ public enum TiledAttention {
         plan.merge(
           batch: group * plan.stackedHeads, firstQuery: block * plan.queryBlock,
           partials: shared.pointer + rowTask * partition.splits * stride,
-          splits: partition.splits, into: buffers.o)
+          splits: partition.splits, into: buffers.o, logSumExp: buffers.l)
       }
     }
     return tiles.load(ordering: .relaxed)
@@ -276,6 +284,8 @@ struct TileBuffers: @unchecked Sendable {
   let v: UnsafePointer<Float>
   let o: UnsafeMutablePointer<Float>
   let e: UnsafePointer<Float>?
+  /// `[…, Tq]`: the rows' log-sum-exp, written when not `nil` (for the backward pass).
+  var l: UnsafeMutablePointer<Float>? = nil
 }
 
 /// One thread's scratch, allocated once and reused for every tile it computes.
@@ -425,16 +435,19 @@ struct TilePlan: Sendable {
     return tiles
   }
 
-  /// `O = acc / ℓ` into the output rows; a row that saw no key keeps zeros.
+  /// `O = acc / ℓ` into the output rows; a row that saw no key keeps zeros. With `logSumExp`,
+  /// also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`).
   func normalize(
     batch b: Int, firstQuery i0: Int, scratch: borrowing TileScratch,
-    into output: UnsafeMutablePointer<Float>
+    into output: UnsafeMutablePointer<Float>, logSumExp: UnsafeMutablePointer<Float>? = nil
   ) {
     let (tq, dv) = (shape.queries, shape.valueDim)
     let rows = rowCounts(firstQuery: i0).total
     let out = output + (b * tq + i0) * dv
     for r in 0..<rows {
       let sum = scratch.rowSum[r]
+      logSumExp?[b * tq + i0 + r] =
+        sum > 0 ? scratch.rowMax[r] + log(sum) : (sum.isNaN ? .nan : -.infinity)
       let factor: Float = sum > 0 ? 1 / sum : (sum.isNaN ? .nan : 0)
       for c in 0..<dv { out[r * dv + c] = scratch.accumulator[r * dv + c] * factor }
     }
@@ -444,7 +457,7 @@ struct TilePlan: Sendable {
   /// order) by log-sum-exp into the output rows.
   func merge(
     batch b: Int, firstQuery i0: Int, partials: UnsafeMutablePointer<Float>, splits: Int,
-    into output: UnsafeMutablePointer<Float>
+    into output: UnsafeMutablePointer<Float>, logSumExp: UnsafeMutablePointer<Float>? = nil
   ) {
     let (tq, dv, bq) = (shape.queries, shape.valueDim, blockRows)
     let rows = rowCounts(firstQuery: i0).total
@@ -460,6 +473,7 @@ struct TilePlan: Sendable {
       }
       let row = out + r * dv
       row.update(repeating: 0, count: dv)
+      logSumExp?[b * tq + i0 + r] = poisoned ? .nan : -.infinity
       if poisoned {
         row.update(repeating: .nan, count: dv)
         continue
@@ -476,6 +490,7 @@ struct TilePlan: Sendable {
       }
       let factor: Float = sum > 0 ? 1 / sum : 0
       for k in 0..<dv { row[k] *= factor }
+      if sum > 0 { logSumExp?[b * tq + i0 + r] = peak + log(sum) }
     }
   }
 }

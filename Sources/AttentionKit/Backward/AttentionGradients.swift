@@ -1,0 +1,38 @@
+import Tensors
+
+/// The gradients of scaled dot-product attention, as `Attention.backward` returns them.
+///
+/// Shape legend: `B` batch, `H` query heads, `Hkv` key/value heads, `Tq` queries, `Tk` keys,
+/// `D` head dimension, `Dv` value dimension.
+public struct AttentionGradients: Sendable {
+  /// `∂L/∂Q`, `[…, Tq, D]`, shaped as the queries.
+  public var dQ: Tensor
+  /// `∂L/∂K`, `[…, Tk, D]`, shaped as the keys: with grouped-query heads, the sum over the
+  /// `H / Hkv` query heads that share each key/value head.
+  public var dK: Tensor
+  /// `∂L/∂V`, `[…, Tk, Dv]`, shaped as the values (summed over a group as `dK` is).
+  public var dV: Tensor
+  /// `∂L/∂bias`, shaped as the mask's bias tensor as given (summed over the dimensions it is
+  /// broadcast along); `nil` unless asked for.
+  public var dBias: Tensor?
+  /// The bytes of scratch memory the kernel allocated, beyond its inputs and its gradients.
+  public var workspaceBytes: Int
+  /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
+  public var kernel: Attention.KernelName
+  /// The `Bq × Bk` tiles of the tiled kernel's two backward passes (causal and windowed calls
+  /// skip the others; the forward pass it reruns is not counted); `nil` from the other kernels.
+  public var tilesComputed: Int?
+
+  public init(
+    dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?, workspaceBytes: Int,
+    kernel: Attention.KernelName, tilesComputed: Int? = nil
+  ) {
+    self.dQ = dQ
+    self.dK = dK
+    self.dV = dV
+    self.dBias = dBias
+    self.workspaceBytes = workspaceBytes
+    self.kernel = kernel
+    self.tilesComputed = tilesComputed
+  }
+}

@@ -1,0 +1,234 @@
+import Foundation
+import Tensors
+
+/// The backward pass of attention with each head's `[Tq, Tk]` probabilities held whole: the
+/// formulas of `Attention.backward` as a sequence of sgemm calls and row passes.
+///
+/// One task per key/value batch `g` (`B·Hkv` tasks), taken by `threads` workers; for each of the
+/// `G` query heads `b` that read `g`, in increasing order:
+/// 1. `P = softmax(scale·Q_b·K_gᵀ + mask)` (one sgemm, then the mask and softmax row by row, as
+///    `MaterializedAttention` does), `Pd = dropout(P)` in a second buffer;
+/// 2. `dV_g += Pdᵀ·dO_b` (one sgemm);
+/// 3. `dP = (dO_b·V_gᵀ)∘Z/(1 − p)` (one sgemm, then the regenerated dropout decisions),
+///    `Δ_i = Σ_j P_ij·dP_ij`, `dS = P∘(dP − Δ)` in place;
+/// 4. `dQ_b = scale·dS·K_g`, `dK_g += scale·dSᵀ·Q_b` (two sgemms).
+/// Each task owns its `dK_g`, `dV_g` and the `dQ_b` of its heads, and runs its products with
+/// OpenBLAS on one thread, so no result depends on the thread count. With `needBiasGradient`,
+/// `dS` of every head is kept (`[B·H, Tq, Tk]`) and summed into the bias's shape afterwards, in
+/// increasing order of (head, query, key).
+///
+/// Workspace: `2·Tq·Tk` floats per worker (`P`, and `Pd` then `dS`); with the bias gradient,
+/// `Tq·Tk` per worker and `B·H·Tq·Tk` for the kept `dS`.
+enum MaterializedBackward {
+  /// The bytes `compute` allocates (see the type's comment), `nil` on overflow.
+  static func workspaceBytes(
+    queries tq: Int, keys tk: Int, batchCount: Int, groupSize: Int, biasGradient: Bool,
+    threads: Int
+  ) -> Int? {
+    let tasks = batchCount / max(groupSize, 1)
+    let workers = min(max(threads, 1), max(tasks, 1))
+    let (tile, overflow) = tq.multipliedReportingOverflow(by: tk)
+    guard !overflow else { return nil }
+    let float = MemoryLayout<Float>.stride
+    return biasGradient
+      ? byteCount([(tile, workers * float), (tile, batchCount * float)])
+      : byteCount([(tile, 2 * workers * float)])
+  }
+
+  static func compute(
+    _ problem: BackwardProblem, dropout: Dropout?, threads: Int, memoryBudget: Int?
+  ) throws -> AttentionGradients {
+    let shape = problem.shape
+    let (tq, tk, _, _) = problem.sizes
+    let tasks = problem.keyValueBatchCount
+    let workers = max(1, min(threads, tasks))
+    let keepScores = problem.biasGradient != nil
+    let bytes = workspaceBytes(
+      queries: tq, keys: tk, batchCount: shape.batchCount, groupSize: shape.groupSize,
+      biasGradient: keepScores, threads: threads)
+    try checkBackwardBudget(
+      bytes, memoryBudget,
+      what: "the materialized backward's \(shapeForMessage([tq, tk])) probabilities",
+      advice: .useTiledKernel)
+    var (dQ, dK, dV, dBias) = try problem.zeroGradients()
+    guard tasks > 0, tq > 0, tk > 0 else {
+      return AttentionGradients(
+        dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes ?? 0, kernel: .materialized)
+    }
+    // [B·H, Tq, Tk]: every head's dS, for the bias gradient.
+    var kept = [Float](repeating: 0, count: keepScores ? shape.batchCount * tq * tk : 0)
+    BackwardBuffers.with(problem, dQ: &dQ, dK: &dK, dV: &dV, extra: &kept) { buffers in
+      let queue = TaskQueue()
+      DispatchQueue.concurrentPerform(iterations: workers) { _ in
+        let first = UnsafeMutablePointer<Float>.allocate(capacity: tq * tk)
+        let second = UnsafeMutablePointer<Float>.allocate(capacity: keepScores ? 1 : tq * tk)
+        defer {
+          first.deallocate()
+          second.deallocate()
+        }
+        while case let g = queue.take(), g < tasks {
+          for b in problem.queryBatches(ofKeyValueBatch: g) {
+            run(
+              problem, dropout: dropout, batch: b, keyValueBatch: g, buffers: buffers,
+              probabilities: first, scores: keepScores ? buffers.kept! + b * tq * tk : second)
+          }
+        }
+      }
+    }
+    if let bias = problem.biasGradient, dBias != nil {
+      dBias!.scalars.withUnsafeMutableBufferPointer { out in
+        for b in 0..<shape.batchCount {
+          for i in 0..<tq {
+            for j in 0..<tk {
+              out[bias.index(batch: b, row: i, column: j)] += kept[(b * tq + i) * tk + j]
+            }
+          }
+        }
+      }
+    }
+    return AttentionGradients(
+      dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes ?? .max,
+      kernel: .materialized)
+  }
+
+  /// Steps 1–4 for query head `b` of key/value batch `g`; `probabilities` and `scores` are
+  /// `[Tq, Tk]` (`scores` holds `Pd`, then `dP`, then `dS`).
+  private static func run(
+    _ problem: BackwardProblem, dropout: Dropout?, batch b: Int, keyValueBatch g: Int,
+    buffers: BackwardBuffers, probabilities p: UnsafeMutablePointer<Float>,
+    scores s: UnsafeMutablePointer<Float>
+  ) {
+    let (tq, tk, d, dv) = problem.sizes
+    let scale = problem.scale
+    let q = buffers.q + b * tq * d
+    let dO = buffers.dO + b * tq * dv
+    let k = buffers.k + g * tk * d
+    let v = buffers.v + g * tk * dv
+    // 1. P = softmax(scale·Q·Kᵀ + mask); Pd = dropout(P).
+    if d > 0 {
+      BLAS.sgemm(
+        transposeB: true, m: tq, n: tk, k: d, alpha: scale, a: q, lda: d, b: k, ldb: d, c: p,
+        ldc: tk)
+    } else {
+      p.update(repeating: 0, count: tq * tk)
+    }
+    for i in 0..<tq {
+      let row = p + i * tk
+      problem.resolved.apply(to: row, batch: b, query: i, firstKey: 0, count: tk)
+      RowSoftmax.normalize(row, count: tk)
+    }
+    var pd = UnsafePointer(p)
+    if let dropout {
+      s.update(from: p, count: tq * tk)
+      for i in 0..<tq { dropout.apply(to: s + i * tk, row: b * tq + i, firstKey: 0, count: tk) }
+      pd = UnsafePointer(s)
+    }
+    // 2. dV += Pdᵀ·dO.
+    if dv > 0 {
+      BLAS.sgemm(
+        transposeA: true, m: tk, n: dv, k: tq, a: pd, lda: tk, b: dO, ldb: dv, beta: 1,
+        c: buffers.dV + g * tk * dv, ldc: dv)
+      // 3. dP = (dO·Vᵀ)∘Z/(1 − p).
+      BLAS.sgemm(
+        transposeB: true, m: tq, n: tk, k: dv, a: dO, lda: dv, b: v, ldb: dv, c: s, ldc: tk)
+    } else {
+      s.update(repeating: 0, count: tq * tk)
+    }
+    for i in 0..<tq {
+      let row = s + i * tk
+      dropout?.apply(to: row, row: b * tq + i, firstKey: 0, count: tk)
+      BackwardRows.softmaxGradient(
+        probabilities: p + i * tk, gradient: row, count: tk,
+        delta: BackwardRows.dot(p + i * tk, row, count: tk))
+    }
+    // 4. dQ = scale·dS·K; dK += scale·dSᵀ·Q.
+    if d > 0 {
+      BLAS.sgemm(
+        m: tq, n: d, k: tk, alpha: scale, a: s, lda: tk, b: k, ldb: d,
+        c: buffers.dQ + b * tq * d, ldc: d)
+      BLAS.sgemm(
+        transposeA: true, m: tk, n: d, k: tq, alpha: scale, a: s, lda: tk, b: q, ldb: d, beta: 1,
+        c: buffers.dK + g * tk * d, ldc: d)
+    }
+  }
+}
+
+/// Raw pointers to a backward call's tensors: inputs shared read-only, gradients written by the
+/// tasks that own their rows.
+struct BackwardBuffers: @unchecked Sendable {
+  let q, k, v, dO: UnsafePointer<Float>
+  let dQ, dK, dV: UnsafeMutablePointer<Float>
+  /// The materialized kernel's kept `dS`, `[B·H, Tq, Tk]`; the tiled kernel's bias gradient;
+  /// `nil` when empty.
+  let kept: UnsafeMutablePointer<Float>?
+
+  /// Runs `body` with the pointers of `problem`'s inputs, of the gradients and of `extra`.
+  static func with<Result>(
+    _ problem: BackwardProblem, dQ: inout Tensor, dK: inout Tensor, dV: inout Tensor,
+    extra: inout [Float], _ body: (BackwardBuffers) -> Result
+  ) -> Result {
+    problem.queries.scalars.withUnsafeBufferPointer { q in
+      problem.keys.scalars.withUnsafeBufferPointer { k in
+        problem.values.scalars.withUnsafeBufferPointer { v in
+          problem.gradOutput.scalars.withUnsafeBufferPointer { dO in
+            dQ.scalars.withUnsafeMutableBufferPointer { dq in
+              dK.scalars.withUnsafeMutableBufferPointer { dk in
+                dV.scalars.withUnsafeMutableBufferPointer { dv in
+                  extra.withUnsafeMutableBufferPointer { e in
+                    body(
+                      BackwardBuffers(
+                        q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!,
+                        dO: dO.baseAddress!, dQ: dq.baseAddress!, dK: dk.baseAddress!,
+                        dV: dv.baseAddress!, kept: e.count == 0 ? nil : e.baseAddress))
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+/// The row passes of the backward kernels.
+enum BackwardRows {
+  /// `Σ_j a_j·b_j`, sixteen lanes at a time then the tail.
+  @inline(__always)
+  static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) -> Float {
+    var sums = SIMD16<Float>()
+    var j = 0
+    while j + 16 <= count {
+      let x = UnsafeRawPointer(a + j).loadUnaligned(as: SIMD16<Float>.self)
+      let y = UnsafeRawPointer(b + j).loadUnaligned(as: SIMD16<Float>.self)
+      sums += x * y
+      j += 16
+    }
+    var result = sums.sum()
+    while j < count {
+      result += a[j] * b[j]
+      j += 1
+    }
+    return result
+  }
+
+  /// `dS_j = P_j·(dP_j − Δ)` in place of `gradient` (`dP`).
+  @inline(__always)
+  static func softmaxGradient(
+    probabilities p: UnsafePointer<Float>, gradient g: UnsafeMutablePointer<Float>, count: Int,
+    delta: Float
+  ) {
+    var j = 0
+    while j + 16 <= count {
+      let x = UnsafeRawPointer(p + j).loadUnaligned(as: SIMD16<Float>.self)
+      let raw = UnsafeMutableRawPointer(g + j)
+      let y = raw.loadUnaligned(as: SIMD16<Float>.self)
+      raw.storeBytes(of: x * (y - delta), as: SIMD16<Float>.self)
+      j += 16
+    }
+    while j < count {
+      g[j] = p[j] * (g[j] - delta)
+      j += 1
+    }
+  }
+}

@@ -1,0 +1,244 @@
+import Foundation
+import Tensors
+
+/// The dropout decisions a reference backward uses.
+enum DropoutDecisions {
+  /// No dropout.
+  case none
+  /// `Dropout`'s counter-based decisions, as the other kernels regenerate them.
+  case counter(Dropout)
+  /// A given keep mask (nonzero = kept), broadcastable to `[…, Tq, Tk]`, kept weights scaled by
+  /// `1/(1 − probability)`: for checking the formulas against references computed elsewhere
+  /// (numpy), which cannot reproduce our Philox counters.
+  case explicit(keep: Tensor, probability: Double)
+}
+
+/// The plain reference backward: the formulas of `Attention.backward` in `Double`, row by row, with
+/// ordinary loops and `Foundation.exp`, no BLAS. What the fast kernels are checked against, and
+/// what the finite-difference tests differentiate (`Backward64.evaluate` also gives the output).
+enum ReferenceBackward {
+  /// The bytes `compute` allocates for `problem`: per score `P` and `dS` (8 bytes each), the
+  /// visibility (1), the expanded bias (8) and dropout decisions (1) when there are any; the
+  /// float64 copies of `Q`, `K`, `V`, `dO`, the output and the three gradients.
+  static func workspaceBytes(_ problem: BackwardProblem, hasDropout: Bool) -> Int? {
+    let shape = problem.shape
+    guard let scores = try? Tensor.elementCount(of: shape.weightsShape) else { return nil }
+    let perScore = 17 + (problem.mask.bias == nil ? 0 : 8) + (hasDropout ? 1 : 0)
+    let vectors =
+      2 * problem.queries.count + 2 * problem.keys.count + 2 * problem.values.count
+      + 2 * problem.gradOutput.count
+    return byteCount([(scores, perScore), (vectors, 8)])
+  }
+
+  /// The gradients as `Float` tensors, `dBias` summed over the bias's broadcast dimensions in
+  /// `Double` before rounding.
+  static func compute(
+    _ problem: BackwardProblem, dropout: DropoutDecisions, memoryBudget: Int?
+  ) throws -> AttentionGradients {
+    let hasDropout: Bool
+    if case .none = dropout { hasDropout = false } else { hasDropout = true }
+    let bytes = workspaceBytes(problem, hasDropout: hasDropout)
+    try checkBackwardBudget(
+      bytes, memoryBudget,
+      what:
+        "the reference backward's float64 \(shapeForMessage(problem.shape.weightsShape)) scores",
+      advice: .useTiledKernel)
+    let result = try expand(problem, dropout: dropout).evaluate()
+    var (dQ, dK, dV, dBias) = try problem.zeroGradients()
+    dQ.scalars = result.dQ.map { Float($0) }
+    dK.scalars = result.dK.map { Float($0) }
+    dV.scalars = result.dV.map { Float($0) }
+    if let bias = problem.biasGradient, dBias != nil {
+      let (tq, tk, _, _) = problem.sizes
+      var sums = [Double](repeating: 0, count: dBias!.count)
+      for b in 0..<problem.shape.batchCount {
+        for i in 0..<tq {
+          for j in 0..<tk {
+            sums[bias.index(batch: b, row: i, column: j)] += result.dS[(b * tq + i) * tk + j]
+          }
+        }
+      }
+      dBias!.scalars = sums.map { Float($0) }
+    }
+    return AttentionGradients(
+      dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes ?? .max, kernel: .reference)
+  }
+
+  /// `problem` in `Double`, every mask laid out over `[B·H, Tq, Tk]`.
+  static func expand(_ problem: BackwardProblem, dropout: DropoutDecisions) throws -> Backward64 {
+    let shape = problem.shape
+    let (tq, tk, _, _) = problem.sizes
+    let bh = shape.batchCount
+    let mask = problem.resolved
+    var visible = [Bool](repeating: false, count: bh * tq * tk)
+    var bias: [Double]? = mask.bias == nil ? nil : [Double](repeating: 0, count: bh * tq * tk)
+    var kept: [Bool]? = nil
+    var keptScale = 1.0
+    switch dropout {
+    case .none: break
+    case .counter(let d):
+      kept = [Bool](repeating: false, count: bh * tq * tk)
+      keptScale = d.dropsAll ? 0 : 1 / (1 - Double(d.probability))
+    case .explicit(_, let p):
+      guard p >= 0, p < 1 else {
+        throw AttentionError.invalidArgument("dropout probability must be in [0, 1), got \(p)")
+      }
+      kept = [Bool](repeating: false, count: bh * tq * tk)
+      keptScale = 1 / (1 - p)
+    }
+    var explicitKeep: BroadcastMatrix? = nil
+    if case .explicit(let keep, _) = dropout {
+      explicitKeep = try BroadcastMatrix(
+        keep, batchShape: shape.batchShape, rows: tq, columns: tk, name: "dropout keep mask")
+    }
+    for b in 0..<bh {
+      for i in 0..<tq {
+        let seen = mask.visibleKeys(query: i)
+        for j in 0..<tk {
+          let e = (b * tq + i) * tk + j
+          visible[e] =
+            seen.contains(j)
+            && (mask.keep.map { $0.value(batch: b, row: i, column: j) != 0 } ?? true)
+          if let m = mask.bias { bias![e] = Double(m.value(batch: b, row: i, column: j)) }
+          switch dropout {
+          case .none: break
+          case .counter(let d): kept![e] = d.keeps(row: b * tq + i, key: j)
+          case .explicit: kept![e] = explicitKeep!.value(batch: b, row: i, column: j) != 0
+          }
+        }
+      }
+    }
+    return Backward64(
+      batchCount: bh, queries: tq, keys: tk, headDim: shape.headDim, valueDim: shape.valueDim,
+      keyValueBatch: (0..<bh).map { shape.keyValueBatch($0) },
+      scale: Double(problem.scale),
+      q: problem.queries.scalars.map { Double($0) }, k: problem.keys.scalars.map { Double($0) },
+      v: problem.values.scalars.map { Double($0) },
+      dO: problem.gradOutput.scalars.map { Double($0) },
+      bias: bias, visible: visible, dropoutKept: kept, keptScale: keptScale)
+  }
+}
+
+/// A backward problem in `Double` with every mask laid out over `[B·H, Tq, Tk]`: the reference's
+/// own inputs, which the finite-difference tests perturb.
+///
+/// Q `[B·H, Tq, D]`, K `[B·Hkv, Tk, D]`, V `[B·Hkv, Tk, Dv]`, dO `[B·H, Tq, Dv]`, flat; query batch
+/// `b` reads key/value batch `keyValueBatch[b]`.
+struct Backward64: Sendable {
+  var batchCount: Int
+  var queries: Int
+  var keys: Int
+  var headDim: Int
+  var valueDim: Int
+  var keyValueBatch: [Int]
+  var scale: Double
+  var q: [Double]
+  var k: [Double]
+  var v: [Double]
+  var dO: [Double]
+  /// `[B·H, Tq, Tk]`, added to the scaled scores (`−∞` masks); `nil` for none.
+  var bias: [Double]?
+  /// `[B·H, Tq, Tk]`: whether the keep mask, the causal alignment and the window let the query
+  /// see the key.
+  var visible: [Bool]
+  /// `[B·H, Tq, Tk]`: the dropout decisions (`true` kept); `nil` without dropout.
+  var dropoutKept: [Bool]?
+  /// `1/(1 − p)`.
+  var keptScale: Double
+
+  /// Everything the reference computes, flat: the output `[B·H, Tq, Dv]`, the gradients shaped as
+  /// `q`, `k`, `v`, and `dS` and `P` (before dropout) `[B·H, Tq, Tk]`.
+  struct Result {
+    var output: [Double]
+    var dQ: [Double]
+    var dK: [Double]
+    var dV: [Double]
+    var dS: [Double]
+    var probabilities: [Double]
+  }
+
+  /// The forward pass and the gradients, query row by query row; `dK` and `dV` accumulate over
+  /// rows (and over the query heads of a group) in increasing order.
+  func evaluate() -> Result {
+    let (bh, tq, tk, d, dv) = (batchCount, queries, keys, headDim, valueDim)
+    var r = Result(
+      output: .init(repeating: 0, count: bh * tq * dv), dQ: .init(repeating: 0, count: q.count),
+      dK: .init(repeating: 0, count: k.count), dV: .init(repeating: 0, count: v.count),
+      dS: .init(repeating: 0, count: bh * tq * tk),
+      probabilities: .init(repeating: 0, count: bh * tq * tk))
+    var scores = [Double](repeating: 0, count: tk)
+    var dP = [Double](repeating: 0, count: tk)
+    for b in 0..<bh {
+      let g = keyValueBatch[b]
+      for i in 0..<tq {
+        let row = b * tq + i
+        // 1. Scores: scale·q·k + bias, −∞ where masked (D = 0: every score 0, as the forward).
+        for j in 0..<tk {
+          let e = row * tk + j
+          guard visible[e] else {
+            scores[j] = -.infinity
+            continue
+          }
+          var dot = 0.0
+          for c in 0..<d { dot += q[row * d + c] * k[(g * tk + j) * d + c] }
+          scores[j] = (d == 0 ? 0 : dot * scale) + (bias?[e] ?? 0)
+        }
+        // 2. P = softmax; a fully masked row keeps zeros everywhere.
+        let peak = scores.contains(where: \.isNaN) ? .nan : (scores.max() ?? -.infinity)
+        if peak == -.infinity { continue }
+        var sum = 0.0
+        for j in 0..<tk { sum += exp(scores[j] - peak) }
+        for j in 0..<tk { r.probabilities[row * tk + j] = exp(scores[j] - peak) / sum }
+        // 3. O = Pd·V with Pd = P·z, z = 1/(1 − p) where kept, 0 where dropped.
+        func z(_ j: Int) -> Double {
+          guard let kept = dropoutKept else { return 1 }
+          return kept[row * tk + j] ? keptScale : 0
+        }
+        for j in 0..<tk {
+          let pd = r.probabilities[row * tk + j] * z(j)
+          for c in 0..<dv { r.output[row * dv + c] += pd * v[(g * tk + j) * dv + c] }
+        }
+        // 4. dP = (dO·Vᵀ)∘z, Δ = Σ_j P·dP, dS = P∘(dP − Δ).
+        var delta = 0.0
+        for j in 0..<tk {
+          var dot = 0.0
+          for c in 0..<dv { dot += dO[row * dv + c] * v[(g * tk + j) * dv + c] }
+          dP[j] = dot * z(j)
+          delta += r.probabilities[row * tk + j] * dP[j]
+        }
+        for j in 0..<tk {
+          let p = r.probabilities[row * tk + j]
+          let ds = p * (dP[j] - delta)
+          r.dS[row * tk + j] = ds
+          // 5. dQ = scale·dS·K, dK += scale·dSᵀ·Q, dV += Pdᵀ·dO.
+          let pd = p * z(j)
+          for c in 0..<d {
+            r.dQ[row * d + c] += scale * ds * k[(g * tk + j) * d + c]
+            r.dK[(g * tk + j) * d + c] += scale * ds * q[row * d + c]
+          }
+          for c in 0..<dv { r.dV[(g * tk + j) * dv + c] += pd * dO[row * dv + c] }
+        }
+      }
+    }
+    return r
+  }
+}
+
+extension Attention {
+  /// The reference backward with the dropout decisions given as a keep mask `dropoutKeep`
+  /// (nonzero = kept, broadcastable to `[…, Tq, Tk]`; kept weights scaled by
+  /// `1/(1 − dropoutProbability)`) instead of `Dropout`'s counters: for checking the formulas
+  /// against references computed elsewhere, which cannot reproduce the counters.
+  package static func referenceBackward(
+    queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
+    mask: AttentionMask = .none, scale: Float? = nil, dropoutKeep: Tensor,
+    dropoutProbability: Double, needBiasGradient: Bool = false
+  ) throws -> AttentionGradients {
+    let problem = try BackwardProblem(
+      queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+      scale: scale, needBiasGradient: needBiasGradient)
+    return try ReferenceBackward.compute(
+      problem, dropout: .explicit(keep: dropoutKeep, probability: dropoutProbability),
+      memoryBudget: nil)
+  }
+}
