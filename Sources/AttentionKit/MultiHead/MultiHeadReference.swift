@@ -60,6 +60,18 @@ public struct MultiHeadReference: Sendable {
     }
   }
 
+  /// Whether the masks hide key `j` from query `i` of head `h` in batch element `b` (a keep
+  /// mask's 0, a bias of `−∞`, the causal diagonal or window, or padding).
+  public func isHidden(batch b: Int, head h: Int, query i: Int, key j: Int) -> Bool {
+    let flat = b * layer.heads + h
+    if !mask.visibleKeys(query: i).contains(j) { return true }
+    if let keep = mask.keep, keep.value(batch: flat, row: i, column: j) == 0 { return true }
+    if let bias = mask.bias, bias.value(batch: flat, row: i, column: j) == -.infinity {
+      return true
+    }
+    return false
+  }
+
   /// Values with their error bounds.
   struct Bounded {
     var value: [Double]

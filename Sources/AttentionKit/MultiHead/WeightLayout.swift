@@ -89,7 +89,8 @@ extension MultiHeadAttention {
     switch layout {
     case .torch, .bert:
       let e = try reader.width(
-        of: layout == .torch ? "in_proj_weight" : "self.query.weight", rows: layout == .torch ? 3 : 1)
+        of: layout == .torch ? "in_proj_weight" : "self.query.weight",
+        rows: layout == .torch ? 3 : 1)
       _ = try Self.headDim(rows: e, heads: heads, what: "E = \(e)")
       try Self.checkSameHeads(options.keyValueHeads, heads: heads, layout: layout)
       if layout == .torch {
@@ -244,7 +245,8 @@ private struct ParameterReader {
     guard found.shape == shape else {
       throw AttentionError.parameter(
         name: prefix + name,
-        message: "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(shapeForMessage(shape))"
+        message:
+          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(shapeForMessage(shape))"
       )
     }
     return found
@@ -264,7 +266,8 @@ private struct ParameterReader {
       let expected = rows == 1 ? "[out, E]" : "[\(rows)·E, E]"
       throw AttentionError.parameter(
         name: prefix + name,
-        message: "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(expected)"
+        message:
+          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(expected)"
       )
     }
     return found.shape[1]
@@ -275,7 +278,9 @@ private struct ParameterReader {
     guard found.rank == 2 else {
       throw AttentionError.parameter(
         name: prefix + name,
-        message: "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects [out, E]")
+        message:
+          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects [out, E]"
+      )
     }
     return found.shape[0]
   }
@@ -295,7 +300,8 @@ private struct ParameterReader {
     if let unexpected = names.first(where: { !used.contains($0) }) {
       throw AttentionError.parameter(
         name: unexpected,
-        message: "is unexpected under the prefix \(quotedForMessage(prefix)) (the \(layout.rawValue) layout has \(used.sorted(by: StateDict.byteOrder).map { String($0.dropFirst(prefix.count)) }.joined(separator: ", ")))"
+        message:
+          "is unexpected under the prefix \(quotedForMessage(prefix)) (the \(layout.rawValue) layout has \(used.sorted(by: StateDict.byteOrder).map { String($0.dropFirst(prefix.count)) }.joined(separator: ", ")))"
       )
     }
   }
