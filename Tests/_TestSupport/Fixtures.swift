@@ -7,7 +7,9 @@ import Foundation
 /// - `torch/`: PyTorch's generator and the notebook's cells (`Scripts/make_torch_fixtures.py`);
 /// - `io/`: `.npy` and safetensors files, good and malformed (`Scripts/make_io_fixtures.py`);
 /// - `sdpa_gqa/`: float64 references of PyTorch's SDPA semantics — grouped-query heads, causal
-///   alignments, windows, masks, half precision, decode (`Scripts/make_sdpa_fixtures.py`).
+///   alignments, windows, masks, half precision, decode (`Scripts/make_sdpa_fixtures.py`);
+/// - `mha/`: whole multi-head layers in the torch, bert and llama layouts, and rotary embeddings
+///   (`Scripts/make_mha_fixtures.py`).
 package enum Fixtures {
   package static let root: URL = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()

@@ -150,7 +150,8 @@ public struct MultiHeadReference: Sendable {
   func row(batch b: Int, token i: Int, keyValues kv: KeyValues) -> MultiHeadReferenceRow {
     let (h, d, tk) = (layer.heads, layer.headDim, length)
     let group = h / layer.keyValueHeads
-    let scale = Double(layer.scale)
+    // The exact 1/√D: the float32 layer's rounded scale is one of the errors the bound covers.
+    let scale = 1 / Double(d).squareRoot()
     var q = project(layer.queryProjection, batch: b, token: i)
     rotate(&q, position: positionOffset + i)
     var context = Bounded(

@@ -228,6 +228,8 @@ private struct ParameterReader {
   let prefix: String
   let layout: WeightLayout
   var used: Set<String> = []
+  /// Names accepted and not read (a buffer older checkpoints carry).
+  var ignored: Set<String> = []
 
   init(stateDict: StateDict, prefix: String, layout: WeightLayout) {
     self.stateDict = stateDict
@@ -293,11 +295,11 @@ private struct ParameterReader {
     return found
   }
 
-  mutating func ignore(_ name: String) { used.insert(prefix + name) }
+  mutating func ignore(_ name: String) { ignored.insert(prefix + name) }
 
   /// Throws for the first of `names` (all under the prefix) that the layout does not use.
   func checkNoOthers(among names: [String]) throws {
-    if let unexpected = names.first(where: { !used.contains($0) }) {
+    if let unexpected = names.first(where: { !used.contains($0) && !ignored.contains($0) }) {
       throw AttentionError.parameter(
         name: unexpected,
         message:
