@@ -54,7 +54,7 @@ extension MultiHeadAttention {
     }
 
     /// The prefix as names start with it.
-    var normalizedPrefix: String {
+    public var normalizedPrefix: String {
       prefix.isEmpty || prefix.hasSuffix(".") ? prefix : prefix + "."
     }
   }

@@ -209,11 +209,21 @@ struct MhaCommand: ParsableCommand {
 
   /// The layer from `--weights`, its errors naming the file.
   private func loadLayer(files: InputFiles) throws -> MultiHeadAttention {
-    let file = try files.safetensors(weights)
-    try inputSafety.check(file)
     let options = MultiHeadAttention.LoadOptions(
       prefix: prefix, heads: heads, keyValueHeads: kvHeads, ropeTheta: ropeTheta,
       ropeLayout: ropeLayout, layerNormEpsilon: layerNormEps)
+    // Only the layer's tensors are read: a whole model's other tensors (integer buffers, other
+    // layers) are skipped, and cost neither memory nor a dtype error.
+    let file = try files.safetensors(weights, prefix: options.normalizedPrefix)
+    if file.tensors.isEmpty {
+      let some = file.skippedNames.prefix(4).map { quotedForMessage($0) }.joined(separator: ", ")
+      throw AttentionError.file(
+        path: weights,
+        message:
+          "no tensor name starts with the prefix \(quotedForMessage(options.normalizedPrefix))"
+          + (some.isEmpty ? " (the file holds no tensors)" : " (names look like \(some))"))
+    }
+    try inputSafety.check(file)
     do {
       return try file.naming {
         try MultiHeadAttention(stateDict: file.stateDict, layout: layout, options: options)
