@@ -105,7 +105,7 @@ struct MhaCommandTests {
       (base.map { $0 == "bert" ? "torch" : $0 }, 1, "in_proj_weight\" is missing"),
       (base.map { $0 == "4" ? "5" : $0 }, 1, "5 heads do not divide E = 32"),
       (base + ["--heatmap", "h.svg", "--tokens", "a,b"], 64, "--tokens gives 2 tokens"),
-      (base + ["--layer-norm-eps", "-1"], 64, "--layer-norm-eps must be ≥ 0"),
+      (base + ["--layer-norm-eps=-1"], 64, "--layer-norm-eps must be ≥ 0"),
       (base + ["--average-heads"], 64, "--average-heads goes with --weights-out"),
     ]
     for (arguments, status, message) in cases {

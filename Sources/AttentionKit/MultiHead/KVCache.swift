@@ -101,9 +101,16 @@ extension MultiHeadAttention {
   /// sharing a key/value head are stacked, and the cache's keys are split across threads.
   ///
   /// - Parameters:
+  ///   - x: the new tokens, `[B, t, E]`.
+  ///   - cache: the sequence's keys and values so far; the new tokens' are appended (and removed
+  ///     again when the step throws).
   ///   - keyPaddingMask: `[B, cache.count + t]` (after appending), nonzero = padding.
   ///   - attentionMask: for the `[t, cache.count + t]` scores of this step; its causal flag is
   ///     forced on, bottom-right.
+  ///   - kernel: the kernel, as for `Attention.scaledDotProduct`.
+  ///   - needWeights: whether the per-head weights should come back.
+  ///   - threads: worker threads, every core when `nil`; results do not depend on it.
+  ///   - memoryBudget: bytes the kernel may allocate for the weights.
   public func step(
     _ x: Tensor, cache: inout KVCache, keyPaddingMask: Tensor? = nil,
     attentionMask: AttentionMask = .none, kernel: Attention.Kernel = .automatic,

@@ -68,7 +68,7 @@ struct LayerChecks {
         title: "output rows match the float64 layer",
         passed: outputWorst <= 1,
         detail:
-          "\(rows.count) rows × \(embedDim), worst error / bound = \(String(format: "%.3f", outputWorst))"
+          "\(rows.count) rows × \(embedDim), worst error / bound = \(sci(outputWorst))"
       ))
     if let weights {
       let worst = weightsRatio(weights)
@@ -78,7 +78,7 @@ struct LayerChecks {
           title: "each head's weights match the float64 layer",
           passed: worst <= 1,
           detail:
-            "\(rows.count) rows × \(heads) heads, worst error / bound = \(String(format: "%.3f", worst))"
+            "\(rows.count) rows × \(heads) heads, worst error / bound = \(sci(worst))"
         ))
     }
     if let decoded {
@@ -88,7 +88,7 @@ struct LayerChecks {
           name: "decode_matches_reference",
           title: "token-by-token outputs match the float64 layer",
           passed: worst <= 1,
-          detail: "\(rows.count) rows, worst error / bound = \(String(format: "%.3f", worst))"))
+          detail: "\(rows.count) rows, worst error / bound = \(sci(worst))"))
       checks.append(decodeAgreement(decoded: decoded, full: output))
     }
     return checks
@@ -118,7 +118,7 @@ struct LayerChecks {
       name: "decode_matches_full",
       title: "token by token equals the full causal pass",
       passed: worst <= 1,
-      detail: "worst difference / (2 × bound) = \(String(format: "%.3f", worst)); largest "
+      detail: "worst difference / (2 × bound) = \(sci(worst)); largest "
         + "difference anywhere \(sci(Double(largest))) (outputs up to \(sci(Double(scale))))")
   }
 }
