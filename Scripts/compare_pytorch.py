@@ -9,6 +9,7 @@ Quote the ratios: the machines are shared and noisy, absolute times are not comp
 runs.
 
     Scripts/compare_pytorch.py [--repeats 5] [--threads 2] [--cases attention,causal,...]
+                               [--torch-ops]
 
 Cases (shapes from the performance issue):
   attention   B1 H8 T2048 D64          vs torch SDPA                 target ≥ 1.25× torch
@@ -19,6 +20,14 @@ Cases (shapes from the performance issue):
   efficiency  B1 H8 T4096 D64          vs OpenBLAS on the kernel's tile products (same run)
                                                                       target ≥ 0.80
   long        B1 H1 T65536 D64         completes, peak RSS           target < 200 MB
+  decode-layer  one decoding step of a Llama-shaped attention layer: E 2048, 32 query heads on
+              8 K/V heads, D 64, one new token against a cache of 4,096 tokens (the new token's
+              K/V appended: 4,097 keys), q/k/v projections, RoPE, attention, o_proj
+              vs transformers' LlamaAttention (sdpa) with a DynamicCache prefilled with 4,096
+              random K/V (cropped back after every step); without transformers, or with
+              --torch-ops, the same step in torch ops (F.linear, rotate_half RoPE, the new K/V
+              written into a preallocated cache, F.scaled_dot_product_attention(...,
+              enable_gqa=True), F.linear). No target: the speedup is reported.
 
 numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
 dropout shapes. Without torch the script says how to install it and compares against numpy only.
@@ -47,9 +56,14 @@ CASES = {
     # One new token against a 4,096-token KV cache, grouped-query heads (32 on 8).
     "decode": dict(batch=1, heads=32, kv_heads=8, tq=1, seq_len=4096, d=128),
     "gqa": dict(batch=1, heads=32, kv_heads=8, seq_len=2048, d=128),
+    # One decoding step of a whole Llama-shaped attention layer against a 4,096-token cache.
+    "decode-layer": dict(batch=1, embed=2048, heads=32, kv_heads=8, tq=1, seq_len=4096, d=64,
+                         rope_theta=10000.0),
 }
+# The cases PyTorch runs, with the speedup they must reach (None: reported, no target).
 TORCH_TARGET = {
     "attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
+    "decode-layer": None,
 }
 
 
@@ -58,6 +72,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--torch-ops", action="store_true",
+                        help="decode-layer: time plain torch ops even when transformers is "
+                             "installed")
     args = parser.parse_args()
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in args.cases if c not in CASES]
@@ -105,10 +122,12 @@ def timed(fn, runs=SLOT):
     return statistics.median(times)
 
 
-def torch_runner(torch, case):
+def torch_runner(torch, case, torch_ops=False):
     """A function running the case once in PyTorch (inputs made once, outside the timing)."""
     import torch.nn.functional as F
     c = CASES[case]
+    if case == "decode-layer":
+        return decode_layer_runner(torch, c, torch_ops)
     if case == "relpos":
         module = notebook_module(torch)(c["d"], c["max_rel"])
         x = torch.randn(c["batch"], c["seq_len"], c["d"])
@@ -129,6 +148,77 @@ def torch_runner(torch, case):
             # One query against the cache sees every key: no mask, as a decoder step calls it.
             F.scaled_dot_product_attention(
                 q, k, v, dropout_p=p, is_causal=causal, enable_gqa=gqa)
+    return run
+
+
+def decode_layer_runner(torch, c, torch_ops):
+    """One decoding step of a Llama-shaped attention layer (float32, batch 1, one token at
+    position seq_len, the cache holding seq_len random K/V): transformers' LlamaAttention with a
+    DynamicCache when transformers is installed (and not torch_ops), else the same step in torch
+    ops. The returned function has a `label` saying which."""
+    import torch.nn.functional as F
+    e, h, hkv, d, t = c["embed"], c["heads"], c["kv_heads"], c["d"], c["seq_len"]
+    theta = c["rope_theta"]
+    x = torch.randn(c["batch"], 1, e)
+    transformers = None
+    if not torch_ops:
+        try:
+            import transformers
+            from transformers import DynamicCache, LlamaConfig
+            from transformers.models.llama.modeling_llama import (LlamaAttention,
+                                                                  LlamaRotaryEmbedding)
+        except ImportError:
+            transformers = None
+    if transformers is not None:
+        cfg = LlamaConfig(hidden_size=e, num_attention_heads=h, num_key_value_heads=hkv,
+                          head_dim=d, rope_theta=theta, max_position_embeddings=2 * t,
+                          attention_bias=False, attention_dropout=0.0, num_hidden_layers=1,
+                          intermediate_size=64, vocab_size=32)
+        cfg._attn_implementation = "sdpa"
+        layer = LlamaAttention(cfg, layer_idx=0).eval()
+        cache = DynamicCache(config=cfg)
+        with torch.no_grad():
+            cache.update(torch.randn(c["batch"], hkv, t, d), torch.randn(c["batch"], hkv, t, d), 0)
+            # The model computes cos/sin once per step for all its layers: outside the timing.
+            cos_sin = LlamaRotaryEmbedding(cfg)(x, torch.tensor([[t]]))
+
+        def run():
+            with torch.no_grad():
+                layer(x, position_embeddings=cos_sin, attention_mask=None, cache=cache)
+            cache.crop(-1)  # back to the prefilled length for the next run
+            assert cache.get_seq_length() == t
+        run.label = (f"transformers {transformers.__version__} LlamaAttention (sdpa) + "
+                     f"DynamicCache prefilled with {t} K/V")
+        return run
+
+    scale = e ** -0.5
+    wq, wo = torch.randn(h * d, e) * scale, torch.randn(e, h * d) * (h * d) ** -0.5
+    wk, wv = torch.randn(hkv * d, e) * scale, torch.randn(hkv * d, e) * scale
+    k_cache = torch.empty(c["batch"], hkv, t + 1, d)
+    v_cache = torch.empty(c["batch"], hkv, t + 1, d)
+    k_cache[:, :, :t].normal_()
+    v_cache[:, :, :t].normal_()
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angles = (t * inv_freq).repeat(2)  # position t, rotate_half layout
+    cos, sin = angles.cos().float(), angles.sin().float()
+
+    def rope(y):
+        y1, y2 = y[..., : d // 2], y[..., d // 2:]
+        return y * cos + torch.cat((-y2, y1), dim=-1) * sin
+
+    b = c["batch"]
+
+    def run():
+        with torch.no_grad():
+            q = rope(F.linear(x, wq).view(b, 1, h, d).transpose(1, 2))
+            k = rope(F.linear(x, wk).view(b, 1, hkv, d).transpose(1, 2))
+            v = F.linear(x, wv).view(b, 1, hkv, d).transpose(1, 2)
+            k_cache[:, :, t:t + 1] = k
+            v_cache[:, :, t:t + 1] = v
+            o = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
+            F.linear(o.transpose(1, 2).reshape(b, 1, h * d), wo)
+    run.label = (f"torch ops (F.linear, RoPE, preallocated cache of {t} + 1, SDPA enable_gqa, "
+                 "F.linear)")
     return run
 
 
@@ -191,9 +281,13 @@ def main():
 
     rows = []
     discards = {}
+    labels = {}
     for case in args.cases:
         print(f"running {case} …", file=sys.stderr)
-        t_run = torch_runner(torch, case) if torch is not None and case in TORCH_TARGET else None
+        t_run = (torch_runner(torch, case, args.torch_ops)
+                 if torch is not None and case in TORCH_TARGET else None)
+        if t_run is not None and getattr(t_run, "label", None):
+            labels[case] = t_run.label
         n_run = numpy_runner(np, case)
         # Warm-up, outside the timing.
         for fn in (t_run, n_run):
@@ -213,7 +307,7 @@ def main():
                 continue
             figures = attn_once(case, args.threads)
             attn_ms.append(figures["median_ms"])
-            eff.append(figures["ratio_to_sgemm"])
+            eff.append(figures.get("ratio_to_sgemm"))
             peaks.append(figures.get("peak_rss_bytes"))
             if figures.get("plain_median_ms") is not None:
                 plain_ms.append(figures["plain_median_ms"])
@@ -230,13 +324,17 @@ def main():
     print_table(rows, args)
     print("slots discarded by the FMA probe (threads not running in parallel): "
           + ", ".join(f"{case} {count}" for case, count in discards.items()))
+    for case, label in labels.items():
+        print(f"{case} PyTorch side: {label}")
 
 
 def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
     med = lambda xs: statistics.median(xs) if xs else None
     row = dict(case=case, attn=med(attn_ms), torch=med(torch_ms), numpy=med(numpy_ms))
     target, measured, met = "", "", None
-    if case in TORCH_TARGET and row["torch"] is not None:
+    if case in TORCH_TARGET and TORCH_TARGET[case] is None and row["torch"] is not None:
+        target, measured = "– (reported)", f"{row['torch'] / row['attn']:.2f}× torch"
+    elif case in TORCH_TARGET and row["torch"] is not None:
         speedup = row["torch"] / row["attn"]
         target = f"≥ {TORCH_TARGET[case]:g}× torch"
         measured = f"{speedup:.2f}× torch"
@@ -264,10 +362,10 @@ def print_table(rows, args):
     fmt = lambda x: f"{x:9.1f}" if x is not None else "        –"
     print(f"\nmedians of {args.repeats} interleaved slots of {SLOT} runs, {args.threads} threads, "
           "float32")
-    print(f"{'case':<11}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
+    print(f"{'case':<13}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
     for r in rows:
         met = {True: "yes", False: "NO", None: "–"}[r["met"]]
-        print(f"{r['case']:<11}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
+        print(f"{r['case']:<13}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
               f"{r['target']:<34}{r['measured']:<36}{met}")
 
 

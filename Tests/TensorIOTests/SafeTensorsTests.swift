@@ -90,6 +90,44 @@ struct SafeTensorsTests {
     #expect(headerLength % 8 == 0)
   }
 
+  @Test("a selective read decodes the chosen tensors and skips the rest, whatever their dtype")
+  func selectiveRead() throws {
+    let folder = try IOFixtures.ScratchFolder()
+    defer { folder.remove() }
+    // A whole model's file: an I64 buffer (position ids) beside the layer's F32 weights.
+    let weight = try IOFixtures.patterned([2, 3])
+    let json =
+      #"{"embeddings.position_ids":{"dtype":"I64","shape":[1,4],"data_offsets":[0,32]},"#
+      + #""layer.0.w":{"dtype":"F32","shape":[2,3],"data_offsets":[32,56]}}"#
+    var header = Array(json.utf8)
+    header += [UInt8](repeating: 0x20, count: (8 - header.count % 8) % 8)
+    var bytes = (0..<8).map { UInt8(truncatingIfNeeded: header.count >> (8 * $0)) } + header
+    bytes += (0..<4).flatMap { i in (0..<8).map { UInt8(truncatingIfNeeded: i >> (8 * $0)) } }
+    for value in weight.scalars {
+      bytes += (0..<4).map { UInt8(truncatingIfNeeded: value.bitPattern >> (8 * UInt32($0))) }
+    }
+    let path = folder.path("model.safetensors")
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+
+    // Reading everything refuses the integer tensor, naming it.
+    #expect(throws: AttentionError.self) { try SafeTensors.read(contentsOf: path) }
+    let layer = try SafeTensors.read(contentsOf: path) { $0.hasPrefix("layer.0.") }
+    #expect(layer.names == ["layer.0.w"])
+    #expect(
+      layer.tensors["layer.0.w"]?.scalars.map(\.bitPattern) == weight.scalars.map(\.bitPattern))
+    #expect(layer.skippedNames == ["embeddings.position_ids"])
+    // The budget counts the selected tensors only (6 floats = 24 bytes).
+    _ = try SafeTensors.read(contentsOf: path, maxBytes: 24) { $0.hasPrefix("layer.0.") }
+    #expect(throws: AttentionError.self) {
+      try SafeTensors.read(contentsOf: path, maxBytes: 23) { $0.hasPrefix("layer.0.") }
+    }
+    // A truncated file is still an error when the missing bytes belong to a skipped tensor.
+    try Data(bytes.prefix(8 + header.count + 16)).write(to: URL(fileURLWithPath: path))
+    #expect(throws: AttentionError.self) {
+      try SafeTensors.read(contentsOf: path) { $0.hasPrefix("layer.0.") }
+    }
+  }
+
   @Test("a file with no tensors round-trips")
   func emptyFile() throws {
     let bytes = try SafeTensors.encode([:])

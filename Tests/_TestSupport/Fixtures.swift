@@ -9,7 +9,9 @@ import Foundation
 /// - `sdpa_gqa/`: float64 references of PyTorch's SDPA semantics — grouped-query heads, causal
 ///   alignments, windows, masks, half precision, decode (`Scripts/make_sdpa_fixtures.py`);
 /// - `backward/`: float64 gradients of attention — dQ, dK, dV, d(bias), with masks, grouped
-///   heads and given dropout decisions (`Scripts/make_backward_fixtures.py`).
+///   heads and given dropout decisions (`Scripts/make_backward_fixtures.py`);
+/// - `mha/`: whole multi-head layers in the torch, bert and llama layouts, and rotary embeddings
+///   (`Scripts/make_mha_fixtures.py`).
 package enum Fixtures {
   package static let root: URL = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()

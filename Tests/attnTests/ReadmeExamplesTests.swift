@@ -7,7 +7,8 @@ import Testing
 /// spaces; double quotes group, as in a shell; other shell syntax is refused), then the output
 /// README quotes, up to the closing fence. Each example runs in a fresh temporary folder as its
 /// working directory, so that an output such as `--plot complexity.svg` lands there and is
-/// removed afterwards. It passes when `attn` exits 0 and prints on stdout, line for line, what
+/// removed afterwards; a link `Tests` there leads to the repository's `Tests` folder, so that an
+/// example can read the committed fixtures. It passes when `attn` exits 0 and prints on stdout, line for line, what
 /// README shows (trailing spaces aside). A README line `[… anything …]` stands for any number of
 /// printed lines (a chart, a heatmap README does not reproduce).
 ///
@@ -16,7 +17,14 @@ import Testing
 struct ReadmeExamplesTests {
   @Test("A README example prints what README shows", arguments: ReadmeExamples.runnable)
   func example(_ example: ReadmeExample) throws {
-    let run = try AttnCLI.withTemporaryFolder { try AttnCLI.run(example.arguments, in: $0) }
+    let run = try AttnCLI.withTemporaryFolder { folder in
+      // Examples may read the committed fixtures as README shows them, `Tests/_TestSupport/…`.
+      try FileManager.default.createSymbolicLink(
+        at: folder.appendingPathComponent("Tests"),
+        withDestinationURL: ReadmeExamples.readme.deletingLastPathComponent()
+          .appendingPathComponent("Tests"))
+      return try AttnCLI.run(example.arguments, in: folder)
+    }
     try #require(
       run.status == 0,
       "README.md:\(example.line) $ \(example.command): exit \(run.status), stderr: \(run.stderr)")

@@ -27,6 +27,20 @@ public enum BLAS {
       a, blasInt(lda), b, blasInt(ldb), beta, c, blasInt(ldc))
   }
 
+  /// `y[m] = alpha · A[m×n] · x[n] + beta · y`, `A` row-major with row stride `lda`.
+  ///
+  /// A product with one row (a decoder's single token through a projection) is a matrix–vector
+  /// product; as an sgemm, OpenBLAS 0.3.21 would first pack the whole weight matrix.
+  @inline(__always)
+  public static func sgemv(
+    m: Int, n: Int, alpha: Float = 1, a: UnsafePointer<Float>, lda: Int,
+    x: UnsafePointer<Float>, beta: Float = 0, y: UnsafeMutablePointer<Float>
+  ) {
+    cblas_sgemv(
+      CblasRowMajor, CblasNoTrans, blasInt(m), blasInt(n), alpha, a, blasInt(lda), x, 1, beta,
+      y, 1)
+  }
+
   /// The number of threads OpenBLAS uses inside one call.
   public static var threadCount: Int {
     get { Int(openblas_get_num_threads()) }

@@ -352,7 +352,7 @@ struct TilePlan: Sendable {
     batch b: Int, firstQuery i0: Int, keys: Range<Int>, buffers: TileBuffers,
     scratch: inout TileScratch
   ) -> Int {
-    let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
+    let (tq, d, dv) = (shape.queries, shape.headDim, shape.valueDim)
     let kv = shape.keyRowOffset(b)
     // Stacked heads: rows of heads b, b + 1, … follow each other (every query in one block).
     let (perHead, rows) = rowCounts(firstQuery: i0)

@@ -36,7 +36,8 @@ public struct LayerNorm: Sendable, Equatable {
     let width = features
     guard x.rank >= 1, x.shape[x.rank - 1] == width else {
       throw AttentionError.shapeMismatch(
-        "a layer norm over \(width) features takes [..., \(width)], got \(shapeForMessage(x.shape))")
+        "a layer norm over \(width) features takes [..., \(width)], got \(shapeForMessage(x.shape))"
+      )
     }
     guard width > 0 else { return }
     let rows = x.count / width

@@ -59,7 +59,8 @@ public struct Linear: Sendable, Equatable {
   /// `y = x·Wᵀ + b`: `x` `[…, in]` → `[…, out]`.
   ///
   /// The output is first filled with `b` on every row, then one sgemm adds `x·Wᵀ` to it
-  /// (`beta = 1`), as PyTorch's `addmm` does: no second pass over the output for the bias.
+  /// (`beta = 1`), as PyTorch's `addmm` does: no second pass over the output for the bias. A
+  /// single row (one token) takes sgemv instead, which streams `W` once without packing it.
   public func callAsFunction(_ x: Tensor) throws -> Tensor {
     let (inWidth, outWidth) = (inputFeatures, outputFeatures)
     guard x.rank >= 1, x.shape[x.rank - 1] == inWidth else {
@@ -83,6 +84,12 @@ public struct Linear: Sendable, Equatable {
     x.scalars.withUnsafeBufferPointer { a in
       weight.scalars.withUnsafeBufferPointer { w in
         output.scalars.withUnsafeMutableBufferPointer { y in
+          if rows == 1 {
+            BLAS.sgemv(
+              m: outWidth, n: inWidth, a: w.baseAddress!, lda: inWidth, x: a.baseAddress!,
+              beta: bias == nil ? 0 : 1, y: y.baseAddress!)
+            return
+          }
           BLAS.sgemm(
             transposeB: true, m: rows, n: outWidth, k: inWidth,
             a: a.baseAddress!, lda: inWidth, b: w.baseAddress!, ldb: inWidth,

@@ -18,7 +18,8 @@ enum HeadLayout {
           for batch in 0..<b {
             for head in 0..<count {
               for token in 0..<t {
-                let from = source.baseAddress! + (batch * t + token) * width + (firstHead + head) * d
+                let from =
+                  source.baseAddress! + (batch * t + token) * width + (firstHead + head) * d
                 let to = target.baseAddress! + ((batch * count + head) * t + token) * d
                 to.update(from: from, count: d)
               }

@@ -14,6 +14,9 @@ public struct KVCache: Sendable {
   public private(set) var values: Tensor
   /// The tokens held, `≤ capacity`.
   public private(set) var count: Int
+  /// The position of the cache's first token, for rotary embeddings: token `k` of the cache
+  /// sits at position `positionOffset + k`.
+  public let positionOffset: Int
 
   public var capacity: Int { keys.shape[2] }
   public var batch: Int { keys.shape[0] }
@@ -22,14 +25,16 @@ public struct KVCache: Sendable {
   public var valueDim: Int { values.shape[3] }
 
   /// An empty cache; allocates `B·Hkv·capacity·(D + Dv)` floats at once.
-  public init(batch: Int, keyValueHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int)
-    throws
-  {
-    guard batch >= 0, keyValueHeads > 0, headDim >= 0, capacity >= 0 else {
+  public init(
+    batch: Int, keyValueHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int,
+    positionOffset: Int = 0
+  ) throws {
+    guard batch >= 0, keyValueHeads > 0, headDim >= 0, capacity >= 0, positionOffset >= 0 else {
       throw AttentionError.invalidArgument(
-        "a KV cache needs B ≥ 0, Hkv ≥ 1, D ≥ 0 and a capacity ≥ 0, got B \(batch), Hkv \(keyValueHeads), D \(headDim), capacity \(capacity)"
+        "a KV cache needs B ≥ 0, Hkv ≥ 1, D ≥ 0 and a capacity ≥ 0, got B \(batch), Hkv \(keyValueHeads), D \(headDim), capacity \(capacity), position offset \(positionOffset)"
       )
     }
+    self.positionOffset = positionOffset
     keys = try Tensor(shape: [batch, keyValueHeads, capacity, headDim])
     values = try Tensor(shape: [batch, keyValueHeads, capacity, valueDim ?? headDim])
     count = 0
@@ -67,9 +72,12 @@ public struct KVCache: Sendable {
     count = newCount
   }
 
-  private static func write(_ rows: Tensor, into storage: inout Tensor, at start: Int, tokens t: Int)
-  {
-    let (heads, capacity, width) = (storage.shape[0] * storage.shape[1], storage.shape[2], storage.shape[3])
+  private static func write(
+    _ rows: Tensor, into storage: inout Tensor, at start: Int, tokens t: Int
+  ) {
+    let (heads, capacity, width) = (
+      storage.shape[0] * storage.shape[1], storage.shape[2], storage.shape[3]
+    )
     guard t > 0, width > 0 else { return }
     rows.scalars.withUnsafeBufferPointer { source in
       storage.scalars.withUnsafeMutableBufferPointer { target in
@@ -84,7 +92,7 @@ public struct KVCache: Sendable {
 
 extension MultiHeadAttention {
   /// The layer on `t` new tokens `x` `[B, t, E]` of a sequence whose earlier tokens' keys and
-  /// values `cache` holds: their keys and values (rotated at positions `cache.count …`) are
+  /// values `cache` holds: their keys and values (rotated at positions `cache.positionOffset + cache.count …`) are
   /// appended, then the new queries attend to every cached key with the causal diagonal at the
   /// bottom right (query `i` sees keys `0 … cache.count − t + i`). Token by token this gives the
   /// full causal pass's outputs, to float32 rounding.
@@ -93,9 +101,16 @@ extension MultiHeadAttention {
   /// sharing a key/value head are stacked, and the cache's keys are split across threads.
   ///
   /// - Parameters:
+  ///   - x: the new tokens, `[B, t, E]`.
+  ///   - cache: the sequence's keys and values so far; the new tokens' are appended (and removed
+  ///     again when the step throws).
   ///   - keyPaddingMask: `[B, cache.count + t]` (after appending), nonzero = padding.
   ///   - attentionMask: for the `[t, cache.count + t]` scores of this step; its causal flag is
   ///     forced on, bottom-right.
+  ///   - kernel: the kernel, as for `Attention.scaledDotProduct`.
+  ///   - needWeights: whether the per-head weights should come back.
+  ///   - threads: worker threads, every core when `nil`; results do not depend on it.
+  ///   - memoryBudget: bytes the kernel may allocate for the weights.
   public func step(
     _ x: Tensor, cache: inout KVCache, keyPaddingMask: Tensor? = nil,
     attentionMask: AttentionMask = .none, kernel: Attention.Kernel = .automatic,
@@ -109,7 +124,7 @@ extension MultiHeadAttention {
         "the KV cache is [B, Hkv, ·, D] = [\(cache.batch), \(cache.keyValueHeads), ·, \(cache.headDim)], the layer needs [\(batch), \(keyValueHeads), ·, \(headDim)]"
       )
     }
-    let projected = try project(x, positionOffset: cache.count)
+    let projected = try project(x, positionOffset: cache.positionOffset + cache.count)
     var mask = attentionMask
     mask.isCausal = true
     mask.causalAlignment = .bottomRight

@@ -118,13 +118,17 @@ public struct MultiHeadAttention: Sendable {
   /// the per-head weights `[B, H, T, T]` (when the kernel holds them).
   ///
   /// - Parameters:
+  ///   - x: the input, `[B, T, E]`.
   ///   - keyPaddingMask: `[B, T]`, nonzero (True) = padding: that key is hidden from every query
   ///     of its batch element (PyTorch's `key_padding_mask`).
   ///   - attentionMask: SDPA's mask: keep (0 = masked), additive bias, causal, window —
   ///     broadcast to `[B, H, T, T]`. (`nn.MultiheadAttention`'s own boolean `attn_mask` is the
   ///     opposite, True = masked.)
   ///   - positionOffset: the position of token 0 for the rotary embedding.
-  ///   - kernel, needWeights, threads, memoryBudget: as `Attention.scaledDotProduct`.
+  ///   - kernel: the kernel, as for `Attention.scaledDotProduct`.
+  ///   - needWeights: whether the per-head weights should come back.
+  ///   - threads: worker threads, every core when `nil`; results do not depend on it.
+  ///   - memoryBudget: bytes the kernel may allocate for the weights.
   public func callAsFunction(
     _ x: Tensor, keyPaddingMask: Tensor? = nil, attentionMask: AttentionMask = .none,
     positionOffset: Int = 0, kernel: Attention.Kernel = .automatic, needWeights: Bool = false,

@@ -60,6 +60,18 @@ public struct MultiHeadReference: Sendable {
     }
   }
 
+  /// Whether the masks hide key `j` from query `i` of head `h` in batch element `b` (a keep
+  /// mask's 0, a bias of `−∞`, the causal diagonal or window, or padding).
+  public func isHidden(batch b: Int, head h: Int, query i: Int, key j: Int) -> Bool {
+    let flat = b * layer.heads + h
+    if !mask.visibleKeys(query: i).contains(j) { return true }
+    if let keep = mask.keep, keep.value(batch: flat, row: i, column: j) == 0 { return true }
+    if let bias = mask.bias, bias.value(batch: flat, row: i, column: j) == -.infinity {
+      return true
+    }
+    return false
+  }
+
   /// Values with their error bounds.
   struct Bounded {
     var value: [Double]
@@ -138,7 +150,8 @@ public struct MultiHeadReference: Sendable {
   func row(batch b: Int, token i: Int, keyValues kv: KeyValues) -> MultiHeadReferenceRow {
     let (h, d, tk) = (layer.heads, layer.headDim, length)
     let group = h / layer.keyValueHeads
-    let scale = Double(layer.scale)
+    // The exact 1/√D: the float32 layer's rounded scale is one of the errors the bound covers.
+    let scale = 1 / Double(d).squareRoot()
     var q = project(layer.queryProjection, batch: b, token: i)
     rotate(&q, position: positionOffset + i)
     var context = Bounded(

@@ -54,7 +54,7 @@ extension MultiHeadAttention {
     }
 
     /// The prefix as names start with it.
-    var normalizedPrefix: String {
+    public var normalizedPrefix: String {
       prefix.isEmpty || prefix.hasSuffix(".") ? prefix : prefix + "."
     }
   }
@@ -89,7 +89,8 @@ extension MultiHeadAttention {
     switch layout {
     case .torch, .bert:
       let e = try reader.width(
-        of: layout == .torch ? "in_proj_weight" : "self.query.weight", rows: layout == .torch ? 3 : 1)
+        of: layout == .torch ? "in_proj_weight" : "self.query.weight",
+        rows: layout == .torch ? 3 : 1)
       _ = try Self.headDim(rows: e, heads: heads, what: "E = \(e)")
       try Self.checkSameHeads(options.keyValueHeads, heads: heads, layout: layout)
       if layout == .torch {
@@ -227,6 +228,8 @@ private struct ParameterReader {
   let prefix: String
   let layout: WeightLayout
   var used: Set<String> = []
+  /// Names accepted and not read (a buffer older checkpoints carry).
+  var ignored: Set<String> = []
 
   init(stateDict: StateDict, prefix: String, layout: WeightLayout) {
     self.stateDict = stateDict
@@ -244,7 +247,8 @@ private struct ParameterReader {
     guard found.shape == shape else {
       throw AttentionError.parameter(
         name: prefix + name,
-        message: "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(shapeForMessage(shape))"
+        message:
+          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(shapeForMessage(shape))"
       )
     }
     return found
@@ -264,7 +268,8 @@ private struct ParameterReader {
       let expected = rows == 1 ? "[out, E]" : "[\(rows)·E, E]"
       throw AttentionError.parameter(
         name: prefix + name,
-        message: "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(expected)"
+        message:
+          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(expected)"
       )
     }
     return found.shape[1]
@@ -275,7 +280,9 @@ private struct ParameterReader {
     guard found.rank == 2 else {
       throw AttentionError.parameter(
         name: prefix + name,
-        message: "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects [out, E]")
+        message:
+          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects [out, E]"
+      )
     }
     return found.shape[0]
   }
@@ -288,14 +295,15 @@ private struct ParameterReader {
     return found
   }
 
-  mutating func ignore(_ name: String) { used.insert(prefix + name) }
+  mutating func ignore(_ name: String) { ignored.insert(prefix + name) }
 
   /// Throws for the first of `names` (all under the prefix) that the layout does not use.
   func checkNoOthers(among names: [String]) throws {
-    if let unexpected = names.first(where: { !used.contains($0) }) {
+    if let unexpected = names.first(where: { !used.contains($0) && !ignored.contains($0) }) {
       throw AttentionError.parameter(
         name: unexpected,
-        message: "is unexpected under the prefix \(quotedForMessage(prefix)) (the \(layout.rawValue) layout has \(used.sorted(by: StateDict.byteOrder).map { String($0.dropFirst(prefix.count)) }.joined(separator: ", ")))"
+        message:
+          "is unexpected under the prefix \(quotedForMessage(prefix)) (the \(layout.rawValue) layout has \(used.sorted(by: StateDict.byteOrder).map { String($0.dropFirst(prefix.count)) }.joined(separator: ", ")))"
       )
     }
   }

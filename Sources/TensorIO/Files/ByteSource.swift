@@ -99,6 +99,32 @@ package final class ByteSource {
     return Array(bytes[0..<filled])
   }
 
+  /// Moves past the next `count` bytes without keeping them (a seek in a regular file, reads
+  /// thrown away from a pipe); returns how many there were, fewer than `count` only at the end.
+  package func skip(_ count: Int) throws -> Int {
+    if descriptor >= 0, let remaining {
+      let skipped = min(count, remaining)
+      guard lseek(descriptor, off_t(skipped), SEEK_CUR) >= 0 else {
+        let code = errno
+        throw AttentionError.file(path: name, message: "cannot seek: \(errorText(code))")
+      }
+      position += skipped
+      self.remaining = remaining - skipped
+      return skipped
+    }
+    var skipped = 0
+    var chunk = [UInt8](repeating: 0, count: min(count, 1 << 16))
+    while skipped < count {
+      let wanted = min(chunk.count, count - skipped)
+      let filled = try chunk.withUnsafeMutableBytes {
+        try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<wanted]))
+      }
+      skipped += filled
+      if filled < wanted { break }
+    }
+    return skipped
+  }
+
   /// Whether every byte has been read (for a pipe, one more read says).
   package func isAtEnd() throws -> Bool {
     if let remaining { return remaining == 0 }

@@ -20,10 +20,13 @@ public enum SafeTensorsDType: String, Sendable, Equatable, CaseIterable {
     }
   }
 
-  /// The other dtypes of the safetensors reference implementation: valid, but not read here.
-  static let knownUnsupported: Set<String> = [
-    "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "C64", "F4", "F6_E2M3",
-    "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+  /// The other dtypes of the safetensors reference implementation: valid, but not read here
+  /// (a file holding them can still be read with those tensors skipped), with their element
+  /// sizes in bytes (`nil`: packed below a byte).
+  static let knownUnsupported: [String: Int?] = [
+    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
+    "C64": 8, "F4": nil, "F6_E2M3": nil, "F6_E3M2": nil, "F8_E5M2": 1, "F8_E4M3": 1,
+    "F8_E8M0": 1,
   ]
 }
 
@@ -35,15 +38,18 @@ public struct SafeTensorsFile: Equatable, Sendable {
   public var metadata: [String: String]
   /// The path (or other name) the file was read from; error messages start with it.
   public var source: String
+  /// The names of the tensors a selective read skipped, in byte order.
+  public var skippedNames: [String]
 
   public init(
     tensors: [String: Tensor], dtypes: [String: SafeTensorsDType] = [:],
-    metadata: [String: String] = [:], source: String
+    metadata: [String: String] = [:], source: String, skippedNames: [String] = []
   ) {
     self.tensors = tensors
     self.dtypes = dtypes
     self.metadata = metadata
     self.source = source
+    self.skippedNames = skippedNames
   }
 
   /// The tensor names in byte order (the order `SafeTensors.encode` lays them out).
@@ -105,6 +111,19 @@ public enum SafeTensors {
     try SafeTensorsDecoder(
       source: ByteSource(path: path), maxBytes: maxBytes ?? physicalMemoryBytes()
     ).decode()
+  }
+
+  /// Reads only the tensors whose names `selecting` accepts — one layer of a whole model's file
+  /// — skipping the others' bytes (a seek in a regular file): neither their memory nor their
+  /// dtype matters, though their entries must be valid and the file whole. `maxBytes` bounds
+  /// the selected tensors alone.
+  public static func read(
+    contentsOf path: String, maxBytes: Int? = nil, selecting: @escaping (String) -> Bool
+  ) throws -> SafeTensorsFile {
+    var decoder = SafeTensorsDecoder(
+      source: try ByteSource(path: path), maxBytes: maxBytes ?? physicalMemoryBytes())
+    decoder.selects = selecting
+    return try decoder.decode()
   }
 
   /// Decodes the bytes of a safetensors file; `source` names it in error messages.

@@ -9,11 +9,17 @@ struct SafeTensorsDecoder {
   let source: ByteSource
   /// The most bytes the tensors may take as `Float`s.
   let maxBytes: Int
+  /// Which tensors to decode; the others are checked as entries (any dtype of the reference
+  /// implementation, offsets, tiling) and skipped, never allocated.
+  var selects: (String) -> Bool = { _ in true }
 
   /// One tensor's header entry, checked against the data section's size.
   struct Entry {
     var name: String
-    var dtype: SafeTensorsDType
+    /// `nil` for a tensor that is skipped in a dtype not read here.
+    var dtype: SafeTensorsDType?
+    /// Whether the tensor is decoded (else skipped).
+    var selected: Bool
     var shape: [Int]
     var count: Int
     var begin: Int
@@ -37,19 +43,28 @@ struct SafeTensorsDecoder {
     }
     let dataSize = knownSize ?? entries.map(\.end).max() ?? 0
     try checkTiling(entries, dataSize: dataSize)
-    try checkBudget(entries)
+    try checkBudget(entries.filter(\.selected))
     var tensors: [String: Tensor] = [:]
     var dtypes: [String: SafeTensorsDType] = [:]
     // Tiled, so file order is offset order and each tensor starts where the last one ended.
     for entry in entries.sorted(by: { $0.begin < $1.begin }) {
-      tensors[entry.name] = Tensor(validShape: entry.shape, scalars: try read(entry))
-      dtypes[entry.name] = entry.dtype
+      guard entry.selected, let dtype = entry.dtype else {
+        let length = entry.end - entry.begin
+        let skipped = try source.skip(length)
+        guard skipped == length else {
+          throw fail(entry.name, "the file ends after \(skipped) of its \(length) bytes")
+        }
+        continue
+      }
+      tensors[entry.name] = Tensor(validShape: entry.shape, scalars: try read(entry, dtype))
+      dtypes[entry.name] = dtype
     }
     guard try source.isAtEnd() else {
       throw fail("the data section holds more bytes than its \(dataSize) that belong to tensors")
     }
     return SafeTensorsFile(
-      tensors: tensors, dtypes: dtypes, metadata: metadata, source: source.name)
+      tensors: tensors, dtypes: dtypes, metadata: metadata, source: source.name,
+      skippedNames: entries.filter { !$0.selected }.map(\.name).sorted(by: StateDict.byteOrder))
   }
 
   private func fail(_ message: String) -> AttentionError {
@@ -108,8 +123,8 @@ struct SafeTensorsDecoder {
   }
 
   /// One tensor's data as `Float`s, read from the current position straight into its buffer.
-  private func read(_ entry: Entry) throws -> [Float] {
-    let stored = entry.dtype.stored
+  private func read(_ entry: Entry, _ dtype: SafeTensorsDType) throws -> [Float] {
+    let stored = dtype.stored
     return try readElements(
       entry.count, stride: stored.size, from: source, direct: stored == .f32 && isLittleEndianHost,
       truncated: { read in
@@ -170,41 +185,53 @@ struct SafeTensorsDecoder {
       }
       return found.value
     }
-    let dtype = try self.dtype(try field("dtype"), name: name)
+    let selected = selects(name)
+    let (dtype, dtypeName, size) = try self.dtype(try field("dtype"), name: name, read: selected)
     let shape = try self.shape(try field("shape"), name: name)
     guard let count = try? Tensor.elementCount(of: shape) else {
       throw fail(name, "shape \(shapeForMessage(shape)) has more elements than memory can index")
     }
-    let (byteCount, overflow) = count.multipliedReportingOverflow(by: dtype.stored.size)
-    guard !overflow else {
-      throw fail(
-        name,
-        "shape \(shapeForMessage(shape)) of \(dtype.rawValue) needs more bytes than memory"
-          + " can index")
-    }
     let (begin, end) = try offsets(try field("data_offsets"), name: name, dataSize: dataSize)
-    guard end - begin == byteCount else {
-      throw fail(
-        name,
-        "shape \(shapeForMessage(shape)) of \(dtype.rawValue) needs \(byteCount) bytes but"
-          + " data_offsets [\(begin), \(end)] hold \(end - begin)")
+    // Sub-byte dtypes (F4, F6) of skipped tensors pack elements; their size is not checked.
+    if let size {
+      let (byteCount, overflow) = count.multipliedReportingOverflow(by: size)
+      guard !overflow else {
+        throw fail(
+          name,
+          "shape \(shapeForMessage(shape)) of \(dtypeName) needs more bytes than memory can index")
+      }
+      guard end - begin == byteCount else {
+        throw fail(
+          name,
+          "shape \(shapeForMessage(shape)) of \(dtypeName) needs \(byteCount) bytes but"
+            + " data_offsets [\(begin), \(end)] hold \(end - begin)")
+      }
     }
-    return Entry(name: name, dtype: dtype, shape: shape, count: count, begin: begin, end: end)
+    return Entry(
+      name: name, dtype: dtype, selected: selected, shape: shape, count: count, begin: begin,
+      end: end)
   }
 
-  private func dtype(_ value: JSONValue, name: String) throws -> SafeTensorsDType {
+  /// The entry's dtype, its name and its element size in bytes (`nil`: packed below a byte). A
+  /// tensor that is not `read` may have any dtype of the reference implementation (`nil` here).
+  private func dtype(_ value: JSONValue, name: String, read: Bool) throws -> (
+    SafeTensorsDType?, String, Int?
+  ) {
     guard case .string(let dtypeName) = value else {
       throw fail(name, "\"dtype\" is not a string")
     }
-    guard let dtype = SafeTensorsDType(rawValue: dtypeName) else {
-      let supported = SafeTensorsDType.allCases.map(\.rawValue).joined(separator: ", ")
-      let what =
-        SafeTensorsDType.knownUnsupported.contains(dtypeName)
-        ? "dtype \(quotedForMessage(dtypeName)) is not supported"
-        : "unknown dtype \(quotedForMessage(dtypeName))"
-      throw fail(name, "\(what) (supported: \(supported))")
+    if let dtype = SafeTensorsDType(rawValue: dtypeName) {
+      return (dtype, dtypeName, dtype.stored.size)
     }
-    return dtype
+    if !read, let size = SafeTensorsDType.knownUnsupported[dtypeName] {
+      return (nil, dtypeName, size)
+    }
+    let supported = SafeTensorsDType.allCases.map(\.rawValue).joined(separator: ", ")
+    let what =
+      SafeTensorsDType.knownUnsupported[dtypeName] != nil
+      ? "dtype \(quotedForMessage(dtypeName)) is not supported"
+      : "unknown dtype \(quotedForMessage(dtypeName))"
+    throw fail(name, "\(what) (supported: \(supported))")
   }
 
   private func shape(_ value: JSONValue, name: String) throws -> [Int] {

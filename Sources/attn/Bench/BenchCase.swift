@@ -21,11 +21,14 @@ struct BenchCase {
   /// `M`: run the relative-position module (projections, R = Q·Eᵀ, tiled attention) instead of
   /// bare attention, and time plain attention with the same projections beside it.
   var maxDistance: Int? = nil
+  /// `E`: time a whole decoder layer's step (projections, rotary embeddings, attention against a
+  /// KV cache of `length` tokens, output projection) for `queries` new tokens, not bare attention.
+  var embedDim: Int? = nil
   var repeats: Int? = nil
 
   static let order = [
     "attention", "causal", "dropout", "relpos", "efficiency", "long", "decode", "gqa",
-    "window16k", "causal16k",
+    "window16k", "causal16k", "decode-layer",
   ]
   static let standard: [String: BenchCase] = [
     "attention": BenchCase(name: "attention", batch: 1, heads: 8, length: 2048, headDim: 64),
@@ -50,6 +53,11 @@ struct BenchCase {
     "causal16k": BenchCase(
       name: "causal16k", batch: 1, heads: 4, length: 16384, headDim: 64, causal: true,
       repeats: 3),
+    // A Llama-shaped layer (E 2048, H 32, Hkv 8, D 64) decoding one token against a cache of
+    // 4,096: the new token attends to 4,097 keys.
+    "decode-layer": BenchCase(
+      name: "decode-layer", batch: 1, heads: 32, length: 4096, headDim: 64, causal: true,
+      queries: 1, keyValueHeads: 8, alignment: .bottomRight, embedDim: 2048, repeats: 20),
   ]
 
   /// `Tq`.
@@ -65,6 +73,7 @@ struct BenchCase {
       + (causal ? " causal" : "") + (alignment == .bottomRight ? " bottom-right" : "")
       + (window.map { " W \($0)" } ?? "") + (dropout > 0 ? " p \(dropout)" : "")
       + (maxDistance.map { " relpos M \($0)" } ?? "")
+      + (embedDim.map { " layer E \($0)" } ?? "")
   }
 
   /// Query–key pairs the mask lets through (all of them, the causal triangle, the window's band).
@@ -117,6 +126,7 @@ struct BenchCase {
             kernel: .tiled(configuration), threads: threads)
         })
     }
+    if let embedDim { return try layerWorkload(embedDim: embedDim, threads: threads, seed: seed) }
     let keyShape = [batch, keyValueHeads ?? heads, length, headDim]
     let q = try Tensor.randomNormal(
       shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries)
@@ -128,6 +138,46 @@ struct BenchCase {
         try Attention.scaledDotProduct(
           queries: q, keys: k, values: v, mask: mask, dropout: drop,
           kernel: .tiled(configuration), threads: threads)
+      },
+      plain: nil)
+  }
+
+  /// A decoder layer's step: the cache is filled with `length` random keys and values, and each
+  /// run truncates it back before appending the new tokens, so every run does the same work.
+  /// The check compares the step's attention output with the reference kernel on the step's
+  /// projected queries and the cache's keys (the projections are tested against numpy).
+  private func layerWorkload(embedDim e: Int, threads: Int, seed: UInt64) throws -> Workload {
+    let (kvHeads, d, t) = (keyValueHeads ?? heads, headDim, queryCount)
+    func linear(_ inputs: Int, _ outputs: Int, _ stream: UInt32) throws -> Linear {
+      try Linear(
+        inputFeatures: inputs, outputFeatures: outputs, bias: false, seed: seed,
+        stream: RandomStream.parameters + stream)
+    }
+    let layer = try MultiHeadAttention(
+      queryProjection: linear(e, heads * d, 0), keyProjection: linear(e, kvHeads * d, 2),
+      valueProjection: linear(e, kvHeads * d, 4), outputProjection: linear(heads * d, e, 6),
+      heads: heads, keyValueHeads: kvHeads, rotary: RotaryEmbedding(theta: 10_000, dimension: d))
+    let box = CacheBox(
+      try KVCache(batch: batch, keyValueHeads: kvHeads, headDim: d, capacity: length + t))
+    try box.cache.append(
+      keys: Tensor.randomNormal(
+        shape: [batch, kvHeads, length, d], seed: seed, stream: RandomStream.keys),
+      values: Tensor.randomNormal(
+        shape: [batch, kvHeads, length, d], seed: seed, stream: RandomStream.values))
+    let x = try Tensor.randomNormal(shape: [batch, t, e], seed: seed, stream: RandomStream.input)
+    var filled = box.cache
+    let projected = try layer.project(x, positionOffset: length)
+    try filled.append(keys: projected.keys, values: projected.values)
+    let reference = try ReferenceAttention(
+      queries: projected.queries, keys: filled.keys, values: filled.values,
+      mask: AttentionMask(isCausal: true, causalAlignment: .bottomRight), scale: layer.scale,
+      keyCount: filled.count)
+    return Workload(
+      reference: reference,
+      run: {
+        try box.cache.truncate(to: length)
+        return try layer.step(x, cache: &box.cache, kernel: .tiled(.default), threads: threads)
+          .attention
       },
       plain: nil)
   }
@@ -197,6 +247,12 @@ struct BenchCase {
       peakRssBytes: peakReset ? status?.peak : nil,
       rssBeforeBytes: memoryBefore, referenceErrorRatio: worst)
   }
+}
+
+/// The KV cache a timed closure steps through, shared by its runs.
+private final class CacheBox {
+  var cache: KVCache
+  init(_ cache: KVCache) { self.cache = cache }
 }
 
 /// One case's figures (`attn bench --format json`).

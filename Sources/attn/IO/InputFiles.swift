@@ -95,6 +95,16 @@ final class InputFiles {
     return file
   }
 
+  /// The tensors of a safetensors file whose names start with `prefix` (one layer of a whole
+  /// model's file); the others are skipped, whatever their dtype, and not counted.
+  func safetensors(_ path: String, prefix: String) throws -> SafeTensorsFile {
+    let file = try counting {
+      try SafeTensors.read(contentsOf: path, maxBytes: budget - used) { $0.hasPrefix(prefix) }
+    }
+    used += file.tensors.values.reduce(0) { $0 + $1.count * MemoryLayout<Float>.stride }
+    return file
+  }
+
   private func array(_ path: String) throws -> NPYArray {
     let array = try counting { try NPY.read(contentsOf: path, maxBytes: budget - used) }
     used += array.tensor.count * MemoryLayout<Float>.stride

@@ -10,6 +10,8 @@ enum FlagLimits {
   static let dimension = 1 << 16
   /// A sequence length (`--seq-len`, `--max-len`).
   static let sequenceLength = 1 << 20
+  /// Heads (`--heads`, `--kv-heads`).
+  static let heads = 1 << 16
   /// `--repeats`.
   static let repeats = 10_000
 

@@ -41,6 +41,9 @@ struct HeatmapSVG {
   var rowLabel = "query position"
   var columnLabel = "key position"
   var panels: [Panel]
+  /// Words for the positions (`attn mha --tokens`): query `i` and key `j` are labelled
+  /// `tokens[i]`, `tokens[j]` instead of their numbers, key labels slanted; `nil` for numbers.
+  var tokens: [String]? = nil
   /// When set to `M`, dashed white staircases mark the edges of the band `|j − i| ≤ M` in every
   /// panel (for the relative-position term, which is flat beyond it).
   var band: Int? = nil
@@ -81,6 +84,13 @@ struct HeatmapSVG {
     var height: Double
   }
 
+  /// Width taken by the longest token label (0.6 em of 10 px a character), or 0.
+  private var tokenWidth: Double { Double(tokens?.map(\.count).max() ?? 0) * 6 }
+  /// Room for the query labels, left of the cells.
+  private var leftMargin: Double { max(58, tokenWidth + 36) }
+  /// Room for the key labels (slanted 45°) and the axis title, below the cells.
+  private var bottomMargin: Double { tokens == nil ? 44 : max(44, tokenWidth * 0.71 + 30) }
+
   /// Panel: 58 px on the left for the query labels, 28 on top for its title, 44 below for the
   /// key labels, 14 on the right; the legend takes 190 px; the whole is at least as wide as the
   /// titles (estimated at 0.6 em a character, as there are no text metrics without a renderer).
@@ -88,8 +98,8 @@ struct HeatmapSVG {
     let cell = self.cell
     let maxRows = panels.map(\.rows).max() ?? 0
     let maxColumns = panels.map(\.columns).max() ?? 0
-    let panelWidth = 58 + Double(maxColumns) * cell + 14
-    let panelHeight = 28 + Double(maxRows) * cell + 44
+    let panelWidth = leftMargin + Double(maxColumns) * cell + 14
+    let panelHeight = 28 + Double(maxRows) * cell + bottomMargin
     let gridColumns = max(min(panels.count, Self.panelsPerRow), 1)
     let gridRows = max((panels.count + gridColumns - 1) / gridColumns, 1)
     let legendWidth = 190.0
@@ -144,7 +154,7 @@ struct HeatmapSVG {
   private func draw(
     _ panel: Panel, index: Int, x: Double, y: Double, cell: Double, on svg: inout SVGDocument
   ) {
-    let left = x + 58
+    let left = x + leftMargin
     let top = y + 28
     let width = Double(panel.columns) * cell
     let height = Double(panel.rows) * cell
@@ -250,26 +260,42 @@ struct HeatmapSVG {
     rows: Int, columns: Int, left: Double, top: Double, cell: Double, on svg: inout SVGDocument
   ) {
     let bottom = top + Double(rows) * cell
-    let columnStep = Self.tickStep(cell: cell, labelWidth: 6.5 * Double(String(columns).count) + 6)
+    // Slanted token labels need only a line's height of spacing.
+    let columnStep = Self.tickStep(
+      cell: cell, labelWidth: tokens == nil ? 6.5 * Double(String(columns).count) + 6 : 13)
     let rowStep = Self.tickStep(cell: cell, labelWidth: 13)
+    func label(_ position: Int) -> String {
+      guard let tokens, position < tokens.count else { return String(position) }
+      return tokens[position]
+    }
     svg.group(["class": "x-axis", "font-size": "10", "fill": "#333333"]) { a in
       for j in stride(from: 0, to: columns, by: columnStep) {
         let x = left + (Double(j) + 0.5) * cell
         a.line(x1: x, y1: bottom, x2: x, y2: bottom + 3, ["stroke": "#444444"])
-        a.text(String(j), x: x, y: bottom + 14, ["text-anchor": "middle"])
+        if tokens == nil {
+          a.text(label(j), x: x, y: bottom + 14, ["text-anchor": "middle"])
+        } else {
+          let y = bottom + 10
+          a.text(
+            label(j), x: x + 3, y: y,
+            [
+              "text-anchor": "end",
+              "transform": "rotate(-45 \(SVG.number(x + 3)) \(SVG.number(y)))",
+            ])
+        }
       }
       a.text(
-        columnLabel, x: left + Double(columns) * cell / 2, y: bottom + 32,
+        columnLabel, x: left + Double(columns) * cell / 2, y: bottom + bottomMargin - 12,
         ["text-anchor": "middle", "font-size": "12", "fill": "#222222"])
     }
     svg.group(["class": "y-axis", "font-size": "10", "fill": "#333333"]) { a in
       for i in stride(from: 0, to: rows, by: rowStep) {
         let y = top + (Double(i) + 0.5) * cell
         a.line(x1: left - 3, y1: y, x2: left, y2: y, ["stroke": "#444444"])
-        a.text(String(i), x: left - 6, y: y + 3.5, ["text-anchor": "end"])
+        a.text(label(i), x: left - 6, y: y + 3.5, ["text-anchor": "end"])
       }
       let midY = top + Double(rows) * cell / 2
-      let labelX = left - 40
+      let labelX = left - leftMargin + 18
       a.text(
         rowLabel, x: labelX, y: midY,
         [

@@ -21,7 +21,16 @@ struct AttentionChecks {
   static func sampleRows(
     shape: AttentionShape, seed: UInt64, limit: Int = 64, count: Int = 32
   ) -> [(batch: Int, query: Int)] {
-    let total = shape.batchCount * shape.queries
+    sampleRows(
+      batchCount: shape.batchCount, queries: shape.queries, seed: seed, limit: limit, count: count)
+  }
+
+  /// All `batchCount·queries` rows when there are at most `limit`, else `count` of them drawn
+  /// with the seed, in order.
+  static func sampleRows(
+    batchCount: Int, queries: Int, seed: UInt64, limit: Int = 64, count: Int = 32
+  ) -> [(batch: Int, query: Int)] {
+    let total = batchCount * queries
     var flat: [Int]
     if total <= limit {
       flat = Array(0..<total)
@@ -38,7 +47,7 @@ struct AttentionChecks {
       }
       flat = chosen.sorted()
     }
-    return flat.map { ($0 / max(shape.queries, 1), $0 % max(shape.queries, 1)) }
+    return flat.map { ($0 / max(queries, 1), $0 % max(queries, 1)) }
   }
 
   /// Runs every check that the available tensors allow. `preDropout` are the kernel's weights
