@@ -12,6 +12,8 @@ import Foundation
 ///   heads and given dropout decisions (`Scripts/make_backward_fixtures.py`);
 /// - `mha/`: whole multi-head layers in the torch, bert and llama layouts, and rotary embeddings
 ///   (`Scripts/make_mha_fixtures.py`).
+/// - `relpos_grad/`: float64 gradients of `RelativePositionAttention` — dx and every parameter
+///   (`Scripts/make_relpos_grad_fixtures.py`).
 package enum Fixtures {
   package static let root: URL = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()

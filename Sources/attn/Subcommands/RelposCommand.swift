@@ -21,6 +21,11 @@ struct RelposCommand: ParsableCommand {
       normal from --seed, or loaded from --input.
       Then it verifies the result: projections and sampled rows against float64, rows sum to 1, \
       and the output equals weights·V.
+      With --grad-out dY.npy ([B, T, dModel], the gradient of a loss with respect to the output) \
+      it also runs the backward pass: dx and the gradient of every parameter (--dx-out, \
+      --grads-out under the state_dict names), every product by sgemm, and checks them against \
+      a float64 reference, by float64 central differences of Σ dY∘Y on sampled entries, and that \
+      every row of dS sums to 0.
       """
   )
 
@@ -66,6 +71,19 @@ struct RelposCommand: ParsableCommand {
   @Option(help: "Write the attention weights [B, T, T] as float32 .npy.")
   var weightsOut: String?
 
+  @Option(
+    help: ArgumentHelp(
+      "Upstream gradient dY [B, T, d_model] (.npy): run the backward pass and check it.",
+      valueName: "dY.npy"))
+  var gradOut: String?
+
+  @Option(help: "With --grad-out: write dx [B, T, d_model] as float32 .npy.")
+  var dxOut: String?
+
+  @Option(
+    help: "With --grad-out: write the parameter gradients as .safetensors (F32, state_dict names).")
+  var gradsOut: String?
+
   @Option(help: "Output format: text or json.")
   var format: OutputFormat = .text
 
@@ -90,12 +108,18 @@ struct RelposCommand: ParsableCommand {
       throw ValidationError(
         "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
+    if gradOut == nil {
+      for (flag, path) in [("--dx-out", dxOut), ("--grads-out", gradsOut)] where path != nil {
+        throw ValidationError("\(flag) writes gradients: it needs --grad-out dY.npy")
+      }
+    }
     try visualization.check(
       kernel: kernelOptions.kernel, batchCount: input == nil ? batch ?? 2 : nil,
       queries: seqLen ?? 20, keys: seqLen ?? 20)
     try checkOutputs(
-      [out, weightsOut, saveWeights] + visualization.heatmapPaths(positionFigure: true),
-      against: [input, weights, mask.path])
+      [out, weightsOut, saveWeights, dxOut, gradsOut]
+        + visualization.heatmapPaths(positionFigure: true),
+      against: [input, weights, mask.path, gradOut])
   }
 
   func run() throws {
@@ -123,6 +147,7 @@ struct RelposCommand: ParsableCommand {
         shape: [batch ?? 2, seqLen ?? 20, d], seed: seed, stream: RandomStream.input)
     }
     let attentionMask = try mask.resolve(inputs: files, additiveFlag: nil)
+    let gradient = try loadGradient(files: files, shape: inputs.shape)
     // --explain-batch and --heatmap against the input's shape, before the kernel runs.
     try visualization.prepare(
       batchCount: inputs.shape[0], queries: inputs.shape[1], keys: inputs.shape[1])
@@ -151,6 +176,14 @@ struct RelposCommand: ParsableCommand {
         .run(result: result.attention, preDropout: result.weights)
     }
 
+    // --grad-out: the backward pass and its checks, after the forward's.
+    var backward: (gradients: RelativePositionGradients, checks: [Check])? = nil
+    if let gradient {
+      backward = try runBackward(
+        module: module, inputs: inputs, mask: attentionMask, gradient: gradient)
+    }
+    let allChecks = checks + (backward?.checks ?? [])
+
     let visuals = try visualization.relpos(
       module: module, result: result, mask: attentionMask, maskName: mask.description,
       weightsPath: weights, seed: seed, memoryBudget: kernelOptions.memoryBudget)
@@ -159,7 +192,7 @@ struct RelposCommand: ParsableCommand {
         "the kernel returned no weights to write to \(weightsOut)")
     }
     // Only a verified result is written, so a failed check leaves every file as it was.
-    if checks.allPassed {
+    if allChecks.allPassed {
       var files: [(path: String?, bytes: () throws -> [UInt8])] = [
         (out, { NPY.encode(result.output) }),
         (
@@ -167,6 +200,14 @@ struct RelposCommand: ParsableCommand {
           { try SafeTensors.encode(module.stateDict.tensors, metadata: ["format": "pt"]) }
         ),
       ]
+      if let gradients = backward?.gradients {
+        files.append((dxOut, { NPY.encode(gradients.dx) }))
+        files.append(
+          (
+            gradsOut,
+            { try SafeTensors.encode(gradients.parameters.tensors, metadata: ["format": "pt"]) }
+          ))
+      }
       if let weights = result.weights { files.append((weightsOut, { NPY.encode(weights) })) }
       try writeOutputs(files)
       try visuals.writeHeatmaps(weights: result.weights)
@@ -182,14 +223,67 @@ struct RelposCommand: ParsableCommand {
           weights: weights ?? "random", input: input ?? "random", mask: mask.description,
           kernel: kernelOptions.kernel.rawValue, workspaceBytes: result.workspaceBytes,
           gatherBytes: Self.gatherBytes(t: t, d: d),
-          checks: checks.dictionary, verified: checks.allPassed,
+          checks: checks.dictionary, verified: allChecks.allPassed,
+          gradientChecks: backward?.checks.dictionary,
+          gradientShapes: backward.map { Self.gradientShapes($0.gradients) },
+          gradientWorkspaceBytes: backward?.gradients.workspaceBytes,
           explainBatch: visuals.batch, steps: visuals.steps))
     case .text:
       try printText(
-        module: module, inputs: inputs, result: result, checks: checks,
+        module: module, inputs: inputs, result: result, checks: checks, backward: backward,
         explanation: visuals.explanation)
     }
-    if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
+    if !allChecks.allPassed {
+      throw ChecksFailed(names: allChecks.filter { !$0.passed }.map(\.name))
+    }
+  }
+
+  /// `--grad-out`, which must hold `[B, T, d_model]` (the output's shape); `nil` without it.
+  private func loadGradient(files: InputFiles, shape: [Int]) throws -> Tensor? {
+    guard let gradOut else { return nil }
+    let dY = try files.tensor(gradOut)
+    guard dY.shape == shape else {
+      throw AttentionError.file(
+        path: gradOut,
+        message: "shape \(shapeForMessage(dY.shape)) is not the output's shape [B, T, d_model] = "
+          + shapeForMessage(shape))
+    }
+    try inputSafety.check([(dY, gradOut)])
+    try RelposGradientChecks.checkSize(batch: shape[0], length: shape[1], modelDim: shape[2])
+    return dY
+  }
+
+  /// The fast backward kernel on `gradient` (`dY`), then its checks.
+  private func runBackward(
+    module: RelativePositionAttention, inputs: Tensor, mask: AttentionMask, gradient: Tensor
+  ) throws -> (gradients: RelativePositionGradients, checks: [Check]) {
+    let gradients: RelativePositionGradients
+    do {
+      gradients = try Progress().during("running the backward pass") {
+        try module.backward(
+          inputs, mask: mask, gradOutput: gradient, kernel: .fast,
+          threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
+      }
+    } catch AttentionError.memoryBudget(var exceeded) {
+      exceeded.budgetSource = kernelOptions.memoryBudgetSource
+      exceeded.advice = .other("use a shorter input or fewer --threads, or raise --max-memory")
+      throw AttentionError.memoryBudget(exceeded)
+    }
+    try checkFiniteResult(
+      gradients.dx, name: "the gradient dx",
+      inputs: [inputs, gradient] + Array(module.stateDict.tensors.values))
+    let checks = try Progress().during("checking the gradients in float64") {
+      try RelposGradientChecks(module: module, x: inputs, mask: mask, gradOutput: gradient)
+        .run(gradients, seed: seed)
+    }
+    return (gradients, checks)
+  }
+
+  /// The shapes of `dx` and of every parameter gradient, by name (`x` for `dx`).
+  static func gradientShapes(_ g: RelativePositionGradients) -> [String: [Int]] {
+    var shapes = g.parameters.tensors.mapValues(\.shape)
+    shapes["x"] = g.dx.shape
+    return shapes
   }
 
   /// The module from `--weights` (d_model and M from its shapes, which explicit flags and the
@@ -307,7 +401,8 @@ struct RelposCommand: ParsableCommand {
 
   private func printText(
     module: RelativePositionAttention, inputs: Tensor, result: RelativePositionResult,
-    checks: [Check], explanation: String?
+    checks: [Check], backward: (gradients: RelativePositionGradients, checks: [Check])?,
+    explanation: String?
   ) throws {
     let (b, t, d) = (inputs.shape[0], inputs.shape[1], module.modelDim)
     let source =
@@ -342,8 +437,22 @@ struct RelposCommand: ParsableCommand {
       print("\nRelative-position term q_i·E[clip(j − i) + M]/√d_model\(title):")
       print(TerminalHeatmap.render(position, rows: t, columns: t, low: low, high: high))
     }
+    if let backward, let gradOut {
+      let g = backward.gradients
+      print("\nGradients (fast kernel, dY from \(gradOut)):")
+      print("  dx: \(torchSizeDescription(g.dx.shape))")
+      for name in RelativePositionAttention.parameterNames {
+        if let tensor = g.parameters.tensors[name] {
+          print("  \(name): \(torchSizeDescription(tensor.shape))")
+        }
+      }
+      print("Memory: \(formatBytes(g.workspaceBytes)) of workspace (P and dS per worker)")
+      print("\nGradient checks:")
+      print(backward.checks.report())
+    }
+    let passed = checks.allPassed && (backward?.checks.allPassed ?? true)
     print(
-      checks.allPassed
+      passed
         ? "\nRelative position attention implemented successfully!"
         : "\nRelative position attention NOT verified.")
   }
@@ -366,6 +475,11 @@ private struct RelposReport: Encodable {
   var gatherBytes: Int
   var checks: [String: Bool]
   var verified: Bool
+  /// With --grad-out: the gradient checks, the shapes of dx (`x`) and of each parameter
+  /// gradient, and the backward kernel's workspace.
+  var gradientChecks: [String: Bool]?
+  var gradientShapes: [String: [Int]]?
+  var gradientWorkspaceBytes: Int?
   /// With --explain: its batch element and the step matrices (`ExplainStep`).
   var explainBatch: Int?
   var steps: [ExplainStep]?
