@@ -20,6 +20,11 @@ Cases (shapes from the performance issue):
   efficiency  B1 H8 T4096 D64          vs OpenBLAS on the kernel's tile products (same run)
                                                                       target ≥ 0.80
   long        B1 H1 T65536 D64         completes, peak RSS           target < 200 MB
+  backward    B1 H8 T2048 D64: the backward pass alone (attn bench --backward) vs
+              torch.autograd.grad of SDPA's output (the forward's graph kept)  target ≥ 1× torch
+  backward-causal   the same, causal                                 target ≥ 1.2× torch
+  backward-dropout  B4 H8 T1024 D64 p 0.1 (PyTorch's math path)       target ≥ 3× torch
+  backward-long     B1 H1 T65536 D64 backward, peak RSS              target < 500 MB
   decode-layer  one decoding step of a Llama-shaped attention layer: E 2048, 32 query heads on
               8 K/V heads, D 64, one new token against a cache of 4,096 tokens (the new token's
               K/V appended: 4,097 keys), q/k/v projections, RoPE, attention, o_proj
@@ -59,11 +64,18 @@ CASES = {
     # One decoding step of a whole Llama-shaped attention layer against a 4,096-token cache.
     "decode-layer": dict(batch=1, embed=2048, heads=32, kv_heads=8, tq=1, seq_len=4096, d=64,
                          rope_theta=10000.0),
+    # The backward pass alone (attn bench --backward; PyTorch: o.backward(dO) after the forward).
+    "backward": dict(batch=1, heads=8, seq_len=2048, d=64, backward=True, bench="attention"),
+    "backward-causal": dict(batch=1, heads=8, seq_len=2048, d=64, causal=True, backward=True,
+                            bench="causal"),
+    "backward-dropout": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1, backward=True,
+                             bench="dropout"),
+    "backward-long": dict(batch=1, heads=1, seq_len=65536, d=64, backward=True, bench="long"),
 }
 # The cases PyTorch runs, with the speedup they must reach (None: reported, no target).
 TORCH_TARGET = {
     "attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
-    "decode-layer": None,
+    "decode-layer": None, "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
 }
 
 
@@ -89,12 +101,20 @@ SLOT = 3  # runs per interleaved slot, on every side
 
 
 def attn_once(case, threads):
-    """One `attn bench` slot of a standard case (median of SLOT runs); its JSON figures."""
+    """One `attn bench` slot of a standard case (median of SLOT runs); its JSON figures. A
+    backward case reports its backward pass's median as `median_ms`."""
+    c = CASES[case]
+    bench = c.get("bench", case)
+    single = bench == "long"
     out = subprocess.run(
-        [str(ATTN), "bench", "--cases", case, "--repeats", "1" if case == "long" else str(SLOT),
-         "--threads", str(threads), "--format", "json"],
+        [str(ATTN), "bench", "--cases", bench, "--repeats", "1" if single else str(SLOT),
+         "--threads", str(threads), "--format", "json"]
+        + (["--backward"] if c.get("backward") else []),
         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)["cases"][0]
+    figures = json.loads(out.stdout)["cases"][0]
+    if c.get("backward"):
+        figures["median_ms"] = figures["backward_ms"]["median"]
+    return figures
 
 
 PROBE_SCALING = 1.8  # two threads must reach this multiple of one thread's FMA rate
@@ -142,6 +162,16 @@ def torch_runner(torch, case, torch_ops=False):
     causal = c.get("causal", False)
     p = c.get("p", 0.0)
     gqa = kv_heads != c["heads"]
+    if c.get("backward"):
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        grad = torch.randn_like(out)
+
+        def run_backward():
+            # The forward's graph is kept: each run is the backward pass alone.
+            torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+        return run_backward
 
     def run():
         with torch.no_grad():
@@ -294,7 +324,7 @@ def main():
             if fn is not None:
                 fn()
         attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
-        wanted = 1 if case == "long" else args.repeats
+        wanted = 1 if CASES[case].get("bench", case) == "long" else args.repeats
         discarded = 0
         while len(attn_ms) < wanted and discarded < 4 * wanted:
             # A slot counts only when the probe before it saw the threads run in parallel.
@@ -347,11 +377,12 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
     elif case == "efficiency":
         ratio = med(eff)
         target, measured, met = "≥ 0.80 of sgemm", f"{ratio:.2f} of sgemm", ratio >= 0.80
-    elif case == "long":
+    elif case in ("long", "backward-long"):
         peak = peaks[0]
-        target = "completes, peak RSS < 200 MB"
+        limit = 500e6 if case == "backward-long" else 200e6
+        target = f"completes, peak RSS < {limit / 1e6:.0f} MB"
         measured = f"peak RSS {peak / 1e6:.0f} MB" if peak else "completed (RSS n/a)"
-        met = peak is not None and peak < 200e6
+        met = peak is not None and peak < limit
     row.update(target=target, measured=measured, met=met)
     if row["numpy"] is not None:
         row["measured"] += f"; {row['numpy'] / row['attn']:.1f}× numpy"

@@ -22,6 +22,7 @@ struct Attn: ParsableCommand {
         attn relpos      relative-position attention (exercise 3)
         attn sdpa        PyTorch's scaled_dot_product_attention on your tensors
         attn mha         a model's attention layer (PyTorch, BERT, Llama weights)
+        attn backward    the gradients of attention, checked (exercise 4)
         attn bench       the tiled kernel against OpenBLAS's ceiling
       Exit codes: 0 success, 1 runtime error or failed check, 64 usage error.
       Shell completion: attn --generate-completion-script bash|zsh|fish.
@@ -29,7 +30,7 @@ struct Attn: ParsableCommand {
     version: "attn \(version)",
     subcommands: [
       DropoutCommand.self, ComplexityCommand.self, RelposCommand.self, SdpaCommand.self,
-      MhaCommand.self, BenchCommand.self,
+      MhaCommand.self, BackwardCommand.self, BenchCommand.self,
     ]
   )
 

@@ -249,7 +249,10 @@ enum ExplainPrinter {
     case .real:
       // Numbers keep an ASCII minus, as numpy prints them (so they paste into Python); −0
       // prints as 0: a sign on zero is an artefact of rounding, not information here.
-      return String(format: "%.\(precision)f", Double(value == 0 ? 0 : value))
+      let text = String(format: "%.\(precision)f", Double(value == 0 ? 0 : value))
+      // A value that rounds to zero prints as 0 too, without the sign ("-0.000").
+      return text.hasPrefix("-") && text.dropFirst().allSatisfy({ $0 == "0" || $0 == "." })
+        ? String(text.dropFirst()) : text
     }
   }
 

@@ -58,6 +58,10 @@ struct BenchCommand: ParsableCommand {
       "Only time reading this .npy or safetensors file (--repeats reads; GB/s, peak RSS).",
       valueName: "path"))
   var read: String?
+  @Flag(
+    help: "Time the tiled backward pass beside the forward (attention, causal, dropout by default)."
+  )
+  var backward = false
   @Option(help: "Output format: text or json.") var format: OutputFormat = .text
 
   /// Any shape flag makes one custom case instead of the standard ones.
@@ -106,6 +110,19 @@ struct BenchCommand: ParsableCommand {
         throw ValidationError(
           "unknown case '\(name)'; choose from \(BenchCase.order.joined(separator: ", "))")
       }
+      if backward,
+        let name = cases.split(separator: ",").first(where: {
+          BenchCase.standard[String($0)]?.hasBackward == false
+        })
+      {
+        throw ValidationError("--backward times plain attention; case '\(name)' has no backward")
+      }
+    }
+    if backward && relpos {
+      throw ValidationError("--backward times plain attention: not with --relpos")
+    }
+    if backward && (probe || read != nil) {
+      throw ValidationError("--backward times the backward pass: not with --probe or --read")
     }
   }
 
@@ -138,8 +155,14 @@ struct BenchCommand: ParsableCommand {
           maxDistance: relpos ? (maxDistance ?? 32) : nil)
       ]
     } else {
-      let names = cases.map { $0.split(separator: ",").map(String.init) } ?? BenchCase.order
+      let names =
+        cases.map { $0.split(separator: ",").map(String.init) }
+        ?? (backward ? BenchCase.backwardOrder : BenchCase.order)
       selected = names.compactMap { BenchCase.standard[$0] }
+    }
+    if backward {
+      try runBackward(selected)
+      return
     }
     let configuration = TiledAttention.Configuration(queryBlock: queryBlock, keyBlock: keyBlock)
     let threadCount = execution.resolvedThreads
@@ -168,6 +191,26 @@ struct BenchCommand: ParsableCommand {
         BenchReport(
           openblasCore: BLAS.coreName, threads: threadCount, queryBlock: queryBlock,
           keyBlock: keyBlock, cases: results))
+    }
+  }
+
+  /// `--backward`: each case's tiled backward beside its forward.
+  private func runBackward(_ selected: [BenchCase]) throws {
+    let threadCount = execution.resolvedThreads
+    if format == .text { print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads") }
+    let progress = Progress()
+    defer { progress.clear() }
+    var results: [BackwardBenchResult] = []
+    for benchCase in selected {
+      progress.show("bench: backward \(benchCase.name) \(benchCase.shapeText)…")
+      let result = try benchCase.runBackward(
+        threads: threadCount, repeats: repeats, warmup: warmup, seed: seed)
+      results.append(result)
+      if format == .text { print(result.line) }
+    }
+    if format == .json {
+      try printJSON(
+        BackwardBenchReport(openblasCore: BLAS.coreName, threads: threadCount, cases: results))
     }
   }
 

@@ -21,44 +21,7 @@ struct DropoutCommand: ParsableCommand {
       """
   )
 
-  @Option(help: "Dropout probability on the attention weights, in [0, 1].")
-  var p: Float = 0.1
-
-  @Option(help: "Sequence length (Tq = Tk) of the random inputs.")
-  var seqLen: Int = 4
-
-  @Option(name: .customLong("d-k"), help: "Head dimension D (d_k) of the random inputs.")
-  var headDim: Int = 8
-
-  @Option(help: "Batch size of the random inputs.")
-  var batch: Int = 1
-
-  @Option(help: "Seed for the inputs and the dropout mask (with --rng torch: torch.manual_seed).")
-  var seed: UInt64 = 42
-
-  @Option(help: RandomSource.helpText)
-  var rng: RandomSource = .philox
-
-  @Flag(help: "Evaluation mode: no dropout (as training=False).")
-  var eval = false
-
-  @Option(
-    help:
-      "Mask: none, causal, or a .npy of 0/1 or booleans broadcastable to […, Tq, Tk] (0 = masked).")
-  var mask: MaskChoice = .none
-
-  @Option(
-    help: "Additive float mask (.npy) broadcastable to […, Tq, Tk], added to the scaled scores.")
-  var bias: String?
-
-  @Option(help: "Queries Q […, Tq, D] (.npy); give --q, --k and --v together.")
-  var q: String?
-
-  @Option(help: "Keys K […, Tk, D] (.npy).")
-  var k: String?
-
-  @Option(help: "Values V […, Tk, Dv] (.npy).")
-  var v: String?
+  @OptionGroup var inputs: AttentionInputOptions
 
   @Option(help: "Write the output […, Tq, Dv] as float32 .npy.")
   var out: String?
@@ -75,47 +38,34 @@ struct DropoutCommand: ParsableCommand {
 
   @OptionGroup var visualization: VisualizationOptions
 
-  /// `--p`, with `-0` read as 0 (the same probability, printed as such).
-  var probability: Float { p == 0 ? 0 : p }
-
   func validate() throws {
-    guard p >= 0, p <= 1 else { throw ValidationError("--p must be in [0, 1], got \(p)") }
-    guard seqLen > 0 else { throw ValidationError("--seq-len must be positive, got \(seqLen)") }
-    guard headDim > 0 else { throw ValidationError("--d-k must be positive, got \(headDim)") }
-    guard batch > 0 else { throw ValidationError("--batch must be positive, got \(batch)") }
-    let given = [q, k, v].compactMap { $0 }.count
-    guard given == 0 || given == 3 else {
-      throw ValidationError("give --q, --k and --v together (or none, for random inputs)")
-    }
-    if given == 3 && rng == .torch {
-      throw ValidationError(
-        "--rng torch draws Q, K and V; it cannot be combined with --q, --k, --v")
-    }
     if kernelOptions.kernel == .tiled && weightsOut != nil {
       throw ValidationError(
         "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
     try visualization.check(
-      kernel: kernelOptions.kernel, batchCount: given == 0 ? batch : nil, queries: seqLen,
-      keys: seqLen)
+      kernel: kernelOptions.kernel, batchCount: inputs.fromFiles ? nil : inputs.batch,
+      queries: inputs.seqLen, keys: inputs.seqLen)
     try checkOutputs(
       [out, weightsOut] + visualization.heatmapPaths(positionFigure: false),
-      against: [q, k, v, bias, mask.path])
+      against: inputs.paths)
   }
 
   func run() throws {
     let files = InputFiles(kernelOptions.execution)
-    let (queries, keys, values) = try loadInputs(files)
-    let biasTensor = try bias.map(files.tensor)
-    let attentionMask = try mask.resolve(bias: biasTensor, inputs: files)
+    let (queries, keys, values) = try inputs.load(files, execution: kernelOptions.execution)
+    let (attentionMask, biasTensor) = try inputs.attentionMask(files)
     try inputSafety.check(
-      [(queries, q), (keys, k), (values, v), (attentionMask.keep, mask.path)],
-      biases: [(biasTensor, bias)])
-    let dropout = eval ? nil : try Dropout(probability: probability, seed: seed)
+      [
+        (queries, inputs.q), (keys, inputs.k), (values, inputs.v),
+        (attentionMask.keep, inputs.mask.path),
+      ],
+      biases: [(biasTensor, inputs.bias)])
+    let dropout = try inputs.dropout()
     // --explain and --heatmap: checks the shapes now, computes the steps from the same inputs.
     let visuals = try visualization.dropout(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout,
-      maskName: mask.description, seed: seed, rng: rng.rawValue,
+      maskName: inputs.mask.description, seed: inputs.seed, rng: inputs.rng.rawValue,
       memoryBudget: kernelOptions.memoryBudget)
 
     // The kernel's own weights without dropout, for the checks (the materialized kernel only).
@@ -136,14 +86,14 @@ struct DropoutCommand: ParsableCommand {
       : nil
     let result = try kernelOptions.attention(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
-    let inputs = [queries, keys, values] + [attentionMask.keep].compactMap { $0 }
-    try checkFiniteResult(result.output, name: "the output", inputs: inputs, biases: [biasTensor])
+    let sources = [queries, keys, values] + [attentionMask.keep].compactMap { $0 }
+    try checkFiniteResult(result.output, name: "the output", inputs: sources, biases: [biasTensor])
 
     let reference = try ReferenceAttention(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
     let checker = AttentionChecks(
       reference: reference, dropout: dropout,
-      sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: seed))
+      sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: inputs.seed))
     let checks = Progress().during("checking against the float64 reference") {
       checker.run(result: result, preDropout: (preDropout ?? result).weights)
     }
@@ -160,10 +110,11 @@ struct DropoutCommand: ParsableCommand {
       try printJSON(
         DropoutReport(
           outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,
-          p: Double(probability.description) ?? Double(probability), seed: seed, rng: rng.rawValue,
-          training: !eval,
+          p: Double(inputs.probability.description) ?? Double(inputs.probability),
+          seed: inputs.seed, rng: inputs.rng.rawValue,
+          training: !inputs.eval,
           kernel: kernelOptions.kernel.rawValue,
-          mask: mask.description, droppedFraction: droppedFraction,
+          mask: inputs.mask.description, droppedFraction: droppedFraction,
           checks: checks.dictionary, verified: checks.allPassed,
           explainBatch: visuals.batch, steps: visuals.steps))
     case .text:
@@ -174,45 +125,20 @@ struct DropoutCommand: ParsableCommand {
     if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
   }
 
-  private func loadInputs(_ files: InputFiles) throws -> (Tensor, Tensor, Tensor) {
-    if let q, let k, let v {
-      return (try files.tensor(q), try files.tensor(k), try files.tensor(v))
-    }
-    let shape = [batch, seqLen, headDim]
-    try MemoryGuard.check(
-      [[3, batch, seqLen, headDim], [batch, seqLen, headDim]],
-      for: "the random Q, K, V and the output (--batch × --seq-len × --d-k)",
-      budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
-    switch rng {
-    case .philox:
-      return (
-        try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.queries),
-        try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.keys),
-        try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.values)
-      )
-    case .torch:
-      // The notebook: torch.manual_seed(42); Q = torch.randn(1, 4, 8); K = …; V = … (in order).
-      var generator = TorchGenerator(seed: seed)
-      let queries = try generator.randn(shape: shape)
-      let keys = try generator.randn(shape: shape)
-      let values = try generator.randn(shape: shape)
-      return (queries, keys, values)
-    }
-  }
-
   private func printText(
     result: AttentionResult, shape: AttentionShape, checks: [Check], dropped: Double,
     explanation: String?
   ) {
-    let mode = eval ? "eval, no dropout" : "training, p = \(probability)"
-    let generator = rng == .philox ? "" : ", \(rng) rng"
+    let mode = inputs.eval ? "eval, no dropout" : "training, p = \(inputs.probability)"
+    let generator = inputs.rng == .philox ? "" : ", \(inputs.rng) rng"
     print(
       "Exercise 1: scaled dot-product attention with dropout "
-        + "(\(mode), seed \(seed)\(generator), mask \(mask), \(kernelOptions.kernel) kernel)")
-    if let note = rng.note(training: !eval) { print(note) }
+        + "(\(mode), seed \(inputs.seed)\(generator), mask \(inputs.mask), \(kernelOptions.kernel) kernel)"
+    )
+    if let note = inputs.rng.note(training: !inputs.eval) { print(note) }
     print("Output shape: \(torchSizeDescription(result.output.shape))")
     print("Attention shape: \(torchSizeDescription(shape.weightsShape))")
-    if !eval {
+    if !inputs.eval {
       print(String(format: "Dropped: %.1f%% of the non-zero weights", dropped * 100))
     }
     if let explanation { print("\n" + explanation) }

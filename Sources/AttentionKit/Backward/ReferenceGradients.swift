@@ -1,0 +1,273 @@
+import Foundation
+import Tensors
+
+/// The float64 reference gradients of one attention problem, with, for every element, the
+/// largest difference a correct float32 kernel may show from it: what `attn backward` checks a
+/// kernel's `dQ`, `dK`, `dV` and `d(bias)` against, and the float64 forward its finite
+/// differences perturb.
+///
+/// The bounds are worst-case, per element, in the manner of `ReferenceAttention.row`, with
+/// `u = 2⁻²⁴` and `γₙ = n·u/(1 − n·u)`, built from the reference's own `P` and `dS`:
+/// 1. scores are off by `δ = γ_{D+1}·A + 4u·(S + B)` (`A = scale·max Σ_c |q_c·k_c|`, `S` the
+///    largest |visible score|, `B` the largest |finite bias|);
+/// 2. a probability `P_ij` is off by `ρ_ij·P_ij`, `ρ_ij = 2δ(1 + 2δ) + γ_{Tk+8}
+///    + u·(|ln P_ij| + 2(S + B + ln Tk) + 8) (+ 2u with dropout)`: the score error through the
+///    softmax, the sum of `Tk` exponentials, and — for the tiled kernel, which recomputes
+///    `P = exp(S − L)` — the rounding of `L` and of the exponent;
+/// 3. with `M_ij = Σ_c |dO_ic|·|v_jc|`, `z_ij = Z_ij/(1 − p)` and `N_i = Σ_j P_ij·z_ij·M_ij`
+///    (which bounds `|Δ_i|`), `Δ_i` is off by at most `N'_i = Σ_j (ρ_ij + γ_{Tk+Dv+2})·P_ij·z_ij·M_ij`,
+///    and `dS_ij` by `E_ij = P_ij·((ρ_ij + γ_{Dv+4})·z_ij·M_ij + (ρ_ij + 4u)·N_i + N'_i)`;
+/// 4. `dQ_ic` within `scale·Σ_j (E_ij + γ_{Tk+2}|dS_ij|)|k_jc|`, `dK_jc` within
+///    `scale·Σ_i (E_ij + γ_{G·Tq+2}|dS_ij|)|q_ic|` (over the `G` heads of a group), `dV_jc` within
+///    `Σ_i (ρ_ij + γ_{G·Tq+2})·P_ij·z_ij·|dO_ic|`, `dBias_e` within `Σ (E_ij + γₙ|dS_ij|)` over
+///    its `n` contributions;
+/// 5. plus `10⁶·λ` (λ = `Float.leastNormalMagnitude`) for probabilities `fastExp` flushes to 0.
+/// They are about 10⁻⁵ of the sum of |terms| of each element: a dropped key, a missing `Δ`, a
+/// wrong scale or a misplaced mask exceeds them by far.
+///
+/// Memory and time are those of the reference kernel: `O(B·H·Tq·Tk)` doubles, `O(B·H·Tq·Tk·D)`
+/// operations — for checking problems of a few million scores.
+public struct ReferenceGradients: Sendable {
+  /// The reference's values, flat in the layout of `Q`, `K`, `V` and the bias as given.
+  public let dQ: [Double]
+  public let dK: [Double]
+  public let dV: [Double]
+  public let dBias: [Double]?
+  /// The output `O` `[…, Tq, Dv]`, flat.
+  public let output: [Double]
+  /// The softmax `P` (before dropout) and `dS`, `[…, Tq, Tk]` (query heads), flat.
+  public let probabilities: [Double]
+  public let dS: [Double]
+  /// The dropout decisions over `[…, Tq, Tk]` (`true` kept), `nil` without dropout.
+  public var dropoutKept: [Bool]? { problem.dropoutKept }
+  /// Per element, the largest error of a correct float32 kernel.
+  public let bounds: GradientBounds
+  /// The largest `|Σ_j dS_ij| / Σ_j |dS_ij|` over the rows (0 for rows of zeros): the softmax's
+  /// Jacobian makes every row of `dS` sum to 0.
+  public let largestRowSumOfDS: Double
+  let problem: Backward64
+
+  /// The reference of `Attention.backward` on these inputs; `dropout`'s decisions are the
+  /// counters', as every kernel regenerates them.
+  public init(
+    queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
+    mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
+    needBiasGradient: Bool = false
+  ) throws {
+    try self.init(
+      queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+      scale: scale, decisions: dropout.map { .counter($0) } ?? .none,
+      needBiasGradient: needBiasGradient)
+  }
+
+  /// With the dropout decisions given as a keep mask (nonzero = kept, broadcastable to
+  /// `[…, Tq, Tk]`): for a slice of a larger problem, whose counters depend on the flat rows of
+  /// the whole.
+  package init(
+    queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
+    scale: Float?, dropoutKeep: Tensor, dropoutProbability: Double, needBiasGradient: Bool
+  ) throws {
+    try self.init(
+      queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+      scale: scale, decisions: .explicit(keep: dropoutKeep, probability: dropoutProbability),
+      needBiasGradient: needBiasGradient)
+  }
+
+  init(
+    queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
+    scale: Float?, decisions: DropoutDecisions, needBiasGradient: Bool
+  ) throws {
+    let backwardProblem = try BackwardProblem(
+      queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+      scale: scale, needBiasGradient: needBiasGradient)
+    let expanded = try ReferenceBackward.expand(backwardProblem, dropout: decisions)
+    let result = expanded.evaluate()
+    problem = expanded
+    dQ = result.dQ
+    dK = result.dK
+    dV = result.dV
+    output = result.output
+    probabilities = result.probabilities
+    dS = result.dS
+    bounds = GradientBounds(expanded, result, problem: backwardProblem, unit: 0x1p-24)
+    if let layout = backwardProblem.biasGradient, let bias = mask.bias {
+      var sums = [Double](repeating: 0, count: bias.count)
+      let (tq, tk) = (expanded.queries, expanded.keys)
+      for b in 0..<expanded.batchCount {
+        for i in 0..<tq {
+          for j in 0..<tk {
+            sums[layout.index(batch: b, row: i, column: j)] += result.dS[(b * tq + i) * tk + j]
+          }
+        }
+      }
+      dBias = sums
+    } else {
+      dBias = nil
+    }
+    var worst = 0.0
+    let tk = expanded.keys
+    for row in 0..<(expanded.batchCount * expanded.queries) {
+      var (sum, magnitude) = (0.0, 0.0)
+      for j in 0..<tk {
+        sum += result.dS[row * tk + j]
+        magnitude += abs(result.dS[row * tk + j])
+      }
+      if magnitude > 0 { worst = max(worst, abs(sum) / magnitude) }
+    }
+    largestRowSumOfDS = worst
+  }
+
+  /// Which input a finite difference perturbs.
+  public enum Input: String, Sendable, CaseIterable {
+    case queries, keys, values
+  }
+
+  /// The central difference `(f(x + h) − f(x − h)) / 2h` of the loss `f = Σ dO∘O` (the float64
+  /// forward, dropout decisions held fixed) along element `index` of `input`, with step
+  /// `h = step·max(1, |x|)`: an estimate of that element's gradient, independent of the
+  /// backward's formulas. Two reference passes of the whole problem.
+  public func finiteDifference(_ input: Input, index: Int, step: Double = 1e-6) -> Double {
+    var plus = problem
+    var minus = problem
+    let x: Double
+    switch input {
+    case .queries: x = problem.q[index]
+    case .keys: x = problem.k[index]
+    case .values: x = problem.v[index]
+    }
+    let h = step * max(1, abs(x))
+    switch input {
+    case .queries:
+      plus.q[index] += h
+      minus.q[index] -= h
+    case .keys:
+      plus.k[index] += h
+      minus.k[index] -= h
+    case .values:
+      plus.v[index] += h
+      minus.v[index] -= h
+    }
+    func loss(_ p: Backward64) -> Double {
+      zip(p.evaluate().output, p.dO).reduce(0) { $0 + $1.0 * $1.1 }
+    }
+    return (loss(plus) - loss(minus)) / (2 * h)
+  }
+}
+
+/// The per-element bounds of `ReferenceGradients` (derived in its comment), in the layouts of
+/// `Q`, `K`, `V` and the bias.
+public struct GradientBounds: Sendable {
+  public var dQ: [Double]
+  public var dK: [Double]
+  public var dV: [Double]
+  /// Shaped as the bias as given; `nil` without a bias gradient.
+  public var dBias: [Double]?
+
+  init(_ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, unit u: Double) {
+    func gamma(_ n: Int) -> Double { Double(n) * u / (1 - Double(n) * u) }
+    let (bh, tq, tk, d, dv) = (p.batchCount, p.queries, p.keys, p.headDim, p.valueDim)
+    let group = problem.shape.groupSize
+    let floor = 1e6 * Double(Float.leastNormalMagnitude)
+    // 1. A, S, B and the score error δ.
+    var (a, s, bias) = (0.0, 0.0, 0.0)
+    for b in 0..<bh {
+      let g = p.keyValueBatch[b]
+      for i in 0..<tq {
+        for j in 0..<tk {
+          var dot = 0.0
+          var magnitude = 0.0
+          for c in 0..<d {
+            let x = p.q[(b * tq + i) * d + c] * p.k[(g * tk + j) * d + c]
+            dot += x
+            magnitude += abs(x)
+          }
+          a = max(a, magnitude * p.scale)
+          let e = (b * tq + i) * tk + j
+          if p.visible[e] {
+            s = max(s, abs(dot * p.scale))
+            if let value = p.bias?[e], value.isFinite { bias = max(bias, abs(value)) }
+          }
+        }
+      }
+    }
+    let delta = gamma(d + 1) * a + 4 * u * (s + bias)
+    let rho0 =
+      2 * delta * (1 + 2 * delta) + gamma(tk + 8)
+      + u * (2 * (s + bias + log(Double(max(tk, 1)))) + 8) + (p.dropoutKept == nil ? 0 : 2 * u)
+    // 2–3. ρ_ij, z_ij, M_ij, N_i, N'_i and E_ij.
+    var rho = [Double](repeating: 0, count: bh * tq * tk)
+    var z = [Double](repeating: 1, count: bh * tq * tk)
+    var e = [Double](repeating: 0, count: bh * tq * tk)
+    var m = [Double](repeating: 0, count: tk)
+    for b in 0..<bh {
+      let g = p.keyValueBatch[b]
+      for i in 0..<tq {
+        let row = b * tq + i
+        var n = 0.0
+        var nPrime = 0.0
+        for j in 0..<tk {
+          let x = row * tk + j
+          let prob = r.probabilities[x]
+          rho[x] = rho0 + (prob > 0 ? u * abs(log(prob)) : 0)
+          if let kept = p.dropoutKept { z[x] = kept[x] ? p.keptScale : 0 }
+          m[j] = 0
+          for c in 0..<dv { m[j] += abs(p.dO[row * dv + c] * p.v[(g * tk + j) * dv + c]) }
+          n += prob * z[x] * m[j]
+          nPrime += (rho[x] + gamma(tk + dv + 2)) * prob * z[x] * m[j]
+        }
+        for j in 0..<tk {
+          let x = row * tk + j
+          e[x] =
+            r.probabilities[x]
+            * ((rho[x] + gamma(dv + 4)) * z[x] * m[j] + (rho[x] + 4 * u) * n + nPrime)
+        }
+      }
+    }
+    // 4. The gradients' bounds.
+    dQ = [Double](repeating: floor, count: r.dQ.count)
+    dK = [Double](repeating: floor, count: r.dK.count)
+    dV = [Double](repeating: floor, count: r.dV.count)
+    for b in 0..<bh {
+      let g = p.keyValueBatch[b]
+      for i in 0..<tq {
+        let row = b * tq + i
+        for j in 0..<tk {
+          let x = row * tk + j
+          let ds = abs(r.dS[x])
+          for c in 0..<d {
+            dQ[row * d + c] +=
+              p.scale * (e[x] + gamma(tk + 2) * ds) * abs(p.k[(g * tk + j) * d + c])
+            dK[(g * tk + j) * d + c] +=
+              p.scale * (e[x] + gamma(group * tq + 2) * ds) * abs(p.q[row * d + c])
+          }
+          let pd = r.probabilities[x] * z[x]
+          for c in 0..<dv {
+            dV[(g * tk + j) * dv + c] +=
+              (rho[x] + gamma(group * tq + 2)) * pd * abs(p.dO[row * dv + c])
+          }
+        }
+      }
+    }
+    if let layout = problem.biasGradient, let tensor = problem.mask.bias {
+      var counts = [Int](repeating: 0, count: tensor.count)
+      for b in 0..<bh {
+        for i in 0..<tq {
+          for j in 0..<tk { counts[layout.index(batch: b, row: i, column: j)] += 1 }
+        }
+      }
+      var bounds = [Double](repeating: floor, count: tensor.count)
+      for b in 0..<bh {
+        for i in 0..<tq {
+          for j in 0..<tk {
+            let x = (b * tq + i) * tk + j
+            let out = layout.index(batch: b, row: i, column: j)
+            bounds[out] += e[x] + gamma(counts[out]) * abs(r.dS[x])
+          }
+        }
+      }
+      dBias = bounds
+    } else {
+      dBias = nil
+    }
+  }
+}

@@ -1,0 +1,222 @@
+import ArgumentParser
+import AttentionKit
+import Foundation
+import TensorIO
+
+/// `attn backward`: exercise 4, beyond the notebook — the gradients of attention with a mask and
+/// dropout, from scratch, checked.
+struct BackwardCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "backward",
+    abstract: "Exercise 4: the gradients of attention (dQ, dK, dV), from scratch, checked.",
+    discussion: """
+      The backward pass of attn dropout's computation: given the upstream gradient dO \
+      (--grad-out, or drawn from --seed), computes
+        dV = Pdᵀ·dO,  dP = dO·Vᵀ ∘ Z/(1−p),  dS = P∘(dP − Δ) with Δ = rowsum(dO∘O),
+        dQ = scale·dS·K,  dK = scale·dSᵀ·Q  (and d(bias) = dS with --bias),
+      where P is the softmax of the forward pass and Z its dropout decisions, regenerated from \
+      the seed (never stored). --kernel materialized holds P per task; --kernel tiled is \
+      FlashAttention-2's backward, recomputing P tile by tile from each row's log-sum-exp \
+      (memory linear in the sequence). Inputs and masks as attn dropout.
+      Checks: the gradients against a float64 reference backward within float32 error bounds, \
+      finite differences of the float64 forward on sampled entries, and rows of dS summing to 0.
+      """
+  )
+
+  @OptionGroup var inputs: AttentionInputOptions
+
+  @Option(help: "Upstream gradient dO […, Tq, Dv] (.npy); drawn from --seed when absent.")
+  var gradOut: String?
+
+  @Option(help: "Write dQ […, Tq, D] as float32 .npy.")
+  var dqOut: String?
+
+  @Option(help: "Write dK […, Tk, D] as float32 .npy.")
+  var dkOut: String?
+
+  @Option(help: "Write dV […, Tk, Dv] as float32 .npy.")
+  var dvOut: String?
+
+  @Option(help: "Write d(bias), shaped as --bias, as float32 .npy (needs --bias).")
+  var dbiasOut: String?
+
+  @Flag(help: "Walk through the backward pass step by step for one batch element.")
+  var explain = false
+
+  @Option(help: "The flat batch element --explain shows (default 0).")
+  var explainBatch = 0
+
+  @Option(help: "Decimals of the matrices --explain prints, 0 to 9.")
+  var precision = 4
+
+  @Option(help: "Output format: text or json.")
+  var format: OutputFormat = .text
+
+  @OptionGroup var kernelOptions: KernelOptions
+  @OptionGroup var inputSafety: InputSafetyOptions
+
+  func validate() throws {
+    if dbiasOut != nil && inputs.bias == nil {
+      throw ValidationError("--dbias-out needs --bias (the gradient of the additive mask)")
+    }
+    guard (0...VisualizationOptions.maxPrecision).contains(precision) else {
+      throw ValidationError(
+        "--precision must be in 0...\(VisualizationOptions.maxPrecision), got \(precision)")
+    }
+    if explainBatch != 0 && !explain {
+      throw ValidationError("--explain-batch needs --explain")
+    }
+    guard explainBatch >= 0 else {
+      throw ValidationError("--explain-batch must be ≥ 0, got \(explainBatch)")
+    }
+    try checkOutputs([dqOut, dkOut, dvOut, dbiasOut], against: inputs.paths + [gradOut])
+  }
+
+  func run() throws {
+    let files = InputFiles(kernelOptions.execution)
+    let (queries, keys, values) = try inputs.load(files, execution: kernelOptions.execution)
+    let (mask, biasTensor) = try inputs.attentionMask(files)
+    try inputSafety.check(
+      [
+        (queries, inputs.q), (keys, inputs.k), (values, inputs.v), (mask.keep, inputs.mask.path),
+      ],
+      biases: [(biasTensor, inputs.bias)])
+    let shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    let gradOutput = try loadGradOutput(files, shape: shape)
+    if explain && explainBatch >= shape.batchCount {
+      throw ValidationError(
+        "--explain-batch \(explainBatch) is out of range: the inputs hold \(shape.batchCount) "
+          + "batch element\(shape.batchCount == 1 ? "" : "s") (0…\(shape.batchCount - 1))")
+    }
+    let dropout = try inputs.dropout()
+    let kernel: Attention.Kernel =
+      kernelOptions.kernel == .tiled
+      ? .tiled(TiledBackward.defaultConfiguration) : kernelOptions.attentionKernel
+    let gradients = try explainingMemoryBudget {
+      try Progress().during("running the \(kernelOptions.kernel.rawValue) backward") {
+        try Attention.backward(
+          queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+          dropout: dropout, kernel: kernel, needBiasGradient: biasTensor != nil,
+          threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
+      }
+    }
+    let sources = [queries, keys, values, gradOutput] + [mask.keep].compactMap { $0 }
+    for (tensor, name) in [
+      (gradients.dQ, "dQ"), (gradients.dK, "dK"), (gradients.dV, "dV"),
+    ] {
+      try checkFiniteResult(tensor, name: name, inputs: sources, biases: [biasTensor])
+    }
+
+    let checker = try Progress().during("computing the float64 reference backward") {
+      try GradientChecks(
+        queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+        dropout: dropout, needBiasGradient: biasTensor != nil, seed: inputs.seed)
+    }
+    if explain && !checker.region.isWhole {
+      throw ValidationError(
+        "--explain shows the float64 reference of the whole problem, which is over its limit "
+          + "here; use smaller inputs")
+    }
+    let checks = Progress().during("checking the gradients") {
+      checker.run(gradients, seed: inputs.seed, finiteDifferences: true)
+    }
+    if checks.allPassed {
+      try writeOutputs(
+        npy: [
+          (dqOut, gradients.dQ), (dkOut, gradients.dK), (dvOut, gradients.dV),
+          (dbiasOut, gradients.dBias),
+        ])
+    }
+    let steps =
+      explain
+      ? ExplainPrinter.backwardSteps(
+        reference: checker.reference, queries: queries, keys: keys, values: values,
+        gradOutput: gradOutput, batch: explainBatch, shape: shape, dropout: dropout) : nil
+    report(
+      shape: shape, gradients: gradients, checks: checks, steps: steps,
+      gradientsFromFile: gradOut != nil)
+    if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
+  }
+
+  /// `--grad-out`, which must have the output's shape, or dO drawn from `--seed`.
+  private func loadGradOutput(_ files: InputFiles, shape: AttentionShape) throws -> Tensor {
+    guard let gradOut else {
+      try MemoryGuard.check(
+        [shape.outputShape], for: "the random dO \(shapeForMessage(shape.outputShape))",
+        budget: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource)
+      return try Tensor.randomNormal(
+        shape: shape.outputShape, seed: inputs.seed, stream: RandomStream.gradOutput)
+    }
+    let tensor = try files.tensor(gradOut)
+    try inputSafety.check(tensor, from: gradOut)
+    guard tensor.shape == shape.outputShape else {
+      throw AttentionError.file(
+        path: gradOut,
+        message: "holds \(shapeForMessage(tensor.shape)); dO must have the output's shape "
+          + "\(shapeForMessage(shape.outputShape))")
+    }
+    return tensor
+  }
+
+  private func report(
+    shape: AttentionShape, gradients: AttentionGradients, checks: [Check],
+    steps: [ExplainStep]?, gradientsFromFile: Bool
+  ) {
+    switch format {
+    case .json:
+      try? printJSON(
+        BackwardReport(
+          dqShape: gradients.dQ.shape, dkShape: gradients.dK.shape, dvShape: gradients.dV.shape,
+          dbiasShape: gradients.dBias?.shape, p: inputs.eval ? 0 : Double(inputs.probability),
+          seed: inputs.seed, training: !inputs.eval, kernel: gradients.kernel.rawValue,
+          mask: inputs.mask.description, workspaceBytes: gradients.workspaceBytes,
+          checks: checks.dictionary, verified: checks.allPassed,
+          explainBatch: explain ? explainBatch : nil, steps: steps))
+    case .text:
+      let mode = inputs.eval ? "eval, no dropout" : "training, p = \(inputs.probability)"
+      print(
+        "Exercise 4: the gradients of attention (\(mode), seed \(inputs.seed), mask "
+          + "\(inputs.mask), \(gradients.kernel.rawValue) kernel)")
+      print(
+        "dO: \(torchSizeDescription(shape.outputShape))"
+          + (gradientsFromFile ? " from \(gradOut ?? "")" : ", drawn from the seed"))
+      print(
+        "dQ: \(torchSizeDescription(gradients.dQ.shape)), dK: "
+          + "\(torchSizeDescription(gradients.dK.shape)), dV: "
+          + "\(torchSizeDescription(gradients.dV.shape))"
+          + (gradients.dBias.map { ", d(bias): \(torchSizeDescription($0.shape))" } ?? ""))
+      print("Workspace: \(formatBytes(gradients.workspaceBytes))")
+      if let steps {
+        let name = shape.batchShape.count == 1 ? "" : " (flat index over \(shape.batchShape))"
+        print(
+          "\n"
+            + ExplainPrinter.text(
+              steps,
+              heading: "Backward, step by step, batch element \(explainBatch) of "
+                + "\(shape.batchCount)\(name), from the float64 reference:",
+              precision: precision))
+      }
+      print("\nChecks:")
+      print(checks.report())
+      print(checks.allPassed ? "\nGradients verified!" : "\nGradients NOT verified.")
+    }
+  }
+}
+
+/// `attn backward --format json`.
+private struct BackwardReport: Encodable {
+  var dqShape: [Int]
+  var dkShape: [Int]
+  var dvShape: [Int]
+  var dbiasShape: [Int]?
+  var p: Double
+  var seed: UInt64
+  var training: Bool
+  var kernel: String
+  var mask: String
+  var workspaceBytes: Int
+  var checks: [String: Bool]
+  var verified: Bool
+  var explainBatch: Int?
+  var steps: [ExplainStep]?
+}
