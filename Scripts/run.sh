@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README's first command: set up (system packages, release build), then run the notebook's three
-# exercises in its order, as the notebook runs its three cells. Figures go to out/.
+# exercises in its order, as the notebook runs its three cells, and exercise 4 (the gradients).
+# Figures go to out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Scripts/setup.sh
@@ -18,3 +19,7 @@ echo "(figure: out/complexity.svg)"
 echo
 echo "== Exercise 3: relative position attention =="
 "$attn" relpos --d-model 64
+
+echo
+echo "== Exercise 4 (beyond the notebook): the gradients of attention =="
+"$attn" backward --p 0.1 --mask causal
