@@ -8,9 +8,10 @@ PyTorch run in float64, beside PyTorch float32's own.
 
 Needs torch, safetensors and numpy, and a built attn (release: swift build -c release).
 
-For each case the notebook's class (copied below verbatim, the forward's relative position is
-j - i, as its code computes it) is built in float32 with torch.manual_seed(seed); its state_dict
-is saved as float32 safetensors, x and dY as float32 .npy (and a keep mask as bool .npy). Then
+For each case the notebook's class (verbatim, from make_torch_fixtures.py's
+relative_position_attention_class(); the forward's relative position is j - i, as its code
+computes it) is built in float32 with torch.manual_seed(seed); its state_dict is saved as
+float32 safetensors, x and dY as float32 .npy (and a keep mask as bool .npy). Then
   torch64: the module and x converted to float64, L = sum(dY * Y), L.backward()
   torch32: the same in float32
   attn:    attn relpos --weights W --input X --grad-out DY --dx-out DX --grads-out G --out Y
@@ -29,7 +30,6 @@ attn: --attn PATH, else $ATTN_BIN, else .build/release/attn.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import subprocess
@@ -39,94 +39,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The notebook's exercise 3, verbatim (attention-from-scratch-solutions.txt).
-class RelativePositionAttention(nn.Module):
-    """
-    Self-attention with relative position bias.
+# The notebook's exercise 3, verbatim (attention-from-scratch-solutions.txt), as
+# make_torch_fixtures.py keeps it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_torch_fixtures import relative_position_attention_class  # noqa: E402
 
-    score(i, j) = q_i · k_j + q_i · r_(i-j)
-
-    Where r_(i-j) is a learned embedding for relative position.
-    """
-
-    def __init__(self, d_model, max_relative_position=32):
-        super().__init__()
-
-        self.d_model = d_model
-        self.max_relative_position = max_relative_position
-
-        # Q, K, V projections
-        self.W_q = nn.Linear(d_model, d_model)
-        self.W_k = nn.Linear(d_model, d_model)
-        self.W_v = nn.Linear(d_model, d_model)
-
-        # Relative position embeddings
-        # Range: -max_relative_position to +max_relative_position
-        num_positions = 2 * max_relative_position + 1
-        self.relative_embeddings = nn.Embedding(num_positions, d_model)
-
-    def _get_relative_positions(self, seq_len):
-        """Compute relative position matrix."""
-        positions = torch.arange(seq_len)
-        relative = positions.unsqueeze(0) - positions.unsqueeze(1)
-
-        # Clip to valid range
-        relative = torch.clamp(
-            relative,
-            -self.max_relative_position,
-            self.max_relative_position
-        )
-
-        # Shift to positive indices
-        relative = relative + self.max_relative_position
-
-        return relative
-
-    def forward(self, x, mask=None):
-        """
-        Args:
-            x: Input tensor (batch, seq_len, d_model)
-            mask: Optional attention mask
-        """
-        batch_size, seq_len, _ = x.shape
-
-        # Project to Q, K, V
-        Q = self.W_q(x)  # (batch, seq, d_model)
-        K = self.W_k(x)
-        V = self.W_v(x)
-
-        # Content-based attention scores: Q @ K^T
-        content_scores = torch.matmul(Q, K.transpose(-2, -1)) / math.sqrt(self.d_model)
-
-        # Position-based attention scores
-        relative_positions = self._get_relative_positions(seq_len).to(x.device)
-        relative_emb = self.relative_embeddings(relative_positions)  # (seq, seq, d_model)
-
-        # Q @ relative_emb^T for each query position
-        # Q: (batch, seq, d_model)
-        # relative_emb: (seq, seq, d_model)
-        position_scores = torch.einsum('bqd,qkd->bqk', Q, relative_emb) / math.sqrt(self.d_model)
-
-        # Combine scores
-        scores = content_scores + position_scores
-
-        # Apply mask
-        if mask is not None:
-            scores = scores.masked_fill(mask == 0, float('-inf'))
-
-        # Softmax and apply to values
-        attention = F.softmax(scores, dim=-1)
-        output = torch.matmul(attention, V)
-
-        return output, attention
+RelativePositionAttention = relative_position_attention_class()
 
 
 # name, B, T, D, M, mask ("none" | "causal" | "keep"), seed

@@ -5,10 +5,10 @@ given upstream gradient dO, with grouped-query heads, both causal alignments, wi
 with fully masked rows, biases (full and broadcast) and dropout with a GIVEN keep mask.
 
 Usage:  /work/venv/bin/python Scripts/make_backward_fixtures.py   (any python3 with numpy 2.x)
-Needs:  numpy only.
-Writes: Tests/_TestSupport/Fixtures/backward/ (flat: .npy files + manifest.json). Deterministic
-        and idempotent: re-running rewrites byte-identical files and deletes files in that folder
-        that it no longer produces. Read by Tests/_TestSupport/BackwardFixtures.swift.
+Needs:  numpy only, and Scripts/fixturelib.py (the helpers the fixture scripts share).
+Writes: Tests/_TestSupport/Fixtures/backward/ (flat: .npy files + manifest.json) with
+        fixturelib.Writer: deterministic and idempotent. Read by
+        Tests/_TestSupport/BackwardFixtures.swift.
 
 Conventions
 -----------
@@ -70,90 +70,25 @@ Case = {
 
 from __future__ import annotations
 
-import json
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "Tests" / "_TestSupport" / "Fixtures" / "backward"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import (FIXTURES, Writer, assert_finite, f32, float32_scale,  # noqa: E402
+                        mask_refs, masked_softmax, rng_factory, visible_keys, write_cases)
+
+OUT = FIXTURES / "backward"
 PREFIX = "backward__"
 SIZE_LIMIT = 4 * 1024 * 1024  # the whole folder, bytes (4 MiB)
 
-
-class Writer:
-    """Writes fixture files under OUT (flat) and remembers them (summary, stale-file cleanup)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.written: dict[str, int] = {}
-
-    def npy(self, rel: str, array: np.ndarray, dtype: str) -> dict:
-        data = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype), copy=False))
-        assert rel not in self.written, rel
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / rel
-        with open(path, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-        self.written[rel] = path.stat().st_size
-        return {"file": rel, "dtype": data.dtype.str, "shape": list(data.shape)}
-
-    def json(self, rel: str, obj) -> None:
-        path = self.root / rel
-        path.write_text(json.dumps(obj, indent=2) + "\n")
-        self.written[rel] = path.stat().st_size
-
-    def remove_stale(self) -> list[str]:
-        stale = []
-        for path in sorted(self.root.iterdir()):
-            if path.is_file() and path.name not in self.written:
-                path.unlink()
-                stale.append(path.name)
-        return stale
-
-
-def rng_for(name: str) -> np.random.Generator:
-    """A generator seeded by the case name, so cases do not depend on their order."""
-    return np.random.default_rng(zlib.crc32(("backward/" + name).encode()))
-
-
-def f32(array) -> np.ndarray:
-    return np.asarray(array, dtype=np.float64).astype(np.float32)
+rng_for = rng_factory("backward/")
 
 
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------
-
-
-def float32_scale(d: int, scale) -> float:
-    """The scale the library uses: Float(scale), or 1 / Float(D).squareRoot() in float32."""
-    if scale is None:
-        return float(np.float32(1.0) / np.sqrt(np.float32(d)))
-    return float(np.float32(scale))
-
-
-def visible_keys(tq: int, tk: int, causal: bool, alignment: str, window) -> np.ndarray:
-    """bool [Tq, Tk]: True where causality and the window let query i see key j."""
-    i = np.arange(tq)[:, None]
-    j = np.arange(tk)[None, :]
-    if not causal and window is None:
-        return np.ones((tq, tk), dtype=bool)
-    limit = i + (tk - tq if alignment == "bottom-right" else 0)
-    seen = j <= limit
-    if window is not None:
-        seen &= j > limit - window
-    return seen
-
-
-def masked_softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax along the last axis of float64 scores that may hold -inf; all -inf rows -> 0."""
-    row_max = scores.max(axis=-1, keepdims=True)
-    live = np.isfinite(row_max)
-    e = np.exp(scores - np.where(live, row_max, 0.0))
-    total = e.sum(axis=-1, keepdims=True)
-    return np.where(live, e / np.where(live, total, 1.0), 0.0)
 
 
 def reduce_to(array: np.ndarray, shape) -> np.ndarray:
@@ -377,14 +312,7 @@ def write_case(w: Writer, c: dict) -> dict:
              "v": w.npy(prefix + "v.npy", v, "<f4"),
              "grad_output": w.npy(prefix + "grad_output.npy", do, "<f4"),
              "heads": heads, "kv_heads": kv_heads, "group_size": heads // kv_heads}
-    masks = []
-    if c["keep"] is not None:
-        assert c["keep"].dtype == bool
-        masks.append({"kind": "keep", **w.npy(prefix + "keep.npy", c["keep"], "|b1")})
-    if c["bias"] is not None:
-        assert c["bias"].dtype == np.float32
-        masks.append({"kind": "bias", **w.npy(prefix + "bias.npy", c["bias"], "<f4")})
-    entry["masks"] = masks
+    entry["masks"] = mask_refs(w, prefix, c["keep"], c["bias"])
     entry["causal"] = c["causal"]
     entry["alignment"] = c["alignment"]
     entry["window"] = c["window"]
@@ -399,9 +327,7 @@ def write_case(w: Writer, c: dict) -> dict:
                    scale, z, p)
     grads = prob.backward()
     o, dq, dk, dv, dbias, ds = grads
-    for name, a in (("output", o), ("dq", dq), ("dk", dk), ("dv", dv), ("ds", ds)):
-        if not np.all(np.isfinite(a)):
-            raise AssertionError(f"{c['name']}: non-finite {name}")
+    assert_finite(c["name"], (("output", o), ("dq", dq), ("dk", dk), ("dv", dv), ("ds", ds)))
     # The rows of dS sum to 0 (softmax's Jacobian), and fully masked rows give nothing.
     np.testing.assert_allclose(ds.sum(axis=-1), 0, atol=1e-12)
     dead = ~np.any(prob.seen & (np.isfinite(prob.bias) if prob.bias is not None else True),
@@ -435,20 +361,7 @@ CONVENTIONS = [
 
 
 def main() -> None:
-    w = Writer(OUT)
-    cases = all_cases()
-    names = [c["name"] for c in cases]
-    assert len(set(names)) == len(names)
-    manifest = {"schema_version": 1, "generator": "Scripts/make_backward_fixtures.py",
-                "conventions": CONVENTIONS, "cases": [write_case(w, c) for c in cases]}
-    w.json("manifest.json", manifest)
-    stale = w.remove_stale()
-    total = sum(w.written.values())
-    if total > SIZE_LIMIT:
-        raise SystemExit(f"fixtures total {total} bytes, over the {SIZE_LIMIT} limit")
-    print(f"fixtures: {OUT.relative_to(REPO)}")
-    print(f"  cases: {len(cases)}, files: {len(w.written)}, total {total / 1024:.1f} KiB"
-          + (f", removed {len(stale)} stale" if stale else ""))
+    write_cases(Writer(OUT), __file__, CONVENTIONS, all_cases(), write_case, size_limit=SIZE_LIMIT)
 
 
 if __name__ == "__main__":

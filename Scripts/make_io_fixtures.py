@@ -20,6 +20,7 @@ reference library (it writes metadata in hash order, which changes between runs)
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,10 @@ from numpy.lib import format as npformat
 import safetensors
 from safetensors.numpy import save as st_save
 
-OUT = Path(__file__).resolve().parent.parent / "Tests" / "_TestSupport" / "Fixtures" / "io"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import FIXTURES, bf16_bits  # noqa: E402  (float32 -> bfloat16, NaN kept quiet)
+
+OUT = FIXTURES / "io"
 
 
 def float32_bits(array):
@@ -142,15 +146,6 @@ def make_npy(expected):
 
 # ---------------------------------------------------------------------------------------------
 # safetensors
-
-
-def bf16_bits(values):
-    """float32 values rounded to bfloat16 (nearest, ties to even; NaN kept quiet)."""
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    is_nan = np.isnan(np.asarray(values, dtype=np.float32))
-    rounded = np.where(is_nan, (bits >> 16) | 0x40, rounded)
-    return rounded.astype("<u2")
 
 
 def serialize_bf16(name, bits, shape, metadata):

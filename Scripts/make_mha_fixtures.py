@@ -4,14 +4,13 @@ rotary position embeddings, grouped-query heads, composed masks, output projecti
 residual LayerNorm), with the weights in safetensors files under the names PyTorch's
 nn.MultiheadAttention, Hugging Face's BertAttention and LlamaAttention give them.
 
-Usage:  python3 Scripts/make_mha_fixtures.py            (numpy only)
+Usage:  python3 Scripts/make_mha_fixtures.py            (numpy only, and Scripts/fixturelib.py)
         /work/venv/bin/python Scripts/make_mha_fixtures.py --verify
                                  (also checks every reference against PyTorch run in float64:
                                   nn.MultiheadAttention, transformers' BertAttention and
                                   LlamaAttention when transformers is installed; needs torch)
-Writes: Tests/_TestSupport/Fixtures/mha/ (flat: .safetensors, .npy files + manifest.json).
-        Deterministic and idempotent: re-running rewrites byte-identical files and deletes files
-        in that folder that it no longer produces.
+Writes: Tests/_TestSupport/Fixtures/mha/ (flat: .safetensors, .npy files + manifest.json)
+        with fixturelib.Writer: deterministic and idempotent.
 
 Conventions
 -----------
@@ -92,91 +91,21 @@ from __future__ import annotations
 
 import argparse
 import cmath
-import json
 import math
-import struct
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "Tests" / "_TestSupport" / "Fixtures" / "mha"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import (FIXTURES, Writer, f32, manifest_header, masked_softmax,  # noqa: E402
+                        rng_factory, unique_names)
+
+OUT = FIXTURES / "mha"
 PREFIX = "mha__"
 SIZE_LIMIT = 1024 * 1024  # the whole folder, bytes (1 MiB)
 
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
-def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> bytes:
-    """A safetensors file of float32 tensors: 8-byte little-endian header length, the JSON header
-    {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}} (names sorted by their
-    UTF-8 bytes, offsets relative to the data section, tensors packed in that order), padded
-    with spaces to a multiple of 8 bytes, then the data."""
-    header = {}
-    chunks = []
-    offset = 0
-    for name in sorted(tensors, key=lambda n: n.encode()):
-        data = np.ascontiguousarray(tensors[name], dtype="<f4")
-        raw = data.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(data.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    if metadata:
-        header = {"__metadata__": dict(sorted(metadata.items())), **header}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
-
-
-class Writer:
-    """Writes fixture files under OUT (flat) and remembers them (summary, stale-file cleanup)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.written: dict[str, int] = {}
-
-    def npy(self, rel: str, array: np.ndarray, dtype: str) -> dict:
-        data = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype), copy=False))
-        assert rel not in self.written, rel
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / rel
-        with open(path, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-        self.written[rel] = path.stat().st_size
-        return {"file": rel, "dtype": data.dtype.str, "shape": list(data.shape)}
-
-    def safetensors(self, rel: str, tensors: dict[str, np.ndarray]) -> None:
-        assert rel not in self.written, rel
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / rel
-        path.write_bytes(safetensors_bytes(tensors, {"format": "pt"}))
-        self.written[rel] = path.stat().st_size
-
-    def json(self, rel: str, obj) -> None:
-        path = self.root / rel
-        path.write_text(json.dumps(obj, indent=2) + "\n")
-        self.written[rel] = path.stat().st_size
-
-    def remove_stale(self) -> list[str]:
-        stale = []
-        for path in sorted(self.root.iterdir()):
-            if path.is_file() and path.name not in self.written:
-                path.unlink()
-                stale.append(path.name)
-        return stale
-
-
-def rng_for(name: str) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(("mha/" + name).encode()))
-
-
-def f32(array) -> np.ndarray:
-    return np.asarray(array, dtype=np.float64).astype(np.float32)
+rng_for = rng_factory("mha/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,14 +138,6 @@ def apply_rope(x: np.ndarray, theta: float, layout: str, offset: int) -> np.ndar
         out[..., 1::2] = x0 * s + x1 * c
         return out
     raise ValueError(layout)
-
-
-def masked_softmax(scores: np.ndarray) -> np.ndarray:
-    row_max = scores.max(axis=-1, keepdims=True)
-    live = np.isfinite(row_max)
-    e = np.exp(scores - np.where(live, row_max, 0.0))
-    total = e.sum(axis=-1, keepdims=True)
-    return np.where(live, e / np.where(live, total, 1.0), 0.0)
 
 
 def layer_params(c: dict) -> dict:
@@ -545,7 +466,7 @@ def write_case(w: Writer, c: dict) -> dict:
 
     pre = PREFIX + c["name"] + "__"
     st_file = pre + "weights.safetensors"
-    w.safetensors(st_file, c["tensors"])
+    w.safetensors(st_file, c["tensors"], {"format": "pt"})
     entry = {k: c[k] for k in ("name", "description", "layout", "prefix", "embed_dim", "heads",
                                "kv_heads", "head_dim", "rope", "batch", "seq", "is_causal")}
     entry["key_padding_mask"] = (None if c["key_padding_mask"] is None else
@@ -853,19 +774,11 @@ def main() -> None:
     args = parser.parse_args()
     w = Writer(OUT)
     cs, rs = cases(), rope_cases()
-    names = [c["name"] for c in cs] + [r["name"] for r in rs]
-    assert len(set(names)) == len(names)
-    manifest = {"schema_version": 1, "generator": "Scripts/make_mha_fixtures.py",
-                "conventions": CONVENTIONS, "cases": [write_case(w, c) for c in cs],
+    unique_names([c["name"] for c in cs] + [r["name"] for r in rs])
+    manifest = {**manifest_header(__file__, CONVENTIONS),
+                "cases": [write_case(w, c) for c in cs],
                 "rope_cases": [write_rope_case(w, r) for r in rs]}
-    w.json("manifest.json", manifest)
-    stale = w.remove_stale()
-    total = sum(w.written.values())
-    if total > SIZE_LIMIT:
-        raise SystemExit(f"fixtures total {total} bytes, over the {SIZE_LIMIT} limit")
-    print(f"fixtures: {OUT.relative_to(REPO)}")
-    print(f"  cases: {len(cs)} + {len(rs)} rope, files: {len(w.written)}, total "
-          f"{total / 1024:.1f} KiB" + (f", removed {len(stale)} stale" if stale else ""))
+    w.finish(manifest, counts=f"cases: {len(cs)} + {len(rs)} rope", size_limit=SIZE_LIMIT)
     if args.verify:
         verify_with_torch(cs, rs)
 

@@ -2,10 +2,10 @@
 """Generate float64 reference fixtures for the AttentionKit tests.
 
 Usage:  python3 Scripts/make_reference_fixtures.py
-Needs:  numpy (2.x) and safetensors (`pip install safetensors`); no torch.
-Writes: Tests/_TestSupport/Fixtures/reference/ (files below + manifest.json). Deterministic and
-        idempotent: re-running rewrites byte-identical files and deletes files in that folder that
-        it no longer produces.
+Needs:  numpy (2.x) and safetensors (`pip install safetensors`); no torch. Scripts/fixturelib.py
+        (the helpers the fixture scripts share).
+Writes: Tests/_TestSupport/Fixtures/reference/ (files below + manifest.json) with
+        fixturelib.Writer: deterministic and idempotent.
 
 Conventions
 -----------
@@ -101,21 +101,22 @@ RelPosCase = {"name": str, "description": str, "batch": B, "seq_len": T, "d_mode
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 try:
-    from safetensors.numpy import save_file as save_safetensors
+    from safetensors.numpy import save as safetensors_save
 except ImportError:  # pragma: no cover - message for a missing dependency
     sys.exit("make_reference_fixtures: needs the safetensors package (pip install safetensors)")
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "Tests" / "_TestSupport" / "Fixtures" / "reference"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import (FIXTURES, Writer, f32, manifest_header, masked_softmax,  # noqa: E402
+                        relative_index, rng_factory)
+
+OUT = FIXTURES / "reference"
 
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53  # multiplies counter word 0
@@ -136,88 +137,17 @@ RANDOM123_KAT = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# Output bookkeeping
-# --------------------------------------------------------------------------------------------
+rng_for = rng_factory("")  # seeded by crc32 of the name itself ("sdpa/plain_tiny", "philox")
 
 
-class Writer:
-    """Writes fixture files under OUT and remembers them (for the summary and stale-file cleanup)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.written: dict[str, int] = {}
-
-    def _path(self, rel: str) -> Path:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if rel in self.written:
-            raise ValueError(f"fixture file written twice: {rel}")
-        return path
-
-    def npy(self, rel: str, array: np.ndarray, dtype: str) -> dict:
-        """Save `array` as `dtype` ("<f4", "<f8", "|b1", "<i8"); return its file ref."""
-        data = np.ascontiguousarray(array.astype(np.dtype(dtype), copy=False))
-        path = self._path(rel)
-        with open(path, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-        self.written[rel] = path.stat().st_size
-        return {"file": rel, "dtype": data.dtype.str, "shape": list(data.shape)}
-
-    def json(self, rel: str, obj) -> None:
-        """Save `obj` as pretty JSON (insertion-ordered keys, trailing newline)."""
-        path = self._path(rel)
-        path.write_text(json.dumps(obj, indent=2) + "\n")
-        self.written[rel] = path.stat().st_size
-
-    def safetensors(self, rel: str, tensors: dict[str, np.ndarray]) -> dict:
-        """Save float32 tensors with safetensors; return {"file", "dtype", "tensors": shapes}."""
-        path = self._path(rel)
-        data = {k: np.ascontiguousarray(v.astype("<f4")) for k, v in tensors.items()}
-        save_safetensors(data, str(path))
-        self.written[rel] = path.stat().st_size
-        return {"file": rel, "dtype": "F32", "tensors": {k: list(v.shape) for k, v in data.items()}}
-
-    def remove_stale(self) -> list[str]:
-        """Delete files under the root that this run did not write; return their paths."""
-        stale = []
-        for path in sorted(self.root.rglob("*")):
-            rel = path.relative_to(self.root).as_posix()
-            if path.is_file() and rel not in self.written:
-                path.unlink()
-                stale.append(rel)
-        for path in sorted(self.root.rglob("*"), reverse=True):  # now-empty folders
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        return stale
-
-
-def rng_for(name: str) -> np.random.Generator:
-    """A generator seeded by the case name, so cases do not depend on their order."""
-    return np.random.default_rng(zlib.crc32(name.encode()))
-
-
-def f32(array: np.ndarray) -> np.ndarray:
-    """Round to float32 (what is saved and what the reference starts from)."""
-    return np.asarray(array, dtype=np.float64).astype(np.float32)
+def save_safetensors(tensors: dict[str, np.ndarray], metadata) -> bytes:
+    """The safetensors file of `tensors`, laid out by the safetensors package."""
+    return safetensors_save(tensors, metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------------
 # 1. Scaled dot-product attention
 # --------------------------------------------------------------------------------------------
-
-
-def masked_softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax along the last axis of float64 scores that may hold -inf; all -inf rows -> zeros.
-
-    scores: [..., Tq, Tk] -> weights [..., Tq, Tk]
-    """
-    row_max = scores.max(axis=-1, keepdims=True)  # [..., Tq, 1]
-    live = np.isfinite(row_max)  # rows with at least one visible key
-    shifted = scores - np.where(live, row_max, 0.0)  # max subtraction; -inf stays -inf
-    e = np.exp(shifted)  # exp(-inf) = 0
-    total = e.sum(axis=-1, keepdims=True)
-    return np.where(live, e / np.where(live, total, 1.0), 0.0)
 
 
 def causal_keep(tq: int, tk: int) -> np.ndarray:
@@ -668,12 +598,6 @@ def build_dropout_masks(w: Writer) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def relative_index(seq_len: int, max_rel: int) -> np.ndarray:
-    """index[i, j] = clip(j - i, -M, M) + M (the notebook's code). -> int64 [T, T]"""
-    positions = np.arange(seq_len)
-    return np.clip(positions[None, :] - positions[:, None], -max_rel, max_rel) + max_rel
-
-
 def relpos_reference(x, params, max_rel, mask):
     """float64 relative-position self-attention.
 
@@ -734,7 +658,8 @@ def build_relpos(w: Writer) -> list[dict]:
         prefix = f"relpos/relpos__{name}__"
         entry = {"name": name, "description": description, "batch": batch, "seq_len": t,
                  "d_model": d, "max_relative_position": max_rel,
-                 "params": w.safetensors(prefix + "params.safetensors", params),
+                 "params": w.safetensors(prefix + "params.safetensors", params,
+                                         encode=save_safetensors),
                  "x": w.npy(prefix + "x.npy", x, "<f4")}
         entry["mask"] = None if mask is None else {
             "kind": "keep", **w.npy(prefix + "mask_keep.npy", mask, "|b1")}
@@ -770,11 +695,9 @@ CONVENTIONS = [
 
 
 def main() -> None:
-    w = Writer(OUT)
+    w = Writer(OUT, nested=True)
     manifest = {
-        "schema_version": 1,
-        "generator": "Scripts/make_reference_fixtures.py",
-        "conventions": CONVENTIONS,
+        **manifest_header(__file__, CONVENTIONS),
         "sdpa": build_sdpa(w),
         "sdpa_dropout": build_sdpa_dropout(w),
         "philox": build_philox(w),
@@ -782,19 +705,13 @@ def main() -> None:
     manifest["random_uniform"], manifest["random_normal"] = build_random(w)
     manifest["dropout_masks"] = build_dropout_masks(w)
     manifest["relative_position"] = build_relpos(w)
-    w.json("manifest.json", manifest)
-    stale = w.remove_stale()
-
-    total = sum(w.written.values())
-    print(f"fixtures: {OUT.relative_to(REPO)}")
-    print(f"  sdpa cases: {len(manifest['sdpa'])}, sdpa_dropout cases: "
-          f"{len(manifest['sdpa_dropout'])}, philox vectors: {manifest['philox']['count']} "
-          f"(Random123 known answers pass)")
-    print(f"  random uniform/normal cases: {len(manifest['random_uniform'])}/"
-          f"{len(manifest['random_normal'])}, dropout masks: {len(manifest['dropout_masks'])}, "
-          f"relative-position cases: {len(manifest['relative_position'])}")
-    print(f"  files: {len(w.written)}, total {total / 1024:.1f} KiB"
-          + (f", removed {len(stale)} stale" if stale else ""))
+    w.finish(manifest, notes=[
+        f"sdpa cases: {len(manifest['sdpa'])}, sdpa_dropout cases: "
+        f"{len(manifest['sdpa_dropout'])}, philox vectors: {manifest['philox']['count']} "
+        f"(Random123 known answers pass)",
+        f"random uniform/normal cases: {len(manifest['random_uniform'])}/"
+        f"{len(manifest['random_normal'])}, dropout masks: {len(manifest['dropout_masks'])}, "
+        f"relative-position cases: {len(manifest['relative_position'])}"])
 
 
 if __name__ == "__main__":

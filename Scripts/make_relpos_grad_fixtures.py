@@ -5,10 +5,9 @@ given upstream gradient dY, with M smaller and larger than T, M = 0, a keep mask
 masked row, causal masking and B > 1.
 
 Usage:  python3 Scripts/make_relpos_grad_fixtures.py   (any python3 with numpy)
-Needs:  numpy only.
-Writes: Tests/_TestSupport/Fixtures/relpos_grad/ (flat: .npy files + manifest.json).
-        Deterministic and idempotent: re-running rewrites byte-identical files and deletes files
-        in that folder that it no longer produces. Read by
+Needs:  numpy only, and Scripts/fixturelib.py (the helpers the fixture scripts share).
+Writes: Tests/_TestSupport/Fixtures/relpos_grad/ (flat: .npy files + manifest.json) with
+        fixturelib.Writer: deterministic and idempotent. Read by
         Tests/_TestSupport/RelposGradFixtures.swift.
 
 Conventions
@@ -58,69 +57,27 @@ Case = {
 
 from __future__ import annotations
 
-import json
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "Tests" / "_TestSupport" / "Fixtures" / "relpos_grad"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import (FIXTURES, Writer, assert_finite, f32, relative_index,  # noqa: E402
+                        rng_factory, write_cases)
+
+OUT = FIXTURES / "relpos_grad"
 PREFIX = "relpos_grad__"
 SIZE_LIMIT = 1024 * 1024  # the whole folder, bytes (1 MiB)
 NAMES = ["W_q.weight", "W_q.bias", "W_k.weight", "W_k.bias", "W_v.weight", "W_v.bias",
          "relative_embeddings.weight"]
 
-
-class Writer:
-    """Writes fixture files under OUT (flat) and remembers them (summary, stale-file cleanup)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.written: dict[str, int] = {}
-
-    def npy(self, rel: str, array: np.ndarray, dtype: str) -> dict:
-        data = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype), copy=False))
-        assert rel not in self.written, rel
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / rel
-        with open(path, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-        self.written[rel] = path.stat().st_size
-        return {"file": rel, "dtype": data.dtype.str, "shape": list(data.shape)}
-
-    def json(self, rel: str, obj) -> None:
-        path = self.root / rel
-        path.write_text(json.dumps(obj, indent=2) + "\n")
-        self.written[rel] = path.stat().st_size
-
-    def remove_stale(self) -> list[str]:
-        stale = []
-        for path in sorted(self.root.iterdir()):
-            if path.is_file() and path.name not in self.written:
-                path.unlink()
-                stale.append(path.name)
-        return stale
-
-
-def rng_for(name: str) -> np.random.Generator:
-    """A generator seeded by the case name, so cases do not depend on their order."""
-    return np.random.default_rng(zlib.crc32(("relpos_grad/" + name).encode()))
-
-
-def f32(array) -> np.ndarray:
-    return np.asarray(array, dtype=np.float64).astype(np.float32)
+rng_for = rng_factory("relpos_grad/")
 
 
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------
-
-
-def relative_index(t: int, m: int) -> np.ndarray:
-    """r(i, j) = clip(j - i, -M, M) + M, [T, T]."""
-    pos = np.arange(t)
-    return np.clip(pos[None, :] - pos[:, None], -m, m) + m
 
 
 class Problem:
@@ -264,9 +221,7 @@ def write_case(w: Writer, c: dict) -> dict:
                             for n in NAMES}}
     prob = Problem(c["params"], c["x"], c["dy"], visible, m)
     y, dq, dk, dv, ds, grads = prob.backward()
-    for name, a in [("y", y), ("ds", ds)] + list(grads.items()):
-        if not np.all(np.isfinite(a)):
-            raise AssertionError(f"{c['name']}: non-finite {name}")
+    assert_finite(c["name"], [("y", y), ("ds", ds)] + list(grads.items()))
     np.testing.assert_allclose(ds.sum(axis=-1), 0, atol=1e-12)
     dead = ~visible.any(axis=-1)
     assert np.all(dq[dead] == 0)
@@ -296,20 +251,7 @@ CONVENTIONS = [
 
 
 def main() -> None:
-    w = Writer(OUT)
-    cases = all_cases()
-    names = [c["name"] for c in cases]
-    assert len(set(names)) == len(names)
-    manifest = {"schema_version": 1, "generator": "Scripts/make_relpos_grad_fixtures.py",
-                "conventions": CONVENTIONS, "cases": [write_case(w, c) for c in cases]}
-    w.json("manifest.json", manifest)
-    stale = w.remove_stale()
-    total = sum(w.written.values())
-    if total > SIZE_LIMIT:
-        raise SystemExit(f"fixtures total {total} bytes, over the {SIZE_LIMIT} limit")
-    print(f"fixtures: {OUT.relative_to(REPO)}")
-    print(f"  cases: {len(cases)}, files: {len(w.written)}, total {total / 1024:.1f} KiB"
-          + (f", removed {len(stale)} stale" if stale else ""))
+    write_cases(Writer(OUT), __file__, CONVENTIONS, all_cases(), write_case, size_limit=SIZE_LIMIT)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@
 windows, boolean and float masks, a scale override, float16/bfloat16-rounded inputs, decoding.
 
 Usage:  /work/venv/bin/python Scripts/make_sdpa_fixtures.py   (any python3 with numpy 2.x)
-Needs:  numpy only.
-Writes: Tests/_TestSupport/Fixtures/sdpa_gqa/ (flat: .npy files + manifest.json). Deterministic
-        and idempotent: re-running rewrites byte-identical files and deletes files in that folder
-        that it no longer produces. Read by Tests/_TestSupport/SDPAFixtures.swift.
+Needs:  numpy only, and Scripts/fixturelib.py (the helpers the fixture scripts share).
+Writes: Tests/_TestSupport/Fixtures/sdpa_gqa/ (flat: .npy files + manifest.json) with
+        fixturelib.Writer: deterministic and idempotent. Read by
+        Tests/_TestSupport/SDPAFixtures.swift.
 
 Conventions
 -----------
@@ -36,9 +36,10 @@ Every case is also checked on sample rows by an independent loop implementation
 (reference_row_loops), which maps heads by h // G itself.
 
 Half-precision cases: Q, K, V are drawn, rounded to float16 (`astype(np.float16)`) or to bfloat16
-(float32 rounded to nearest-even on the top 16 bits, as make_io_fixtures.py does), and the
-rounded values are saved as `<f4` (what the tests feed the kernels) plus, for float16, as `<f2`,
-and for bfloat16 the bit patterns as `<u2`. The reference uses the rounded values.
+(float32 rounded to nearest-even on the top 16 bits: fixturelib.bf16_bits, as in
+make_io_fixtures.py), and the rounded values are saved as `<f4` (what the tests feed the
+kernels) plus, for float16, as `<f2`, and for bfloat16 the bit patterns as `<u2`. The reference
+uses the rounded values.
 
 Decode cases share one K and V file (Tk = 4096): only the queries differ.
 
@@ -75,112 +76,27 @@ Case = {
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "Tests" / "_TestSupport" / "Fixtures" / "sdpa_gqa"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import (FIXTURES, Writer, bf16_bits, bf16_values, f32,  # noqa: E402
+                        float32_scale, mask_refs, masked_softmax, rng_factory, visible_keys,
+                        write_cases)
+
+OUT = FIXTURES / "sdpa_gqa"
 PREFIX = "sdpa_gqa__"
 SIZE_LIMIT = 8 * 1024 * 1024  # the whole folder, bytes (8 MiB)
 
-
-class Writer:
-    """Writes fixture files under OUT (flat) and remembers them (summary, stale-file cleanup)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.written: dict[str, int] = {}
-        self.refs: dict[str, dict] = {}
-
-    def npy(self, rel: str, array: np.ndarray, dtype: str) -> dict:
-        """Save `array` as `dtype`; return its file ref. Writing the same name twice returns the
-        first ref if the contents are identical (shared decode K/V), else fails."""
-        data = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype), copy=False))
-        if rel in self.refs:
-            previous = np.load(self.root / rel)
-            if previous.dtype != data.dtype or not np.array_equal(previous, data):
-                raise ValueError(f"fixture file written twice with different contents: {rel}")
-            return self.refs[rel]
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / rel
-        with open(path, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-        self.written[rel] = path.stat().st_size
-        self.refs[rel] = {"file": rel, "dtype": data.dtype.str, "shape": list(data.shape)}
-        return self.refs[rel]
-
-    def json(self, rel: str, obj) -> None:
-        path = self.root / rel
-        path.write_text(json.dumps(obj, indent=2) + "\n")
-        self.written[rel] = path.stat().st_size
-
-    def remove_stale(self) -> list[str]:
-        stale = []
-        for path in sorted(self.root.iterdir()):
-            if path.is_file() and path.name not in self.written:
-                path.unlink()
-                stale.append(path.name)
-        return stale
-
-
-def rng_for(name: str) -> np.random.Generator:
-    """A generator seeded by the case name, so cases do not depend on their order."""
-    return np.random.default_rng(zlib.crc32(("sdpa_gqa/" + name).encode()))
-
-
-def f32(array) -> np.ndarray:
-    return np.asarray(array, dtype=np.float64).astype(np.float32)
-
-
-def bf16_bits(values) -> np.ndarray:
-    """float32 values rounded to bfloat16 bit patterns (nearest, ties to even), as in
-    make_io_fixtures.py (no NaN here)."""
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype("<u2")
-
-
-def bf16_values(bits: np.ndarray) -> np.ndarray:
-    """The float32 values of bfloat16 bit patterns (exact)."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+rng_for = rng_factory("sdpa_gqa/")
 
 
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------
-
-
-def float32_scale(d: int, scale) -> float:
-    """The scale the library uses: Float(scale), or 1 / Float(D).squareRoot() in float32."""
-    if scale is None:
-        return float(np.float32(1.0) / np.sqrt(np.float32(d)))
-    return float(np.float32(scale))
-
-
-def visible_keys(tq: int, tk: int, causal: bool, alignment: str, window) -> np.ndarray:
-    """bool [Tq, Tk]: True where causality and the window let query i see key j."""
-    i = np.arange(tq)[:, None]
-    j = np.arange(tk)[None, :]
-    if not causal and window is None:
-        return np.ones((tq, tk), dtype=bool)
-    limit = i + (tk - tq if alignment == "bottom-right" else 0)
-    seen = j <= limit
-    if window is not None:
-        seen &= j > limit - window
-    return seen
-
-
-def masked_softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax along the last axis of float64 scores that may hold -inf; all -inf rows -> 0."""
-    row_max = scores.max(axis=-1, keepdims=True)
-    live = np.isfinite(row_max)
-    e = np.exp(scores - np.where(live, row_max, 0.0))
-    total = e.sum(axis=-1, keepdims=True)
-    return np.where(live, e / np.where(live, total, 1.0), 0.0)
 
 
 def sdpa_reference(q, k, v, keep, bias, causal, alignment, window, scale):
@@ -412,14 +328,7 @@ def write_case(w: Writer, c: dict) -> dict:
              "k": w.npy(kv_prefix + "k.npy", k, "<f4"),
              "v": w.npy(kv_prefix + "v.npy", v, "<f4"),
              "heads": heads, "kv_heads": kv_heads, "group_size": heads // kv_heads}
-    masks = []
-    if c["keep"] is not None:
-        assert c["keep"].dtype == bool
-        masks.append({"kind": "keep", **w.npy(prefix + "keep.npy", c["keep"], "|b1")})
-    if c["bias"] is not None:
-        assert c["bias"].dtype == np.float32
-        masks.append({"kind": "bias", **w.npy(prefix + "bias.npy", c["bias"], "<f4")})
-    entry["masks"] = masks
+    entry["masks"] = mask_refs(w, prefix, c["keep"], c["bias"])
     entry["causal"] = c["causal"]
     entry["alignment"] = c["alignment"]
     entry["window"] = c["window"]
@@ -476,21 +385,11 @@ CONVENTIONS = [
 
 
 def main() -> None:
-    w = Writer(OUT)
     cases = (gqa_cases() + alignment_cases() + window_cases() + mask_cases() + scale_cases()
              + half_cases() + decode_cases())
-    names = [c["name"] for c in cases]
-    assert len(set(names)) == len(names)
-    manifest = {"schema_version": 1, "generator": "Scripts/make_sdpa_fixtures.py",
-                "conventions": CONVENTIONS, "cases": [write_case(w, c) for c in cases]}
-    w.json("manifest.json", manifest)
-    stale = w.remove_stale()
-    total = sum(w.written.values())
-    if total > SIZE_LIMIT:
-        raise SystemExit(f"fixtures total {total} bytes, over the {SIZE_LIMIT} limit")
-    print(f"fixtures: {OUT.relative_to(REPO)}")
-    print(f"  cases: {len(cases)}, files: {len(w.written)}, total {total / 1024:.1f} KiB"
-          + (f", removed {len(stale)} stale" if stale else ""))
+    # The decode cases share one K and V file.
+    write_cases(Writer(OUT, shared_files=True), __file__, CONVENTIONS, cases, write_case,
+                size_limit=SIZE_LIMIT)
 
 
 if __name__ == "__main__":

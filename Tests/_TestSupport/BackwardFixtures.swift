@@ -12,53 +12,22 @@ import Testing
 /// `Tk` keys, `D` head dimension, `Dv` value dimension. Q `[B, H, Tq, D]`, K `[B, Hkv, Tk, D]`,
 /// V `[B, Hkv, Tk, Dv]`, dO `[B, H, Tq, Dv]`; references (`<f8`) shaped as Q, K, V, the bias and
 /// the output.
-package enum BackwardFixtures {
+package enum BackwardFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/backward`.
-  package static let folder = Fixtures.folder("backward")
-
-  /// The decoded manifest, read once.
-  package static func manifest() throws -> BackwardManifest { try cachedManifest.get() }
-
-  private static let cachedManifest: Result<BackwardManifest, any Error> = Result {
-    try Fixtures.manifest(
-      in: folder, as: BackwardManifest.self, schemaVersion: \.schemaVersion,
-      script: "Scripts/make_backward_fixtures.py")
-  }
-
-  /// Every case, in the manifest's order.
-  package static func cases() throws -> [BackwardCase] { try manifest().cases }
+  package static let files = FixtureFolder<BackwardManifest>(
+    "backward", script: "Scripts/make_backward_fixtures.py")
 
   /// The case called `name`.
   package static func backwardCase(named name: String) throws -> BackwardCase {
-    guard let found = try cases().first(where: { $0.name == name }) else {
-      throw FixtureError("no case named \(name) in \(folder.path)/manifest.json")
-    }
-    return found
-  }
-
-  /// A float32, float64 or bool array as a `Float` tensor, shape and dtype checked.
-  package static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
-
-  /// A `<f8` array at full float64 precision.
-  package static func doubles(_ ref: FileRef) throws -> [Double] {
-    try loadDoubles(ref, in: folder)
+    try caseNamed(name)
   }
 }
 
 // MARK: - Manifest schema (see the script's docstring)
 
-package struct BackwardManifest: Decodable, Sendable {
-  package var schemaVersion: Int
-  package var generator: String
-  package var cases: [BackwardCase]
+package typealias BackwardManifest = CaseManifest<BackwardCase>
 
-  package enum CodingKeys: String, CodingKey {
-    case schemaVersion = "schema_version"
-    case generator, cases
-  }
-}
-
-package struct BackwardCase: Decodable, Sendable, CustomTestStringConvertible {
+package struct BackwardCase: AttentionFixtureCase {
   package struct DropoutSpec: Decodable, Sendable {
     /// The probability of dropping; kept weights are scaled by `1/(1 − p)`.
     package var p: Double
@@ -103,18 +72,6 @@ package struct BackwardCase: Decodable, Sendable, CustomTestStringConvertible {
     case scaleUsed = "scale_used"
     case fullyMaskedRows = "fully_masked_rows"
   }
-
-  package var testDescription: String { name }
-
-  package var queries: Int { q.shape[2] }
-  package var keys: Int { k.shape[2] }
-  package var headDim: Int { q.shape[3] }
-  package var valueDim: Int { v.shape[3] }
-  /// `B·H`, the flat query batch.
-  package var batchCount: Int { q.shape[0] * heads }
-
-  /// The scale to pass to the kernels: `nil` for the default, else `Float(scale)`.
-  package var scaleArgument: Float? { scale.map { Float($0) } }
 }
 
 /// A case with its arrays loaded and its `AttentionMask` built.
@@ -140,23 +97,9 @@ package struct LoadedBackwardCase {
     keys = try BackwardFixtures.tensor(spec.k)
     values = try BackwardFixtures.tensor(spec.v)
     gradOutput = try BackwardFixtures.tensor(spec.gradOutput)
-    guard let alignment = CausalAlignment(rawValue: spec.alignment) else {
-      throw FixtureError("\(spec.name): unknown alignment \(spec.alignment)")
-    }
-    var mask = AttentionMask(
-      isCausal: spec.causal, causalAlignment: alignment, window: spec.window)
-    for ref in spec.masks {
-      let tensor = try BackwardFixtures.tensor(ref.fileRef)
-      switch ref.kind {
-      case "keep" where mask.keep == nil && ref.dtype == "|b1":
-        mask.keep = tensor
-      case "bias" where mask.bias == nil && ref.dtype == "<f4":
-        mask.bias = tensor
-      default:
-        throw FixtureError("\(spec.name): mask \(ref.kind) \(ref.dtype) unsupported or repeated")
-      }
-    }
-    self.mask = mask
+    mask = try BackwardFixtures.attentionMask(
+      case: spec.name, causal: spec.causal, alignment: spec.alignment, window: spec.window,
+      masks: spec.masks)
     dropoutKeep = try spec.dropout.map { try BackwardFixtures.tensor($0.keep) }
     expectedOutput = try BackwardFixtures.doubles(spec.expected.output)
     expectedDQ = try BackwardFixtures.doubles(spec.expected.dq)

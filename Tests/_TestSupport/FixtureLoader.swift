@@ -8,35 +8,10 @@ import Testing
 ///
 /// Shape legend: `B` batch, `H` heads, `Tq` queries, `Tk` keys, `D` head dimension, `Dv` value
 /// dimension. Inputs are float32 (`<f4`), booleans (`|b1`); references are float64 (`<f8`).
-package enum ReferenceFixtures {
+package enum ReferenceFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/reference`.
-  package static let folder = Fixtures.folder("reference")
-
-  /// The decoded manifest, read once.
-  package static func manifest() throws -> Manifest { try cachedManifest.get() }
-
-  private static let cachedManifest: Result<Manifest, any Error> = Result {
-    try Fixtures.manifest(
-      in: folder, as: Manifest.self, schemaVersion: \.schemaVersion,
-      script: "Scripts/make_reference_fixtures.py")
-  }
-
-  /// The absolute path of a file named in the manifest.
-  package static func path(_ file: String) -> String { folder.appendingPathComponent(file).path }
-
-  /// A float32, float64 or bool array as a `Float` tensor, with the manifest's shape and dtype.
-  package static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
-
-  /// A `<f8` array at full float64 precision.
-  package static func doubles(_ ref: FileRef) throws -> [Double] {
-    try loadDoubles(ref, in: folder)
-  }
-
-  /// A `|b1` array as booleans (`true` = the file's `True`).
-  package static func bools(_ ref: FileRef) throws -> [Bool] {
-    guard ref.dtype == "|b1" else { throw FixtureError("\(ref.file) is \(ref.dtype), not |b1") }
-    return try tensor(ref).scalars.map { $0 != 0 }
-  }
+  package static let files = FixtureFolder<ReferenceManifest>(
+    "reference", script: "Scripts/make_reference_fixtures.py")
 }
 
 package struct FixtureError: Error, CustomStringConvertible {
@@ -45,6 +20,8 @@ package struct FixtureError: Error, CustomStringConvertible {
 }
 
 // MARK: - Manifest schema (see the script's docstring)
+
+package typealias ReferenceManifest = Manifest
 
 /// `{"file", "dtype", "shape"}`.
 package struct FileRef: Decodable, Sendable {
@@ -63,7 +40,9 @@ package struct MaskRef: Decodable, Sendable {
   package var fileRef: FileRef { FileRef(file: file, dtype: dtype, shape: shape) }
 }
 
-package struct Manifest: Decodable, Sendable {
+/// The manifest of `reference/` (its `relative_position` section is read by the tests that use
+/// it, not here).
+package struct Manifest: FixtureManifest {
   package var schemaVersion: Int
   package var sdpa: [SdpaCase]
   package var sdpaDropout: [SdpaCase]
@@ -83,7 +62,7 @@ package struct Manifest: Decodable, Sendable {
   }
 }
 
-package struct SdpaCase: Decodable, Sendable, CustomTestStringConvertible {
+package struct SdpaCase: NamedFixtureCase {
   package struct DropoutSpec: Decodable, Sendable {
     package var p: Double
     package var seed: UInt64
@@ -116,8 +95,6 @@ package struct SdpaCase: Decodable, Sendable, CustomTestStringConvertible {
     case fullyMaskedRows = "fully_masked_rows"
     case maxAbsScore = "max_abs_score"
   }
-
-  package var testDescription: String { name }
 
   /// `Tq`, `Tk`, `D`, `Dv` and the flat batch count `B·H·…`.
   package var queries: Int { q.shape[q.shape.count - 2] }
@@ -200,17 +177,15 @@ package struct PhiloxVector: Decodable, Sendable, CustomTestStringConvertible {
 
 private func hex(_ word: UInt32) -> String { "0x" + String(word, radix: 16) }
 
-package struct RandomCase: Decodable, Sendable, CustomTestStringConvertible {
+package struct RandomCase: NamedFixtureCase {
   package var name: String
   package var seed: UInt64
   package var stream: UInt32
   package var count: Int
   package var expected: FileRef
-
-  package var testDescription: String { name }
 }
 
-package struct DropoutMaskCase: Decodable, Sendable, CustomTestStringConvertible {
+package struct DropoutMaskCase: NamedFixtureCase {
   package var name: String
   package var seed: UInt64
   package var stream: Int
@@ -219,8 +194,6 @@ package struct DropoutMaskCase: Decodable, Sendable, CustomTestStringConvertible
   package var scale: Double?
   package var shape: [Int]
   package var keep: FileRef
-
-  package var testDescription: String { name }
 }
 
 extension ReferenceFixtures {

@@ -9,32 +9,15 @@ import Testing
 /// tensors of other layers — with key padding (fully padded rows too), float and boolean masks,
 /// causal, grouped-query heads 4:1 and 1:1, rotary embeddings in both layouts at offsets 0 and
 /// 1000; and rotary embeddings alone (`ropeCases`).
-package enum MHAFixtures {
-  package static let folder = Fixtures.folder("mha")
+package enum MHAFixtures: FixtureSet {
+  /// `Tests/_TestSupport/Fixtures/mha`.
+  package static let files = FixtureFolder<MHAManifest>(
+    "mha", script: "Scripts/make_mha_fixtures.py")
 
-  package static func manifest() throws -> MHAManifest { try cachedManifest.get() }
-
-  private static let cachedManifest: Result<MHAManifest, any Error> = Result {
-    try Fixtures.manifest(
-      in: folder, as: MHAManifest.self, schemaVersion: \.schemaVersion,
-      script: "Scripts/make_mha_fixtures.py")
-  }
-
-  package static func cases() throws -> [MHACase] { try manifest().cases }
   package static func ropeCases() throws -> [RopeCase] { try manifest().ropeCases }
-
-  package static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
-  package static func doubles(_ ref: FileRef) throws -> [Double] {
-    try loadDoubles(ref, in: folder)
-  }
-  /// Every tensor of a case's safetensors file.
-  package static func stateDict(_ file: String) throws -> StateDict {
-    try SafeTensors.read(contentsOf: folder.appendingPathComponent(file).path).stateDict
-  }
-  package static func path(_ file: String) -> String { folder.appendingPathComponent(file).path }
 }
 
-package struct MHAManifest: Decodable, Sendable {
+package struct MHAManifest: CaseListManifest {
   package var schemaVersion: Int
   package var cases: [MHACase]
   package var ropeCases: [RopeCase]
@@ -46,7 +29,7 @@ package struct MHAManifest: Decodable, Sendable {
   }
 }
 
-package struct MHACase: Decodable, Sendable, CustomTestStringConvertible {
+package struct MHACase: NamedFixtureCase {
   package struct Rope: Decodable, Sendable {
     package var theta: Double
     package var layout: String
@@ -104,8 +87,6 @@ package struct MHACase: Decodable, Sendable, CustomTestStringConvertible {
     case layerNormEps = "layer_norm_eps"
   }
 
-  package var testDescription: String { name }
-
   /// The layer as the case's file holds it, loaded through `WeightLayout`.
   package func layer() throws -> MultiHeadAttention {
     let options = MultiHeadAttention.LoadOptions(
@@ -129,12 +110,11 @@ package struct MHACase: Decodable, Sendable, CustomTestStringConvertible {
   }
 }
 
-package struct RopeCase: Decodable, Sendable, CustomTestStringConvertible {
+package struct RopeCase: NamedFixtureCase {
   package var name: String
   package var layout: String
   package var theta: Double
   package var offset: Int
   package var input: FileRef
   package var expected: FileRef
-  package var testDescription: String { name }
 }

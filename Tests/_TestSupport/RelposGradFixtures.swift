@@ -11,40 +11,17 @@ import Testing
 /// Shape legend: `B` batch, `T` sequence length, `D` = `d_model`, `M` largest relative distance.
 /// x, dY `[B, T, D]` (`<f4`); parameters under their `state_dict` names (`<f4`); references
 /// (`<f8`) shaped as x, the projections and the parameters.
-package enum RelposGradFixtures {
+package enum RelposGradFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/relpos_grad`.
-  package static let folder = Fixtures.folder("relpos_grad")
-
-  /// The decoded manifest, read once.
-  package static func manifest() throws -> RelposGradManifest { try cachedManifest.get() }
-
-  private static let cachedManifest: Result<RelposGradManifest, any Error> = Result {
-    try Fixtures.manifest(
-      in: folder, as: RelposGradManifest.self, schemaVersion: \.schemaVersion,
-      script: "Scripts/make_relpos_grad_fixtures.py")
-  }
-
-  /// Every case, in the manifest's order.
-  package static func cases() throws -> [RelposGradCase] { try manifest().cases }
-
-  /// The absolute path of a file named in the manifest.
-  package static func path(_ file: String) -> String { folder.appendingPathComponent(file).path }
+  package static let files = FixtureFolder<RelposGradManifest>(
+    "relpos_grad", script: "Scripts/make_relpos_grad_fixtures.py")
 }
 
 // MARK: - Manifest schema (see the script's docstring)
 
-package struct RelposGradManifest: Decodable, Sendable {
-  package var schemaVersion: Int
-  package var generator: String
-  package var cases: [RelposGradCase]
+package typealias RelposGradManifest = CaseManifest<RelposGradCase>
 
-  package enum CodingKeys: String, CodingKey {
-    case schemaVersion = "schema_version"
-    case generator, cases
-  }
-}
-
-package struct RelposGradCase: Decodable, Sendable, CustomTestStringConvertible {
+package struct RelposGradCase: NamedFixtureCase {
   package var name: String
   package var description: String
   package var batch: Int
@@ -68,8 +45,6 @@ package struct RelposGradCase: Decodable, Sendable, CustomTestStringConvertible 
     case fullyMaskedRows = "fully_masked_rows"
     case gradOutput = "grad_output"
   }
-
-  package var testDescription: String { name }
 }
 
 /// A case with its arrays loaded, its module built and its `AttentionMask`.
@@ -84,17 +59,16 @@ package struct LoadedRelposGradCase {
 
   package init(_ spec: RelposGradCase) throws {
     self.spec = spec
-    let folder = RelposGradFixtures.folder
-    var tensors: [String: Tensor] = [:]
-    for (name, ref) in spec.parameters { tensors[name] = try loadTensor(ref, in: folder) }
-    module = try RelativePositionAttention(stateDict: StateDict(tensors))
+    let files = RelposGradFixtures.files
+    module = try RelativePositionAttention(
+      stateDict: StateDict(spec.parameters.mapValues(files.tensor)))
     guard module.maxDistance == spec.maxRel, module.modelDim == spec.dModel else {
       throw FixtureError("\(spec.name): parameters do not match d_model and max_rel")
     }
-    x = try loadTensor(spec.x, in: folder)
-    gradOutput = try loadTensor(spec.gradOutput, in: folder)
+    x = try files.tensor(spec.x)
+    gradOutput = try files.tensor(spec.gradOutput)
     mask = AttentionMask(isCausal: spec.causal)
-    if let keep = spec.keep { mask.keep = try loadTensor(keep, in: folder) }
-    expected = try spec.expected.mapValues { try loadDoubles($0, in: folder) }
+    if let keep = spec.keep { mask.keep = try files.tensor(keep) }
+    expected = try spec.expected.mapValues(files.doubles)
   }
 }

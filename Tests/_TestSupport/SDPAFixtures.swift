@@ -11,21 +11,10 @@ import Testing
 /// Shape legend: `B` batch, `H` query heads, `Hkv` key/value heads (`G = H / Hkv`), `Tq` queries,
 /// `Tk` keys, `D` head dimension, `Dv` value dimension. Q `[B, H, Tq, D]`, K `[B, Hkv, Tk, D]`,
 /// V `[B, Hkv, Tk, Dv]`; references (`<f8`) `[B, H, Tq, Dv]` and `[B, H, Tq, Tk]`.
-package enum SDPAFixtures {
+package enum SDPAFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/sdpa_gqa`.
-  package static let folder = Fixtures.folder("sdpa_gqa")
-
-  /// The decoded manifest, read once.
-  package static func manifest() throws -> SDPAManifest { try cachedManifest.get() }
-
-  private static let cachedManifest: Result<SDPAManifest, any Error> = Result {
-    try Fixtures.manifest(
-      in: folder, as: SDPAManifest.self, schemaVersion: \.schemaVersion,
-      script: "Scripts/make_sdpa_fixtures.py")
-  }
-
-  /// Every case, in the manifest's order.
-  package static func cases() throws -> [SDPACase] { try manifest().cases }
+  package static let files = FixtureFolder<SDPAManifest>(
+    "sdpa_gqa", script: "Scripts/make_sdpa_fixtures.py")
 
   /// The cases of one group (`"gqa"`, `"alignment"`, `"window"`, `"mask"`, `"scale"`, `"half"`,
   /// `"decode"`).
@@ -36,37 +25,14 @@ package enum SDPAFixtures {
   }
 
   /// The case called `name`.
-  package static func sdpaCase(named name: String) throws -> SDPACase {
-    guard let found = try cases().first(where: { $0.name == name }) else {
-      throw FixtureError("no case named \(name) in \(folder.path)/manifest.json")
-    }
-    return found
-  }
-
-  /// A float32, float16, float64, bool or uint16 array as a `Float` tensor, shape and dtype
-  /// checked against the manifest.
-  package static func tensor(_ ref: FileRef) throws -> Tensor { try loadTensor(ref, in: folder) }
-
-  /// A `<f8` array at full float64 precision.
-  package static func doubles(_ ref: FileRef) throws -> [Double] {
-    try loadDoubles(ref, in: folder)
-  }
+  package static func sdpaCase(named name: String) throws -> SDPACase { try caseNamed(name) }
 }
 
 // MARK: - Manifest schema (see the script's docstring)
 
-package struct SDPAManifest: Decodable, Sendable {
-  package var schemaVersion: Int
-  package var generator: String
-  package var cases: [SDPACase]
+package typealias SDPAManifest = CaseManifest<SDPACase>
 
-  package enum CodingKeys: String, CodingKey {
-    case schemaVersion = "schema_version"
-    case generator, cases
-  }
-}
-
-package struct SDPACase: Decodable, Sendable, CustomTestStringConvertible {
+package struct SDPACase: AttentionFixtureCase {
   /// The half-precision copies of the inputs: `<f2` values for `"float16"`, `<u2` bit patterns
   /// for `"bfloat16"`; the `<f4` inputs hold the same values.
   package struct Half: Decodable, Sendable {
@@ -122,19 +88,6 @@ package struct SDPACase: Decodable, Sendable, CustomTestStringConvertible {
     case maxAbsValue = "max_abs_value"
   }
 
-  package var testDescription: String { name }
-
-  package var batch: Int { q.shape[0] }
-  package var queries: Int { q.shape[2] }
-  package var keys: Int { k.shape[2] }
-  package var headDim: Int { q.shape[3] }
-  package var valueDim: Int { v.shape[3] }
-  /// `B·H`, the flat query batch.
-  package var batchCount: Int { batch * heads }
-
-  /// The scale to pass to the kernels: `nil` for the default, else `Float(scale)`.
-  package var scaleArgument: Float? { scale.map { Float($0) } }
-
   /// The flat key/value batch that flat query batch `b` (`b = batch·H + h`) reads:
   /// `batch·Hkv + h / G`. Written out here, independently of `AttentionShape.keyValueBatch`.
   package func keyValueBatch(_ b: Int) -> Int {
@@ -142,10 +95,7 @@ package struct SDPACase: Decodable, Sendable, CustomTestStringConvertible {
   }
 
   package func causalAlignment() throws -> CausalAlignment {
-    guard let value = CausalAlignment(rawValue: alignment) else {
-      throw FixtureError("\(name): unknown alignment \(alignment)")
-    }
-    return value
+    try CausalAlignment(fixture: alignment, case: name)
   }
 }
 
@@ -165,20 +115,9 @@ package struct LoadedSDPACase {
     queries = try SDPAFixtures.tensor(spec.q)
     keys = try SDPAFixtures.tensor(spec.k)
     values = try SDPAFixtures.tensor(spec.v)
-    var mask = AttentionMask(
-      isCausal: spec.causal, causalAlignment: try spec.causalAlignment(), window: spec.window)
-    for ref in spec.masks {
-      let tensor = try SDPAFixtures.tensor(ref.fileRef)
-      switch ref.kind {
-      case "keep" where mask.keep == nil && ref.dtype == "|b1":
-        mask.keep = tensor
-      case "bias" where mask.bias == nil && ref.dtype == "<f4":
-        mask.bias = tensor
-      default:
-        throw FixtureError("\(spec.name): mask \(ref.kind) \(ref.dtype) unsupported or repeated")
-      }
-    }
-    self.mask = mask
+    mask = try SDPAFixtures.attentionMask(
+      case: spec.name, causal: spec.causal, alignment: spec.alignment, window: spec.window,
+      masks: spec.masks)
     expectedOutput = try SDPAFixtures.doubles(spec.expected.output)
     expectedWeights = try SDPAFixtures.doubles(spec.expected.weights)
   }
