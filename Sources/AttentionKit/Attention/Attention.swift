@@ -51,8 +51,12 @@ public enum Attention {
   ///     before allocating (`AttentionError.memoryBudget`) or, with `.automatic`, goes tiled.
   ///   - keyCount: only the first `keyCount` rows of each head of `keys` and `values` take part
   ///     (`Tk = keyCount`; a `KVCache`'s filled rows, read in place); all of them when `nil`.
-  /// - Returns: the output `[…, Tq, Dv]`, the weights when the kernel holds them, the kernel's
-  ///   workspace and which kernel ran.
+  ///   - needLogSumExp: whether `AttentionResult.logSumExp` (`[…, Tq]`, each row's log-sum-exp,
+  ///     what `Attention.backward(…, output:logSumExp:)` needs to skip rerunning the forward)
+  ///     should come back. Only the tiled kernel provides it (`.automatic` goes tiled when the
+  ///     weights are not asked for); from the reference and materialized kernels it is `nil`.
+  /// - Returns: the output `[…, Tq, Dv]`, the weights when the kernel holds them, the rows'
+  ///   log-sum-exp when asked for (tiled kernel), the kernel's workspace and which kernel ran.
   /// - Throws: `AttentionError` for shapes that do not fit, a mask that does not broadcast, a
   ///   non-positive `threads` or block size, or a problem over the budget.
   public static func scaledDotProduct(
@@ -60,7 +64,8 @@ public enum Attention {
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
     relativePosition: RelativePositionBias? = nil,
     kernel: Kernel = .automatic, needWeights: Bool = false,
-    threads: Int? = nil, memoryBudget: Int? = nil, keyCount: Int? = nil
+    threads: Int? = nil, memoryBudget: Int? = nil, keyCount: Int? = nil,
+    needLogSumExp: Bool = false
   ) throws -> AttentionResult {
     if let threads, threads < 1 {
       throw AttentionError.invalidArgument("threads must be ≥ 1, got \(threads)")
@@ -90,7 +95,7 @@ public enum Attention {
         try TiledAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
           dropout: dropout, relativePosition: relativePosition, configuration: configuration,
-          threads: workers, keyCount: keyCount)
+          threads: workers, keyCount: keyCount, needLogSumExp: needLogSumExp)
       }
     case .automatic:
       preconditionFailure("resolve(_:) never returns .automatic")

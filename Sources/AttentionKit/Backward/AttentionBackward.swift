@@ -26,9 +26,19 @@ extension Attention {
   ///   - mask: as for `scaledDotProduct` (a keep mask, an additive bias, causal, a window).
   ///   - scale: the factor on `Q·Kᵀ`, `1/√D` when `nil`.
   ///   - dropout: the forward's dropout (the same seed drops the same weights), `nil` for none.
+  ///   - output: the forward's output `O`, `[…, Tq, Dv]`, from `scaledDotProduct` with the same
+  ///     inputs, mask, scale and dropout; give it together with `logSumExp`, or neither.
+  ///   - logSumExp: the forward's `AttentionResult.logSumExp`, `[…, Tq]` (`scaledDotProduct`
+  ///     with `needLogSumExp: true`, tiled kernel). With both, the tiled kernel takes `L` and
+  ///     `Δ = rowsum(dO∘O)` from them instead of rerunning the forward pass: the same gradients,
+  ///     bit for bit, when that forward ran with the same `TiledAttention.Configuration` as the
+  ///     backward (to float32 rounding with other blocks). When `nil`, the tiled kernel reruns
+  ///     the forward. The reference and materialized kernels check their shapes and ignore them
+  ///     (they recompute the softmax whole).
   ///   - kernel: `.reference` (float64 loops), `.materialized` (holds `P` and `dS`, `[Tq, Tk]`, per
-  ///     task), `.tiled` (FlashAttention-2: reruns the forward to get each row's log-sum-exp,
-  ///     then recomputes `P` tile by tile; memory linear in `Tq` and `Tk`); `.automatic` is
+  ///     task), `.tiled` (FlashAttention-2: each row's log-sum-exp from `logSumExp` or a rerun of
+  ///     the forward, then `P` recomputed tile by tile, five sgemms a tile; memory linear in `Tq`
+  ///     and `Tk`, see `TiledBackward`); `.automatic` is
   ///     `.tiled(TiledBackward.defaultConfiguration)`.
   ///   - needBiasGradient: whether `dBias` should come back; the mask must then have a bias.
   ///   - threads: worker threads, every core when `nil`. Results do not depend on it: they are
@@ -37,12 +47,14 @@ extension Attention {
   ///     before allocating (`AttentionError.memoryBudget`).
   /// - Returns: `dQ`, `dK`, `dV` shaped as `Q`, `K`, `V`, `dBias` shaped as the bias, the
   ///   workspace and which kernel ran.
-  /// - Throws: `AttentionError` for shapes that do not fit (`dO` not `[…, Tq, Dv]`, a mask that
-  ///   does not broadcast), `needBiasGradient` without a bias, a non-positive `threads` or block
-  ///   size, or a workspace over `memoryBudget`.
+  /// - Throws: `AttentionError` for shapes that do not fit (`dO` or `output` not `[…, Tq, Dv]`,
+  ///   `logSumExp` not `[…, Tq]`, a mask that does not broadcast), `output` without `logSumExp`
+  ///   or the reverse, `needBiasGradient` without a bias, a non-positive `threads` or block size,
+  ///   or a workspace over `memoryBudget`.
   public static func backward(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
+    output: Tensor? = nil, logSumExp: Tensor? = nil,
     kernel: Kernel = .automatic, needBiasGradient: Bool = false,
     threads: Int? = nil, memoryBudget: Int? = nil
   ) throws -> AttentionGradients {
@@ -53,6 +65,7 @@ extension Attention {
     let problem = try BackwardProblem(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
       scale: scale, needBiasGradient: needBiasGradient)
+    let forward = try problem.forwardResults(output: output, logSumExp: logSumExp)
     switch kernel {
     case .reference:
       return try ReferenceBackward.compute(
@@ -68,13 +81,13 @@ extension Attention {
       return try BLASThreads.withCount(1) {
         try TiledBackward.compute(
           problem, dropout: dropout, configuration: configuration, threads: workers,
-          memoryBudget: memoryBudget)
+          memoryBudget: memoryBudget, forward: forward)
       }
     case .automatic:
       return try BLASThreads.withCount(1) {
         try TiledBackward.compute(
           problem, dropout: dropout, configuration: TiledBackward.defaultConfiguration,
-          threads: workers, memoryBudget: memoryBudget)
+          threads: workers, memoryBudget: memoryBudget, forward: forward)
       }
     }
   }
@@ -123,6 +136,32 @@ struct BackwardProblem: Sendable {
     biasGradient = needBiasGradient ? resolved.bias : nil
   }
 
+  /// The forward's `output` and `logSumExp` checked against the shapes: both or neither.
+  func forwardResults(output: Tensor?, logSumExp: Tensor?) throws -> (
+    output: Tensor, logSumExp: Tensor
+  )? {
+    switch (output, logSumExp) {
+    case (nil, nil):
+      return nil
+    case (let output?, let logSumExp?):
+      guard output.shape == shape.outputShape else {
+        throw AttentionError.shapeMismatch(
+          "output \(shapeForMessage(output.shape)) is not the output's shape \(shapeForMessage(shape.outputShape))"
+        )
+      }
+      let rows = shape.batchShape + [shape.queries]
+      guard logSumExp.shape == rows else {
+        throw AttentionError.shapeMismatch(
+          "logSumExp \(shapeForMessage(logSumExp.shape)) is not \(shapeForMessage(rows)), one value per query row"
+        )
+      }
+      return (output, logSumExp)
+    default:
+      throw AttentionError.invalidArgument(
+        "output and logSumExp go together: give both (from the forward) or neither")
+    }
+  }
+
   /// `Tq`, `Tk`, `D`, `Dv`.
   var sizes: (tq: Int, tk: Int, d: Int, dv: Int) {
     (shape.queries, shape.keys, shape.headDim, shape.valueDim)
@@ -135,6 +174,20 @@ struct BackwardProblem: Sendable {
       try Tensor(shape: values.shape),
       try biasGradient.map { _ in try Tensor(shape: mask.bias!.shape) }
     )
+  }
+
+  /// Tensors shaped as `Q`, `K`, `V` whose scalars are left as the allocator gives them, not
+  /// zeroed: for a kernel that writes every element (the tiled kernel's five-sgemm pass).
+  func unfilledGradients() throws -> (dQ: Tensor, dK: Tensor, dV: Tensor) {
+    func unfilled(_ shape: [Int]) throws -> Tensor {
+      let count = try Tensor.elementCount(of: shape)
+      return try Tensor(
+        shape: shape,
+        scalars: [Float](unsafeUninitializedCapacity: count) { _, initialized in
+          initialized = count
+        })
+    }
+    return (try unfilled(queries.shape), try unfilled(keys.shape), try unfilled(values.shape))
   }
 
   /// The flat query batches `b` that read key/value batch `g`, ascending: `G` consecutive query

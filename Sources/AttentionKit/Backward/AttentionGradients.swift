@@ -19,8 +19,9 @@ public struct AttentionGradients: Sendable {
   public var workspaceBytes: Int
   /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
   public var kernel: Attention.KernelName
-  /// The `Bq × Bk` tiles of the tiled kernel's two backward passes (causal and windowed calls
-  /// skip the others; the forward pass it reruns is not counted); `nil` from the other kernels.
+  /// The `Bq × Bk` tiles of the tiled kernel (each of five sgemms; with the bias gradient, the
+  /// tiles of both its passes), causal and windowed calls skipping the others; the forward pass
+  /// it may rerun is not counted. `nil` from the other kernels.
   public var tilesComputed: Int?
 
   public init(

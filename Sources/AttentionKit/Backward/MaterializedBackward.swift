@@ -212,6 +212,26 @@ enum BackwardRows {
     return result
   }
 
+  /// `row_j = exp(row_j − shift)` (`fastExp`), the values `RowSoftmax.exponentiate` writes,
+  /// without their sum.
+  @inline(__always)
+  static func exponentiate(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) {
+    var j = 0
+    while j + 16 <= count {
+      let raw = UnsafeMutableRawPointer(row + j)
+      raw.storeBytes(
+        of: fastExp(raw.loadUnaligned(as: SIMD16<Float>.self) - shift), as: SIMD16<Float>.self)
+      j += 16
+    }
+    if j < count {
+      // The tail through the same vector code, as RowSoftmax.exponentiate does.
+      var tail = SIMD16<Float>(repeating: -.infinity)
+      for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
+      let e = fastExp(tail - shift)
+      for lane in 0..<(count - j) { row[j + lane] = e[lane] }
+    }
+  }
+
   /// `dS_j = P_j·(dP_j − Δ)` in place of `gradient` (`dP`).
   @inline(__always)
   static func softmaxGradient(

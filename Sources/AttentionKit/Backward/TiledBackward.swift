@@ -6,71 +6,106 @@ import Tensors
 /// matrix, recomputes the probabilities tile by tile from each row's log-sum-exp.
 ///
 /// The same formulas and semantics as `Attention.backward`'s other kernels (the dropout decisions
-/// are regenerated from `Dropout`'s counters, never stored), in three passes:
-/// 0. the forward pass (`TiledAttention`, same blocks), which also writes the log-sum-exp
-///    `L_i = m_i + log ℓ_i` of every row (`−∞` for a row that sees no key); then
-///    `Δ_i = Σ_c dO_ic·O_ic` and the output is released.
-/// 1. Key-block tasks, one per (key/value batch `g`, block of `Bk` keys): for each query head of
-///    the group and each block of `Bq` queries that can see the keys (causal and windowed
-///    blocks that cannot are skipped),
-///    `P = exp(scale·Q_blk·K_blkᵀ + mask − L)` (one sgemm, then the mask and `fastExp`),
+/// are regenerated from `Dropout`'s counters, never stored):
+/// 0. The rows' log-sum-exp `L_i = m_i + log ℓ_i` (`−∞` for a row that sees no key) and output
+///    `O`: the forward's, when `Attention.backward` is handed them (`output:`, `logSumExp:`),
+///    otherwise from a rerun of the forward pass (`TiledAttention`, same blocks), whose output
+///    is released once `Δ_i = Σ_c dO_ic·O_ic` is computed.
+/// 1. Tasks per (key/value batch `g`, key chunk `c`): the chunk's key blocks of `Bk` keys are
+///    those whose index is `c` modulo `C` (interleaved, so that with a causal mask every chunk
+///    has about the same work), walked in increasing order. For each, for each query head of the
+///    group and each block of `Bq` queries that can see the keys (causal and windowed blocks that
+///    cannot are skipped), five sgemms:
+///    `P = exp(scale·Q_blk·K_blkᵀ + mask − L)` (sgemm, then the mask and `fastExp`),
 ///    `Pd = P∘Z/(1 − p)`, `dV_blk += Pdᵀ·dO_blk` (sgemm), `dP = (dO_blk·V_blkᵀ)∘Z/(1 − p)`
-///    (sgemm), `dS = P∘(dP − Δ)`, `dK_blk += scale·dSᵀ·Q_blk` (sgemm). The task owns its
-///    `dK` and `dV` rows and sums the group's heads and query blocks in increasing order.
-/// 2. Query-block tasks, one per (query batch `b`, block of `Bq` queries): walking the key
-///    blocks the rows can see, in increasing order, the same `P` and `dS` (two sgemms), then
-///    `dQ_blk += scale·dS·K_blk` (sgemm); with `needBiasGradient`, `dS` is also added into the
-///    bias gradient.
+///    (sgemm), `dS = P∘(dP − Δ)`, `dK_blk += scale·dSᵀ·Q_blk` (sgemm) and
+///    `dQ_c,blk += scale·dS·K_blk` (sgemm) into the chunk's own `dQ` buffer.
+/// 2. `dQ = dQ_0 + dQ_1 + … + dQ_{C−1}`, added in that order (chunk 0's buffer is `dQ` itself).
 ///
-/// Why `dQ` has a pass of its own: a key-block task produces a `[Bq, D]` contribution to every
-/// query block it meets, and summing those into `dQ` as tasks finish would add them in an order
-/// that depends on the threads (and would need atomics or locks); keeping them per task would
-/// take `Tq·D` floats per key block, `Tq·Tk·D/Bk` in all. Recomputing `P` and `dP` (two more
-/// sgemms per tile) instead lets each query-block task own its `dQ` rows and sum the key blocks
-/// in increasing order. Every sum in the kernel is then in an order fixed by the shape and the
-/// block sizes, and every task computes the same floats whichever worker runs it (OpenBLAS on
-/// one thread), so the results are bit-identical for any thread count. The two passes read only
-/// `L`, `Δ` and the inputs, so they share one pool of workers.
+/// Determinism: a task owns the `dK` and `dV` rows of its key blocks and its chunk's `dQ` buffer
+/// for its heads, and sums into them in an order fixed by the shape and the block sizes; every
+/// task computes the same floats whichever worker runs it (OpenBLAS on one thread); the chunk
+/// count `C` depends on the shape alone (`Partition.dQChunks`), never on the thread count. So
+/// the results are bit-identical for any thread count.
 ///
-/// The bias gradient: when a bias is broadcast, several scores add into one gradient element.
-/// Query-block tasks are then grouped so that no two tasks touch the same element: the query
-/// batches that read the same bias slab go into one task (in increasing order), and with a bias
-/// broadcast over queries (`[…, 1, Tk]`) one task takes all the query blocks of its batches.
-/// That costs parallelism (one task for a `[1, Tk]` bias shared by every head), never
-/// determinism.
+/// `C = min(⌈Tk/Bk⌉, 8, ⌈16 / (B·Hkv)⌉, ⌊2²⁶ / (B·H·Tq·D)⌋)`, at least 1: enough tasks (16)
+/// for the workers when there are few key/value heads, at most 8 buffers, and at most 2²⁶ floats
+/// (256 MiB) in all, `dQ` included (a shape with more than 2²⁵ `dQ` elements gets `C = 1`, no
+/// extra memory). The extra memory, `(C − 1)·B·H·Tq·D` floats, is thus below
+/// `min(7·|dQ|, 256 MiB)`: 112 MiB for one 65,536-token head of `D = 64`, 4 MiB for
+/// B1 H8 T2048 D64 (`C = 2`). Nothing is zeroed beforehand, neither the chunk buffers nor `dQ`,
+/// `dK`, `dV`: each block of them is written first with `β = 0`, only the `dQ` blocks a chunk
+/// wrote are summed, and the blocks that no query sees are set to zero.
 ///
-/// Workspace (`workspaceBytes`): the forward's (`TiledAttention.workspaceBytes`), its output,
-/// `L` and `Δ` (`B·H·Tq·(Dv + 2)` floats), and per worker two `[Bq, Bk]` tiles: linear in
-/// `Tq` and `Tk`, never `Tq·Tk`.
+/// The bias gradient: when asked for, several scores may add into one gradient element from
+/// different key chunks or key/value heads, so those calls keep a two-pass scheme (9 sgemms a
+/// tile): key-block tasks as above without `dQ` (`dK`, `dV`), then query-block tasks that
+/// recompute `P` and `dS`, own their `dQ` rows (`dQ_blk += scale·dS·K_blk`) and add `dS` into
+/// the bias gradient. Query-block tasks are then grouped so that no two touch the same element:
+/// the query batches that read the same bias slab go into one task (in increasing order), and
+/// with a bias broadcast over queries (`[…, 1, Tk]`) one task takes all the query blocks of its
+/// batches.
+///
+/// Workspace (`workspaceBytes`): `L` and `Δ` (`2·B·H·Tq` floats), per worker two `[Bq, Bk]`
+/// tiles, the `C − 1` extra `dQ` buffers (`(C − 1)·B·H·Tq·D` floats, bounded as above), and,
+/// when the forward is rerun, its workspace and output (`B·H·Tq·Dv` floats): linear in `Tq` and
+/// `Tk`, never `Tq·Tk`.
 public enum TiledBackward {
-  /// The blocks `.automatic` uses, `Bq = Bk = 256`. Measured on B1 H8 D64 with 2 threads
-  /// (median of 7): 4–10% faster than 128 × 128 at T 2048 and 4096, causal or not, and within 5%
-  /// of every shape from 64 × 128 to 256 × 256 tried at T 2048; 15% slower at T 512 causal, where
-  /// the whole call takes 15 ms.
+  /// The blocks `.automatic` uses, `Bq = Bk = 256`. Measured on B1 H8 T2048 D64 with 2 threads
+  /// (medians of 5, interleaved, on a shared machine): with the five-sgemm pass, none of
+  /// 64 × 256, 128 × 128, 128 × 256, 256 × 128 was faster than 256 × 256 beyond the noise
+  /// (±5%), causal or not, and blocks of 512 queries were 15–25% slower causal; with the former
+  /// two-pass scheme 256 × 256 was 4–10% faster than 128 × 128.
   public static let defaultConfiguration = TiledAttention.Configuration(
     queryBlock: 256, keyBlock: 256)
 
-  /// How a call is cut into tasks: `keyTasks` (key/value batch, key block) pairs and, per query
-  /// batch, `queryBlocks` query blocks.
+  /// The most `dQ` buffers (`C`) a call uses.
+  static let maxGradientChunks = 8
+  /// The most floats the `C` `dQ` buffers may take together (256 MiB), `dQ` included.
+  static let maxGradientChunkFloats = 1 << 26
+  /// Fewer (key/value batch, key chunk) tasks than this split the keys into more chunks.
+  static let chunkTaskTarget = 16
+
+  /// How a call is cut into tasks: `keyTasks` key-side tasks (of the five-sgemm pass, or of the
+  /// bias-gradient scheme's first pass) and the second pass's `rowUnits`; the chunk count `C`.
   struct Partition {
     let queryBlock: Int
     let keyBlock: Int
     let queryBlocks: Int
     let keyBlocks: Int
+    /// `C`, the `dQ` buffers of the five-sgemm pass (1 with the bias gradient).
+    let dQChunks: Int
+    /// Key-side tasks: (key/value batch, chunk) pairs, or (key/value batch, key block) pairs
+    /// with the bias gradient.
     let keyTasks: Int
-    /// Query-block tasks without the bias gradient's grouping: `B·H·queryBlocks`.
+    /// Query-block tasks of the bias-gradient scheme, before its grouping: `B·H·queryBlocks`;
+    /// 0 without the bias gradient.
     let rowUnits: Int
 
     init(
-      queries: Int, keys: Int, batchCount: Int, groupSize: Int,
-      configuration: TiledAttention.Configuration
+      queries: Int, keys: Int, headDim: Int, batchCount: Int, groupSize: Int,
+      biasGradient: Bool, configuration: TiledAttention.Configuration
     ) {
       queryBlock = min(configuration.queryBlock, max(queries, 1))
       keyBlock = min(configuration.keyBlock, max(keys, 1))
       queryBlocks = (queries + queryBlock - 1) / queryBlock
       keyBlocks = (keys + keyBlock - 1) / keyBlock
-      keyTasks = batchCount / max(groupSize, 1) * keyBlocks
-      rowUnits = batchCount * queryBlocks
+      let kvBatches = batchCount / max(groupSize, 1)
+      if biasGradient {
+        dQChunks = 1
+        keyTasks = kvBatches * keyBlocks
+        rowUnits = batchCount * queryBlocks
+      } else {
+        let elements = batchCount.multipliedReportingOverflow(by: queries)
+        let gradient = elements.partialValue.multipliedReportingOverflow(by: max(headDim, 1))
+        let byMemory =
+          elements.overflow || gradient.overflow
+          ? 1 : TiledBackward.maxGradientChunkFloats / max(gradient.partialValue, 1)
+        let byTasks = (TiledBackward.chunkTaskTarget + max(kvBatches, 1) - 1) / max(kvBatches, 1)
+        dQChunks = max(1, min(keyBlocks, TiledBackward.maxGradientChunks, byTasks, byMemory))
+        keyTasks = kvBatches * dQChunks
+        rowUnits = 0
+      }
     }
 
     /// The workers a call starts: one per task, at most `threads`.
@@ -80,69 +115,100 @@ public enum TiledBackward {
   /// The bytes of workspace `Attention.backward` allocates with the tiled kernel, beyond its
   /// inputs and gradients:
   /// ```
-  /// forward + 4·(B·H·Tq·(Dv + 2) + workers·2·Bq·Bk)
+  /// 4·(2·B·H·Tq + workers·2·Bq·Bk + (C − 1)·B·H·Tq·D) + C·B·H·⌈Tq/Bq⌉
+  ///   (+ forward + 4·B·H·Tq·Dv when the forward is rerun)
   /// ```
-  /// with `forward = TiledAttention.workspaceBytes(…)` for the same blocks, the forward's output
-  /// and the rows' `L` and `Δ`, and per worker two `[Bq, Bk]` tiles (`Bq`, `Bk` capped at `Tq`,
-  /// `Tk`; `workers = min(threads, B·Hkv·⌈Tk/Bk⌉ + B·H·⌈Tq/Bq⌉)`, the tasks of the two passes
-  /// before the bias gradient's grouping). No term grows with
-  /// `Tq·Tk`: a 16,384-token head of `D = Dv = 64` on 2 threads needs 6.0 MB, where one
-  /// `[Tq, Tk]` matrix of floats would take 1 GiB.
+  /// with `L` and `Δ`, per worker two `[Bq, Bk]` tiles (`Bq`, `Bk` capped at `Tq`, `Tk`;
+  /// `workers = min(threads, tasks)`), the extra `dQ` buffers and a flag per (buffer, query
+  /// block) (`C = 1` with the bias gradient; see the type's comment), and, unless the forward's
+  /// `output` and `logSumExp` are given (`forwardGiven`), `forward =
+  /// TiledAttention.workspaceBytes(…)` for the same blocks and the rerun's output. `headDim`
+  /// is `D` (`valueDim` when `nil`). No term grows with `Tq·Tk`: a 16,384-token head of
+  /// `D = Dv = 64` (causal, window 256) on 2 threads needs 34.9 MB with the forward rerun, 29.4 MB
+  /// of it the seven extra `dQ` buffers (`C = 8`), where one `[Tq, Tk]` matrix of floats would
+  /// take 1 GiB.
   public static func workspaceBytes(
-    queries: Int, keys: Int, valueDim: Int, batchCount: Int, groupSize: Int = 1,
-    window: Int? = nil, configuration: TiledAttention.Configuration = defaultConfiguration,
-    threads: Int
+    queries: Int, keys: Int, headDim: Int? = nil, valueDim: Int, batchCount: Int,
+    groupSize: Int = 1, window: Int? = nil,
+    configuration: TiledAttention.Configuration = defaultConfiguration,
+    needBiasGradient: Bool = false, forwardGiven: Bool = false, threads: Int
   ) -> Int {
+    let d = headDim ?? valueDim
     let partition = Partition(
-      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
-      configuration: configuration)
-    let forward = TiledAttention.workspaceBytes(
-      queries: queries, keys: keys, valueDim: valueDim, batchCount: batchCount,
-      groupSize: groupSize, window: window, configuration: configuration, threads: threads)
-    let rows = batchCount * queries * (valueDim + 2)
+      queries: queries, keys: keys, headDim: d, batchCount: batchCount, groupSize: groupSize,
+      biasGradient: needBiasGradient, configuration: configuration)
+    let forward =
+      forwardGiven
+      ? 0
+      : TiledAttention.workspaceBytes(
+        queries: queries, keys: keys, valueDim: valueDim, batchCount: batchCount,
+        groupSize: groupSize, window: window, configuration: configuration, threads: threads)
+        + batchCount * queries * valueDim * MemoryLayout<Float>.stride
+    let rows = 2 * batchCount * queries
     let tiles = partition.workers(threads: threads) * 2 * partition.queryBlock * partition.keyBlock
-    return forward + (rows + tiles) * MemoryLayout<Float>.stride
+    let chunks = (partition.dQChunks - 1) * batchCount * queries * d
+    let flags = partition.dQChunks * batchCount * partition.queryBlocks
+    return forward + (rows + tiles + chunks) * MemoryLayout<Float>.stride + flags
   }
 
   /// Called through `Attention.backward`, which holds OpenBLAS at one thread meanwhile.
+  /// `forward`: the forward's output and log-sum-exp, already checked against the shapes.
   static func compute(
     _ problem: BackwardProblem, dropout: Dropout?, configuration: TiledAttention.Configuration,
-    threads: Int, memoryBudget: Int?
+    threads: Int, memoryBudget: Int?, forward given: (output: Tensor, logSumExp: Tensor)? = nil
   ) throws -> AttentionGradients {
     guard configuration.queryBlock > 0, configuration.keyBlock > 0 else {
       throw AttentionError.invalidArgument(
         "block sizes must be positive, got \(configuration.queryBlock)×\(configuration.keyBlock)")
     }
     let shape = problem.shape
-    let (tq, tk, _, dv) = problem.sizes
+    let (tq, tk, d, dv) = problem.sizes
     let bh = shape.batchCount
+    let biasGradient = problem.biasGradient != nil
     let bytes = workspaceBytes(
-      queries: tq, keys: tk, valueDim: dv, batchCount: bh, groupSize: shape.groupSize,
-      window: problem.mask.window, configuration: configuration, threads: threads)
+      queries: tq, keys: tk, headDim: d, valueDim: dv, batchCount: bh,
+      groupSize: shape.groupSize, window: problem.mask.window, configuration: configuration,
+      needBiasGradient: biasGradient, forwardGiven: given != nil, threads: threads)
     try checkBackwardBudget(
       bytes, memoryBudget, what: "the tiled backward's workspace",
       advice: .other("use smaller blocks or fewer threads"))
-    var (dQ, dK, dV, dBias) = try problem.zeroGradients()
+    // The five-sgemm pass writes every element of the gradients (see `reduce`): no zeroing.
+    var (dQ, dK, dV, dBias): (Tensor, Tensor, Tensor, Tensor?)
+    if biasGradient || bh == 0 || tq == 0 || tk == 0 {
+      (dQ, dK, dV, dBias) = try problem.zeroGradients()
+    } else {
+      (dQ, dK, dV) = try problem.unfilledGradients()
+      dBias = nil
+    }
     guard bh > 0, tq > 0, tk > 0 else {
       return AttentionGradients(
         dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: 0, kernel: .tiled,
         tilesComputed: 0)
     }
-    // Pass 0: the forward pass, for L; then Δ = rowsum(dO∘O), and the output goes.
+    // Pass 0: L, and Δ = rowsum(dO∘O), from the forward's results or a rerun.
     let logSumExp = UnsafeMutablePointer<Float>.allocate(capacity: bh * tq)
     let delta = UnsafeMutablePointer<Float>.allocate(capacity: bh * tq)
     defer {
       logSumExp.deallocate()
       delta.deallocate()
     }
-    logSumExp.initialize(repeating: -.infinity, count: bh * tq)
     do {
-      let forward = try TiledAttention.compute(
-        queries: problem.queries, keys: problem.keys, values: problem.values,
-        mask: problem.mask, scale: problem.requestedScale, dropout: dropout,
-        relativePosition: nil, configuration: configuration, threads: threads,
-        logSumExp: logSumExp)
-      forward.output.scalars.withUnsafeBufferPointer { o in
+      let output: Tensor
+      let lse: Tensor
+      if let given {
+        (output, lse) = given
+      } else {
+        let forward = try TiledAttention.compute(
+          queries: problem.queries, keys: problem.keys, values: problem.values,
+          mask: problem.mask, scale: problem.requestedScale, dropout: dropout,
+          relativePosition: nil, configuration: configuration, threads: threads,
+          needLogSumExp: true)
+        (output, lse) = (forward.output, forward.logSumExp!)
+      }
+      lse.scalars.withUnsafeBufferPointer { l in
+        logSumExp.initialize(from: l.baseAddress!, count: bh * tq)
+      }
+      output.scalars.withUnsafeBufferPointer { o in
         problem.gradOutput.scalars.withUnsafeBufferPointer { dO in
           for r in 0..<(bh * tq) {
             delta[r] = BackwardRows.dot(
@@ -151,45 +217,94 @@ public enum TiledBackward {
         }
       }
     }
-    // Passes 1 and 2, in one pool of workers.
     let partition = Partition(
-      queries: tq, keys: tk, batchCount: bh, groupSize: shape.groupSize,
-      configuration: configuration)
+      queries: tq, keys: tk, headDim: d, batchCount: bh, groupSize: shape.groupSize,
+      biasGradient: biasGradient, configuration: configuration)
     let plan = BackwardTilePlan(
       problem: problem, dropout: dropout, queryBlock: partition.queryBlock,
-      keyBlock: partition.keyBlock, queryBlocks: partition.queryBlocks)
-    let rowTasks = plan.rowTasks()
-    let tasks = partition.keyTasks + rowTasks.count
-    let kvCount = problem.keyValueBatchCount
+      keyBlock: partition.keyBlock, queryBlocks: partition.queryBlocks,
+      keyBlocks: partition.keyBlocks, chunks: partition.dQChunks)
     let rows = RowStatistics(logSumExp: logSumExp, delta: delta)
     let tiles = Atomic<Int>(0)
-    var biasScalars = dBias?.scalars ?? []
-    BackwardBuffers.with(problem, dQ: &dQ, dK: &dK, dV: &dV, extra: &biasScalars) { buffers in
-      let queue = TaskQueue()
-      DispatchQueue.concurrentPerform(iterations: partition.workers(threads: threads)) { _ in
-        let scratch = BackwardScratch(plan: plan)
-        var count = 0
-        while case let next = queue.take(), next < tasks {
-          if next < partition.keyTasks {
-            // Key block major: with a causal mask the first key blocks are seen by the most
-            // queries, so they go first.
-            let (block, g) = next.quotientAndRemainder(dividingBy: kvCount)
-            count += plan.keyTask(
-              keyValueBatch: g, keyBlock: block, buffers: buffers, rows: rows, scratch: scratch)
-          } else {
-            count += plan.queryTask(
-              rowTasks[next - partition.keyTasks], buffers: buffers, rows: rows,
+    let kvCount = problem.keyValueBatchCount
+    let workers = partition.workers(threads: threads)
+    if !biasGradient {
+      // The C − 1 extra dQ buffers (chunk 0 adds into dQ itself) and which query blocks of
+      // each chunk's buffer were written.
+      let extra = (partition.dQChunks - 1) * bh * tq * d
+      let chunkBuffers = UnsafeMutablePointer<Float>.allocate(capacity: max(extra, 1))
+      let written = UnsafeMutablePointer<Bool>.allocate(
+        capacity: partition.dQChunks * bh * partition.queryBlocks)
+      written.initialize(repeating: false, count: partition.dQChunks * bh * partition.queryBlocks)
+      defer {
+        chunkBuffers.deallocate()
+        written.deallocate()
+      }
+      var none: [Float] = []
+      BackwardBuffers.with(problem, dQ: &dQ, dK: &dK, dV: &dV, extra: &none) { buffers in
+        let chunks = ChunkBuffers(buffers: chunkBuffers, written: written)
+        let queue = TaskQueue()
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+          let scratch = BackwardScratch(plan: plan)
+          var count = 0
+          while case let next = queue.take(), next < partition.keyTasks {
+            let (chunk, g) = next.quotientAndRemainder(dividingBy: kvCount)
+            count += plan.chunkTask(
+              keyValueBatch: g, chunk: chunk, buffers: buffers, chunks: chunks, rows: rows,
               scratch: scratch)
           }
+          tiles.add(count, ordering: .relaxed)
         }
-        tiles.add(count, ordering: .relaxed)
+        // dQ = dQ_0 + dQ_1 + … + dQ_{C−1}, in that order, per (query batch, query block).
+        let units = bh * partition.queryBlocks
+        let reduceQueue = TaskQueue()
+        DispatchQueue.concurrentPerform(iterations: min(max(threads, 1), units)) { _ in
+          while case let unit = reduceQueue.take(), unit < units {
+            plan.reduce(unit: unit, dQ: buffers.dQ, chunks: chunks)
+          }
+        }
       }
+    } else {
+      // The bias gradient's scheme: key-block tasks (dK, dV), then query-block tasks (dQ, dBias).
+      let rowTasks = plan.rowTasks()
+      let tasks = partition.keyTasks + rowTasks.count
+      var biasScalars = dBias?.scalars ?? []
+      BackwardBuffers.with(problem, dQ: &dQ, dK: &dK, dV: &dV, extra: &biasScalars) { buffers in
+        let queue = TaskQueue()
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+          let scratch = BackwardScratch(plan: plan)
+          var count = 0
+          while case let next = queue.take(), next < tasks {
+            if next < partition.keyTasks {
+              // Key block major: with a causal mask the first key blocks are seen by the most
+              // queries, so they go first.
+              let (block, g) = next.quotientAndRemainder(dividingBy: kvCount)
+              count += plan.keyTask(
+                keyValueBatch: g, keyBlock: block, buffers: buffers, rows: rows,
+                scratch: scratch)
+            } else {
+              count += plan.queryTask(
+                rowTasks[next - partition.keyTasks], buffers: buffers, rows: rows,
+                scratch: scratch)
+            }
+          }
+          tiles.add(count, ordering: .relaxed)
+        }
+      }
+      dBias!.scalars = biasScalars
     }
-    if dBias != nil { dBias!.scalars = biasScalars }
     return AttentionGradients(
       dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes, kernel: .tiled,
       tilesComputed: tiles.load(ordering: .relaxed))
   }
+}
+
+/// The `C − 1` extra `dQ` buffers of the five-sgemm pass (`[C − 1, B·H, Tq, D]`) and, per
+/// (chunk, query batch, query block), whether the chunk wrote it; shared by tasks that own
+/// disjoint parts.
+struct ChunkBuffers: @unchecked Sendable {
+  let buffers: UnsafeMutablePointer<Float>
+  let written: UnsafeMutablePointer<Bool>
 }
 
 /// Each row's log-sum-exp `L` and `Δ = Σ_c dO_ic·O_ic`, `[B·H·Tq]`, shared read-only.
@@ -227,6 +342,9 @@ struct BackwardTilePlan: Sendable {
   let queryBlock: Int
   let keyBlock: Int
   let queryBlocks: Int
+  let keyBlocks: Int
+  /// `C`, the `dQ` buffers of the five-sgemm pass.
+  let chunks: Int
 
   var mask: ResolvedMask { problem.resolved }
 
@@ -275,7 +393,7 @@ struct BackwardTilePlan: Sendable {
     } else if l.isNaN {
       row.update(repeating: .nan, count: count)
     } else {
-      _ = RowSoftmax.exponentiate(row, count: count, shift: l)
+      BackwardRows.exponentiate(row, count: count, shift: l)
     }
   }
 
@@ -286,7 +404,7 @@ struct BackwardTilePlan: Sendable {
   private func tile(
     batch b: Int, keyValueBatch g: Int, firstQuery i0: Int, rowCount: Int, firstKey j0: Int,
     cols: Int, buffers: BackwardBuffers, rows: RowStatistics, scratch: BackwardScratch,
-    valueGradient: Bool
+    valueGradient: Bool, valueBeta: Float = 1
   ) {
     let (tq, tk, d, dv) = problem.sizes
     let bk = keyBlock
@@ -316,8 +434,8 @@ struct BackwardTilePlan: Sendable {
         pd = UnsafePointer(s)
       }
       BLAS.sgemm(
-        transposeA: true, m: cols, n: dv, k: rowCount, a: pd, lda: bk, b: dO, ldb: dv, beta: 1,
-        c: buffers.dV + (g * tk + j0) * dv, ldc: dv)
+        transposeA: true, m: cols, n: dv, k: rowCount, a: pd, lda: bk, b: dO, ldb: dv,
+        beta: valueBeta, c: buffers.dV + (g * tk + j0) * dv, ldc: dv)
     }
     // dP = (dO_blk·V_blkᵀ)∘Z/(1 − p); dS = P∘(dP − Δ).
     if dv > 0 {
@@ -335,8 +453,106 @@ struct BackwardTilePlan: Sendable {
     }
   }
 
-  /// Pass 1 for key block `block` of key/value batch `g`: `dK` and `dV` of its keys, over every
-  /// query head of the group and every query block that can see them. Returns the tiles computed.
+  /// The five-sgemm pass for key chunk `chunk` of key/value batch `g`: for its key blocks
+  /// (`chunk`, `chunk + C`, …), `dK` and `dV` of their keys and their share of `dQ` (into the
+  /// chunk's buffer), over every query head of the group and every query block that can see
+  /// them. Returns the tiles computed.
+  func chunkTask(
+    keyValueBatch g: Int, chunk: Int, buffers: BackwardBuffers, chunks: ChunkBuffers,
+    rows: RowStatistics, scratch: BackwardScratch
+  ) -> Int {
+    let (tq, tk, d, dv) = problem.sizes
+    let bh = problem.shape.batchCount
+    var tiles = 0
+    for block in stride(from: chunk, to: keyBlocks, by: self.chunks) {
+      let j0 = block * keyBlock
+      let cols = min(keyBlock, tk - j0)
+      // The block's dK and dV rows are written (β = 0) by its first tile.
+      var first = true
+      for b in problem.queryBatches(ofKeyValueBatch: g) {
+        for qb in 0..<queryBlocks {
+          let i0 = qb * queryBlock
+          let rowCount = min(queryBlock, tq - i0)
+          // The keys the block's rows can see lie in [first row's lower, last row's upper).
+          let lower = mask.visibleKeys(query: i0).lowerBound
+          let upper = mask.visibleKeys(query: i0 + rowCount - 1).upperBound
+          guard lower < j0 + cols, upper > j0 else { continue }
+          tiles += 1
+          let keyBeta: Float = first ? 0 : 1
+          first = false
+          tile(
+            batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
+            cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true,
+            valueBeta: keyBeta)
+          guard d > 0 else { continue }
+          // dK_blk += scale·dSᵀ·Q_blk.
+          let q = buffers.q + (b * tq + i0) * d
+          BLAS.sgemm(
+            transposeA: true, m: cols, n: d, k: rowCount, alpha: problem.scale,
+            a: scratch.gradient, lda: keyBlock, b: q, ldb: d, beta: keyBeta,
+            c: buffers.dK + (g * tk + j0) * d, ldc: d)
+          // dQ_c,blk += scale·dS·K_blk: chunk 0 into dQ, the others into their buffers; each
+          // block written (β = 0) the first time.
+          let target =
+            chunk == 0
+            ? buffers.dQ + (b * tq + i0) * d
+            : chunks.buffers + ((chunk - 1) * bh * tq + b * tq + i0) * d
+          let flag = chunks.written + (chunk * bh + b) * queryBlocks + qb
+          let beta: Float = flag.pointee ? 1 : 0
+          flag.pointee = true
+          BLAS.sgemm(
+            m: rowCount, n: d, k: cols, alpha: problem.scale, a: scratch.gradient,
+            lda: keyBlock, b: buffers.k + (g * tk + j0) * d, ldb: d, beta: beta, c: target,
+            ldc: d)
+        }
+      }
+      if first {
+        // No query sees these keys: their gradients are zero.
+        (buffers.dK + (g * tk + j0) * d).update(repeating: 0, count: cols * d)
+        (buffers.dV + (g * tk + j0) * dv).update(repeating: 0, count: cols * dv)
+      }
+    }
+    return tiles
+  }
+
+  /// `dQ = dQ_0 + dQ_1 + … + dQ_{C−1}` over the rows of `unit` (query batch
+  /// `unit / queryBlocks`, query block `unit % queryBlocks`), adding the chunks that wrote them
+  /// in increasing order (`dQ_0` is `dQ` itself); zeros where no chunk wrote.
+  func reduce(unit: Int, dQ: UnsafeMutablePointer<Float>, chunks buffers: ChunkBuffers) {
+    let (tq, _, d, _) = problem.sizes
+    let bh = problem.shape.batchCount
+    let (b, qb) = unit.quotientAndRemainder(dividingBy: queryBlocks)
+    let i0 = qb * queryBlock
+    let count = min(queryBlock, tq - i0) * d
+    let out = dQ + (b * tq + i0) * d
+    var started = buffers.written[b * queryBlocks + qb]
+    for chunk in 1..<max(chunks, 1) where buffers.written[(chunk * bh + b) * queryBlocks + qb] {
+      let source = buffers.buffers + ((chunk - 1) * bh * tq + b * tq + i0) * d
+      guard started else {
+        out.update(from: source, count: count)
+        started = true
+        continue
+      }
+      var j = 0
+      while j + 16 <= count {
+        let raw = UnsafeMutableRawPointer(out + j)
+        let sum =
+          raw.loadUnaligned(as: SIMD16<Float>.self)
+          + UnsafeRawPointer(source + j).loadUnaligned(as: SIMD16<Float>.self)
+        raw.storeBytes(of: sum, as: SIMD16<Float>.self)
+        j += 16
+      }
+      while j < count {
+        out[j] += source[j]
+        j += 1
+      }
+    }
+    if !started { out.update(repeating: 0, count: count) }
+  }
+
+  /// Pass 1 of the bias-gradient scheme for key block `block` of key/value batch `g`: `dK` and
+  /// `dV` of its keys, over every query head of the group and every query block that can see
+  /// them. Returns the tiles computed.
   func keyTask(
     keyValueBatch g: Int, keyBlock block: Int, buffers: BackwardBuffers, rows: RowStatistics,
     scratch: BackwardScratch
@@ -369,8 +585,8 @@ struct BackwardTilePlan: Sendable {
     return tiles
   }
 
-  /// Pass 2 for the (batch, query block) pairs of one task: their `dQ` rows, and their `dS`
-  /// added into the bias gradient when it is asked for. Returns the tiles computed.
+  /// Pass 2 of the bias-gradient scheme for the (batch, query block) pairs of one task: their
+  /// `dQ` rows, and their `dS` added into the bias gradient. Returns the tiles computed.
   func queryTask(
     _ units: [RowUnit], buffers: BackwardBuffers, rows: RowStatistics, scratch: BackwardScratch
   ) -> Int {

@@ -35,9 +35,10 @@ import Tensors
 /// floats, allocated once per thread — independent of `Tk` and linear in `Bq` — plus, with a key
 /// split, `Bq·(Dv + 2)` floats per split task for the partial results.
 ///
-/// For the backward pass (`TiledBackward`), `compute` can also write each row's log-sum-exp
-/// `L = m + log ℓ` (`−∞` for a row that sees no key, NaN for a poisoned one) where it
-/// normalizes or merges the row: the backward then recomputes `P = exp(S − L)` tile by tile.
+/// For the backward pass (`TiledBackward`), `compute` can also return each row's log-sum-exp
+/// `L = m + log ℓ` (`AttentionResult.logSumExp`, `[…, Tq]`; `−∞` for a row that sees no key, NaN
+/// for a poisoned one), written where it normalizes or merges the row, at the cost of
+/// `4·B·H·Tq` bytes: the backward then recomputes `P = exp(S − L)` tile by tile.
 public enum TiledAttention {
   /// Block sizes. The defaults were chosen by measurement (see README, "Performance").
   public struct Configuration: Sendable, Equatable {
@@ -133,7 +134,7 @@ public enum TiledAttention {
     mask: AttentionMask, scale: Float?, dropout: Dropout?,
     relativePosition: RelativePositionBias?,
     configuration: Configuration, threads: Int, keyCount: Int? = nil,
-    logSumExp: UnsafeMutablePointer<Float>? = nil
+    needLogSumExp: Bool = false
   ) throws -> AttentionResult {
     let shape = try AttentionShape(
       queries: queries, keys: keys, values: values, keyCount: keyCount)
@@ -154,10 +155,14 @@ public enum TiledAttention {
       queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim,
       batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
       window: mask.window, configuration: configuration, threads: threads)
+    // The rows' log-sum-exp, `−∞` until a row is normalized (and for a row that sees no key).
+    var logSumExp = [Float](
+      repeating: -.infinity, count: needLogSumExp ? shape.batchCount * shape.queries : 0)
+    let lseShape = shape.batchShape + [shape.queries]
     if partition.rowTasks == 0 || shape.keys == 0 {
-      logSumExp?.update(repeating: -.infinity, count: shape.batchCount * shape.queries)
       return AttentionResult(
-        output: output, weights: nil, workspaceBytes: 0, kernel: .tiled, tilesComputed: 0)
+        output: output, weights: nil, workspaceBytes: 0, kernel: .tiled, tilesComputed: 0,
+        logSumExp: needLogSumExp ? try Tensor(shape: lseShape, scalars: logSumExp) : nil)
     }
     let plan = TilePlan(
       shape: shape, scale: shape.resolvedScale(scale), queryBlock: partition.queryBlock,
@@ -170,14 +175,16 @@ public enum TiledAttention {
           output.scalars.withUnsafeMutableBufferPointer { o in
             let embeddings = relativePosition?.embeddings.scalars ?? []
             embeddings.withUnsafeBufferPointer { e in
-              let buffers = TileBuffers(
-                q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o.baseAddress!,
-                e: e.baseAddress, l: logSumExp)
-              let count =
-                partition.splits == 1
-                ? runWhole(plan, partition, buffers, threads: threads)
-                : runSplit(plan, partition, buffers, threads: threads)
-              tiles.store(count, ordering: .relaxed)
+              logSumExp.withUnsafeMutableBufferPointer { l in
+                let buffers = TileBuffers(
+                  q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o.baseAddress!,
+                  e: e.baseAddress, l: needLogSumExp ? l.baseAddress : nil)
+                let count =
+                  partition.splits == 1
+                  ? runWhole(plan, partition, buffers, threads: threads)
+                  : runSplit(plan, partition, buffers, threads: threads)
+                tiles.store(count, ordering: .relaxed)
+              }
             }
           }
         }
@@ -185,7 +192,8 @@ public enum TiledAttention {
     }
     return AttentionResult(
       output: output, weights: nil, workspaceBytes: workspace, kernel: .tiled,
-      tilesComputed: tiles.load(ordering: .relaxed))
+      tilesComputed: tiles.load(ordering: .relaxed),
+      logSumExp: needLogSumExp ? try Tensor(shape: lseShape, scalars: logSumExp) : nil)
   }
 
   /// One task per (batch, query block), each normalized into the output; returns the tiles
