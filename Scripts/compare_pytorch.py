@@ -25,6 +25,7 @@ Cases (shapes from the performance issue):
   backward-causal   the same, causal                                 target ≥ 1.2× torch
   backward-dropout  B4 H8 T1024 D64 p 0.1 (PyTorch's math path)       target ≥ 3× torch
   backward-long     B1 H1 T65536 D64 backward, peak RSS              target < 500 MB
+  step-dropout      B4 H8 T1024 D64 p 0.1: forward + backward on both sides  target ≥ 3× torch
   decode-layer  one decoding step of a Llama-shaped attention layer: E 2048, 32 query heads on
               8 K/V heads, D 64, one new token against a cache of 4,096 tokens (the new token's
               K/V appended: 4,097 keys), q/k/v projections, RoPE, attention, o_proj
@@ -71,11 +72,16 @@ CASES = {
     "backward-dropout": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1, backward=True,
                              bench="dropout"),
     "backward-long": dict(batch=1, heads=1, seq_len=65536, d=64, backward=True, bench="long"),
+    # A training step's attention with dropout: forward + backward on both sides (PyTorch's
+    # dropout runs its math path, which holds the T² weights per head).
+    "step-dropout": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1, backward=True,
+                         bench="dropout", step=True),
 }
 # The cases PyTorch runs, with the speedup they must reach (None: reported, no target).
 TORCH_TARGET = {
     "attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
     "decode-layer": None, "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
+    "step-dropout": 3.0,
 }
 
 
@@ -113,7 +119,8 @@ def attn_once(case, threads):
         check=True, capture_output=True, text=True)
     figures = json.loads(out.stdout)["cases"][0]
     if c.get("backward"):
-        figures["median_ms"] = figures["backward_ms"]["median"]
+        timing = "forward_backward_ms" if c.get("step") else "backward_ms"
+        figures["median_ms"] = figures[timing]["median"]
     return figures
 
 
@@ -162,6 +169,15 @@ def torch_runner(torch, case, torch_ops=False):
     causal = c.get("causal", False)
     p = c.get("p", 0.0)
     gqa = kv_heads != c["heads"]
+    if c.get("backward") and c.get("step"):
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        grad = torch.randn(q.shape[:-1] + (c["d"],))
+
+        def run_step():
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+            torch.autograd.grad(out, (q, k, v), grad)
+        return run_step
     if c.get("backward"):
         for t in (q, k, v):
             t.requires_grad_(True)

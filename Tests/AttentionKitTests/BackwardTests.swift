@@ -10,7 +10,7 @@ import _TestSupport
 /// rows, derivatives that finite differences confirm, rows of `dS` that sum to zero, and a
 /// 16,384-token backward without any `Tq·Tk` allocation.
 ///
-/// Tolerances (`GradientBounds`): worst-case bounds in the manner of `ReferenceAttention.row`,
+/// Tolerances (`GradientBounds`, in the library beside `ReferenceGradients`): worst-case bounds in the manner of `ReferenceAttention.row`,
 /// per element, with `u` the unit roundoff (`2⁻²⁴` for the float32 kernels, `2⁻⁵³` for the float64
 /// reference against numpy) and `γₙ = n·u/(1 − n·u)`, built from the float64 reference's own
 /// `P`, `dS` and the inputs:
@@ -624,123 +624,5 @@ extension Backward64 {
   var biasOrEmpty: [Double] {
     get { bias ?? [] }
     set { bias = newValue }
-  }
-}
-
-/// The per-element float32 (or float64) error bounds of the backward kernels, derived in the
-/// comment of `BackwardTests`, computed from a float64 reference problem and its result.
-struct GradientBounds {
-  var dQ: [Double]
-  var dK: [Double]
-  var dV: [Double]
-  /// Shaped as the bias as given; `nil` without a bias gradient.
-  var dBias: [Double]?
-
-  init(_ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, unit u: Double) {
-    func gamma(_ n: Int) -> Double { Double(n) * u / (1 - Double(n) * u) }
-    let (bh, tq, tk, d, dv) = (p.batchCount, p.queries, p.keys, p.headDim, p.valueDim)
-    let group = problem.shape.groupSize
-    let floor = 1e6 * Double(Float.leastNormalMagnitude)
-    // 1. A, S, B and the score error δ.
-    var (a, s, bias) = (0.0, 0.0, 0.0)
-    for b in 0..<bh {
-      let g = p.keyValueBatch[b]
-      for i in 0..<tq {
-        for j in 0..<tk {
-          var dot = 0.0
-          var magnitude = 0.0
-          for c in 0..<d {
-            let x = p.q[(b * tq + i) * d + c] * p.k[(g * tk + j) * d + c]
-            dot += x
-            magnitude += abs(x)
-          }
-          a = max(a, magnitude * p.scale)
-          let e = (b * tq + i) * tk + j
-          if p.visible[e] {
-            s = max(s, abs(dot * p.scale))
-            if let value = p.bias?[e], value.isFinite { bias = max(bias, abs(value)) }
-          }
-        }
-      }
-    }
-    let delta = gamma(d + 1) * a + 4 * u * (s + bias)
-    let rho0 =
-      2 * delta * (1 + 2 * delta) + gamma(tk + 8)
-      + u * (2 * (s + bias + log(Double(max(tk, 1)))) + 8) + (p.dropoutKept == nil ? 0 : 2 * u)
-    // 2–3. ρ_ij, z_ij, M_ij, N_i, N'_i and E_ij.
-    var rho = [Double](repeating: 0, count: bh * tq * tk)
-    var z = [Double](repeating: 1, count: bh * tq * tk)
-    var e = [Double](repeating: 0, count: bh * tq * tk)
-    var m = [Double](repeating: 0, count: tk)
-    for b in 0..<bh {
-      let g = p.keyValueBatch[b]
-      for i in 0..<tq {
-        let row = b * tq + i
-        var n = 0.0
-        var nPrime = 0.0
-        for j in 0..<tk {
-          let x = row * tk + j
-          let prob = r.probabilities[x]
-          rho[x] = rho0 + (prob > 0 ? u * abs(log(prob)) : 0)
-          if let kept = p.dropoutKept { z[x] = kept[x] ? p.keptScale : 0 }
-          m[j] = 0
-          for c in 0..<dv { m[j] += abs(p.dO[row * dv + c] * p.v[(g * tk + j) * dv + c]) }
-          n += prob * z[x] * m[j]
-          nPrime += (rho[x] + gamma(tk + dv + 2)) * prob * z[x] * m[j]
-        }
-        for j in 0..<tk {
-          let x = row * tk + j
-          e[x] =
-            r.probabilities[x]
-            * ((rho[x] + gamma(dv + 4)) * z[x] * m[j] + (rho[x] + 4 * u) * n + nPrime)
-        }
-      }
-    }
-    // 4. The gradients' bounds.
-    dQ = [Double](repeating: floor, count: r.dQ.count)
-    dK = [Double](repeating: floor, count: r.dK.count)
-    dV = [Double](repeating: floor, count: r.dV.count)
-    for b in 0..<bh {
-      let g = p.keyValueBatch[b]
-      for i in 0..<tq {
-        let row = b * tq + i
-        for j in 0..<tk {
-          let x = row * tk + j
-          let ds = abs(r.dS[x])
-          for c in 0..<d {
-            dQ[row * d + c] +=
-              p.scale * (e[x] + gamma(tk + 2) * ds) * abs(p.k[(g * tk + j) * d + c])
-            dK[(g * tk + j) * d + c] +=
-              p.scale * (e[x] + gamma(group * tq + 2) * ds) * abs(p.q[row * d + c])
-          }
-          let pd = r.probabilities[x] * z[x]
-          for c in 0..<dv {
-            dV[(g * tk + j) * dv + c] +=
-              (rho[x] + gamma(group * tq + 2)) * pd * abs(p.dO[row * dv + c])
-          }
-        }
-      }
-    }
-    if let layout = problem.biasGradient, let tensor = problem.mask.bias {
-      var counts = [Int](repeating: 0, count: tensor.count)
-      for b in 0..<bh {
-        for i in 0..<tq {
-          for j in 0..<tk { counts[layout.index(batch: b, row: i, column: j)] += 1 }
-        }
-      }
-      var bounds = [Double](repeating: floor, count: tensor.count)
-      for b in 0..<bh {
-        for i in 0..<tq {
-          for j in 0..<tk {
-            let x = (b * tq + i) * tk + j
-            let out = layout.index(batch: b, row: i, column: j)
-            bounds[out] += e[x] + gamma(counts[out]) * abs(r.dS[x])
-          }
-        }
-      }
-      dBias = bounds
-    } else {
-      dBias = nil
-    }
   }
 }

@@ -11,7 +11,7 @@ extension BenchCase {
 
   /// Checks the tiled backward's gradients on the float64 reference (one head group when the
   /// problem is larger than the reference's limit), then times, interleaved, the forward pass
-  /// and the backward pass (`--repeats` each).
+  /// and the backward pass alone, given the forward's output and log-sum-exp (`--repeats` each).
   func runBackward(threads: Int, repeats: Int, warmup: Int, seed: UInt64) throws
     -> BackwardBenchResult
   {
@@ -26,15 +26,19 @@ extension BenchCase {
       shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.gradOutput)
     let drop = dropout > 0 ? try Dropout(probability: dropout, seed: seed) : nil
     let mask = self.mask
+    let kernel = Attention.Kernel.tiled(TiledBackward.defaultConfiguration)
+    // The forward saves each row's log-sum-exp; the backward takes it and the output, as a
+    // training step does (and as PyTorch's backward reuses its saved forward).
     let forward = {
       try Attention.scaledDotProduct(
-        queries: q, keys: k, values: v, mask: mask, dropout: drop, kernel: .tiled(.default),
-        threads: threads)
+        queries: q, keys: k, values: v, mask: mask, dropout: drop, kernel: kernel,
+        threads: threads, needLogSumExp: true)
     }
+    let saved = try forward()
     let backward = {
       try Attention.backward(
         queries: q, keys: k, values: v, gradOutput: dO, mask: mask, dropout: drop,
-        kernel: .tiled(TiledBackward.defaultConfiguration), threads: threads)
+        output: saved.output, logSumExp: saved.logSumExp, kernel: kernel, threads: threads)
     }
     let first = try backward()
     // One head group is checked; a head beyond the float64 reference's limit (the 65,536-token
@@ -62,11 +66,13 @@ extension BenchCase {
       forwardTimes.append(try Stopwatch.measure(forward).seconds)
       backwardTimes.append(try Stopwatch.measure(backward).seconds)
     }
+    let stepTimes = zip(forwardTimes, backwardTimes).map { $0 + $1 }
     let status = ProcessMemory.status()
     let forwardStats = Stopwatch.Statistics(forwardTimes).scaled(by: 1e3)
     let backwardStats = Stopwatch.Statistics(backwardTimes).scaled(by: 1e3)
     return BackwardBenchResult(
       name: name, shape: shapeText, forwardMs: forwardStats, backwardMs: backwardStats,
+      forwardBackwardMs: Stopwatch.Statistics(stepTimes).scaled(by: 1e3),
       backwardTimesMs: backwardTimes.map { $0 * 1e3 },
       backwardOverForward: backwardStats.median / forwardStats.median,
       workspaceBytes: first.workspaceBytes, peakRssBytes: peakReset ? status?.peak : nil,
@@ -78,9 +84,11 @@ extension BenchCase {
 struct BackwardBenchResult: Encodable {
   var name: String
   var shape: String
-  /// The tiled forward and backward passes, interleaved.
+  /// The tiled forward (saving the log-sum-exp) and the backward alone (given the forward's
+  /// output and log-sum-exp), interleaved; and their sum run by run, a training step's attention.
   var forwardMs: Stopwatch.Statistics
   var backwardMs: Stopwatch.Statistics
+  var forwardBackwardMs: Stopwatch.Statistics
   var backwardTimesMs: [Double]
   var backwardOverForward: Double
   var workspaceBytes: Int
@@ -92,10 +100,10 @@ struct BackwardBenchResult: Encodable {
     let label = name.padding(toLength: 10, withPad: " ", startingAt: 0) + " " + shape
     return label.padding(toLength: 44, withPad: " ", startingAt: 0)
       + String(
-        format: "forward median %8.2f ms  backward median %8.2f ms (mean %8.2f ± %6.2f)  "
-          + "backward/forward %4.2f",
+        format: "forward %8.2f ms  backward %8.2f ms (mean %8.2f ± %6.2f)  forward+backward "
+          + "%8.2f ms  backward/forward %4.2f (medians)",
         forwardMs.median, backwardMs.median, backwardMs.mean, backwardMs.standardDeviation,
-        backwardOverForward)
+        forwardBackwardMs.median, backwardOverForward)
       + "  workspace \(formatBytes(workspaceBytes))  peak RSS "
       + (peakRssBytes.map { formatBytes($0) } ?? "n/a")
       + (checks.isEmpty ? "  (unchecked: over the float64 reference's limit)" : "")
