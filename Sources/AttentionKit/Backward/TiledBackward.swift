@@ -469,42 +469,34 @@ struct BackwardTilePlan: Sendable {
       let cols = min(keyBlock, tk - j0)
       // The block's dK and dV rows are written (β = 0) by its first tile.
       var first = true
-      for b in problem.queryBatches(ofKeyValueBatch: g) {
-        for qb in 0..<queryBlocks {
-          let i0 = qb * queryBlock
-          let rowCount = min(queryBlock, tq - i0)
-          // The keys the block's rows can see lie in [first row's lower, last row's upper).
-          let lower = mask.visibleKeys(query: i0).lowerBound
-          let upper = mask.visibleKeys(query: i0 + rowCount - 1).upperBound
-          guard lower < j0 + cols, upper > j0 else { continue }
-          tiles += 1
-          let keyBeta: Float = first ? 0 : 1
-          first = false
-          tile(
-            batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
-            cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true,
-            valueBeta: keyBeta)
-          guard d > 0 else { continue }
-          // dK_blk += scale·dSᵀ·Q_blk.
-          let q = buffers.q + (b * tq + i0) * d
-          BLAS.sgemm(
-            transposeA: true, m: cols, n: d, k: rowCount, alpha: problem.scale,
-            a: scratch.gradient, lda: keyBlock, b: q, ldb: d, beta: keyBeta,
-            c: buffers.dK + (g * tk + j0) * d, ldc: d)
-          // dQ_c,blk += scale·dS·K_blk: chunk 0 into dQ, the others into their buffers; each
-          // block written (β = 0) the first time.
-          let target =
-            chunk == 0
-            ? buffers.dQ + (b * tq + i0) * d
-            : chunks.buffers + ((chunk - 1) * bh * tq + b * tq + i0) * d
-          let flag = chunks.written + (chunk * bh + b) * queryBlocks + qb
-          let beta: Float = flag.pointee ? 1 : 0
-          flag.pointee = true
-          BLAS.sgemm(
-            m: rowCount, n: d, k: cols, alpha: problem.scale, a: scratch.gradient,
-            lda: keyBlock, b: buffers.k + (g * tk + j0) * d, ldb: d, beta: beta, c: target,
-            ldc: d)
-        }
+      for (b, qb, i0, rowCount) in visibleQueryBlocks(keyValueBatch: g, firstKey: j0, cols: cols) {
+        tiles += 1
+        let keyBeta: Float = first ? 0 : 1
+        first = false
+        tile(
+          batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
+          cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true,
+          valueBeta: keyBeta)
+        guard d > 0 else { continue }
+        // dK_blk += scale·dSᵀ·Q_blk.
+        let q = buffers.q + (b * tq + i0) * d
+        BLAS.sgemm(
+          transposeA: true, m: cols, n: d, k: rowCount, alpha: problem.scale,
+          a: scratch.gradient, lda: keyBlock, b: q, ldb: d, beta: keyBeta,
+          c: buffers.dK + (g * tk + j0) * d, ldc: d)
+        // dQ_c,blk += scale·dS·K_blk: chunk 0 into dQ, the others into their buffers; each
+        // block written (β = 0) the first time.
+        let target =
+          chunk == 0
+          ? buffers.dQ + (b * tq + i0) * d
+          : chunks.buffers + ((chunk - 1) * bh * tq + b * tq + i0) * d
+        let flag = chunks.written + (chunk * bh + b) * queryBlocks + qb
+        let beta: Float = flag.pointee ? 1 : 0
+        flag.pointee = true
+        BLAS.sgemm(
+          m: rowCount, n: d, k: cols, alpha: problem.scale, a: scratch.gradient,
+          lda: keyBlock, b: buffers.k + (g * tk + j0) * d, ldb: d, beta: beta, c: target,
+          ldc: d)
       }
       if first {
         // No query sees these keys: their gradients are zero.
@@ -561,28 +553,40 @@ struct BackwardTilePlan: Sendable {
     let j0 = block * keyBlock
     let cols = min(keyBlock, tk - j0)
     var tiles = 0
+    for (b, _, i0, rowCount) in visibleQueryBlocks(keyValueBatch: g, firstKey: j0, cols: cols) {
+      tiles += 1
+      tile(
+        batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
+        cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true)
+      // dK_blk += scale·dSᵀ·Q_blk.
+      if d > 0 {
+        BLAS.sgemm(
+          transposeA: true, m: cols, n: d, k: rowCount, alpha: problem.scale,
+          a: scratch.gradient, lda: keyBlock, b: buffers.q + (b * tq + i0) * d, ldb: d,
+          beta: 1, c: buffers.dK + (g * tk + j0) * d, ldc: d)
+      }
+    }
+    return tiles
+  }
+
+  /// The query blocks, over the query heads of key/value batch `g`, whose rows can see a key of
+  /// `j0 ..< j0 + cols` — the keys a block's rows can see lie in [its first row's lower bound,
+  /// its last row's upper bound) — each as its query batch, block index, first row and rows.
+  func visibleQueryBlocks(keyValueBatch g: Int, firstKey j0: Int, cols: Int)
+    -> [(batch: Int, block: Int, firstQuery: Int, rowCount: Int)]
+  {
+    let tq = problem.sizes.0
+    var blocks: [(batch: Int, block: Int, firstQuery: Int, rowCount: Int)] = []
     for b in problem.queryBatches(ofKeyValueBatch: g) {
       for qb in 0..<queryBlocks {
         let i0 = qb * queryBlock
         let rowCount = min(queryBlock, tq - i0)
-        // The keys the block's rows can see lie in [first row's lower, last row's upper).
         let lower = mask.visibleKeys(query: i0).lowerBound
         let upper = mask.visibleKeys(query: i0 + rowCount - 1).upperBound
-        guard lower < j0 + cols, upper > j0 else { continue }
-        tiles += 1
-        tile(
-          batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
-          cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true)
-        // dK_blk += scale·dSᵀ·Q_blk.
-        if d > 0 {
-          BLAS.sgemm(
-            transposeA: true, m: cols, n: d, k: rowCount, alpha: problem.scale,
-            a: scratch.gradient, lda: keyBlock, b: buffers.q + (b * tq + i0) * d, ldb: d,
-            beta: 1, c: buffers.dK + (g * tk + j0) * d, ldc: d)
-        }
+        if lower < j0 + cols, upper > j0 { blocks.append((b, qb, i0, rowCount)) }
       }
     }
-    return tiles
+    return blocks
   }
 
   /// Pass 2 of the bias-gradient scheme for the (batch, query block) pairs of one task: their
