@@ -144,6 +144,15 @@ public struct MultiHeadAttention: Sendable {
     return MultiHeadResult(output: try finish(attention.output, input: x), attention: attention)
   }
 
+  /// The one `AttentionMask` the kernels see for `attentionMask` and a key-padding mask
+  /// `[B, Tk]` (nonzero = padding) folded in (see `callAsFunction`).
+  public static func combinedMask(
+    _ attentionMask: AttentionMask, keyPaddingMask: Tensor?, batch: Int, keys: Int
+  ) throws -> AttentionMask {
+    try MultiHeadMasks.combine(
+      attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: keys)
+  }
+
   /// Steps 1–2: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`, rotated when the layer has
   /// rotary embeddings.
   public func project(_ x: Tensor, positionOffset: Int = 0) throws -> ProjectedHeads {

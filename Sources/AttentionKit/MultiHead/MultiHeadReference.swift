@@ -206,6 +206,15 @@ public struct MultiHeadReference: Sendable {
       weights.append(w)
       weightBounds.append(bound)
     }
+    let y = finish(context, batch: b, token: i)
+    return MultiHeadReferenceRow(
+      batch: b, token: i, output: y.value, bound: y.error, weights: weights,
+      weightBounds: weightBounds)
+  }
+
+  /// Steps 4–5 on a context row (`[H·D]`, heads side by side, with its error bounds): the output
+  /// projection and, for BERT, `LayerNorm(· + x)` of token `i` of batch element `b`.
+  func finish(_ context: Bounded, batch b: Int, token i: Int) -> Bounded {
     var y = Self.project(layer.outputProjection, x: context.value, errors: context.error)
     if let norm = layer.residualNorm {
       let e = layer.embedDim
@@ -228,9 +237,35 @@ public struct MultiHeadReference: Sendable {
           + gamma8 * ((abs(z[c]) + abs(mean)) * inverse * abs(g) + abs(beta))
       }
     }
-    return MultiHeadReferenceRow(
-      batch: b, token: i, output: y.value, bound: y.error, weights: weights,
-      weightBounds: weightBounds)
+    return y
+  }
+
+  // MARK: - Stage by stage
+
+  /// Token `t` of batch element `b`'s projections in `Double` from `x`, rotated: queries
+  /// `[H·D]`, keys and values `[Hkv·D]` (heads side by side), each with its bound — the first
+  /// stage alone, so that its bound does not compound with the later ones'.
+  public func projections(batch b: Int, token t: Int) -> (
+    queries: (value: [Double], bound: [Double]), keys: (value: [Double], bound: [Double]),
+    values: (value: [Double], bound: [Double])
+  ) {
+    var q = project(layer.queryProjection, batch: b, token: t)
+    var k = project(layer.keyProjection, batch: b, token: t)
+    rotate(&q, position: positionOffset + t)
+    rotate(&k, position: positionOffset + t)
+    let v = project(layer.valueProjection, batch: b, token: t)
+    return ((q.value, q.error), (k.value, k.error), (v.value, v.error))
+  }
+
+  /// The last stage alone: the layer's output for token `t` of batch element `b` from a float32
+  /// context row `[H·D]` (the attention's output, heads side by side), with its bound.
+  public func output(fromContext context: [Float], batch b: Int, token t: Int) -> (
+    value: [Double], bound: [Double]
+  ) {
+    let row = Bounded(
+      value: context.map(Double.init), error: [Double](repeating: 0, count: context.count))
+    let y = finish(row, batch: b, token: t)
+    return (y.value, y.error)
   }
 }
 

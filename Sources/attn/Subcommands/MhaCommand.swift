@@ -183,9 +183,14 @@ struct MhaCommand: ParsableCommand {
       positionOffset: positionOffset)
     let rows = AttentionChecks.sampleRows(batchCount: batch, queries: length, seed: seed)
       .map { (batch: $0.batch, token: $0.query) }
-    let checks = Progress().during("checking against the float64 layer") { () -> [Check] in
-      LayerChecks(reference: reference, rows: rows).run(
-        output: result.output, weights: result.weights, decoded: decoded?.output)
+    let heads = try layer.project(x, positionOffset: positionOffset)
+    let combined = try MultiHeadAttention.combinedMask(
+      mask, keyPaddingMask: padding, batch: batch, keys: length)
+    let checks = try Progress().during("checking against the float64 layer") { () -> [Check] in
+      try LayerStageChecks(reference: reference, rows: rows).run(
+        heads: heads, mask: combined, attention: result.attention, output: result.output)
+        + LayerChecks(reference: reference, rows: rows).run(
+          output: result.output, weights: result.weights, decoded: decoded?.output)
     }
     if checks.allPassed {
       let written = averageHeads ? result.averagedWeights : result.weights

@@ -122,3 +122,90 @@ struct LayerChecks {
         + "difference anywhere \(sci(Double(largest))) (outputs up to \(sci(Double(scale))))")
   }
 }
+
+/// The same layer checked stage by stage, each stage from the float32 values that entered it —
+/// the projections from `x`, the attention from the float32 Q, K, V (`ReferenceAttention`'s
+/// bounds), the output projection from the float32 attention output — so that no stage's bound
+/// carries the earlier stages' errors: tight where the end-to-end bound, compounded through the
+/// projections, grows loose on inputs of large magnitude.
+struct LayerStageChecks {
+  let reference: MultiHeadReference
+  let rows: [(batch: Int, token: Int)]
+
+  func run(
+    heads: ProjectedHeads, mask: AttentionMask, attention: AttentionResult, output: Tensor
+  ) throws -> [Check] {
+    let layer = reference.layer
+    let (h, hkv, d, e) = (layer.heads, layer.keyValueHeads, layer.headDim, layer.embedDim)
+    let t = reference.input.shape[1]
+    // 1. Q, K, V (rotated) against x·Wᵀ + b in float64.
+    var projection = 0.0
+    for (b, token) in rows {
+      let expected = reference.projections(batch: b, token: token)
+      for (tensor, count, want) in [
+        (heads.queries, h, expected.queries), (heads.keys, hkv, expected.keys),
+        (heads.values, hkv, expected.values),
+      ] {
+        for head in 0..<count {
+          for c in 0..<d {
+            let value = Double(tensor.scalars[((b * count + head) * t + token) * d + c])
+            projection = max(
+              projection,
+              LayerChecks.ratio(value, want.value[head * d + c], want.bound[head * d + c]))
+          }
+        }
+      }
+    }
+    // 2. The attention of the float32 Q, K, V, every head of the sampled rows.
+    let attentionReference = try ReferenceAttention(
+      queries: heads.queries, keys: heads.keys, values: heads.values, mask: mask,
+      scale: layer.scale)
+    var kernel = 0.0
+    for (b, token) in rows {
+      for head in 0..<h {
+        let flat = b * h + head
+        let row = attentionReference.row(batch: flat, query: token)
+        let o = (flat * t + token) * d
+        kernel = max(kernel, row.outputErrorRatio(attention.output.scalars[o..<(o + d)]))
+        if let weights = attention.weights {
+          let w = (flat * t + token) * t
+          kernel = max(kernel, row.weightErrorRatio(weights.scalars[w..<(w + t)]))
+        }
+      }
+    }
+    // 3. The output projection (and LayerNorm) of the float32 attention output.
+    var last = 0.0
+    for (b, token) in rows {
+      var context = [Float](repeating: 0, count: h * d)
+      for head in 0..<h {
+        let o = ((b * h + head) * t + token) * d
+        for c in 0..<d { context[head * d + c] = attention.output.scalars[o + c] }
+      }
+      let expected = reference.output(fromContext: context, batch: b, token: token)
+      for c in 0..<e {
+        last = max(
+          last,
+          LayerChecks.ratio(
+            Double(output.scalars[(b * t + token) * e + c]), expected.value[c],
+            expected.bound[c]))
+      }
+    }
+    return [
+      Check(
+        name: "projections_match_reference",
+        title: "stage 1: Q, K, V (rotated) equal x·Wᵀ + b in float64",
+        passed: projection <= 1,
+        detail: "\(rows.count) tokens, worst error / bound = \(sci(projection))"),
+      Check(
+        name: "attention_matches_reference",
+        title: "stage 2: each head's attention of those Q, K, V",
+        passed: kernel <= 1,
+        detail: "\(rows.count) rows × \(h) heads, worst error / bound = \(sci(kernel))"),
+      Check(
+        name: "output_projection_matches_reference",
+        title: "stage 3: the output projection of that attention",
+        passed: last <= 1,
+        detail: "\(rows.count) rows × \(e), worst error / bound = \(sci(last))"),
+    ]
+  }
+}
