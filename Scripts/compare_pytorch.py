@@ -13,12 +13,17 @@ runs.
 
 Cases (shapes from the performance issue):
   attention   B1 H8 T2048 D64          vs torch SDPA                 target ≥ 1.25× torch
-  causal      B1 H8 T2048 D64 causal   vs torch SDPA is_causal=True  target ≥ 1.25× torch
+  causal      B1 H8 T2048 D64 causal   vs torch SDPA is_causal=True  target ≥ 1.4× torch
+  batched     B32 H12 T128 D64         vs torch SDPA                 target ≥ 1.5× torch
   dropout     B4 H8 T1024 D64 p 0.1    vs torch SDPA dropout_p=0.1   target ≥ 10× torch
   relpos      B1 T2048 d64 M32         vs the notebook's module      target ≥ 50× torch,
                                                                       ≤ 1.5× our plain attention
-  efficiency  B1 H8 T4096 D64          vs OpenBLAS on the kernel's tile products (same run)
-                                                                      target ≥ 0.80
+  efficiency  B1 H8 T4096 D64          vs OpenBLAS on the kernel's tile products, in the
+                                       kernel's layout (same run)     target ≥ 0.90
+  dropout-overhead  B4 H8 T1024 D64: attn with dropout p 0.1 against attn without, both in
+              every slot (order alternating)                          target ≤ 8 % slower
+  npy-read    `attn bench --read` of a 1 GiB float32 .npy (written to a temporary folder, read
+              once before timing: warm page cache)        target ≥ 4 GB/s, peak RSS ≤ 1.1× file
   long        B1 H1 T65536 D64         completes, peak RSS           target < 200 MB
   backward    B1 H8 T2048 D64: the backward pass alone (attn bench --backward) vs
               torch.autograd.grad of SDPA's output (the forward's graph kept)  target ≥ 1× torch
@@ -35,6 +40,10 @@ Cases (shapes from the performance issue):
               written into a preallocated cache, F.scaled_dot_product_attention(...,
               enable_gqa=True), F.linear). No target: the speedup is reported.
 
+The performance issue's table is one run of
+    Scripts/compare_pytorch.py --cases attention,causal,batched,efficiency,dropout-overhead,npy-read --json perf.json
+(`--json` also writes every slot's figures and the probe's readings, for quoting).
+
 numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
 dropout shapes. Without torch the script says how to install it and compares against numpy only.
 The script needs `attn` built in release mode (Scripts/setup.sh does that).
@@ -46,6 +55,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +68,12 @@ CASES = {
     "dropout": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1),
     "relpos": dict(batch=1, heads=1, seq_len=2048, d=64, max_rel=32),
     "efficiency": dict(batch=1, heads=8, seq_len=4096, d=64),
+    # Many short sequences: the per-tile element-wise work weighs most here.
+    "batched": dict(batch=32, heads=12, seq_len=128, d=64),
+    # The same shape with and without dropout, both attn (no PyTorch side).
+    "dropout-overhead": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1),
+    # Reading a 1 GiB float32 .npy (attn bench --read; no PyTorch side).
+    "npy-read": dict(bytes=1 << 30),
     "long": dict(batch=1, heads=1, seq_len=65536, d=64),
     # One new token against a 4,096-token KV cache, grouped-query heads (32 on 8).
     "decode": dict(batch=1, heads=32, kv_heads=8, tq=1, seq_len=4096, d=128),
@@ -79,7 +95,7 @@ CASES = {
 }
 # The cases PyTorch runs, with the speedup they must reach (None: reported, no target).
 TORCH_TARGET = {
-    "attention": 1.25, "causal": 1.25, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
+    "attention": 1.25, "causal": 1.4, "batched": 1.5, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
     "decode-layer": None, "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
     "step-dropout": 3.0,
 }
@@ -90,6 +106,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the table's rows with every slot's figures as JSON")
     parser.add_argument("--torch-ops", action="store_true",
                         help="decode-layer: time plain torch ops even when transformers is "
                              "installed")
@@ -106,14 +124,26 @@ def parse_args():
 SLOT = 3  # runs per interleaved slot, on every side
 
 
-def attn_once(case, threads):
-    """One `attn bench` slot of a standard case (median of SLOT runs); its JSON figures. A
-    backward case reports its backward pass's median as `median_ms`."""
+# The cases `attn bench --cases` knows by name; the others run as its custom case.
+STANDARD_BENCH = {"attention", "causal", "dropout", "relpos", "efficiency", "long", "decode",
+                  "gqa", "decode-layer"}
+
+
+def attn_once(case, threads, p=None):
+    """One `attn bench` slot of a case (median of SLOT runs); its JSON figures. A backward case
+    reports its backward pass's median as `median_ms`; `p` overrides a custom case's dropout."""
     c = CASES[case]
     bench = c.get("bench", case)
     single = bench == "long"
+    if bench in STANDARD_BENCH:
+        selection = ["--cases", bench]
+    else:
+        # A shape `attn bench` has no name for: its custom case.
+        selection = ["--batch", str(c["batch"]), "--heads", str(c["heads"]),
+                     "--seq-len", str(c["seq_len"]), "--d-k", str(c["d"]),
+                     "--p", str(p if p is not None else c.get("p", 0.0))]
     out = subprocess.run(
-        [str(ATTN), "bench", "--cases", bench, "--repeats", "1" if single else str(SLOT),
+        [str(ATTN), "bench", *selection, "--repeats", "1" if single else str(SLOT),
          "--threads", str(threads), "--format", "json"]
         + (["--backward"] if c.get("backward") else []),
         check=True, capture_output=True, text=True)
@@ -328,6 +358,9 @@ def main():
     rows = []
     discards = {}
     labels = {}
+    # npy-read's 1 GiB input lives in a temporary folder, removed at exit.
+    scratch = tempfile.TemporaryDirectory(prefix="attn-compare-")
+    npy_path = None
     for case in args.cases:
         print(f"running {case} …", file=sys.stderr)
         t_run = (torch_runner(torch, case, args.torch_ops)
@@ -340,8 +373,12 @@ def main():
             if fn is not None:
                 fn()
         attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
+        slots = []
         wanted = 1 if CASES[case].get("bench", case) == "long" else args.repeats
         discarded = 0
+        if case == "npy-read" and npy_path is None:
+            npy_path = write_npy(scratch.name, CASES[case]["bytes"])
+            read_slot(npy_path)  # into the page cache: the target is a warm-cache read
         while len(attn_ms) < wanted and discarded < 4 * wanted:
             # A slot counts only when the probe before it saw the threads run in parallel.
             ok, scaling = parallel_now(args.threads)
@@ -351,27 +388,105 @@ def main():
                       f"thread's FMA rate", file=sys.stderr)
                 time.sleep(1)
                 continue
-            figures = attn_once(case, args.threads)
-            attn_ms.append(figures["median_ms"])
-            eff.append(figures.get("ratio_to_sgemm"))
-            peaks.append(figures.get("peak_rss_bytes"))
-            if figures.get("plain_median_ms") is not None:
-                plain_ms.append(figures["plain_median_ms"])
+            slot = dict(probe_scaling=scaling)
+            if case == "dropout-overhead":
+                plain, dropped = overhead_slot(case, args.threads, len(attn_ms))
+                attn_ms.append(dropped)
+                plain_ms.append(plain)
+                slot.update(dropout_ms=dropped, plain_ms=plain)
+            elif case == "npy-read":
+                figures = read_slot(npy_path)
+                attn_ms.append(figures["time_ms"]["median"])
+                peaks.append(figures["peak_rss_growth_bytes"] / figures["bytes"])
+                slot.update(read=figures)
+            else:
+                figures = attn_once(case, args.threads)
+                attn_ms.append(figures["median_ms"])
+                eff.append(figures.get("ratio_to_sgemm"))
+                peaks.append(figures.get("peak_rss_bytes"))
+                if figures.get("plain_median_ms") is not None:
+                    plain_ms.append(figures["plain_median_ms"])
+                slot.update(attn=figures)
             if t_run is not None:
                 torch_ms.append(timed(t_run) * 1e3)
+                slot.update(torch_ms=torch_ms[-1])
             if n_run is not None:
                 numpy_ms.append(timed(n_run) * 1e3)
+                slot.update(numpy_ms=numpy_ms[-1])
+            slots.append(slot)
         discards[case] = discarded
         if not attn_ms:
             print(f"{case}: every slot discarded (the threads never ran in parallel)",
                   file=sys.stderr)
             continue
         rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks))
+        rows[-1]["slots"] = slots
     print_table(rows, args)
     print("slots discarded by the FMA probe (threads not running in parallel): "
           + ", ".join(f"{case} {count}" for case, count in discards.items()))
     for case, label in labels.items():
         print(f"{case} PyTorch side: {label}")
+    if args.json:
+        write_json(args.json, rows, discards, labels, args, torch)
+
+
+def overhead_slot(case, threads, index):
+    """One slot of dropout-overhead: attn on the case's shape without and with dropout, the
+    order alternating between slots; the two medians (ms), without first."""
+    p = CASES[case]["p"]
+    order = (0.0, p) if index % 2 == 0 else (p, 0.0)
+    medians = {q: attn_once(case, threads, p=q)["median_ms"] for q in order}
+    return medians[0.0], medians[p]
+
+
+def write_npy(folder, size):
+    """A float32 .npy holding `size` bytes of N(0, 1) data, written a band at a time (the
+    script never holds the whole array)."""
+    import numpy as np
+    side = 16384
+    path = Path(folder) / "input.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                      shape=(size // 4 // side, side))
+    rng = np.random.default_rng(0)
+    for r in range(0, array.shape[0], 1024):
+        rows = min(1024, array.shape[0] - r)
+        array[r:r + rows] = rng.standard_normal((rows, side), dtype=np.float32)
+    array.flush()
+    del array
+    return path
+
+
+def read_slot(path):
+    """One npy-read slot: `attn bench --read` (median of SLOT reads); its JSON figures."""
+    out = subprocess.run(
+        [str(ATTN), "bench", "--read", str(path), "--repeats", str(SLOT), "--format", "json"],
+        check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def write_json(path, rows, discards, labels, args, torch):
+    """The table's rows, every slot's figures and the run's settings, as JSON (written to a
+    temporary file, then renamed)."""
+    document = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), threads=args.threads, repeats=args.repeats,
+        runs_per_slot=SLOT, probe_scaling_required=PROBE_SCALING * args.threads / 2,
+        torch=torch.__version__ if torch is not None else None, attn=str(ATTN),
+        cpu=cpu_model(), rows=rows, discarded_slots=discards, torch_sides=labels)
+    target = Path(path)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(target)
+
+
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo (None elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
@@ -392,7 +507,19 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
             met = met and over <= 1.5
     elif case == "efficiency":
         ratio = med(eff)
-        target, measured, met = "≥ 0.80 of sgemm", f"{ratio:.2f} of sgemm", ratio >= 0.80
+        target, measured, met = "≥ 0.90 of sgemm", f"{ratio:.2f} of sgemm", ratio >= 0.90
+    elif case == "dropout-overhead":
+        # Per-slot ratios: both sides of a slot saw the same machine.
+        overhead = med([d / q for d, q in zip(attn_ms, plain_ms)]) - 1
+        target = "≤ 8 % over no dropout"
+        measured = f"+{overhead * 100:.1f} % (no dropout {med(plain_ms):.1f} ms)"
+        met = overhead <= 0.08
+    elif case == "npy-read":
+        size = CASES[case]["bytes"]
+        rate, rss = size / (row["attn"] * 1e-3) / 1e9, max(peaks)
+        target = "≥ 4 GB/s, peak RSS ≤ 1.1× file"
+        measured = f"{rate:.2f} GB/s, peak RSS {rss:.2f}× file"
+        met = rate >= 4 and rss <= 1.1
     elif case in ("long", "backward-long"):
         peak = peaks[0]
         limit = 500e6 if case == "backward-long" else 200e6
@@ -409,10 +536,10 @@ def print_table(rows, args):
     fmt = lambda x: f"{x:9.1f}" if x is not None else "        –"
     print(f"\nmedians of {args.repeats} interleaved slots of {SLOT} runs, {args.threads} threads, "
           "float32")
-    print(f"{'case':<13}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
+    print(f"{'case':<18}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
     for r in rows:
         met = {True: "yes", False: "NO", None: "–"}[r["met"]]
-        print(f"{r['case']:<13}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
+        print(f"{r['case']:<18}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
               f"{r['target']:<34}{r['measured']:<36}{met}")
 
 
