@@ -170,8 +170,8 @@ struct TiledAttentionTests {
       try workspace(tk: 64, queryBlock: 24)
     )
     #expect(w16 - w8 == w24 - w16, "workspace \(w8), \(w16), \(w24) is not linear in Bq")
-    // Bq·Bk + Bq·Dv + 2·Bq floats for one thread.
-    #expect(w8 == (8 * 16 + 8 * 8 + 2 * 8) * 4)
+    // Bq·Bk + Bq·Dv + 2·Bq + D·Bq floats for one thread.
+    #expect(w8 == (8 * 16 + 8 * 8 + 2 * 8 + 8 * 8) * 4)
     let q = try Tensor(shape: [3, 50, 8])
     let materialized = try Attention.scaledDotProduct(
       queries: q, keys: q, values: q, kernel: .materialized)
