@@ -217,28 +217,28 @@ public enum TiledAttention {
   private static func runWhole(
     _ plan: TilePlan, _ partition: Partition, _ buffers: TileBuffers, threads: Int
   ) -> Int {
-    let (groups, queryBlocks) = (partition.rowTasks / partition.queryBlocks, partition.queryBlocks)
+    let queryBlocks = partition.queryBlocks
     let queue = TaskQueue()
     let tiles = Atomic<Int>(0)
     DispatchQueue.concurrentPerform(iterations: min(threads, partition.tasks)) { _ in
       var scratch = TileScratch(plan: plan)
+      var count = 0
       // Each worker takes the next task until none is left; which worker runs a task does not
-      // change how it is computed. With a causal mask the last query blocks see the most keys,
-      // so they go first and the short ones fill in at the end.
+      // change how it is computed. Tasks of one head follow each other, so that its keys and
+      // values are still in cache for the next; with a causal mask a head's last query blocks
+      // see the most keys, so they go first and the short ones fill in at the end.
       while case let next = queue.take(), next < partition.tasks {
-        let (group, block) =
-          plan.mask.isCausal
-          ? (next % groups, queryBlocks - 1 - next / groups)
-          : (next / queryBlocks, next % queryBlocks)
+        let (group, index) = next.quotientAndRemainder(dividingBy: queryBlocks)
+        let block = plan.mask.isCausal ? queryBlocks - 1 - index : index
         let (batch, i0) = (group * plan.stackedHeads, block * plan.queryBlock)
-        let count = plan.accumulate(
+        count += plan.accumulate(
           batch: batch, firstQuery: i0, keys: 0..<plan.shape.keys, buffers: buffers,
           scratch: &scratch)
-        tiles.add(count, ordering: .relaxed)
         plan.normalize(
           batch: batch, firstQuery: i0, scratch: scratch, into: buffers.o,
           logSumExp: buffers.l)
       }
+      tiles.add(count, ordering: .relaxed)
     }
     return tiles.load(ordering: .relaxed)
   }
