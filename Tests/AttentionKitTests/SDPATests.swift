@@ -281,15 +281,20 @@ struct SDPATests {
   /// With `Tq` ≤ 7 every row fits one query block, so there are at most `B·H = 8` row tasks
   /// (fewer when the kernel stacks the query heads of a key/value head into one block: then
   /// `B·Hkv = 2`), below `keySplitThreshold` = 16: the 4096 keys are cut into chunks of whole
-  /// key blocks (five of the default 960), computed as separate tasks and merged in a fixed
-  /// order.
+  /// key blocks (960 keys, or fewer when fitted to the stacked rows), computed as separate tasks
+  /// and merged in a fixed order.
   @Test(
     "Decode: the tiled kernel splits the keys and gives identical bits for 1, 2, 3, 4, 8 threads",
     arguments: try SDPAFixtures.cases(group: "decode"))
   func decodeThreads(spec: SDPACase) throws {
     let c = try LoadedSDPACase(spec)
     let configuration = TiledAttention.Configuration.default
-    let keyBlocks = (spec.keys + configuration.keyBlock - 1) / configuration.keyBlock
+    // The key block the kernel uses: the default's, fitted to D, Dv and the stacked rows.
+    let keyBlock = TiledAttention.tile(
+      queries: spec.queries, keys: spec.keys, headDim: spec.headDim, valueDim: spec.valueDim,
+      batchCount: spec.batchCount, groupSize: spec.groupSize, configuration: configuration
+    ).keys
+    let keyBlocks = (spec.keys + keyBlock - 1) / keyBlock
     let queryBlocks = (spec.queries + configuration.queryBlock - 1) / configuration.queryBlock
     #expect(keyBlocks > 1 && queryBlocks == 1)
     let mostRowTasks = spec.batchCount * queryBlocks  // one per (batch, head, query block)

@@ -151,6 +151,30 @@ struct TiledAttentionTests {
     #expect(one.output.scalars == many.output.scalars)
   }
 
+  /// The default key block is fitted so that `R·Bk·max(D, Dv) ≤ 10⁶` (OpenBLAS's unpacked
+  /// products), in multiples of 16; explicit blocks are kept.
+  @Test("the default key block fits OpenBLAS's small products; explicit blocks are kept")
+  func fittedKeyBlock() {
+    func keys(
+      _ d: Int, _ dv: Int? = nil, tk: Int = 4096, group: Int = 1, tq: Int = 2048,
+      _ configuration: TiledAttention.Configuration = .default
+    ) -> Int {
+      TiledAttention.tile(
+        queries: tq, keys: tk, headDim: d, valueDim: dv, batchCount: 8, groupSize: group,
+        configuration: configuration
+      ).keys
+    }
+    #expect(keys(64) == 960 && keys(32) == 960 && keys(128) == 480 && keys(256) == 240)
+    #expect(keys(64, 128) == 480 && keys(64, tk: 300) == 300)
+    // A decode step stacks the group's heads: 8 heads of 7 queries are 56 rows.
+    #expect(keys(64, group: 8, tq: 7) == 272)
+    #expect(keys(128, nil, TiledAttention.Configuration(queryBlock: 16, keyBlock: 960)) == 960)
+    for d in [16, 64, 96, 128, 200] {
+      let tile = TiledAttention.tile(queries: 2048, keys: 4096, headDim: d, batchCount: 8)
+      #expect(tile.rows * tile.keys * d <= 1_000_000 && tile.keys % 16 == 0, "D \(d): \(tile)")
+    }
+  }
+
   /// Eight batch elements of 64 queries make at least 16 (batch, query block) tasks, so the keys
   /// are not split (a split adds `Bq·(Dv + 2)` floats per split task, see the decode tests).
   @Test("workspace is independent of Tk and linear in the query block")

@@ -49,24 +49,35 @@ import Tensors
 /// for a poisoned one), written where it normalizes or merges the row, at the cost of
 /// `4·B·H·Tq` bytes: the backward then recomputes `P = exp(S − L)` tile by tile.
 public enum TiledAttention {
-  /// Block sizes. The defaults, `Bq = 16`, `Bk = 960`, were chosen by measurement (see README,
-  /// "Performance"): with `D = Dv = 64` both tile products stay within `M·N·K ≤ 10⁶`, where
-  /// OpenBLAS 0.3.21 runs its unpacked small-matrix kernels (107–115 GFLOP/s a core here,
-  /// against 85–95 packed for 256 × 512); short blocks of queries also waste little of a causal
-  /// diagonal tile, and long blocks of keys keep the per-row cost of the online softmax low.
+  /// Block sizes. The defaults, `Bq = 16` and `Bk` up to 960 fitted to the head dimensions,
+  /// were chosen by measurement (see README, "Performance"): both tile products then stay within
+  /// `M·N·K ≤ 10⁶`, where OpenBLAS 0.3.21 runs its unpacked small-matrix kernels (107–115
+  /// GFLOP/s a core here, against 85–95 packed for 256 × 512, and 70 packed for 16 × 960 at
+  /// `D = 128`); short blocks of queries also waste little of a causal diagonal tile, and long
+  /// blocks of keys keep the per-row cost of the online softmax low.
   public struct Configuration: Sendable, Equatable {
     /// `Bq`, queries per block.
     public var queryBlock: Int
-    /// `Bk`, keys per block.
+    /// `Bk`, keys per block (the most, when `fitsKeyBlock`).
     public var keyBlock: Int
+    /// Whether the kernel lowers `Bk` for a problem to the largest multiple of 16 (at least 16)
+    /// with `R·Bk·max(D, Dv) ≤ 10⁶`, `R` the rows of a block, so that both tile products run
+    /// unpacked: 960 at `D = Dv = 64`, 480 at 128. On for `.default`; blocks given explicitly
+    /// are kept as given.
+    public var fitsKeyBlock: Bool
 
-    public init(queryBlock: Int = 16, keyBlock: Int = 960) {
+    public init(queryBlock: Int = 16, keyBlock: Int = 960, fitsKeyBlock: Bool = false) {
       self.queryBlock = queryBlock
       self.keyBlock = keyBlock
+      self.fitsKeyBlock = fitsKeyBlock
     }
 
-    public static let `default` = Configuration()
+    public static let `default` = Configuration(fitsKeyBlock: true)
   }
+
+  /// The largest `M·N·K` for which OpenBLAS 0.3.21 (SkylakeX kernels) multiplies without
+  /// packing (`sgemm_small_kernel_permit`).
+  static let smallProductLimit = 1_000_000
 
   /// Fewer (batch, query block) tasks than this split their keys (see the type's comment).
   public static let keySplitThreshold = 16
@@ -89,17 +100,23 @@ public enum TiledAttention {
     let blocksPerSplit: Int
 
     init(
-      queries: Int, keys: Int, batchCount: Int, groupSize: Int = 1, relativePosition: Bool = false,
-      window: Int? = nil, configuration: Configuration
+      queries: Int, keys: Int, headDim: Int, valueDim: Int, batchCount: Int, groupSize: Int = 1,
+      relativePosition: Bool = false, window: Int? = nil, configuration: Configuration
     ) {
       // A tall block over a narrow window's band computes mostly masked pairs: with a window
       // of W keys, Bq is capped at max(64, W / 8) (measured: W 512 at T 16,384 runs 1.35× faster
       // with Bq 64 than with 256).
       let tallest = window.map { max(64, $0 / 8) } ?? configuration.queryBlock
       queryBlock = min(configuration.queryBlock, tallest, max(queries, 1))
-      keyBlock = min(configuration.keyBlock, max(keys, 1))
       queryBlocks = (queries + queryBlock - 1) / queryBlock
       stackedHeads = groupSize > 1 && queryBlocks == 1 && !relativePosition ? groupSize : 1
+      var keyBlock = configuration.keyBlock
+      let width = max(headDim, valueDim)
+      if configuration.fitsKeyBlock, width > 0 {
+        let fitting = TiledAttention.smallProductLimit / (queryBlock * stackedHeads * width)
+        keyBlock = min(keyBlock, max(16, fitting / 16 * 16))
+      }
+      self.keyBlock = min(keyBlock, max(keys, 1))
       rowTasks = batchCount / stackedHeads * queryBlocks
       let keyBlocks = max(1, (keys + keyBlock - 1) / keyBlock)
       let wanted = rowTasks < keySplitThreshold ? min(keyBlocks, maxKeySplits) : 1
@@ -111,15 +128,16 @@ public enum TiledAttention {
   }
 
   /// The tile the kernel computes for a problem: `rows` query rows (`Bq`, capped at `Tq` and by a
-  /// window, times the stacked heads of a decode step) by `keys` keys (`Bk`, capped at `Tk`) —
-  /// the shapes of its two products, for measuring OpenBLAS alone on them.
+  /// window, times the stacked heads of a decode step) by `keys` keys (`Bk`, fitted to `D` and
+  /// `Dv` when `fitsKeyBlock`, capped at `Tk`) — the shapes of its two products, for measuring
+  /// OpenBLAS alone on them. `valueDim` is `Dv` (`headDim` when `nil`).
   public static func tile(
-    queries: Int, keys: Int, batchCount: Int, groupSize: Int = 1, window: Int? = nil,
-    configuration: Configuration = .default
+    queries: Int, keys: Int, headDim: Int, valueDim: Int? = nil, batchCount: Int,
+    groupSize: Int = 1, window: Int? = nil, configuration: Configuration = .default
   ) -> (rows: Int, keys: Int) {
     let partition = Partition(
-      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
-      window: window, configuration: configuration)
+      queries: queries, keys: keys, headDim: headDim, valueDim: valueDim ?? headDim,
+      batchCount: batchCount, groupSize: groupSize, window: window, configuration: configuration)
     return (partition.queryBlock * partition.stackedHeads, partition.keyBlock)
   }
 
@@ -134,8 +152,9 @@ public enum TiledAttention {
     threads: Int
   ) -> Int {
     let partition = Partition(
-      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
-      relativePosition: relativeWidth > 0, window: window, configuration: configuration)
+      queries: queries, keys: keys, headDim: headDim ?? valueDim, valueDim: valueDim,
+      batchCount: batchCount, groupSize: groupSize, relativePosition: relativeWidth > 0,
+      window: window, configuration: configuration)
     let (bq, bk) = (partition.queryBlock * partition.stackedHeads, partition.keyBlock)
     let workers = min(max(threads, 1), max(partition.tasks, 1))
     let perThread =
@@ -163,9 +182,9 @@ public enum TiledAttention {
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
     var output = try Tensor(shape: shape.outputShape)
     let partition = Partition(
-      queries: shape.queries, keys: shape.keys, batchCount: shape.batchCount,
-      groupSize: shape.groupSize, relativePosition: relativePosition != nil, window: mask.window,
-      configuration: configuration)
+      queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
+      batchCount: shape.batchCount, groupSize: shape.groupSize,
+      relativePosition: relativePosition != nil, window: mask.window, configuration: configuration)
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
     let workspace = workspaceBytes(
       queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
