@@ -169,6 +169,14 @@ struct TiledAttentionTests {
     // A decode step stacks the group's heads: 8 heads of 7 queries are 56 rows.
     #expect(keys(64, group: 8, tq: 7) == 272)
     #expect(keys(128, nil, TiledAttention.Configuration(queryBlock: 16, keyBlock: 960)) == 960)
+    // Past 8 MiB of keys and values per query block, the former 256 × 512 (packed); a window
+    // bounds what a block reads.
+    #expect(keys(64, tk: 16_384) == 960 && keys(64, tk: 32_768) == 512)
+    let long = TiledAttention.tile(queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1)
+    #expect(long.rows == 256)
+    let windowed = TiledAttention.tile(
+      queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1, window: 512)
+    #expect(windowed.rows == 16 && windowed.keys == 960)
     for d in [16, 64, 96, 128, 200] {
       let tile = TiledAttention.tile(queries: 2048, keys: 4096, headDim: d, batchCount: 8)
       #expect(tile.rows * tile.keys * d <= 1_000_000 && tile.keys % 16 == 0, "D \(d): \(tile)")

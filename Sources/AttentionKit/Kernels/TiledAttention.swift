@@ -54,26 +54,38 @@ public enum TiledAttention {
   /// `M·N·K ≤ 10⁶`, where OpenBLAS 0.3.21 runs its unpacked small-matrix kernels (107–115
   /// GFLOP/s a core here, against 85–95 packed for 256 × 512, and 70 packed for 16 × 960 at
   /// `D = 128`); short blocks of queries also waste little of a causal diagonal tile, and long
-  /// blocks of keys keep the per-row cost of the online softmax low.
+  /// blocks of keys keep the per-row cost of the online softmax low. Every query block reads
+  /// all the keys and values it sees, so for long sequences the defaults switch to 256 × 512
+  /// (see `fitsBlocks`).
   public struct Configuration: Sendable, Equatable {
     /// `Bq`, queries per block.
     public var queryBlock: Int
-    /// `Bk`, keys per block (the most, when `fitsKeyBlock`).
+    /// `Bk`, keys per block (the most, when `fitsBlocks`).
     public var keyBlock: Int
-    /// Whether the kernel lowers `Bk` for a problem to the largest multiple of 16 (at least 16)
-    /// with `R·Bk·max(D, Dv) ≤ 10⁶`, `R` the rows of a block, so that both tile products run
-    /// unpacked: 960 at `D = Dv = 64`, 480 at 128. On for `.default`; blocks given explicitly
-    /// are kept as given.
-    public var fitsKeyBlock: Bool
+    /// Whether the kernel fits the blocks to a problem: `Bk` lowered to the largest multiple of
+    /// 16 (at least 16) with `R·Bk·max(D, Dv) ≤ 10⁶`, `R` the rows of a block, so that both tile
+    /// products run unpacked (960 at `D = Dv = 64`, 480 at 128); but `Bq 256 × Bk 512`, packed,
+    /// when the keys and values one query block reads, `Tk·(D + Dv)·4` bytes (over a window's
+    /// span when there is one), pass `TiledAttention.streamedKeyValueLimit`. On for `.default`;
+    /// blocks given explicitly are kept as given.
+    public var fitsBlocks: Bool
 
-    public init(queryBlock: Int = 16, keyBlock: Int = 960, fitsKeyBlock: Bool = false) {
+    public init(queryBlock: Int = 16, keyBlock: Int = 960, fitsBlocks: Bool = false) {
       self.queryBlock = queryBlock
       self.keyBlock = keyBlock
-      self.fitsKeyBlock = fitsKeyBlock
+      self.fitsBlocks = fitsBlocks
     }
 
-    public static let `default` = Configuration(fitsKeyBlock: true)
+    public static let `default` = Configuration(fitsBlocks: true)
   }
+
+  /// The most bytes of keys and values (`Tk·(D + Dv)·4`) for which the fitted blocks keep 16
+  /// queries: each query block streams all of them, and past what the caches hold 16-row blocks
+  /// wait on memory (measured, 1 thread, D 64, against 256 × 512: 1.15× faster at T 8,192,
+  /// 1.10× at 16,384 (8 MiB), 0.78× at 32,768).
+  public static let streamedKeyValueLimit = 8 << 20
+  /// The blocks past `streamedKeyValueLimit` (the former defaults, `Bq 256 × Bk 512`).
+  static let longSequenceBlocks = (queryBlock: 256, keyBlock: 512)
 
   /// The largest `M·N·K` for which OpenBLAS 0.3.21 (SkylakeX kernels) multiplies without
   /// packing (`sgemm_small_kernel_permit`).
@@ -106,17 +118,27 @@ public enum TiledAttention {
       // A tall block over a narrow window's band computes mostly masked pairs: with a window
       // of W keys, Bq is capped at max(64, W / 8) (measured: W 512 at T 16,384 runs 1.35× faster
       // with Bq 64 than with 256).
-      let tallest = window.map { max(64, $0 / 8) } ?? configuration.queryBlock
-      queryBlock = min(configuration.queryBlock, tallest, max(queries, 1))
+      var (requestedQueries, requestedKeys) = (configuration.queryBlock, configuration.keyBlock)
+      var fitsKeyBlock = configuration.fitsBlocks
+      if fitsKeyBlock {
+        let span = window.map { min(keys, $0 + requestedQueries) } ?? keys
+        if span * (headDim + valueDim) * MemoryLayout<Float>.stride
+          > TiledAttention.streamedKeyValueLimit
+        {
+          (requestedQueries, requestedKeys) = TiledAttention.longSequenceBlocks
+          fitsKeyBlock = false
+        }
+      }
+      let tallest = window.map { max(64, $0 / 8) } ?? requestedQueries
+      queryBlock = min(requestedQueries, tallest, max(queries, 1))
       queryBlocks = (queries + queryBlock - 1) / queryBlock
       stackedHeads = groupSize > 1 && queryBlocks == 1 && !relativePosition ? groupSize : 1
-      var keyBlock = configuration.keyBlock
       let width = max(headDim, valueDim)
-      if configuration.fitsKeyBlock, width > 0 {
+      if fitsKeyBlock, width > 0 {
         let fitting = TiledAttention.smallProductLimit / (queryBlock * stackedHeads * width)
-        keyBlock = min(keyBlock, max(16, fitting / 16 * 16))
+        requestedKeys = min(requestedKeys, max(16, fitting / 16 * 16))
       }
-      self.keyBlock = min(keyBlock, max(keys, 1))
+      keyBlock = min(requestedKeys, max(keys, 1))
       rowTasks = batchCount / stackedHeads * queryBlocks
       let keyBlocks = max(1, (keys + keyBlock - 1) / keyBlock)
       let wanted = rowTasks < keySplitThreshold ? min(keyBlocks, maxKeySplits) : 1
@@ -129,7 +151,7 @@ public enum TiledAttention {
 
   /// The tile the kernel computes for a problem: `rows` query rows (`Bq`, capped at `Tq` and by a
   /// window, times the stacked heads of a decode step) by `keys` keys (`Bk`, fitted to `D` and
-  /// `Dv` when `fitsKeyBlock`, capped at `Tk`) — the shapes of its two products, for measuring
+  /// `Dv` when `fitsBlocks`, capped at `Tk`) — the shapes of its two products, for measuring
   /// OpenBLAS alone on them. `valueDim` is `Dv` (`headDim` when `nil`).
   public static func tile(
     queries: Int, keys: Int, headDim: Int, valueDim: Int? = nil, batchCount: Int,

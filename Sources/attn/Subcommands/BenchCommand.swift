@@ -45,10 +45,14 @@ struct BenchCommand: ParsableCommand {
   @Option(help: "Timed runs per case (the median is reported).") var repeats: Int = 5
   @Option(help: "Untimed runs per case before the timed ones (after the checking run).")
   var warmup: Int = 0
-  @Option(help: "Query block Bq of the tiled kernel (default 16).") var queryBlock: Int?
   @Option(
     help:
-      "Key block Bk of the tiled kernel (default: up to 960, fitted to the head dimension so that OpenBLAS runs the tile products unpacked)."
+      "Query block Bq of the tiled kernel (default: fitted to each case, 16, or 256 for long sequences; with either block flag both blocks are as given)."
+  )
+  var queryBlock: Int?
+  @Option(
+    help:
+      "Key block Bk of the tiled kernel (default: fitted to each case, up to 960 so that OpenBLAS runs the tile products unpacked, or 512 for long sequences)."
   )
   var keyBlock: Int?
   @Option(help: "Seed for the inputs and dropout.") var seed: UInt64 = 42
@@ -169,7 +173,7 @@ struct BenchCommand: ParsableCommand {
     let standard = TiledAttention.Configuration.default
     let configuration = TiledAttention.Configuration(
       queryBlock: queryBlock ?? standard.queryBlock, keyBlock: keyBlock ?? standard.keyBlock,
-      fitsKeyBlock: keyBlock == nil)
+      fitsBlocks: queryBlock == nil && keyBlock == nil)
     let threadCount = execution.resolvedThreads
     for benchCase in selected {
       try benchCase.checkMemory(
@@ -178,9 +182,10 @@ struct BenchCommand: ParsableCommand {
     var results: [BenchResult] = []
     if format == .text {
       print(
-        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(configuration.queryBlock) × Bk "
-          + (configuration.fitsKeyBlock
-            ? "≤ \(configuration.keyBlock), fitted to D" : "\(configuration.keyBlock)"))
+        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
+          + (configuration.fitsBlocks
+            ? "fitted to each case (the ceiling's tile is the case's)"
+            : "Bq \(configuration.queryBlock) × Bk \(configuration.keyBlock)"))
     }
     let progress = Progress()
     defer { progress.clear() }
