@@ -66,17 +66,18 @@ public enum TiledAttention {
     /// 16 (at least 16) with `R·Bk·max(D, Dv) ≤ 10⁶`, `R` the rows of a block, so that both tile
     /// products run unpacked (960 at `D = Dv = 64`, 480 at 128); but `Bq 256 × Bk 512`, packed,
     /// when the keys and values one query block reads, `Tk·(D + Dv)·4` bytes (over a window's
-    /// span when there is one), pass `TiledAttention.streamedKeyValueLimit`. On for `.default`;
-    /// blocks given explicitly are kept as given.
+    /// span when there is one), pass `TiledAttention.streamedKeyValueLimit`. On when neither
+    /// block is given (`.default`); blocks given explicitly are kept as given.
     public var fitsBlocks: Bool
 
-    public init(queryBlock: Int = 16, keyBlock: Int = 960, fitsBlocks: Bool = false) {
-      self.queryBlock = queryBlock
-      self.keyBlock = keyBlock
-      self.fitsBlocks = fitsBlocks
+    /// `Bq` and `Bk` as given; when neither is given, 16 and 960 fitted to each problem.
+    public init(queryBlock: Int? = nil, keyBlock: Int? = nil) {
+      self.queryBlock = queryBlock ?? 16
+      self.keyBlock = keyBlock ?? 960
+      fitsBlocks = queryBlock == nil && keyBlock == nil
     }
 
-    public static let `default` = Configuration(fitsBlocks: true)
+    public static let `default` = Configuration()
   }
 
   /// The most bytes of keys and values (`Tk·(D + Dv)·4`) for which the fitted blocks keep 16

@@ -170,10 +170,7 @@ struct BenchCommand: ParsableCommand {
       try runBackward(selected)
       return
     }
-    let standard = TiledAttention.Configuration.default
-    let configuration = TiledAttention.Configuration(
-      queryBlock: queryBlock ?? standard.queryBlock, keyBlock: keyBlock ?? standard.keyBlock,
-      fitsBlocks: queryBlock == nil && keyBlock == nil)
+    let configuration = TiledAttention.Configuration(queryBlock: queryBlock, keyBlock: keyBlock)
     let threadCount = execution.resolvedThreads
     for benchCase in selected {
       try benchCase.checkMemory(
