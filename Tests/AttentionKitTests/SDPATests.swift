@@ -281,16 +281,22 @@ struct SDPATests {
   /// With `Tq` ≤ 7 every row fits one query block, so there are at most `B·H = 8` row tasks
   /// (fewer when the kernel stacks the query heads of a key/value head into one block: then
   /// `B·Hkv = 2`), below `keySplitThreshold` = 16: the 4096 keys are cut into chunks of whole
-  /// 512-key blocks, computed as separate tasks and merged in a fixed order.
+  /// key blocks (960 keys, or fewer when fitted to the stacked rows), computed as separate tasks
+  /// and merged in a fixed order.
   @Test(
     "Decode: the tiled kernel splits the keys and gives identical bits for 1, 2, 3, 4, 8 threads",
     arguments: try SDPAFixtures.cases(group: "decode"))
   func decodeThreads(spec: SDPACase) throws {
     let c = try LoadedSDPACase(spec)
     let configuration = TiledAttention.Configuration.default
-    let keyBlocks = (spec.keys + configuration.keyBlock - 1) / configuration.keyBlock
+    // The key block the kernel uses: the default's, fitted to D, Dv and the stacked rows.
+    let keyBlock = TiledAttention.tile(
+      queries: spec.queries, keys: spec.keys, headDim: spec.headDim, valueDim: spec.valueDim,
+      batchCount: spec.batchCount, groupSize: spec.groupSize, configuration: configuration
+    ).keys
+    let keyBlocks = (spec.keys + keyBlock - 1) / keyBlock
     let queryBlocks = (spec.queries + configuration.queryBlock - 1) / configuration.queryBlock
-    #expect(keyBlocks == 8 && queryBlocks == 1)
+    #expect(keyBlocks > 1 && queryBlocks == 1)
     let mostRowTasks = spec.batchCount * queryBlocks  // one per (batch, head, query block)
     let fewestRowTasks = spec.batch * spec.kvHeads * queryBlocks  // heads stacked by K/V head
     #expect(mostRowTasks < TiledAttention.keySplitThreshold)
@@ -306,7 +312,8 @@ struct SDPATests {
       }
       workspace[threads] = result.workspaceBytes
       // Bottom-right causal: the last query of every row task sees all Tk keys, so each row
-      // task computes every key block once: tiles = rowTasks · 8, more than one per row task.
+      // task computes every key block once: tiles = rowTasks · keyBlocks, more than one per row
+      // task.
       let tiles = try #require(result.tilesComputed)
       #expect(tiles % keyBlocks == 0, "\(spec.name), \(threads) threads: \(tiles) tiles")
       #expect(
@@ -378,27 +385,34 @@ struct SDPATests {
         a.workspaceBytes == b.workspaceBytes,
         "8×16, \(threads) threads: Hkv = H \(a.workspaceBytes), Hkv = 1 \(b.workspaceBytes)")
       let formula = TiledAttention.workspaceBytes(
-        queries: spec.queries, keys: spec.keys, valueDim: spec.valueDim,
+        queries: spec.queries, keys: spec.keys, headDim: spec.headDim, valueDim: spec.valueDim,
         batchCount: spec.batchCount, configuration: small, threads: threads)
       #expect(a.workspaceBytes == formula, "8×16, \(threads) threads")
     }
-    // Any kernel's workspace: a copy of K would grow with D, a copy of K or V with Tk. With
-    // B·Hkv = 16 row tasks or more there is no key split, and with Tk > 512 the default key
-    // block is 512 whatever Tk, so a kernel that reads K and V in place has the same workspace
-    // for D 16 or 64 and Tk 600 or 1200.
+    // Any kernel's workspace: a copy of K would grow with Tk·D, a copy of K or V with Tk. With
+    // B·Hkv = 16 row tasks or more there is no key split, and with Tk > 960 the default key
+    // block is 960 whatever Tk, so a kernel that reads K and V in place has the same workspace
+    // for Tk 1000 or 2000, and for D 16 or 64 differs only by the transposed query blocks
+    // (`D·Bq` floats per thread, TiledAttention's documentation) — as the formula says.
     for choice in [KernelChoice.tiledSmall, .tiledDefault] {
+      let configuration = choice == .tiledSmall ? small : TiledAttention.Configuration.default
       for kvHeads in [8, 1] {
         var sizes: [String: Int] = [:]
-        for (d, tk) in [(16, 600), (64, 600), (16, 1200)] {
+        for (d, tk) in [(16, 1000), (64, 1000), (16, 2000)] {
           let q = try Tensor.randomNormal(shape: [16, 8, 4, d], seed: 5, stream: 1)
           let k = try Tensor.randomNormal(shape: [16, kvHeads, tk, d], seed: 5, stream: 2)
           let v = try Tensor.randomNormal(shape: [16, kvHeads, tk, 8], seed: 5, stream: 3)
           let result = try Attention.scaledDotProduct(
             queries: q, keys: k, values: v, kernel: choice.kernel, threads: 4)
           sizes["D \(d), Tk \(tk)"] = result.workspaceBytes
+          let formula = TiledAttention.workspaceBytes(
+            queries: 4, keys: tk, headDim: d, valueDim: 8, batchCount: 16 * 8,
+            groupSize: 8 / kvHeads, configuration: configuration, threads: 4)
+          #expect(result.workspaceBytes == formula, "\(choice), Hkv \(kvHeads), D \(d), Tk \(tk)")
         }
         #expect(
-          Set(sizes.values).count == 1, "\(choice), Hkv \(kvHeads): workspace varies \(sizes)")
+          sizes["D 16, Tk 1000"] == sizes["D 16, Tk 2000"],
+          "\(choice), Hkv \(kvHeads): workspace varies with Tk \(sizes)")
       }
     }
     // The materialized kernel holds the [B, H, Tq, Tk] weights and nothing for K/V.

@@ -151,6 +151,38 @@ struct TiledAttentionTests {
     #expect(one.output.scalars == many.output.scalars)
   }
 
+  /// The default key block is fitted so that `R·Bk·max(D, Dv) ≤ 10⁶` (OpenBLAS's unpacked
+  /// products), in multiples of 16; explicit blocks are kept.
+  @Test("the default key block fits OpenBLAS's small products; explicit blocks are kept")
+  func fittedKeyBlock() {
+    func keys(
+      _ d: Int, _ dv: Int? = nil, tk: Int = 4096, group: Int = 1, tq: Int = 2048,
+      _ configuration: TiledAttention.Configuration = .default
+    ) -> Int {
+      TiledAttention.tile(
+        queries: tq, keys: tk, headDim: d, valueDim: dv, batchCount: 8, groupSize: group,
+        configuration: configuration
+      ).keys
+    }
+    #expect(keys(64) == 960 && keys(32) == 960 && keys(128) == 480 && keys(256) == 240)
+    #expect(keys(64, 128) == 480 && keys(64, tk: 300) == 300)
+    // A decode step stacks the group's heads: 8 heads of 7 queries are 56 rows.
+    #expect(keys(64, group: 8, tq: 7) == 272)
+    #expect(keys(128, nil, TiledAttention.Configuration(queryBlock: 16, keyBlock: 960)) == 960)
+    // Past 8 MiB of keys and values per query block, the former 256 × 512 (packed); a window
+    // bounds what a block reads.
+    #expect(keys(64, tk: 16_384) == 960 && keys(64, tk: 32_768) == 512)
+    let long = TiledAttention.tile(queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1)
+    #expect(long.rows == 256)
+    let windowed = TiledAttention.tile(
+      queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1, window: 512)
+    #expect(windowed.rows == 16 && windowed.keys == 960)
+    for d in [16, 64, 96, 128, 200] {
+      let tile = TiledAttention.tile(queries: 2048, keys: 4096, headDim: d, batchCount: 8)
+      #expect(tile.rows * tile.keys * d <= 1_000_000 && tile.keys % 16 == 0, "D \(d): \(tile)")
+    }
+  }
+
   /// Eight batch elements of 64 queries make at least 16 (batch, query block) tasks, so the keys
   /// are not split (a split adds `Bq·(Dv + 2)` floats per split task, see the decode tests).
   @Test("workspace is independent of Tk and linear in the query block")
@@ -170,8 +202,8 @@ struct TiledAttentionTests {
       try workspace(tk: 64, queryBlock: 24)
     )
     #expect(w16 - w8 == w24 - w16, "workspace \(w8), \(w16), \(w24) is not linear in Bq")
-    // Bq·Bk + Bq·Dv + 2·Bq floats for one thread.
-    #expect(w8 == (8 * 16 + 8 * 8 + 2 * 8) * 4)
+    // Bq·Bk + Bq·Dv + 2·Bq + D·Bq floats for one thread.
+    #expect(w8 == (8 * 16 + 8 * 8 + 2 * 8 + 8 * 8) * 4)
     let q = try Tensor(shape: [3, 50, 8])
     let materialized = try Attention.scaledDotProduct(
       queries: q, keys: q, values: q, kernel: .materialized)

@@ -29,8 +29,8 @@ struct BenchCommandTests {
       let sorted = times.sorted()
       #expect(abs((stats["median"] ?? 0) - (sorted[1] + sorted[2]) / 2) <= 1e-9 * max(1, mean))
       #expect((stats["standard_deviation"] ?? -1) >= 0)
-      // The ceiling is measured on the kernel's own tile: capped at T = 128 here.
-      #expect(figures["tile_rows"] as? Int == 128 && figures["tile_keys"] as? Int == 128)
+      // The ceiling is measured on the kernel's own tile: Bq 16, Bk capped at T = 128 here.
+      #expect(figures["tile_rows"] as? Int == 16 && figures["tile_keys"] as? Int == 128)
     }
   }
 

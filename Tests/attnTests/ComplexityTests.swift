@@ -15,22 +15,21 @@ import _TestSupport
 /// Nothing here looks at a measured time: only at what is fixed by n, d and the kernels' layout.
 @Suite("attn complexity", .serialized)
 struct ComplexityTests {
-  /// The tiled kernel's workspace with full blocks (the default Bq, Bk), D = Dv = 8, one thread:
-  /// a [Bq, Bk] tile, a [Bq, Dv] accumulator, the row max and sum, in float32.
-  static let fullTiledWorkspace: Int = {
-    let (bq, bk) = (
-      TiledAttention.Configuration.default.queryBlock, TiledAttention.Configuration.default.keyBlock
-    )
-    return (bq * bk + bq * 8 + 2 * bq) * 4
-  }()
+  /// The tiled kernel's workspace at `n` tokens with the default blocks, D = Dv = 8, one thread,
+  /// as the library states it (a [Bq, Bk] tile, a [Bq, Dv] accumulator, the row max and sum, the
+  /// [D, Bq] transposed query block, and partial results when the keys are split; checked
+  /// against its terms in TiledAttentionTests).
+  static func tiledWorkspace(_ n: Int) -> Int {
+    TiledAttention.workspaceBytes(queries: n, keys: n, valueDim: 8, batchCount: 1, threads: 1)
+  }
 
   // MARK: JSON
 
   @Test("JSON: rows, theoretical figures, workspaces, footprints and fits")
   func json() throws {
     // --threads 1: the tiled kernel then has one worker at every n, so its workspace is
-    // (Bq·Bk + Bq·Dv + 2·Bq)·4 bytes with Bq ≤ 128 and Bk ≤ 512 (the blocks shrink to fit
-    // small n): never more than at n = 512, where both blocks are full.
+    // (Bq·Bk + Bq·Dv + 2·Bq + D·Bq)·4 bytes with Bq ≤ 16 and Bk ≤ 960 (the blocks shrink to fit
+    // small n): never more than at n = 512, the longest here.
     let run = try runComplexityCLI([
       "complexity", "--min-len", "16", "--max-len", "512", "--d-model", "8", "--repeats", "1",
       "--threads", "1", "--format", "json",
@@ -77,7 +76,7 @@ struct ComplexityTests {
     let sizes = tiledWorkspaces.keys.sorted()
     let workspaces = sizes.map { tiledWorkspaces[$0]! }
     #expect(workspaces == workspaces.sorted(), "tiled workspace shrinks with n: \(tiledWorkspaces)")
-    #expect(tiledWorkspaces[512] == Self.fullTiledWorkspace, "\(tiledWorkspaces)")
+    #expect(tiledWorkspaces[512] == Self.tiledWorkspace(512), "\(tiledWorkspaces)")
 
     let fits = try #require(report["fit"] as? [String: Any])
     #expect(Set(fits.keys) == ["materialized", "tiled"])
@@ -125,13 +124,10 @@ struct ComplexityTests {
       present[n] = Set(kernels.keys)
       tiledWorkspaces[n] = (kernels["tiled"] as? [String: Any])?["workspace_bytes"] as? Int
     }
-    // Once both blocks are full (n ≥ 512), the tiles no longer grow with n. With fewer than 16
-    // query blocks the keys are split (TiledAttention.keySplitThreshold) and each (query block,
-    // key chunk) keeps a partial result of Bq·(Dv + 2) floats: at n = 1024, 4 query blocks ×
-    // 2 chunks of one 512-key block.
-    #expect(tiledWorkspaces[512] == Self.fullTiledWorkspace, "\(tiledWorkspaces)")
-    let partials = 4 * 2 * TiledAttention.Configuration.default.queryBlock * (8 + 2) * 4
-    #expect(tiledWorkspaces[1024] == Self.fullTiledWorkspace + partials, "\(tiledWorkspaces)")
+    // Once both blocks are full (n ≥ Bk = 960), the tiles no longer grow with n.
+    #expect(tiledWorkspaces[512] == Self.tiledWorkspace(512), "\(tiledWorkspaces)")
+    #expect(tiledWorkspaces[1024] == Self.tiledWorkspace(1024), "\(tiledWorkspaces)")
+    #expect(Self.tiledWorkspace(1024) == Self.tiledWorkspace(4096))
     #expect(
       present == [
         128: ["materialized", "tiled"], 256: ["materialized", "tiled"],

@@ -27,6 +27,18 @@ public enum BLAS {
       a, blasInt(lda), b, blasInt(ldb), beta, c, blasInt(ldc))
   }
 
+  /// `B = Aᵀ`: `source` is `rows×cols` row-major with row stride `lda`, `destination` becomes
+  /// `cols×rows` with row stride `ldb` (OpenBLAS's `somatcopy`, an exact copy).
+  @inline(__always)
+  public static func transpose(
+    rows: Int, cols: Int, _ source: UnsafePointer<Float>, lda: Int,
+    into destination: UnsafeMutablePointer<Float>, ldb: Int
+  ) {
+    cblas_somatcopy(
+      CblasRowMajor, CblasTrans, blasInt(rows), blasInt(cols), 1, source, blasInt(lda),
+      destination, blasInt(ldb))
+  }
+
   /// `y[m] = alpha · A[m×n] · x[n] + beta · y`, `A` row-major with row stride `lda`.
   ///
   /// A product with one row (a decoder's single token through a projection) is a matrix–vector

@@ -141,8 +141,9 @@ public enum TiledBackward {
       forwardGiven
       ? 0
       : TiledAttention.workspaceBytes(
-        queries: queries, keys: keys, valueDim: valueDim, batchCount: batchCount,
-        groupSize: groupSize, window: window, configuration: configuration, threads: threads)
+        queries: queries, keys: keys, headDim: headDim, valueDim: valueDim,
+        batchCount: batchCount, groupSize: groupSize, window: window,
+        configuration: configuration, threads: threads)
         + batchCount * queries * valueDim * MemoryLayout<Float>.stride
     let rows = 2 * batchCount * queries
     let tiles = partition.workers(threads: threads) * 2 * partition.queryBlock * partition.keyBlock

@@ -11,8 +11,10 @@ import Tensors
 /// else) — so the two agree to float32 rounding. It cannot return the weights: they never exist
 /// all at once. `AttentionResult.weights` is `nil`.
 ///
-/// For each (batch, query block of `Bq` rows), walking key blocks of `Bk` keys:
-/// 1. `S = scale·Q_blk·K_blkᵀ` with one sgemm (`[Bq, Bk]`); with relative positions, plus
+/// For each (batch, query block of `Bq` rows), with `Q_blkᵀ` (`[D, Bq]`) transposed once, walking
+/// key blocks of `Bk` keys:
+/// 1. `S = scale·Q_blk·K_blkᵀ` with one sgemm (`[Bq, Bk]`), from `Q_blkᵀ` and `K_blk` in place,
+///    both marked transposed; with relative positions, plus
 ///    `R[i, clip(j − i) + M]` gathered from `R = scale·Q_blk·Eᵀ` (one sgemm per query block);
 /// 2. the mask; the running row max `m` grows to `m' = max(m, max_j S_ij)`;
 /// 3. `P = exp(S − m')`, the running sum `ℓ = ℓ·exp(m − m') + Σ_j P_ij` (before dropout, since
@@ -30,30 +32,65 @@ import Tensors
 /// are split into up to `maxKeySplits` chunks of whole key blocks, computed as separate tasks,
 /// and merged by log-sum-exp in a fixed order (flash-decoding). Both splits depend on the shape
 /// alone, and every row is computed the same way whatever the thread count, so results are
-/// identical for any `threads`. Workspace: per thread `R·Bk + R·Dv + 2·R (+ R·(2M + 1))` with
-/// `R = Bq` rows (`G·Bq` when `G` heads are stacked for decoding)
+/// identical for any `threads`. Workspace: per thread `R·Bk + R·Dv + 2·R + D·R (+ R·(2M + 1))`
+/// with `R = Bq` rows (`G·Bq` when `G` heads are stacked for decoding)
 /// floats, allocated once per thread — independent of `Tk` and linear in `Bq` — plus, with a key
 /// split, `Bq·(Dv + 2)` floats per split task for the partial results.
+///
+/// The layout and the default blocks are OpenBLAS's: 0.3.21 (its SkylakeX kernels) runs a
+/// product without packing its operands when `M·N·K ≤ 10⁶` and the transposition flags allow
+/// it — every form but `Q·Kᵀ` as stored ("NT" row-major), which it refuses for outputs over
+/// 1,200 entries. With `Q_blkᵀ` ("TT") and `P·V_blk` ("NN"), `Bq 16 × Bk 960` at `D = Dv = 64`,
+/// both products run unpacked, at 107–115 GFLOP/s a core here against 85–95 for the former
+/// packed `Q·Kᵀ` on 256 × 512 tiles; the score tile is not zeroed first either (`beta = 0`).
 ///
 /// For the backward pass (`TiledBackward`), `compute` can also return each row's log-sum-exp
 /// `L = m + log ℓ` (`AttentionResult.logSumExp`, `[…, Tq]`; `−∞` for a row that sees no key, NaN
 /// for a poisoned one), written where it normalizes or merges the row, at the cost of
 /// `4·B·H·Tq` bytes: the backward then recomputes `P = exp(S − L)` tile by tile.
 public enum TiledAttention {
-  /// Block sizes. The defaults were chosen by measurement (see README, "Performance").
+  /// Block sizes. The defaults, `Bq = 16` and `Bk` up to 960 fitted to the head dimensions,
+  /// were chosen by measurement (see README, "Performance"): both tile products then stay within
+  /// `M·N·K ≤ 10⁶`, where OpenBLAS 0.3.21 runs its unpacked small-matrix kernels (107–115
+  /// GFLOP/s a core here, against 85–95 packed for 256 × 512, and 70 packed for 16 × 960 at
+  /// `D = 128`); short blocks of queries also waste little of a causal diagonal tile, and long
+  /// blocks of keys keep the per-row cost of the online softmax low. Every query block reads
+  /// all the keys and values it sees, so for long sequences the defaults switch to 256 × 512
+  /// (see `fitsBlocks`).
   public struct Configuration: Sendable, Equatable {
     /// `Bq`, queries per block.
     public var queryBlock: Int
-    /// `Bk`, keys per block.
+    /// `Bk`, keys per block (the most, when `fitsBlocks`).
     public var keyBlock: Int
+    /// Whether the kernel fits the blocks to a problem: `Bk` lowered to the largest multiple of
+    /// 16 (at least 16) with `R·Bk·max(D, Dv) ≤ 10⁶`, `R` the rows of a block, so that both tile
+    /// products run unpacked (960 at `D = Dv = 64`, 480 at 128); but `Bq 256 × Bk 512`, packed,
+    /// when the keys and values one query block reads, `Tk·(D + Dv)·4` bytes (over a window's
+    /// span when there is one), pass `TiledAttention.streamedKeyValueLimit`. On when neither
+    /// block is given (`.default`); blocks given explicitly are kept as given.
+    public var fitsBlocks: Bool
 
-    public init(queryBlock: Int = 256, keyBlock: Int = 512) {
-      self.queryBlock = queryBlock
-      self.keyBlock = keyBlock
+    /// `Bq` and `Bk` as given; when neither is given, 16 and 960 fitted to each problem.
+    public init(queryBlock: Int? = nil, keyBlock: Int? = nil) {
+      self.queryBlock = queryBlock ?? 16
+      self.keyBlock = keyBlock ?? 960
+      fitsBlocks = queryBlock == nil && keyBlock == nil
     }
 
     public static let `default` = Configuration()
   }
+
+  /// The most bytes of keys and values (`Tk·(D + Dv)·4`) for which the fitted blocks keep 16
+  /// queries: each query block streams all of them, and past what the caches hold 16-row blocks
+  /// wait on memory (measured, 1 thread, D 64, against 256 × 512: 1.15× faster at T 8,192,
+  /// 1.10× at 16,384 (8 MiB), 0.78× at 32,768).
+  public static let streamedKeyValueLimit = 8 << 20
+  /// The blocks past `streamedKeyValueLimit` (the former defaults, `Bq 256 × Bk 512`).
+  static let longSequenceBlocks = (queryBlock: 256, keyBlock: 512)
+
+  /// The largest `M·N·K` for which OpenBLAS 0.3.21 (SkylakeX kernels) multiplies without
+  /// packing (`sgemm_small_kernel_permit`).
+  static let smallProductLimit = 1_000_000
 
   /// Fewer (batch, query block) tasks than this split their keys (see the type's comment).
   public static let keySplitThreshold = 16
@@ -76,17 +113,33 @@ public enum TiledAttention {
     let blocksPerSplit: Int
 
     init(
-      queries: Int, keys: Int, batchCount: Int, groupSize: Int = 1, relativePosition: Bool = false,
-      window: Int? = nil, configuration: Configuration
+      queries: Int, keys: Int, headDim: Int, valueDim: Int, batchCount: Int, groupSize: Int = 1,
+      relativePosition: Bool = false, window: Int? = nil, configuration: Configuration
     ) {
       // A tall block over a narrow window's band computes mostly masked pairs: with a window
       // of W keys, Bq is capped at max(64, W / 8) (measured: W 512 at T 16,384 runs 1.35× faster
       // with Bq 64 than with 256).
-      let tallest = window.map { max(64, $0 / 8) } ?? configuration.queryBlock
-      queryBlock = min(configuration.queryBlock, tallest, max(queries, 1))
-      keyBlock = min(configuration.keyBlock, max(keys, 1))
+      var (requestedQueries, requestedKeys) = (configuration.queryBlock, configuration.keyBlock)
+      var fitsKeyBlock = configuration.fitsBlocks
+      if fitsKeyBlock {
+        let span = window.map { min(keys, $0 + requestedQueries) } ?? keys
+        if span * (headDim + valueDim) * MemoryLayout<Float>.stride
+          > TiledAttention.streamedKeyValueLimit
+        {
+          (requestedQueries, requestedKeys) = TiledAttention.longSequenceBlocks
+          fitsKeyBlock = false
+        }
+      }
+      let tallest = window.map { max(64, $0 / 8) } ?? requestedQueries
+      queryBlock = min(requestedQueries, tallest, max(queries, 1))
       queryBlocks = (queries + queryBlock - 1) / queryBlock
       stackedHeads = groupSize > 1 && queryBlocks == 1 && !relativePosition ? groupSize : 1
+      let width = max(headDim, valueDim)
+      if fitsKeyBlock, width > 0 {
+        let fitting = TiledAttention.smallProductLimit / (queryBlock * stackedHeads * width)
+        requestedKeys = min(requestedKeys, max(16, fitting / 16 * 16))
+      }
+      keyBlock = min(requestedKeys, max(keys, 1))
       rowTasks = batchCount / stackedHeads * queryBlocks
       let keyBlocks = max(1, (keys + keyBlock - 1) / keyBlock)
       let wanted = rowTasks < keySplitThreshold ? min(keyBlocks, maxKeySplits) : 1
@@ -98,32 +151,37 @@ public enum TiledAttention {
   }
 
   /// The tile the kernel computes for a problem: `rows` query rows (`Bq`, capped at `Tq` and by a
-  /// window, times the stacked heads of a decode step) by `keys` keys (`Bk`, capped at `Tk`) —
-  /// the shapes of its two products, for measuring OpenBLAS alone on them.
+  /// window, times the stacked heads of a decode step) by `keys` keys (`Bk`, fitted to `D` and
+  /// `Dv` when `fitsBlocks`, capped at `Tk`) — the shapes of its two products, for measuring
+  /// OpenBLAS alone on them. `valueDim` is `Dv` (`headDim` when `nil`).
   public static func tile(
-    queries: Int, keys: Int, batchCount: Int, groupSize: Int = 1, window: Int? = nil,
-    configuration: Configuration = .default
+    queries: Int, keys: Int, headDim: Int, valueDim: Int? = nil, batchCount: Int,
+    groupSize: Int = 1, window: Int? = nil, configuration: Configuration = .default
   ) -> (rows: Int, keys: Int) {
     let partition = Partition(
-      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
-      window: window, configuration: configuration)
+      queries: queries, keys: keys, headDim: headDim, valueDim: valueDim ?? headDim,
+      batchCount: batchCount, groupSize: groupSize, window: window, configuration: configuration)
     return (partition.queryBlock * partition.stackedHeads, partition.keyBlock)
   }
 
   /// The bytes of workspace `compute` allocates: per thread a `[Bq, Bk]` tile, a `[Bq, Dv]`
-  /// accumulator, the row max and sum, and `[Bq, ≤ 2M + 1]` for relative positions, with the
-  /// blocks capped at `Tq` and `Tk`; with a key split, `[Bq, Dv + 2]` per split task.
+  /// accumulator, the row max and sum, the `[D, Bq]` transposed query block and `[Bq, ≤ 2M + 1]`
+  /// for relative positions, with the blocks capped at `Tq` and `Tk`; with a key split,
+  /// `[Bq, Dv + 2]` per split task. `headDim` is `D` (`valueDim` when `nil`).
   public static func workspaceBytes(
-    queries: Int, keys: Int, valueDim: Int, batchCount: Int, groupSize: Int = 1,
+    queries: Int, keys: Int, headDim: Int? = nil, valueDim: Int, batchCount: Int,
+    groupSize: Int = 1,
     relativeWidth: Int = 0, window: Int? = nil, configuration: Configuration = .default,
     threads: Int
   ) -> Int {
     let partition = Partition(
-      queries: queries, keys: keys, batchCount: batchCount, groupSize: groupSize,
-      relativePosition: relativeWidth > 0, window: window, configuration: configuration)
+      queries: queries, keys: keys, headDim: headDim ?? valueDim, valueDim: valueDim,
+      batchCount: batchCount, groupSize: groupSize, relativePosition: relativeWidth > 0,
+      window: window, configuration: configuration)
     let (bq, bk) = (partition.queryBlock * partition.stackedHeads, partition.keyBlock)
     let workers = min(max(threads, 1), max(partition.tasks, 1))
-    let perThread = bq * bk + bq * valueDim + 2 * bq + bq * relativeWidth
+    let perThread =
+      bq * bk + bq * valueDim + 2 * bq + bq * relativeWidth + bq * (headDim ?? valueDim)
     let partials = partition.splits > 1 ? partition.tasks * bq * (valueDim + 2) : 0
     return (workers * perThread + partials) * MemoryLayout<Float>.stride
   }
@@ -147,12 +205,12 @@ public enum TiledAttention {
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
     var output = try Tensor(shape: shape.outputShape)
     let partition = Partition(
-      queries: shape.queries, keys: shape.keys, batchCount: shape.batchCount,
-      groupSize: shape.groupSize, relativePosition: relativePosition != nil, window: mask.window,
-      configuration: configuration)
+      queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
+      batchCount: shape.batchCount, groupSize: shape.groupSize,
+      relativePosition: relativePosition != nil, window: mask.window, configuration: configuration)
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
     let workspace = workspaceBytes(
-      queries: shape.queries, keys: shape.keys, valueDim: shape.valueDim,
+      queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
       batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
       window: mask.window, configuration: configuration, threads: threads)
     // The rows' log-sum-exp, `−∞` until a row is normalized (and for a row that sees no key).
@@ -201,28 +259,28 @@ public enum TiledAttention {
   private static func runWhole(
     _ plan: TilePlan, _ partition: Partition, _ buffers: TileBuffers, threads: Int
   ) -> Int {
-    let (groups, queryBlocks) = (partition.rowTasks / partition.queryBlocks, partition.queryBlocks)
+    let queryBlocks = partition.queryBlocks
     let queue = TaskQueue()
     let tiles = Atomic<Int>(0)
     DispatchQueue.concurrentPerform(iterations: min(threads, partition.tasks)) { _ in
       var scratch = TileScratch(plan: plan)
+      var count = 0
       // Each worker takes the next task until none is left; which worker runs a task does not
-      // change how it is computed. With a causal mask the last query blocks see the most keys,
-      // so they go first and the short ones fill in at the end.
+      // change how it is computed. Tasks of one head follow each other, so that its keys and
+      // values are still in cache for the next; with a causal mask a head's last query blocks
+      // see the most keys, so they go first and the short ones fill in at the end.
       while case let next = queue.take(), next < partition.tasks {
-        let (group, block) =
-          plan.mask.isCausal
-          ? (next % groups, queryBlocks - 1 - next / groups)
-          : (next / queryBlocks, next % queryBlocks)
+        let (group, index) = next.quotientAndRemainder(dividingBy: queryBlocks)
+        let block = plan.mask.isCausal ? queryBlocks - 1 - index : index
         let (batch, i0) = (group * plan.stackedHeads, block * plan.queryBlock)
-        let count = plan.accumulate(
+        count += plan.accumulate(
           batch: batch, firstQuery: i0, keys: 0..<plan.shape.keys, buffers: buffers,
           scratch: &scratch)
-        tiles.add(count, ordering: .relaxed)
         plan.normalize(
           batch: batch, firstQuery: i0, scratch: scratch, into: buffers.o,
           logSumExp: buffers.l)
       }
+      tiles.add(count, ordering: .relaxed)
     }
     return tiles.load(ordering: .relaxed)
   }
@@ -307,6 +365,8 @@ struct TileScratch: ~Copyable {
   let rowSum: UnsafeMutablePointer<Float>
   /// `[Bq, 2M + 1]`: `R = scale·Q_blk·Eᵀ`.
   let positions: UnsafeMutablePointer<Float>
+  /// `[D, Bq]`: the query block transposed, `Q_blkᵀ`.
+  let transposedQueries: UnsafeMutablePointer<Float>
 
   init(plan: TilePlan) {
     let bq = plan.blockRows
@@ -315,6 +375,7 @@ struct TileScratch: ~Copyable {
     rowMax = .allocate(capacity: bq)
     rowSum = .allocate(capacity: bq)
     positions = .allocate(capacity: max(bq * plan.relativeWidth, 1))
+    transposedQueries = .allocate(capacity: max(bq * plan.shape.headDim, 1))
   }
 
   deinit {
@@ -323,6 +384,7 @@ struct TileScratch: ~Copyable {
     rowMax.deallocate()
     rowSum.deallocate()
     positions.deallocate()
+    transposedQueries.deallocate()
   }
 }
 
@@ -388,6 +450,15 @@ struct TilePlan: Sendable {
     // earliest (the window's start; 0 when it sees none), the last row the latest.
     let keyStart = max(keys.lowerBound, mask.visibleKeys(query: i0).lowerBound)
     let keyEnd = min(keys.upperBound, mask.visibleKeys(query: i0 + perHead - 1).upperBound)
+    // S is computed as (Q_blkᵀ)ᵀ·K_blkᵀ from Q_blkᵀ, transposed once per block here: for
+    // OpenBLAS 0.3.21 (SkylakeX kernels) that is its "TT" form, which it runs with an unpacked
+    // small-matrix kernel when M·N·K ≤ 10⁶; the plain Q·Kᵀ ("NT" row-major, "TN" to OpenBLAS)
+    // gets that kernel only for outputs of at most 1,200 entries, so it packs both operands on
+    // every tile.
+    let qt = scratch.transposedQueries
+    if d > 0, keyStart < keyEnd {
+      BLAS.transpose(rows: rows, cols: d, q, lda: d, into: qt, ldb: rows)
+    }
     var j0 = keyStart
     var tiles = 0
     while j0 < keyEnd {
@@ -396,8 +467,8 @@ struct TilePlan: Sendable {
       // Pass 1: S = scale·Q_blk·K_blkᵀ.
       if d > 0 {
         BLAS.sgemm(
-          transposeB: true, m: rows, n: cols, k: d, alpha: scale,
-          a: q, lda: d, b: buffers.k + (kv + j0) * d, ldb: d, c: s, ldc: bk)
+          transposeA: true, transposeB: true, m: rows, n: cols, k: d, alpha: scale,
+          a: qt, lda: rows, b: buffers.k + (kv + j0) * d, ldb: d, c: s, ldc: bk)
       } else {
         for r in 0..<rows { (s + r * bk).update(repeating: 0, count: cols) }
       }
@@ -443,8 +514,8 @@ struct TilePlan: Sendable {
     return tiles
   }
 
-  /// `O = acc / ℓ` into the output rows; a row that saw no key keeps zeros. With `logSumExp`,
-  /// also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`).
+  /// `O = acc / ℓ` into the output rows (normalizing the accumulator in place); a row that saw
+  /// no key keeps zeros. With `logSumExp`, also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`).
   func normalize(
     batch b: Int, firstQuery i0: Int, scratch: borrowing TileScratch,
     into output: UnsafeMutablePointer<Float>, logSumExp: UnsafeMutablePointer<Float>? = nil
@@ -457,8 +528,10 @@ struct TilePlan: Sendable {
       logSumExp?[b * tq + i0 + r] =
         sum > 0 ? scratch.rowMax[r] + log(sum) : (sum.isNaN ? .nan : -.infinity)
       let factor: Float = sum > 0 ? 1 / sum : (sum.isNaN ? .nan : 0)
-      for c in 0..<dv { out[r * dv + c] = scratch.accumulator[r * dv + c] * factor }
+      RowSoftmax.scale(scratch.accumulator + r * dv, count: dv, by: factor)
     }
+    // The block's output rows are contiguous, as are the accumulator's.
+    out.update(from: scratch.accumulator, count: rows * dv)
   }
 
   /// Merges `splits` partial results (each `[Bq, Dv]` output, `[Bq]` max, `[Bq]` sum, in key

@@ -212,7 +212,7 @@ struct BenchCase {
     // OpenBLAS alone on the products the kernel actually computes: its tile, as the kernel
     // shapes it for this problem (window, decode).
     let tile = TiledAttention.tile(
-      queries: queryCount, keys: length, batchCount: batch * heads,
+      queries: queryCount, keys: length, headDim: headDim, batchCount: batch * heads,
       groupSize: heads / (keyValueHeads ?? heads), window: window, configuration: configuration)
     let ceiling = GemmCeiling(
       queryBlock: tile.rows, keyBlock: tile.keys, headDim: headDim, valueDim: headDim,

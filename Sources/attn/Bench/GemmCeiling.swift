@@ -5,7 +5,9 @@ import Dispatch
 /// the ceiling an attention kernel built on those products cannot pass.
 ///
 /// Each thread repeats the two products of one tile, `S = Q_blk·K_blkᵀ` (`[Bq, D]·[D, Bk]`) and
-/// `O += S·V_blk` (`[Bq, Bk]·[Bk, Dv]`), OpenBLAS single-threaded inside, as the kernel runs them;
+/// `O += S·V_blk` (`[Bq, Bk]·[Bk, Dv]`), OpenBLAS single-threaded inside, as the kernel runs them:
+/// the scores from the transposed query block `Q_blkᵀ` (`[D, Bq]`) and `K_blk` as stored, both
+/// operands marked transposed, with `alpha = scale`, `beta = 0`; the output with `beta = 1`.
 /// GFLOP/s counts `2·Bq·Bk·(D + Dv)` per tile.
 struct GemmCeiling {
   let queryBlock: Int
@@ -30,7 +32,8 @@ struct GemmCeiling {
         let t = buffers[thread]
         for _ in 0..<perThread {
           BLAS.sgemm(
-            transposeB: true, m: bq, n: bk, k: d, a: t.q, lda: d, b: t.k, ldb: d, c: t.s, ldc: bk)
+            transposeA: true, transposeB: true, m: bq, n: bk, k: d, alpha: 0.125, a: t.qt,
+            lda: bq, b: t.k, ldb: d, c: t.s, ldc: bk)
           BLAS.sgemm(
             m: bq, n: dv, k: bk, a: t.s, lda: bk, b: t.v, ldb: dv, beta: 1, c: t.o, ldc: dv)
         }
@@ -43,7 +46,7 @@ struct GemmCeiling {
 
 /// One thread's operands of the two tile products.
 private struct TileOperands: @unchecked Sendable {
-  let q, k, v, s, o: UnsafeMutablePointer<Float>
+  let qt, k, v, s, o: UnsafeMutablePointer<Float>
 
   init(bq: Int, bk: Int, d: Int, dv: Int) {
     func filled(_ count: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
@@ -51,7 +54,7 @@ private struct TileOperands: @unchecked Sendable {
       pointer.initialize(repeating: value, count: max(count, 1))
       return pointer
     }
-    q = filled(bq * d, 0.01)
+    qt = filled(d * bq, 0.01)
     k = filled(bk * d, 0.02)
     v = filled(bk * dv, 0.03)
     s = filled(bq * bk, 0)
@@ -59,6 +62,6 @@ private struct TileOperands: @unchecked Sendable {
   }
 
   func deallocate() {
-    for pointer in [q, k, v, s, o] { pointer.deallocate() }
+    for pointer in [qt, k, v, s, o] { pointer.deallocate() }
   }
 }

@@ -45,10 +45,16 @@ struct BenchCommand: ParsableCommand {
   @Option(help: "Timed runs per case (the median is reported).") var repeats: Int = 5
   @Option(help: "Untimed runs per case before the timed ones (after the checking run).")
   var warmup: Int = 0
-  @Option(help: "Query block Bq of the tiled kernel.") var queryBlock: Int = TiledAttention
-    .Configuration.default.queryBlock
-  @Option(help: "Key block Bk of the tiled kernel.") var keyBlock: Int = TiledAttention
-    .Configuration.default.keyBlock
+  @Option(
+    help:
+      "Query block Bq of the tiled kernel (default: fitted to each case, 16, or 256 for long sequences; with either block flag both blocks are as given)."
+  )
+  var queryBlock: Int?
+  @Option(
+    help:
+      "Key block Bk of the tiled kernel (default: fitted to each case, up to 960 so that OpenBLAS runs the tile products unpacked, or 512 for long sequences)."
+  )
+  var keyBlock: Int?
   @Option(help: "Seed for the inputs and dropout.") var seed: UInt64 = 42
   @Flag(
     help: "Only probe whether the threads run in parallel now (FMA rate on 1 and N threads).")
@@ -98,7 +104,7 @@ struct BenchCommand: ParsableCommand {
     if let p, !(p >= 0 && p < 1) { throw ValidationError("--p must be in [0, 1), got \(p)") }
     try FlagLimits.check("--repeats", repeats, in: 1...FlagLimits.repeats)
     try FlagLimits.check("--warmup", warmup, in: 0...FlagLimits.repeats)
-    guard queryBlock > 0, keyBlock > 0 else {
+    guard queryBlock ?? 1 > 0, keyBlock ?? 1 > 0 else {
       throw ValidationError("block sizes must be positive")
     }
     if isCustom && cases != nil {
@@ -173,8 +179,10 @@ struct BenchCommand: ParsableCommand {
     var results: [BenchResult] = []
     if format == .text {
       print(
-        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles Bq \(queryBlock) × Bk \(keyBlock)"
-      )
+        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
+          + (configuration.fitsBlocks
+            ? "fitted to each case (the ceiling's tile is the case's)"
+            : "Bq \(configuration.queryBlock) × Bk \(configuration.keyBlock)"))
     }
     let progress = Progress()
     defer { progress.clear() }
@@ -189,8 +197,8 @@ struct BenchCommand: ParsableCommand {
     if format == .json {
       try printJSON(
         BenchReport(
-          openblasCore: BLAS.coreName, threads: threadCount, queryBlock: queryBlock,
-          keyBlock: keyBlock, cases: results))
+          openblasCore: BLAS.coreName, threads: threadCount,
+          queryBlock: configuration.queryBlock, keyBlock: configuration.keyBlock, cases: results))
     }
   }
 
