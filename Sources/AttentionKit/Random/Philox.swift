@@ -65,11 +65,13 @@ extension Philox4x32 {
   public func blocks16(major: UInt64, minorBase: UInt32, stream: UInt32)
     -> (SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>)
   {
-    var even = PhiloxLanes(major: major, minorBase: minorBase, firstLane: 0, stream: stream)
-    var odd = PhiloxLanes(major: major, minorBase: minorBase, firstLane: 1, stream: stream)
-    var k = key
-    for round in 0..<10 {
-      if round > 0 { k = Self.nextRoundKey(k) }
+    var even = PhiloxLanes(
+      afterTwoRoundsOf: major, minorBase: minorBase, firstLane: 0, stream: stream, key: key)
+    var odd = PhiloxLanes(
+      afterTwoRoundsOf: major, minorBase: minorBase, firstLane: 1, stream: stream, key: key)
+    var k = Self.nextRoundKey(key)
+    for _ in 2..<10 {
+      k = Self.nextRoundKey(k)
       even.round(k.0, k.1)
       odd.round(k.0, k.1)
     }
@@ -91,15 +93,33 @@ struct PhiloxLanes {
   var x2: SIMD8<UInt64>
   var x3: SIMD8<UInt64>
 
-  /// Blocks `minorBase + firstLane`, `+ 2`, `+ 4`, … (the even or the odd lanes of sixteen).
+  /// Blocks `minorBase + firstLane`, `+ 2`, `+ 4`, … (the even or the odd lanes of sixteen)
+  /// after rounds 0 and 1 with `key`. Their counters differ only in word 2, so round 0's
+  /// product of word 0, and round 1's of word 2, are the same in every lane: computed once, as
+  /// scalars, so that the ten rounds take 18 vector multiplies, not 20.
   @inline(__always)
-  init(major: UInt64, minorBase: UInt32, firstLane: UInt64, stream: UInt32) {
-    x0 = SIMD8(repeating: major)
-    x1 = SIMD8(repeating: major >> 32)
+  init(
+    afterTwoRoundsOf major: UInt64, minorBase: UInt32, firstLane: UInt64, stream: UInt32,
+    key: (UInt32, UInt32)
+  ) {
+    let low32 = SIMD8<UInt64>(repeating: 0xFFFF_FFFF)
     // Only the low halves count, so the sum need not wrap at 2³² itself.
-    x2 =
+    let minor =
       SIMD8(repeating: UInt64(minorBase) &+ firstLane) &+ SIMD8(0, 2, 4, 6, 8, 10, 12, 14)
-    x3 = SIMD8(repeating: UInt64(stream))
+    // Round 0: words 0, 1, 3 are the same in every lane.
+    let p0 = (major & 0xFFFF_FFFF) &* 0xD251_1F53
+    let p2 = (minor & low32) &* SIMD8(repeating: 0xCD9E_8D57)
+    let y0 = (p2 &>> 32) ^ SIMD8(repeating: (major >> 32) ^ UInt64(key.0))
+    let y2 = (p0 >> 32) ^ UInt64(stream ^ key.1)  // the same in every lane
+    let y3 = p0 & 0xFFFF_FFFF  // the same in every lane
+    // Round 1: word 2 is the same in every lane.
+    let k = Philox4x32.nextRoundKey(key)
+    let q0 = (y0 & low32) &* SIMD8(repeating: 0xD251_1F53)
+    let q2 = y2 &* 0xCD9E_8D57
+    x0 = SIMD8(repeating: (q2 >> 32) ^ UInt64(k.0)) ^ p2
+    x1 = SIMD8(repeating: q2)
+    x2 = (q0 &>> 32) ^ SIMD8(repeating: y3 ^ UInt64(k.1))
+    x3 = q0
   }
 
   /// One Philox round with round keys `k0`, `k1`.
