@@ -68,6 +68,12 @@ public struct Dropout: Sendable, Equatable {
     let scale = keptScale
     let lastKey = firstKey + count
     @inline(__always)
+    func applyWhole(_ word: SIMD16<UInt32>, at raw: UnsafeMutableRawPointer) {
+      // Sixteen weights at `raw`, all in the range.
+      let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
+      raw.storeBytes(of: kept.replacing(with: 0, where: word .< limit), as: SIMD16<Float>.self)
+    }
+    @inline(__always)
     func applyChunk(_ word: SIMD16<UInt32>, startingAt chunkStart: Int) {
       // Keys chunkStart ..< chunkStart + 16.
       let dropped = word .< limit
@@ -88,6 +94,17 @@ public struct Dropout: Sendable, Equatable {
       let words = rng.blocks16(
         major: major, minorBase: UInt32(truncatingIfNeeded: group * 16),
         stream: RandomStream.dropout)
+      let start = group * 64
+      if start >= firstKey && start + 64 <= lastKey {
+        // A whole group inside the range (all but a tile's first and last): no range checks.
+        let base = UnsafeMutableRawPointer(weights + (start - firstKey))
+        applyWhole(words.0, at: base)
+        applyWhole(words.1, at: base + 64)
+        applyWhole(words.2, at: base + 128)
+        applyWhole(words.3, at: base + 192)
+        group += 1
+        continue
+      }
       applyChunk(words.0, startingAt: group * 64)
       applyChunk(words.1, startingAt: group * 64 + 16)
       applyChunk(words.2, startingAt: group * 64 + 32)
