@@ -36,9 +36,11 @@ folder (prefixed by section and case), so a resource step that flattens folders 
      u1 = (w0 + 1) / 2**32, u2 = w1 / 2**32, r = sqrt(-2 ln u1) -> r cos(2π u2), r sin(2π u2);
      saved as float64 BEFORE rounding to float32 (compare Float(expected) with the Swift output).
    Dropout: weight at flat row r = (flat batch index)·Tq + i and key column j uses block counter
-     (lo32(r), hi32(r), 16·(j // 64) + j % 16, stream 0), word (j % 64) // 16 = w (so sixteen
-     blocks computed side by side give 64 consecutive keys); it is DROPPED iff w < threshold, with
-     threshold = 0 for p = 0, 2**32 for p = 1 (drop all), else min(round_half_up(p·2**32), 2**32-1).
+     (lo32(r), hi32(r), 16·(j // 128) + j % 16, stream 0), word (j % 128) // 32 = w, and of w
+     its low 16 bits h = w & 0xffff when (j % 32) < 16, its high 16 bits h = w >> 16 otherwise
+     (so sixteen blocks computed side by side give 128 consecutive keys); it is DROPPED iff
+     h < threshold, with threshold = 0 for p = 0, 2**16 for p = 1 (drop all), else
+     min(round_half_up(p·2**16), 2**16-1).
      Every p written is exactly a float32 (the Swift API takes `Float`), e.g. "0.1" is stored as
      0.10000000149011612 = Float(0.1), so Float and Double computations of the threshold agree.
 
@@ -530,9 +532,10 @@ def build_random(w: Writer):
 
 
 def dropout_threshold(p: float) -> int:
-    """Drop iff word < threshold: 0 for p = 0, 2**32 for p = 1, else min(round(p·2**32), 2**32-1).
+    """Drop iff h < threshold (h a 16-bit half of a word): 0 for p = 0, 2**16 for p = 1, else
+    min(round(p·2**16), 2**16-1).
 
-    Rounding is half up (exact: p·2**32 is an exact float64 and adding 0.5 keeps it exact).
+    Rounding is half up (exact: p·2**16 is an exact float64 and adding 0.5 keeps it exact).
     p must be exactly a float32, so that Swift's `Float` probability gives the same threshold.
     """
     if not 0.0 <= p <= 1.0 or float(np.float32(p)) != p:
@@ -540,30 +543,37 @@ def dropout_threshold(p: float) -> int:
     if p == 0.0:
         return 0
     if p == 1.0:
-        return 2**32
-    return min(math.floor(p * 2.0**32 + 0.5), 2**32 - 1)
+        return 2**16
+    return min(math.floor(p * 2.0**16 + 0.5), 2**16 - 1)
+
+
+def dropout_half(word: int, j: int) -> int:
+    """The 16 bits of `word` that decide key j: the low half for j % 32 < 16, else the high."""
+    return word & 0xFFFF if j % 32 < 16 else word >> 16
 
 
 def philox_dropout_keep(seed: int, p: float, shape) -> np.ndarray:
     """Keep mask (True = kept) for weights of shape [..., Tq, Tk].
 
     Flat row r = flat batch index · Tq + i; column j -> counter
-    (lo(r), hi(r), 16·(j // 64) + j % 16, 0), word (j % 64) // 16.
+    (lo(r), hi(r), 16·(j // 128) + j % 16, 0), word (j % 128) // 32, its low 16 bits for
+    j % 32 < 16, else its high 16 bits.
     """
     *batch, tq, tk = shape
     rows = np.arange(int(np.prod(batch, dtype=np.int64)) * tq, dtype=np.uint64)  # [R]
-    minors = np.arange(16 * ((tk + 63) // 64), dtype=np.uint64)  # [16·ceil(Tk/64)]
+    minors = np.arange(16 * ((tk + 127) // 128), dtype=np.uint64)  # [16·ceil(Tk/128)]
     words = philox_blocks(rows[:, None] & np.uint64(MASK32), rows[:, None] >> np.uint64(32),
                           minors[None, :], DROPOUT_STREAM, seed_key(seed))  # [R, minors, 4]
     j = np.arange(tk)
-    words = words[:, 16 * (j // 64) + j % 16, (j % 64) // 16]  # [R, Tk]
-    keep = words >= np.uint64(dropout_threshold(p))
+    words = words[:, 16 * (j // 128) + j % 16, (j % 128) // 32]  # [R, Tk]
+    halves = np.where(j % 32 < 16, words & np.uint64(0xFFFF), words >> np.uint64(16))
+    keep = halves >= np.uint64(dropout_threshold(p))
     # Spot-check the vectorised layout against the scalar generator.
     for r, j in [(0, 0), (len(rows) - 1, tk - 1), (len(rows) // 2, tk // 2)]:
-        minor = 16 * (j // 64) + j % 16
+        minor = 16 * (j // 128) + j % 16
         word = philox_block((r & MASK32, r >> 32, minor, DROPOUT_STREAM),
-                            seed_key(seed))[(j % 64) // 16]
-        assert keep[r, j] == (word >= dropout_threshold(p))
+                            seed_key(seed))[(j % 128) // 32]
+        assert keep[r, j] == (dropout_half(word, j) >= dropout_threshold(p))
     return keep.reshape(shape)
 
 

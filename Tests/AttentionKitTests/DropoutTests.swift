@@ -199,55 +199,58 @@ struct DropoutTests {
       "p = \(p): \(dropped) of \(t * t) dropped (\(share)), expected \(interval)")
   }
 
-  /// The Philox word that decides the weight of flat row `row` and key `key`, by the layout of
-  /// `Dropout`'s doc comment (and of the numpy script): word `(j mod 64) / 16` of the block with
-  /// counter `(r, 16·⌊j/64⌋ + j mod 16, stream 0)`.
-  static func dropoutWord(seed: UInt64, row: Int, key: Int) -> UInt32 {
-    let (group, within) = key.quotientAndRemainder(dividingBy: 64)
+  /// The 16 Philox bits that decide the weight of flat row `row` and key `key`, by the layout of
+  /// `Dropout`'s doc comment (and of the numpy script): of word `(j mod 128) / 32` of the block
+  /// with counter `(r, 16·⌊j/128⌋ + j mod 16, stream 0)`, the low half for `j mod 32 < 16`, else
+  /// the high half.
+  static func dropoutBits(seed: UInt64, row: Int, key: Int) -> UInt32 {
+    let (group, within) = key.quotientAndRemainder(dividingBy: 128)
     let w = Philox4x32(seed: seed).block(
       major: UInt64(row), minor: UInt32(16 * group + within % 16), stream: RandomStream.dropout)
-    return [w.0, w.1, w.2, w.3][within / 16]
+    let word = [w.0, w.1, w.2, w.3][within / 32]
+    return within % 32 < 16 ? word & 0xFFFF : word >> 16
   }
 
-  /// With p = 1/2 the threshold is exactly 2³¹: a weight is kept iff its word's top bit is set.
-  @Test("keeps(row:key:) follows the documented counter layout, past 64 and 256 keys")
+  /// With p = 1/2 the threshold is exactly 2¹⁵: a weight is kept iff its 16 bits' top bit is set.
+  @Test("keeps(row:key:) follows the documented counter layout, past 128 and 256 keys")
   func counterLayout() throws {
     let dropout = try Dropout(probability: 0.5, seed: 77)
     var mismatches: [String] = []
     for row in [0, 1, 1000, 1 << 33] {
       for key in 0..<300 {
-        let kept = Self.dropoutWord(seed: 77, row: row, key: key) >= 1 << 31
+        let kept = Self.dropoutBits(seed: 77, row: row, key: key) >= 1 << 15
         if dropout.keeps(row: row, key: key) != kept { mismatches.append("(\(row), \(key))") }
       }
     }
     #expect(mismatches.isEmpty, "\(mismatches.count) mismatches: \(mismatches.prefix(5))")
   }
 
-  /// The rule is "dropped iff word < round(p·2³²)": a word equal to the threshold is kept. With
-  /// `p = k·2⁻²⁴` (exact in Float), the threshold is exactly `k·2⁸`; so a Philox word `w` whose
-  /// low 8 bits are zero is kept for `p = (w >> 8)·2⁻²⁴` and dropped for the next p up, both by
+  /// The rule is "dropped iff bits < round(p·2¹⁶)": bits equal to the threshold are kept. With
+  /// `p = k·2⁻¹⁶` (exact in Float), the threshold is exactly `k`; so a weight whose 16 bits are
+  /// `h > 0` is kept for `p = h·2⁻¹⁶` and dropped for `p = (h + 1)·2⁻¹⁶`, both by
   /// `keeps(row:key:)` and by the kernel (all scores 0, so every weight is non-zero before dropout).
-  @Test("A word equal to the threshold is kept; one below it is dropped")
+  @Test("Bits equal to the threshold are kept; one below it are dropped")
   func thresholdBoundary() throws {
-    let (seed, rows, keys) = (UInt64(5), 64, 128)
-    var found: (row: Int, key: Int, word: UInt32)?
+    let (seed, rows, keys) = (UInt64(5), 64, 160)
+    var found: (row: Int, key: Int, bits: UInt32)?
     search: for row in 0..<rows {
-      for key in 0..<keys {
-        let word = Self.dropoutWord(seed: seed, row: row, key: key)
-        if word & 0xFF == 0 && word > 0 {
-          found = (row, key, word)
+      // A key past 128 and in a high half, so that both parts of the layout are exercised.
+      for key in 144..<keys {
+        let bits = Self.dropoutBits(seed: seed, row: row, key: key)
+        if bits > 0 && bits < 0xFFFF {
+          found = (row, key, bits)
           break search
         }
       }
     }
-    let (row, key, word) = try #require(found, "no word with 8 low zero bits in \(rows * keys)")
-    let atWord = Float(word >> 8) * 0x1p-24
-    let aboveWord = Float((word >> 8) + 1) * 0x1p-24
-    for (p, kept) in [(atWord, true), (aboveWord, false)] {
+    let (row, key, bits) = try #require(found, "no usable bits in \(rows * 16) keys")
+    let atBits = Float(bits) * 0x1p-16
+    let aboveBits = Float(bits + 1) * 0x1p-16
+    for (p, kept) in [(atBits, true), (aboveBits, false)] {
       let dropout = try Dropout(probability: p, seed: seed)
       #expect(
         dropout.keeps(row: row, key: key) == kept,
-        "word \(word), p = \(p) (threshold \(Double(p) * 0x1p32)): keeps should be \(kept)")
+        "bits \(bits), p = \(p) (threshold \(Double(p) * 0x1p16)): keeps should be \(kept)")
       let weights = try #require(
         try Attention.scaledDotProduct(
           queries: try Tensor(shape: [1, rows, 1]), keys: try Tensor(shape: [1, keys, 1]),

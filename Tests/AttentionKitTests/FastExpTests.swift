@@ -1,7 +1,8 @@
-import AttentionKit
 import Foundation
 import Testing
 import _TestSupport
+
+@testable import AttentionKit
 
 /// `fastExp` against `Foundation.exp` in Double, and its special values.
 @Suite("fastExp")
@@ -105,6 +106,28 @@ struct FastExpTests {
   func saturation(x: Float) {
     #expect(fastExp(x) == fastExp(88), "fastExp(\(x)) = \(fastExp(x))")
     #expect(fastExp(x).isFinite)
+  }
+
+  /// The softmax passes call `fastExpUnclamped`, which leaves out the clamp at 88 that their
+  /// arguments (`≤ 0`) never reach: bit for bit `fastExp` below 88, at the special values, and
+  /// on the sweep's points.
+  @Test("fastExpUnclamped equals fastExp for arguments ≤ 88")
+  func unclamped() {
+    var inputs: [Float] = [-.infinity, .nan, -0.0, 0, 88, -87.34, -87.336_54, -1e30, 1e-30, -1e-30]
+    inputs += (0...(1 << 14)).map { Float(-100 + 188 * Double($0) / Double(1 << 14)) }
+    var start = 0
+    var differ: [Float] = []
+    while start < inputs.count {
+      var v = SIMD16<Float>(repeating: 0)
+      let lanes = min(16, inputs.count - start)
+      for lane in 0..<lanes { v[lane] = inputs[start + lane] }
+      let (a, b) = (fastExp(v), fastExpUnclamped(v))
+      for lane in 0..<lanes where a[lane].bitPattern != b[lane].bitPattern {
+        differ.append(v[lane])
+      }
+      start += 16
+    }
+    #expect(differ.isEmpty, "fastExpUnclamped differs from fastExp at \(differ.prefix(5))")
   }
 
   @Test("Every lane is computed independently of its neighbours")

@@ -37,6 +37,26 @@ struct PhiloxTests {
     #expect(known.first?.output == [0x6627_E8D5, 0xE169_C58D, 0xBC57_AC4C, 0x9B00_DBD8])
   }
 
+  /// `blocks16` keeps the words in 64-bit lanes and packs them at the end: every lane must still
+  /// be the scalar block, including minor indices that wrap around 2³² within the sixteen.
+  @Test(
+    "blocks16: lane l is block(major, minorBase + l, stream)",
+    arguments: [
+      (0, 0, 0, 0), (42, 0xFFFF_FFFF, 0, 7), (UInt64.max, 0xFFFF_FFFF_0000_0001, 0xFFFF_FFF8, 1),
+      (0x0123_4567_89AB_CDEF, 1 << 40, 0x8000_0000, 0xFFFF_FFFF),
+    ] as [(UInt64, UInt64, UInt32, UInt32)])
+  func blocks16(seed: UInt64, major: UInt64, minorBase: UInt32, stream: UInt32) {
+    let rng = Philox4x32(seed: seed)
+    let wide = rng.blocks16(major: major, minorBase: minorBase, stream: stream)
+    for lane in 0..<16 {
+      let scalar = rng.block(major: major, minor: minorBase &+ UInt32(lane), stream: stream)
+      #expect(
+        [wide.0[lane], wide.1[lane], wide.2[lane], wide.3[lane]]
+          == [scalar.0, scalar.1, scalar.2, scalar.3],
+        "seed \(seed) major \(major) minor \(minorBase) + \(lane) stream \(stream)")
+    }
+  }
+
   @Test(
     "randomUniform equals numpy bit for bit", arguments: try ReferenceFixtures.randomUniformCases())
   func uniform(spec: RandomCase) throws {

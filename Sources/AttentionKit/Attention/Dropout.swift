@@ -5,15 +5,18 @@ import Tensors
 /// as `torch.nn.functional.dropout`). `p = 0` changes nothing; `p = 1` zeroes every weight.
 ///
 /// The decision for the weight of query row `r` (the flat index over `[…, Tq]`, i.e.
-/// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: word
-/// `(j mod 64) / 16` of the Philox block with counter `(r, 16·⌊j/64⌋ + j mod 16, stream 0)` (see
-/// `Philox4x32`); the weight is dropped when that word is below `round(p·2³²)`. So the same seed
-/// drops the same weights whatever the threads, tile sizes or kernel. (The layout lets sixteen
-/// blocks computed side by side cover 64 consecutive keys, 16 per word.)
+/// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: 16 bits of word
+/// `(j mod 128) / 32` of the Philox block with counter `(r, 16·⌊j/128⌋ + j mod 16, stream 0)`
+/// (see `Philox4x32`) — its low half when `j mod 32 < 16`, its high half otherwise; the weight is
+/// dropped when those 16 bits are below `round(p·2¹⁶)` (capped at `2¹⁶ − 1` for `p < 1`). So the
+/// same seed drops the same weights whatever the threads, tile sizes or kernel. (Sixteen blocks
+/// computed side by side cover 128 consecutive keys. Two decisions per 32-bit word halve the
+/// Philox work, which dominated the cost of dropout; `p` is then resolved to `2⁻¹⁶`, and a `p`
+/// below `2⁻¹⁷` drops nothing.)
 public struct Dropout: Sendable, Equatable {
   public let probability: Float
   public let seed: UInt64
-  /// Dropped when the random word is below this.
+  /// Dropped when the 16 random bits are below this (`2¹⁶` for `p = 1`).
   let threshold: UInt32
   /// `1/(1 − p)`, the factor for kept weights (0 when `p = 1`).
   public let keptScale: Float
@@ -25,8 +28,8 @@ public struct Dropout: Sendable, Equatable {
     }
     self.probability = probability
     self.seed = seed
-    let scaled = (Double(probability) * 0x1p32).rounded()
-    threshold = scaled >= 0x1p32 ? UInt32.max : UInt32(scaled)
+    let scaled = (Double(probability) * 0x1p16).rounded()
+    threshold = probability >= 1 ? 0x1_0000 : UInt32(min(scaled, 0xFFFF))
     keptScale = probability < 1 ? 1 / (1 - probability) : 0
   }
 
@@ -38,23 +41,24 @@ public struct Dropout: Sendable, Equatable {
   public func keeps(row: Int, key: Int) -> Bool {
     if dropsAll { return false }
     if dropsNone { return true }
-    let (group, within) = key.quotientAndRemainder(dividingBy: 64)
+    let (group, within) = key.quotientAndRemainder(dividingBy: 128)
     let w = Philox4x32(seed: seed).block(
       major: UInt64(row), minor: UInt32(truncatingIfNeeded: group * 16 + within % 16),
       stream: RandomStream.dropout)
     let word: UInt32
-    switch within / 16 {
+    switch within / 32 {
     case 0: word = w.0
     case 1: word = w.1
     case 2: word = w.2
     default: word = w.3
     }
-    return word >= threshold
+    let bits = within % 32 < 16 ? word & 0xFFFF : word >> 16
+    return bits >= threshold
   }
 
   /// Applies dropout in place to `weights[0..<count]`, the weights of row `row` for keys
   /// `firstKey ..< firstKey + count`: dropped ones become 0, kept ones are multiplied by
-  /// `1/(1 − p)`. Sixteen Philox blocks at a time give the words of 64 keys.
+  /// `1/(1 − p)`. Sixteen Philox blocks at a time give the decisions of 128 keys.
   @inline(__always)
   func apply(to weights: UnsafeMutablePointer<Float>, row: Int, firstKey: Int, count: Int) {
     if dropsNone || count <= 0 { return }
@@ -68,9 +72,16 @@ public struct Dropout: Sendable, Equatable {
     let scale = keptScale
     let lastKey = firstKey + count
     @inline(__always)
-    func applyChunk(_ word: SIMD16<UInt32>, startingAt chunkStart: Int) {
+    func applyWhole(_ bits: SIMD16<UInt32>, at raw: UnsafeMutableRawPointer) {
+      // Sixteen weights at `raw`, all in the range.
+      let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
+      raw.storeBytes(of: kept.replacing(with: 0, where: bits .< limit), as: SIMD16<Float>.self)
+    }
+    @inline(__always)
+    func applyChunk(_ bits: SIMD16<UInt32>, startingAt chunkStart: Int) {
       // Keys chunkStart ..< chunkStart + 16.
-      let dropped = word .< limit
+      guard chunkStart + 16 > firstKey && chunkStart < lastKey else { return }
+      let dropped = bits .< limit
       if chunkStart >= firstKey && chunkStart + 16 <= lastKey {
         let raw = UnsafeMutableRawPointer(weights + (chunkStart - firstKey))
         let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
@@ -83,15 +94,35 @@ public struct Dropout: Sendable, Equatable {
         }
       }
     }
-    var group = firstKey / 64
-    while group * 64 < lastKey {
+    var group = firstKey / 128
+    while group * 128 < lastKey {
       let words = rng.blocks16(
         major: major, minorBase: UInt32(truncatingIfNeeded: group * 16),
         stream: RandomStream.dropout)
-      applyChunk(words.0, startingAt: group * 64)
-      applyChunk(words.1, startingAt: group * 64 + 16)
-      applyChunk(words.2, startingAt: group * 64 + 32)
-      applyChunk(words.3, startingAt: group * 64 + 48)
+      // Each word: its low halves for 16 keys, then its high halves for the next 16.
+      let start = group * 128
+      if start >= firstKey && start + 128 <= lastKey {
+        // A whole group inside the range (all but a tile's first and last): no range checks.
+        let base = UnsafeMutableRawPointer(weights + (start - firstKey))
+        applyWhole(words.0 & 0xFFFF, at: base)
+        applyWhole(words.0 &>> 16, at: base + 64)
+        applyWhole(words.1 & 0xFFFF, at: base + 128)
+        applyWhole(words.1 &>> 16, at: base + 192)
+        applyWhole(words.2 & 0xFFFF, at: base + 256)
+        applyWhole(words.2 &>> 16, at: base + 320)
+        applyWhole(words.3 & 0xFFFF, at: base + 384)
+        applyWhole(words.3 &>> 16, at: base + 448)
+        group += 1
+        continue
+      }
+      applyChunk(words.0 & 0xFFFF, startingAt: start)
+      applyChunk(words.0 &>> 16, startingAt: start + 16)
+      applyChunk(words.1 & 0xFFFF, startingAt: start + 32)
+      applyChunk(words.1 &>> 16, startingAt: start + 48)
+      applyChunk(words.2 & 0xFFFF, startingAt: start + 64)
+      applyChunk(words.2 &>> 16, startingAt: start + 80)
+      applyChunk(words.3 & 0xFFFF, startingAt: start + 96)
+      applyChunk(words.3 &>> 16, startingAt: start + 112)
       group += 1
     }
   }

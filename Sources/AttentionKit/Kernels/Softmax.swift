@@ -30,14 +30,15 @@ enum RowSoftmax {
     return nan ? .nan : result
   }
 
-  /// Replaces `row[j]` by `exp(row[j] − shift)` and returns the sum of the new values.
+  /// Replaces `row[j]` by `exp(row[j] − shift)` and returns the sum of the new values. `shift`
+  /// is at least every value of the row (its max), or the row holds NaN.
   @inline(__always)
   static func exponentiate(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) -> Float {
     var sums = SIMD16<Float>()
     var j = 0
     while j + 16 <= count {
       let raw = UnsafeMutableRawPointer(row + j)
-      let e = fastExp(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
+      let e = fastExpUnclamped(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
       raw.storeBytes(of: e, as: SIMD16<Float>.self)
       sums += e
       j += 16
@@ -46,11 +47,21 @@ enum RowSoftmax {
       // The tail goes through the same vector code, padded with −∞ (whose exp is 0).
       var tail = SIMD16<Float>(repeating: -.infinity)
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
-      let e = fastExp(tail - shift)
+      let e = fastExpUnclamped(tail - shift)
       for lane in 0..<(count - j) { row[j + lane] = e[lane] }
       sums += e
     }
-    return sums.sum()
+    return total(sums)
+  }
+
+  /// The sum of the lanes, halving the vector each step (`SIMD.sum()` is sixteen dependent
+  /// additions, and was not inlined).
+  @inline(__always)
+  static func total(_ v: SIMD16<Float>) -> Float {
+    let eight = v.lowHalf + v.highHalf
+    let four = eight.lowHalf + eight.highHalf
+    let two = four.lowHalf + four.highHalf
+    return two[0] + two[1]
   }
 
   /// Multiplies `row[0..<count]` by `factor`.

@@ -494,9 +494,11 @@ struct TilePlan: Sendable {
           row.update(repeating: 0, count: cols)
           continue
         }
-        // Pass 3: P = exp(S − m'), ℓ and the running output rescaled by exp(m − m').
+        // Pass 3: P = exp(S − m'), ℓ and the running output rescaled by exp(m − m') (no
+        // exp when the max did not grow: the factor is then exactly 1).
         let sum = RowSoftmax.exponentiate(row, count: cols, shift: peak)
-        let correction = previous == -.infinity ? 0 : fastExp(previous - peak)
+        let correction =
+          previous == -.infinity ? 0 : previous == peak ? 1 : fastExp(previous - peak)
         scratch.rowSum[r] = scratch.rowSum[r] * correction + sum
         scratch.rowMax[r] = peak
         if correction != 1 { RowSoftmax.scale(acc + r * dv, count: dv, by: correction) }
