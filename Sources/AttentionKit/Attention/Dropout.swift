@@ -99,31 +99,35 @@ public struct Dropout: Sendable, Equatable {
       let words = rng.blocks16(
         major: major, minorBase: UInt32(truncatingIfNeeded: group * 16),
         stream: RandomStream.dropout)
-      // Each word: its low halves for 16 keys, then its high halves for the next 16.
       let start = group * 128
       if start >= firstKey && start + 128 <= lastKey {
         // A whole group inside the range (all but a tile's first and last): no range checks.
         let base = UnsafeMutableRawPointer(weights + (start - firstKey))
-        applyWhole(words.0 & 0xFFFF, at: base)
-        applyWhole(words.0 &>> 16, at: base + 64)
-        applyWhole(words.1 & 0xFFFF, at: base + 128)
-        applyWhole(words.1 &>> 16, at: base + 192)
-        applyWhole(words.2 & 0xFFFF, at: base + 256)
-        applyWhole(words.2 &>> 16, at: base + 320)
-        applyWhole(words.3 & 0xFFFF, at: base + 384)
-        applyWhole(words.3 &>> 16, at: base + 448)
-        group += 1
-        continue
+        forEachSixteenKeys(of: words) { bits, offset in applyWhole(bits, at: base + 4 * offset) }
+      } else {
+        forEachSixteenKeys(of: words) { bits, offset in
+          applyChunk(bits, startingAt: start + offset)
+        }
       }
-      applyChunk(words.0 & 0xFFFF, startingAt: start)
-      applyChunk(words.0 &>> 16, startingAt: start + 16)
-      applyChunk(words.1 & 0xFFFF, startingAt: start + 32)
-      applyChunk(words.1 &>> 16, startingAt: start + 48)
-      applyChunk(words.2 & 0xFFFF, startingAt: start + 64)
-      applyChunk(words.2 &>> 16, startingAt: start + 80)
-      applyChunk(words.3 & 0xFFFF, startingAt: start + 96)
-      applyChunk(words.3 &>> 16, startingAt: start + 112)
       group += 1
     }
   }
+}
+
+/// The decisions' 16-bit values for the 128 keys of one group of sixteen Philox blocks, sixteen
+/// keys at a time: `body(bits, offset)` for keys `offset ..< offset + 16` of the group. Each word
+/// gives its low halves for 16 keys, then its high halves for the next 16.
+@inline(__always)
+private func forEachSixteenKeys(
+  of words: (SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>),
+  _ body: (SIMD16<UInt32>, Int) -> Void
+) {
+  body(words.0 & 0xFFFF, 0)
+  body(words.0 &>> 16, 16)
+  body(words.1 & 0xFFFF, 32)
+  body(words.1 &>> 16, 48)
+  body(words.2 & 0xFFFF, 64)
+  body(words.2 &>> 16, 80)
+  body(words.3 & 0xFFFF, 96)
+  body(words.3 &>> 16, 112)
 }
