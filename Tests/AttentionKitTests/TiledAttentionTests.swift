@@ -177,6 +177,10 @@ struct TiledAttentionTests {
     let windowed = TiledAttention.tile(
       queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1, window: 512)
     #expect(windowed.rows == 16 && windowed.keys == 960)
+    // Any window is valid, up to Int.max (as wide as no window): no overflow on the way.
+    let unbounded = TiledAttention.tile(
+      queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1, window: .max)
+    #expect(unbounded == long)
     for d in [16, 64, 96, 128, 200] {
       let tile = TiledAttention.tile(queries: 2048, keys: 4096, headDim: d, batchCount: 8)
       #expect(tile.rows * tile.keys * d <= 1_000_000 && tile.keys % 16 == 0, "D \(d): \(tile)")

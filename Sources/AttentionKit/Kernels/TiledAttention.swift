@@ -122,7 +122,8 @@ public enum TiledAttention {
       var (requestedQueries, requestedKeys) = (configuration.queryBlock, configuration.keyBlock)
       var fitsKeyBlock = configuration.fitsBlocks
       if fitsKeyBlock {
-        let span = window.map { min(keys, $0 + requestedQueries) } ?? keys
+        // (The window is clamped first: it may be any positive Int, up to .max.)
+        let span = window.map { min(keys, min(keys, $0) + requestedQueries) } ?? keys
         if span * (headDim + valueDim) * MemoryLayout<Float>.stride
           > TiledAttention.streamedKeyValueLimit
         {
