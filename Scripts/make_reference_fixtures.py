@@ -26,7 +26,8 @@ folder (prefixed by section and case), so a resource step that flattens folders 
    (right-aligned) to [..., Tq, Tk].  Causal is top-left aligned: query i sees key j iff j <= i,
    also when Tq != Tk.  Several masks in one case combine: keep masks AND, biases add.
    With dropout (section `sdpa_dropout`): after the softmax, weights are multiplied by
-   keep / (1 - p), then output = weights·V; the saved weights are those after dropout.
+   keep·2**16/(2**16 - t) (t the 16-bit threshold; see dropout_scale), then output = weights·V;
+   the saved weights are those after dropout.
 
 2. Philox4x32-10 (Random123) and AttentionKit's transforms (see Sources/AttentionKit/Philox.swift):
    key = (seed & 0xffffffff, seed >> 32); tensor element e uses block counter
@@ -182,7 +183,7 @@ def sdpa_reference(q, k, v, masks, causal, scale, dropout_keep=None, p=0.0):
     scores = np.where(keep, scores, -np.inf)
     weights = masked_softmax(scores)
     if dropout_keep is not None:
-        weights = np.where(dropout_keep, weights / (1.0 - p), 0.0) if p < 1 else weights * 0.0
+        weights = np.where(dropout_keep, weights * dropout_scale(p), 0.0) if p < 1 else weights * 0.0
     output = np.einsum("...qk,...kv->...qv", weights, v64)  # [..., Tq, Dv]
     return output, weights, np.where(np.isfinite(scores), raw, np.nan)
 
@@ -547,6 +548,13 @@ def dropout_threshold(p: float) -> int:
     return min(math.floor(p * 2.0**16 + 0.5), 2**16 - 1)
 
 
+def dropout_scale(p: float) -> float:
+    """The factor for kept weights: one over the probability a weight is kept, 2**16/(2**16 - t)
+    with t the threshold (not 1/(1 - p): the decisions drop with probability t/2**16, and this
+    keeps dropout unbiased for every p). p must be below 1."""
+    return 2.0**16 / (2.0**16 - dropout_threshold(p))
+
+
 def dropout_half(word: int, j: int) -> int:
     """The 16 bits of `word` that decide key j: the low half for j % 32 < 16, else the high."""
     return word & 0xFFFF if j % 32 < 16 else word >> 16
@@ -596,7 +604,7 @@ def build_dropout_masks(w: Writer) -> list[dict]:
         keep = philox_dropout_keep(seed, p, shape)
         entries.append({
             "name": name, "seed": seed, "stream": DROPOUT_STREAM, "p": p,
-            "threshold": dropout_threshold(p), "scale": None if p == 1.0 else 1.0 / (1.0 - p),
+            "threshold": dropout_threshold(p), "scale": None if p == 1.0 else dropout_scale(p),
             "shape": list(shape),
             "keep": w.npy(f"dropout/dropout__{name}__keep.npy", keep, "|b1"),
         })

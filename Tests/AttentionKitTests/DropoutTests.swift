@@ -90,8 +90,9 @@ struct DropoutTests {
     #expect(dropout.dropsNone == (spec.p == 0) && dropout.dropsAll == (spec.p == 1))
     if let scale = spec.scale {
       #expect(
-        relativeError(dropout.keptScale, scale) <= 2 * Float32Rounding.unit,  // 1 − p, then 1/x
-        "\(spec.name): keptScale \(dropout.keptScale), 1/(1 − p) = \(scale)")
+        // One rounding of 2¹⁶/(2¹⁶ − t) to float32.
+        relativeError(dropout.keptScale, scale) <= 2 * Float32Rounding.unit,
+        "\(spec.name): keptScale \(dropout.keptScale), 2¹⁶/(2¹⁶ − t) = \(scale)")
     } else {
       #expect(dropout.keptScale == 0, "p = 1: keptScale \(dropout.keptScale) should be 0")
     }
@@ -322,15 +323,28 @@ struct DropoutTests {
   }
 
   @Test(
-    "Valid probabilities: flags and the kept scale 1/(1 − p)",
-    arguments: [0, 0.1, 0.25, 0.5, 0.75, 1] as [Float])
+    "Valid probabilities: flags, p on the 2⁻¹⁶ grid, and a kept scale that keeps dropout unbiased",
+    arguments: [0, 0.1, 0.25, 0.5, 0.75, 1, 0.000_005, 0.000_01, 0.999, 0.9999, 0.999_99] as [Float]
+  )
   func validProbability(p: Float) throws {
     let dropout = try Dropout(probability: p, seed: 1)
     #expect(dropout.probability == p && dropout.seed == 1)
-    #expect(dropout.dropsNone == (p == 0) && dropout.dropsAll == (p == 1))
-    let expected = p == 1 ? 0 : 1 / (1 - Double(p))
-    #expect(
-      abs(Double(dropout.keptScale) - expected) <= Float32Rounding.unit * 2 * expected,
-      "p = \(p): keptScale \(dropout.keptScale), expected \(expected)")
+    // The drop probability is p rounded to a multiple of 2⁻¹⁶ (below 1 while p < 1).
+    let effective = dropout.effectiveProbability
+    #expect((effective * 0x1p16).rounded() == effective * 0x1p16)
+    #expect(abs(effective - Double(p)) <= 0x1p-17, "p = \(p): drawn with \(effective)")
+    #expect(p == 1 || effective < 1, "p = \(p) < 1 must keep some weights")
+    #expect(dropout.dropsNone == (effective == 0) && dropout.dropsAll == (p == 1))
+    if p < 0x1p-17 { #expect(dropout.dropsNone, "p = \(p) < 2⁻¹⁷ rounds to no dropout") }
+    // Unbiased: E[kept·scale] = (1 − p')·keptScale = 1, to the float32 rounding of keptScale
+    // (scaling by the requested 1/(1 − p) would be off by half at p = 0.99999).
+    if p < 1 {
+      let expectation = (1 - effective) * Double(dropout.keptScale)
+      #expect(
+        abs(expectation - 1) <= Float32Rounding.unit,
+        "p = \(p): (1 − p')·keptScale = \(expectation)")
+    } else {
+      #expect(dropout.keptScale == 0)
+    }
   }
 }

@@ -8,17 +8,24 @@ import Tensors
 /// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: 16 bits of word
 /// `(j mod 128) / 32` of the Philox block with counter `(r, 16·⌊j/128⌋ + j mod 16, stream 0)`
 /// (see `Philox4x32`) — its low half when `j mod 32 < 16`, its high half otherwise; the weight is
-/// dropped when those 16 bits are below `round(p·2¹⁶)` (capped at `2¹⁶ − 1` for `p < 1`). So the
-/// same seed drops the same weights whatever the threads, tile sizes or kernel. (Sixteen blocks
-/// computed side by side cover 128 consecutive keys. Two decisions per 32-bit word halve the
-/// Philox work, which dominated the cost of dropout; `p` is then resolved to `2⁻¹⁶`, and a `p`
-/// below `2⁻¹⁷` drops nothing.)
+/// dropped when those 16 bits are below `t = round(p·2¹⁶)` (capped at `2¹⁶ − 1` for `p < 1`). So
+/// the same seed drops the same weights whatever the threads, tile sizes or kernel. (Sixteen
+/// blocks computed side by side cover 128 consecutive keys. Two decisions per 32-bit word halve
+/// the Philox work, which dominated the cost of dropout.)
+///
+/// A weight is therefore dropped with probability `t/2¹⁶` — `p` on a grid of `2⁻¹⁶`
+/// (`effectiveProbability`) — and the kept ones are scaled by `2¹⁶/(2¹⁶ − t)`, one over the
+/// probability they are kept, so that dropout stays unbiased for every `p`: scaling by the
+/// requested `1/(1 − p)` instead would inflate the expected weight near `p = 1` (by half at
+/// `p = 0.99999`), and a `p` below `2⁻¹⁷`, which drops nothing, would still scale. For `p = 0.1`
+/// the two factors differ by `6·10⁻⁶` of their value.
 public struct Dropout: Sendable, Equatable {
   public let probability: Float
   public let seed: UInt64
   /// Dropped when the 16 random bits are below this (`2¹⁶` for `p = 1`).
   let threshold: UInt32
-  /// `1/(1 − p)`, the factor for kept weights (0 when `p = 1`).
+  /// `1/(1 − p')` with `p'` the `effectiveProbability`: the factor for kept weights (0 when
+  /// `p = 1`).
   public let keptScale: Float
 
   public init(probability: Float, seed: UInt64) throws {
@@ -30,11 +37,15 @@ public struct Dropout: Sendable, Equatable {
     self.seed = seed
     let scaled = (Double(probability) * 0x1p16).rounded()
     threshold = probability >= 1 ? 0x1_0000 : UInt32(min(scaled, 0xFFFF))
-    keptScale = probability < 1 ? 1 / (1 - probability) : 0
+    keptScale = threshold < 0x1_0000 ? Float(0x1p16 / Double(0x1_0000 - threshold)) : 0
   }
 
-  public var dropsAll: Bool { probability >= 1 }
-  public var dropsNone: Bool { probability == 0 }
+  /// The probability that a weight is dropped: `p` rounded to a multiple of `2⁻¹⁶` (see the
+  /// type's comment), 0 for `p < 2⁻¹⁷`.
+  public var effectiveProbability: Double { Double(threshold) / 0x1p16 }
+  public var dropsAll: Bool { threshold >= 0x1_0000 }
+  /// True for `p = 0` and for every `p` below `2⁻¹⁷`, which rounds to 0.
+  public var dropsNone: Bool { threshold == 0 }
 
   /// Whether the weight at flat query row `row` and key `key` survives.
   @inline(__always)

@@ -78,7 +78,7 @@ enum ReferenceBackward {
     case .none: break
     case .counter(let d):
       kept = [Bool](repeating: false, count: bh * tq * tk)
-      keptScale = d.dropsAll ? 0 : 1 / (1 - Double(d.probability))
+      keptScale = d.dropsAll ? 0 : 1 / (1 - d.effectiveProbability)
     case .explicit(_, let p):
       guard p >= 0, p < 1 else {
         throw AttentionError.invalidArgument("dropout probability must be in [0, 1), got \(p)")

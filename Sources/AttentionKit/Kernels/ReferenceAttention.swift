@@ -98,7 +98,7 @@ public struct ReferenceAttention: Sendable {
     }
     let preDropoutWeights = weights
     if let dropout {
-      let keptScale = dropout.dropsAll ? 0 : 1 / (1 - Double(dropout.probability))
+      let keptScale = dropout.dropsAll ? 0 : 1 / (1 - dropout.effectiveProbability)
       for j in 0..<tk {
         weights[j] = dropout.keeps(row: batch * tq + i, key: j) ? weights[j] * keptScale : 0
       }

@@ -241,8 +241,9 @@ extension AttentionChecks {
     dropped: Int, candidates: Int, dropout: Dropout,
     title: String = "share of dropped weights is consistent with p"
   ) -> Check {
+    // The probability the decisions are drawn with: p on the 2⁻¹⁶ grid (see `Dropout`).
     let interval = BinomialBound.interval(
-      n: candidates, p: Double(dropout.probability), failureProbability: 1e-4)
+      n: candidates, p: dropout.effectiveProbability, failureProbability: 1e-4)
     let share = candidates > 0 ? Double(dropped) / Double(candidates) : 0
     return Check(
       name: "dropped_share",

@@ -82,7 +82,7 @@ struct GradientChecks {
       reference = try ReferenceGradients(
         queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: nil,
         dropoutKeep: Tensor(shape: [1, group, tq, tk], scalars: keep),
-        dropoutProbability: Double(dropout.probability), needBiasGradient: false)
+        dropoutProbability: dropout.effectiveProbability, needBiasGradient: false)
     } else {
       reference = try ReferenceGradients(
         queries: q, keys: k, values: v, gradOutput: dO, mask: sliced)
