@@ -181,6 +181,13 @@ struct TiledAttentionTests {
     let unbounded = TiledAttention.tile(
       queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1, window: .max)
     #expect(unbounded == long)
+    // A block set on the default configuration is kept as set, long sequences too.
+    var custom = TiledAttention.Configuration.default
+    custom.queryBlock = 64
+    #expect(!custom.fitsBlocks)
+    let kept = TiledAttention.tile(
+      queries: 32_768, keys: 32_768, headDim: 64, batchCount: 1, configuration: custom)
+    #expect(kept.rows == 64 && kept.keys == 960)
     for d in [16, 64, 96, 128, 200] {
       let tile = TiledAttention.tile(queries: 2048, keys: 4096, headDim: d, batchCount: 8)
       #expect(tile.rows * tile.keys * d <= 1_000_000 && tile.keys % 16 == 0, "D \(d): \(tile)")

@@ -58,10 +58,11 @@ public enum TiledAttention {
   /// all the keys and values it sees, so for long sequences the defaults switch to 256 × 512
   /// (see `fitsBlocks`).
   public struct Configuration: Sendable, Equatable {
-    /// `Bq`, queries per block.
-    public var queryBlock: Int
-    /// `Bk`, keys per block (the most, when `fitsBlocks`).
-    public var keyBlock: Int
+    /// `Bq`, queries per block. Setting it keeps it as set (`fitsBlocks` becomes false).
+    public var queryBlock: Int { didSet { fitsBlocks = false } }
+    /// `Bk`, keys per block (the most, when `fitsBlocks`). Setting it keeps it as set
+    /// (`fitsBlocks` becomes false).
+    public var keyBlock: Int { didSet { fitsBlocks = false } }
     /// Whether the kernel fits the blocks to a problem: `Bk` lowered to the largest multiple of
     /// 16 (at least 16) with `R·Bk·max(D, Dv) ≤ 10⁶`, `R` the rows of a block, so that both tile
     /// products run unpacked (960 at `D = Dv = 64`, 480 at 128); but `Bq 256 × Bk 512`, packed,

@@ -123,10 +123,14 @@ extension ComplexityCommand {
     if !spaceParts.isEmpty { print("  measured: " + spaceParts.joined(separator: "; ")) }
     if let tail = fits.tailSlopes(rows: rows, kernels: kernel.list) {
       print("  " + tail)
-      let blocks = TiledAttention.Configuration.default
+      // The key block the kernel fits to this head dimension (at the longest length).
+      let keyBlock = TiledAttention.tile(
+        queries: rows.last?.n ?? 1, keys: rows.last?.n ?? 1, headDim: headDim,
+        batchCount: 1
+      ).keys
       print(
         "  (the footprint also holds Q, K, V and the output, 4·n·d floats growing as n, and the "
-          + "tiled kernel's\n   tiles, which stop growing at n = Bk = \(blocks.keyBlock): the "
+          + "tiled kernel's\n   tiles, which stop growing at n = Bk = \(keyBlock): the "
           + "fitted exponents approach 2 and 1\n   as n grows past 4·d = \(4 * headDim) and Bk)")
     }
     print("\nThis is why:")

@@ -176,8 +176,10 @@ extension BenchCase {
     try MemoryGuard.check(
       [[4, batch, heads, length, headDim]], for: "\(name): Q, K, V and the output of \(what)",
       budget: budget, budgetSource: source)
-    let bq = min(configuration.queryBlock, length)
-    let bk = min(configuration.keyBlock, length)
+    // The blocks the kernel will use (fitted to the shape unless given).
+    let (bq, bk) = TiledAttention.tile(
+      queries: length, keys: length, headDim: headDim, batchCount: batch * heads,
+      configuration: configuration)
     let tasks = batch * heads * ((length + bq - 1) / bq)
     let workers = max(1, min(threads, tasks))
     // The kernel's tiles are per worker; the ceiling's operands are per requested thread.
