@@ -20,7 +20,7 @@ enum RowSoftmax {
       nan = nan || any(v .!= v)
       j += 16
     }
-    var result = best.max()
+    var result = largest(best)
     while j < count {
       let v = row[j]
       if v > result { result = v }
@@ -54,6 +54,16 @@ enum RowSoftmax {
     return total(sums)
   }
 
+  /// The largest lane, halving the vector each step (`SIMD.max()` is sixteen dependent NaN-aware
+  /// comparisons; NaN is tracked by the caller).
+  @inline(__always)
+  static func largest(_ v: SIMD16<Float>) -> Float {
+    let eight = v.lowHalf.replacing(with: v.highHalf, where: v.highHalf .> v.lowHalf)
+    let four = eight.lowHalf.replacing(with: eight.highHalf, where: eight.highHalf .> eight.lowHalf)
+    let two = four.lowHalf.replacing(with: four.highHalf, where: four.highHalf .> four.lowHalf)
+    return Swift.max(two[0], two[1])
+  }
+
   /// The sum of the lanes, halving the vector each step (`SIMD.sum()` is sixteen dependent
   /// additions, and was not inlined).
   @inline(__always)
@@ -67,14 +77,23 @@ enum RowSoftmax {
   /// Multiplies `row[0..<count]` by `factor`.
   @inline(__always)
   static func scale(_ row: UnsafeMutablePointer<Float>, count: Int, by factor: Float) {
+    scale(row, into: row, count: count, by: factor)
+  }
+
+  /// `destination[j] = source[j]·factor` for `j < count`; the two may be the same row.
+  @inline(__always)
+  static func scale(
+    _ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Float>, count: Int,
+    by factor: Float
+  ) {
     var j = 0
     while j + 16 <= count {
-      let raw = UnsafeMutableRawPointer(row + j)
-      raw.storeBytes(of: raw.loadUnaligned(as: SIMD16<Float>.self) * factor, as: SIMD16<Float>.self)
+      let v = UnsafeRawPointer(source + j).loadUnaligned(as: SIMD16<Float>.self)
+      UnsafeMutableRawPointer(destination + j).storeBytes(of: v * factor, as: SIMD16<Float>.self)
       j += 16
     }
     while j < count {
-      row[j] *= factor
+      destination[j] = source[j] * factor
       j += 1
     }
   }

@@ -432,7 +432,6 @@ struct TilePlan: Sendable {
     let q = buffers.q + (b * tq + i0) * d
     let s = scratch.scores
     let acc = scratch.accumulator
-    acc.update(repeating: 0, count: rows * dv)
     scratch.rowMax.update(repeating: -.infinity, count: rows)
     scratch.rowSum.update(repeating: 0, count: rows)
 
@@ -503,23 +502,26 @@ struct TilePlan: Sendable {
           previous == -.infinity ? 0 : previous == peak ? 1 : fastExp(previous - peak)
         scratch.rowSum[r] = scratch.rowSum[r] * correction + sum
         scratch.rowMax[r] = peak
-        if correction != 1 { RowSoftmax.scale(acc + r * dv, count: dv, by: correction) }
+        // (On the first tile the accumulator is not yet written: the product below sets it.)
+        if correction != 1, tiles > 1 {
+          RowSoftmax.scale(acc + r * dv, count: dv, by: correction)
+        }
         // Pass 4a: dropout on the probabilities (the normalizer ℓ stays the pre-dropout sum).
         dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
       }
-      // Pass 4b: O += P·V_blk.
+      // Pass 4b: O += P·V_blk (O = P·V_blk on the first tile, so that O is never zeroed first).
       if dv > 0 {
         BLAS.sgemm(
           m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (kv + j0) * dv, ldb: dv,
-          beta: 1, c: acc, ldc: dv)
+          beta: tiles == 1 ? 0 : 1, c: acc, ldc: dv)
       }
       j0 += cols
     }
+    if tiles == 0 { acc.update(repeating: 0, count: rows * dv) }
     return tiles
   }
 
-  /// `O = acc / ℓ` into the output rows (normalizing the accumulator in place); a row that saw
-  /// no key keeps zeros. With `logSumExp`, also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`).
+  /// `O = acc / ℓ` into the output rows; a row that saw no key gets zeros. With `logSumExp`, also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`).
   func normalize(
     batch b: Int, firstQuery i0: Int, scratch: borrowing TileScratch,
     into output: UnsafeMutablePointer<Float>, logSumExp: UnsafeMutablePointer<Float>? = nil
@@ -532,10 +534,9 @@ struct TilePlan: Sendable {
       logSumExp?[b * tq + i0 + r] =
         sum > 0 ? scratch.rowMax[r] + log(sum) : (sum.isNaN ? .nan : -.infinity)
       let factor: Float = sum > 0 ? 1 / sum : (sum.isNaN ? .nan : 0)
-      RowSoftmax.scale(scratch.accumulator + r * dv, count: dv, by: factor)
+      RowSoftmax.scale(
+        scratch.accumulator + r * dv, into: out + r * dv, count: dv, by: factor)
     }
-    // The block's output rows are contiguous, as are the accumulator's.
-    out.update(from: scratch.accumulator, count: rows * dv)
   }
 
   /// Merges `splits` partial results (each `[Bq, Dv]` output, `[Bq]` max, `[Bq]` sum, in key
