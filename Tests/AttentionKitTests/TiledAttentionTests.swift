@@ -19,6 +19,11 @@ struct TiledAttentionTests {
     var mask: MaskKind = .none
     var dropout: Float? = nil
     var maxDistance: Int? = nil
+    /// Scores that climb along the keys (about 5.7 a key, over 100 in all): a later key block's
+    /// max then rises above the running max by less than `RowSoftmax.shiftHeadroom` for one-key
+    /// blocks (the one-pass path keeps the old shift) and by more for longer ones (the row is
+    /// rescored), and a shift kept too long would overflow `exp`.
+    var risingScores = false
     var testDescription: String { name }
   }
 
@@ -45,6 +50,12 @@ struct TiledAttentionTests {
       dropout: 0.2, maxDistance: 3),
     // M far beyond the sequence: only the columns of R that |j − i| < T reads are computed.
     Case(name: "relative positions, M ≫ T, Tq ≠ Tk", batch: [2], tq: 7, tk: 11, maxDistance: 40),
+    Case(name: "scores rising along the keys", tq: 24, tk: 40, risingScores: true),
+    Case(
+      name: "rising scores, additive bias", tq: 19, tk: 23, mask: .bias, risingScores: true),
+    Case(
+      name: "rising scores, relative positions, causal, dropout", batch: [1], tq: 20, tk: 20,
+      mask: .causal, dropout: 0.2, maxDistance: 3, risingScores: true),
   ]
 
   struct Problem {
@@ -55,8 +66,16 @@ struct TiledAttentionTests {
   }
 
   static func problem(_ c: Case, seed: UInt64 = 7) throws -> Problem {
-    let q = try Tensor.randomNormal(shape: c.batch + [c.tq, c.d], seed: seed, stream: 1)
-    let k = try Tensor.randomNormal(shape: c.batch + [c.tk, c.d], seed: seed, stream: 2)
+    var q = try Tensor.randomNormal(shape: c.batch + [c.tq, c.d], seed: seed, stream: 1)
+    var k = try Tensor.randomNormal(shape: c.batch + [c.tk, c.d], seed: seed, stream: 2)
+    if c.risingScores {
+      // q ≈ u + noise and k_j ≈ 2j·u + noise with u = (1, …, 1): q·k_j·scale ≈ 2j·√D.
+      q.scalars = q.scalars.map { $0 + 1 }
+      for (index, value) in k.scalars.enumerated() {
+        let key = index / c.d % c.tk
+        k.scalars[index] = value + 2 * Float(key)
+      }
+    }
     let v = try Tensor.randomNormal(shape: c.batch + [c.tk, c.dv], seed: seed, stream: 3)
     var mask = AttentionMask.none
     switch c.mask {

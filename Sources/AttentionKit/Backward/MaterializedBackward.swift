@@ -220,14 +220,15 @@ enum BackwardRows {
     while j + 16 <= count {
       let raw = UnsafeMutableRawPointer(row + j)
       raw.storeBytes(
-        of: fastExp(raw.loadUnaligned(as: SIMD16<Float>.self) - shift), as: SIMD16<Float>.self)
+        of: fastExpSaturating(raw.loadUnaligned(as: SIMD16<Float>.self) - shift),
+        as: SIMD16<Float>.self)
       j += 16
     }
     if j < count {
       // The tail through the same vector code, as RowSoftmax.exponentiate does.
       var tail = SIMD16<Float>(repeating: -.infinity)
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
-      let e = fastExp(tail - shift)
+      let e = fastExpSaturating(tail - shift)
       for lane in 0..<(count - j) { row[j + lane] = e[lane] }
     }
   }

@@ -11,15 +11,17 @@ enum RowSoftmax {
   @inline(__always)
   static func maximum(_ row: UnsafePointer<Float>, count: Int) -> Float {
     var best = SIMD16<Float>(repeating: -.infinity)
-    var nan = false
+    var nanLanes = SIMDMask<SIMD16<Int32>>()
     var j = 0
     while j + 16 <= count {
       let v = UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self)
       // `replacing(where:)` compiles to a select; `pointwiseMax` compiled to a slow sequence.
       best.replace(with: v, where: v .> best)
-      nan = nan || any(v .!= v)
+      // Reduced once at the end: `any` on every vector cost as much as the comparisons.
+      nanLanes .|= v .!= v
       j += 16
     }
+    var nan = any(nanLanes)
     var result = largest(best)
     while j < count {
       let v = row[j]
@@ -52,6 +54,51 @@ enum RowSoftmax {
       sums += e
     }
     return total(sums)
+  }
+
+  /// How far a tile's scores may rise above a row's running shift `m` and still be used as
+  /// `exp(s − m)` (see `exponentiate(_:count:runningShift:)`): the probabilities then stay below
+  /// `e⁸ ≈ 2981`, so the running sum and output gain that factor in range and lose nothing in
+  /// relative precision.
+  static let shiftHeadroom: Float = 8
+
+  /// One pass over a tile's row for the online softmax, when the row already has a finite
+  /// running shift `m` from earlier tiles: replaces `row[j]` by `exp(row[j] − m)` and returns
+  /// their sum and the row's largest score (NaN when the row holds NaN), read on the way.
+  ///
+  /// The values are the tile's probabilities relative to `m` only when the largest score is at
+  /// most `m + shiftHeadroom`; above, they may have overflowed, and the caller recomputes the
+  /// row's scores and takes the two-pass path (`maximum`, then `exponentiate`) with the new max.
+  /// Past the first tile the max rarely grows that much, so most tiles are read once.
+  @inline(__always)
+  static func exponentiate(
+    _ row: UnsafeMutablePointer<Float>, count: Int, runningShift shift: Float
+  ) -> (sum: Float, maximum: Float) {
+    var sums = SIMD16<Float>()
+    var best = SIMD16<Float>(repeating: -.infinity)
+    var nanLanes = SIMDMask<SIMD16<Int32>>()
+    var j = 0
+    while j + 16 <= count {
+      let raw = UnsafeMutableRawPointer(row + j)
+      let v = raw.loadUnaligned(as: SIMD16<Float>.self)
+      best.replace(with: v, where: v .> best)
+      nanLanes .|= v .!= v
+      // Saturating, so that a score far above the shift gives a finite, discarded value.
+      let e = fastExpSaturating(v - shift)
+      raw.storeBytes(of: e, as: SIMD16<Float>.self)
+      sums += e
+      j += 16
+    }
+    if j < count {
+      var tail = SIMD16<Float>(repeating: -.infinity)
+      for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
+      best.replace(with: tail, where: tail .> best)
+      nanLanes .|= tail .!= tail
+      let e = fastExpSaturating(tail - shift)
+      for lane in 0..<(count - j) { row[j + lane] = e[lane] }
+      sums += e
+    }
+    return (total(sums), any(nanLanes) ? .nan : largest(best))
   }
 
   /// The largest lane, halving the vector each step (`SIMD.max()` is sixteen dependent NaN-aware

@@ -476,12 +476,40 @@ struct TilePlan: Sendable {
       for r in 0..<rows {
         let (qb, i) = (b + r / perHead, i0 + r % perHead)
         let row = s + r * bk
-        // Pass 2: position term, mask, and the new running max.
+        // Pass 2: position term and mask.
         relativePosition?.add(
           table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
         mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
-        let tileMax = RowSoftmax.maximum(row, count: cols)
+        var tileMax: Float
+        if previous.isFinite {
+          // Passes 2–3 in one read: P = exp(S − m) with the running max m kept, while the
+          // tile's max stays within the headroom (see `RowSoftmax.shiftHeadroom`).
+          let pass = RowSoftmax.exponentiate(row, count: cols, runningShift: previous)
+          if pass.maximum <= previous + RowSoftmax.shiftHeadroom {
+            scratch.rowSum[r] += pass.sum
+            dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
+            continue
+          }
+          tileMax = pass.maximum
+          if !tileMax.isNaN {
+            // The max rose past the headroom, and the row now holds clamped exps: its scores
+            // again (one row of the product), then the two passes below.
+            if d > 0 {
+              BLAS.sgemv(
+                m: cols, n: d, alpha: scale, a: buffers.k + (kv + j0) * d, lda: d, x: q + r * d,
+                y: row)
+            } else {
+              row.update(repeating: 0, count: cols)
+            }
+            relativePosition?.add(
+              table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
+            mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
+            tileMax = RowSoftmax.maximum(row, count: cols)
+          }
+        } else {
+          tileMax = RowSoftmax.maximum(row, count: cols)
+        }
         if tileMax.isNaN || previous.isNaN {
           // NaN in the scores poisons the whole row, as it does in PyTorch's softmax.
           row.update(repeating: .nan, count: cols)
@@ -489,6 +517,7 @@ struct TilePlan: Sendable {
           scratch.rowSum[r] = .nan
           continue
         }
+        // The new running max.
         let peak = max(previous, tileMax)
         if peak == -.infinity {
           // Nothing visible yet in this row: P = 0 for this tile.
