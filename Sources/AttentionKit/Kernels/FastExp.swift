@@ -34,10 +34,10 @@ func fastExpUnclamped(_ input: SIMD16<Float>) -> SIMD16<Float> {
   let x = input.replacing(with: -87.336_54, where: underflow)
 
   let magic = SIMD16<Float>(repeating: 12_582_912)  // 1.5·2²³
-  let shifted = x * 1.442_695_04 + magic
+  let shifted = multiplyAdd(x, 1.442_695_04, magic)
   let n = shifted - magic
-  var r = x - n * 0.693_359_375  // ln 2, high part (exact in float)
-  r = r - n * -2.121_944_4e-4  // ln 2, low part
+  var r = multiplyAdd(n, -0.693_359_375, x)  // ln 2, high part (exact in float)
+  r = multiplyAdd(n, 2.121_944_4e-4, r)  // ln 2, low part
 
   var p = SIMD16<Float>(repeating: 1.987_569_15e-4)
   p = multiplyAdd(p, r, 1.398_199_95e-3)
@@ -45,7 +45,8 @@ func fastExpUnclamped(_ input: SIMD16<Float>) -> SIMD16<Float> {
   p = multiplyAdd(p, r, 4.166_579_59e-2)
   p = multiplyAdd(p, r, 1.666_666_55e-1)
   p = multiplyAdd(p, r, 5.000_000_12e-1)
-  let y = multiplyAdd(p, r * r, r + 1)
+  // 1 + r + r²·p as (p·r + 1)·r + 1: two fused multiply-adds.
+  let y = multiplyAdd(multiplyAdd(p, r, 1), r, 1)
 
   // The low bits of `shifted` hold n + 0x40_0000 above the magic's own pattern 0x4B40_0000.
   let exponent = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- 0x4B40_0000
@@ -75,4 +76,9 @@ func multiplyAdd(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: SIMD16<Float>) -> 
 @inline(__always)
 func multiplyAdd(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: Float) -> SIMD16<Float> {
   multiplyAdd(a, b, SIMD16<Float>(repeating: c))
+}
+
+@inline(__always)
+func multiplyAdd(_ a: SIMD16<Float>, _ b: Float, _ c: SIMD16<Float>) -> SIMD16<Float> {
+  multiplyAdd(a, SIMD16<Float>(repeating: b), c)
 }

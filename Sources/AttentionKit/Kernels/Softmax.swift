@@ -67,8 +67,9 @@ enum RowSoftmax {
   /// their sum and the row's largest score (NaN when the row holds NaN), read on the way.
   ///
   /// The values are the tile's probabilities relative to `m` only when the largest score is at
-  /// most `m + shiftHeadroom`; above, they may have overflowed, and the caller recomputes the
-  /// row's scores and takes the two-pass path (`maximum`, then `exponentiate`) with the new max.
+  /// most `m + shiftHeadroom`; above, they may be garbage (NaN or infinite too), and the caller
+  /// recomputes the row's scores and takes the two-pass path (`maximum`, then `exponentiate`)
+  /// with the new max.
   /// Past the first tile the max rarely grows that much, so most tiles are read once.
   @inline(__always)
   static func exponentiate(
@@ -83,8 +84,9 @@ enum RowSoftmax {
       let v = raw.loadUnaligned(as: SIMD16<Float>.self)
       best.replace(with: v, where: v .> best)
       nanLanes .|= v .!= v
-      // Saturating, so that a score far above the shift gives a finite, discarded value.
-      let e = fastExpSaturating(v - shift)
+      // Unclamped: past 88 a lane's value is garbage (finite or not), and the caller discards
+      // the pass, as `maximum` then exceeds the headroom.
+      let e = fastExpUnclamped(v - shift)
       raw.storeBytes(of: e, as: SIMD16<Float>.self)
       sums += e
       j += 16
@@ -94,7 +96,7 @@ enum RowSoftmax {
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
       best.replace(with: tail, where: tail .> best)
       nanLanes .|= tail .!= tail
-      let e = fastExpSaturating(tail - shift)
+      let e = fastExpUnclamped(tail - shift)
       for lane in 0..<(count - j) { row[j + lane] = e[lane] }
       sums += e
     }
