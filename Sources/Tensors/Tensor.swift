@@ -19,6 +19,25 @@ public struct Tensor: Equatable, Sendable {
     self.scalars = [Float](repeating: value, count: count)
   }
 
+  /// A tensor of `shape` whose elements `initialize` writes, every one of them, through a
+  /// pointer to the row-major buffer: the buffer is not filled first, which saves a pass over
+  /// the memory for a kernel that overwrites all of its output (and the page faults of that pass
+  /// while the kernel's other threads wait). Elements it leaves unwritten are unspecified.
+  package init(
+    shape: [Int], overwritingWith initialize: (UnsafeMutablePointer<Float>) throws -> Void
+  ) throws {
+    let count = try Tensor.elementCount(of: shape)
+    let (bytes, overflow) = count.multipliedReportingOverflow(by: MemoryLayout<Float>.stride)
+    try checkAllocatable(
+      overflow ? .max : bytes, for: "a tensor of shape \(shapeForMessage(shape))")
+    self.shape = shape
+    // Capacity at least 1, so that the pointer exists for an empty tensor too.
+    self.scalars = try [Float](unsafeUninitializedCapacity: max(count, 1)) { buffer, written in
+      try initialize(buffer.baseAddress!)
+      written = count
+    }
+  }
+
   /// A tensor of `shape` holding `scalars` in row-major order.
   public init(shape: [Int], scalars: [Float]) throws {
     let count = try Tensor.elementCount(of: shape)

@@ -205,7 +205,6 @@ public enum TiledAttention {
     try relativePosition?.checkHeadDim(shape.headDim)
     let resolved = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
-    var output = try Tensor(shape: shape.outputShape)
     let partition = Partition(
       queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
       batchCount: shape.batchCount, groupSize: shape.groupSize,
@@ -221,7 +220,8 @@ public enum TiledAttention {
     let lseShape = shape.batchShape + [shape.queries]
     if partition.rowTasks == 0 || shape.keys == 0 {
       return AttentionResult(
-        output: output, weights: nil, workspaceBytes: 0, kernel: .tiled, tilesComputed: 0,
+        output: try Tensor(shape: shape.outputShape), weights: nil, workspaceBytes: 0,
+        kernel: .tiled, tilesComputed: 0,
         logSumExp: needLogSumExp ? try Tensor(shape: lseShape, scalars: logSumExp) : nil)
     }
     let plan = TilePlan(
@@ -229,15 +229,17 @@ public enum TiledAttention {
       keyBlock: partition.keyBlock, stackedHeads: partition.stackedHeads, mask: resolved,
       dropout: dropout, relativePosition: relativePosition)
     let tiles = Atomic<Int>(0)
-    queries.scalars.withUnsafeBufferPointer { q in
-      keys.scalars.withUnsafeBufferPointer { k in
-        values.scalars.withUnsafeBufferPointer { v in
-          output.scalars.withUnsafeMutableBufferPointer { o in
+    // Every output row is written (normalized, or merged from its key chunks), so the output is
+    // not zeroed first.
+    let output = try Tensor(shape: shape.outputShape) { o in
+      queries.scalars.withUnsafeBufferPointer { q in
+        keys.scalars.withUnsafeBufferPointer { k in
+          values.scalars.withUnsafeBufferPointer { v in
             let embeddings = relativePosition?.embeddings.scalars ?? []
             embeddings.withUnsafeBufferPointer { e in
               logSumExp.withUnsafeMutableBufferPointer { l in
                 let buffers = TileBuffers(
-                  q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o.baseAddress!,
+                  q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o,
                   e: e.baseAddress, l: needLogSumExp ? l.baseAddress : nil)
                 let count =
                   partition.splits == 1
