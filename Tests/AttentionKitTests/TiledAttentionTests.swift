@@ -158,6 +158,31 @@ struct TiledAttentionTests {
     #expect(!hasNaN)
   }
 
+  /// A NaN score poisons its row (NaN output, as PyTorch's softmax gives), found by the first
+  /// tile's max pass or by a later tile's one-pass exp, and leaves every other row as it was.
+  @Test("a NaN score makes its row NaN in any tile, and only its row")
+  func nanScorePoisonsItsRow() throws {
+    let c = Case(name: "NaN", batch: [1], tq: 6, tk: 24)
+    let p = try Self.problem(c)
+    var bias = try Tensor(shape: [c.tq, c.tk])
+    bias[1, 2] = .nan  // in the first key block (8 keys)
+    bias[3, 13] = .nan  // in the second: the one-pass path
+    bias[4, 23] = .nan  // in the last
+    let tiled = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, mask: .bias(bias),
+      kernel: .tiled(.init(queryBlock: 2, keyBlock: 8)))
+    let clean = try Attention.scaledDotProduct(
+      queries: p.q, keys: p.k, values: p.v, kernel: .tiled(.init(queryBlock: 2, keyBlock: 8)))
+    for i in 0..<c.tq {
+      let row = tiled.output.scalars[(i * c.dv)..<((i + 1) * c.dv)]
+      if [1, 3, 4].contains(i) {
+        #expect(row.allSatisfy { $0.isNaN }, "row \(i) should be NaN")
+      } else {
+        #expect(Array(row) == Array(clean.output.scalars[(i * c.dv)..<((i + 1) * c.dv)]))
+      }
+    }
+  }
+
   @Test("results are bit-identical for any thread count", arguments: [1, 2, 3, 8])
   func threadIndependence(threads: Int) throws {
     let p = try Self.problem(Self.cases[9])

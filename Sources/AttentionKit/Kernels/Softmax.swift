@@ -64,28 +64,27 @@ enum RowSoftmax {
 
   /// One pass over a tile's row for the online softmax, when the row already has a finite
   /// running shift `m` from earlier tiles: replaces `row[j]` by `exp(row[j] − m)` and returns
-  /// their sum and the row's largest score (NaN when the row holds NaN), read on the way.
+  /// their sum and the row's largest score, read on the way.
   ///
   /// The values are the tile's probabilities relative to `m` only when the largest score is at
-  /// most `m + shiftHeadroom`; above, they may be garbage (NaN or infinite too), and the caller
-  /// recomputes the row's scores and takes the two-pass path (`maximum`, then `exponentiate`)
-  /// with the new max.
-  /// Past the first tile the max rarely grows that much, so most tiles are read once.
+  /// most `m + shiftHeadroom` and the sum is a number; otherwise they may be garbage (NaN or
+  /// infinite too), and the caller recomputes the row's scores and takes the two-pass path
+  /// (`maximum`, which reports NaN, then `exponentiate`). A NaN score needs no check of its
+  /// own here: its exp, and so the sum, is NaN. Past the first tile the max rarely grows that
+  /// much, so most tiles are read once.
   @inline(__always)
   static func exponentiate(
     _ row: UnsafeMutablePointer<Float>, count: Int, runningShift shift: Float
   ) -> (sum: Float, maximum: Float) {
     var sums = SIMD16<Float>()
     var best = SIMD16<Float>(repeating: -.infinity)
-    var nanLanes = SIMDMask<SIMD16<Int32>>()
     var j = 0
     while j + 16 <= count {
       let raw = UnsafeMutableRawPointer(row + j)
       let v = raw.loadUnaligned(as: SIMD16<Float>.self)
       best.replace(with: v, where: v .> best)
-      nanLanes .|= v .!= v
       // Unclamped: past 88 a lane's value is garbage (finite or not), and the caller discards
-      // the pass, as `maximum` then exceeds the headroom.
+      // the pass, as the maximum then exceeds the headroom.
       let e = fastExpUnclamped(v - shift)
       raw.storeBytes(of: e, as: SIMD16<Float>.self)
       sums += e
@@ -95,12 +94,11 @@ enum RowSoftmax {
       var tail = SIMD16<Float>(repeating: -.infinity)
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
       best.replace(with: tail, where: tail .> best)
-      nanLanes .|= tail .!= tail
       let e = fastExpUnclamped(tail - shift)
       for lane in 0..<(count - j) { row[j + lane] = e[lane] }
       sums += e
     }
-    return (total(sums), any(nanLanes) ? .nan : largest(best))
+    return (total(sums), largest(best))
   }
 
   /// The largest lane, halving the vector each step (`SIMD.max()` is sixteen dependent NaN-aware

@@ -483,32 +483,29 @@ struct TilePlan: Sendable {
           table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
         mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
-        var tileMax: Float
+        let tileMax: Float
         if previous.isFinite {
           // Passes 2–3 in one read: P = exp(S − m) with the running max m kept, while the
           // tile's max stays within the headroom (see `RowSoftmax.shiftHeadroom`).
           let pass = RowSoftmax.exponentiate(row, count: cols, runningShift: previous)
-          if pass.maximum <= previous + RowSoftmax.shiftHeadroom {
+          if pass.maximum <= previous + RowSoftmax.shiftHeadroom, !pass.sum.isNaN {
             scratch.rowSum[r] += pass.sum
             dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
             continue
           }
-          tileMax = pass.maximum
-          if !tileMax.isNaN {
-            // The max rose past the headroom, and the row now holds clamped exps: its scores
-            // again (one row of the product), then the two passes below.
-            if d > 0 {
-              BLAS.sgemv(
-                m: cols, n: d, alpha: scale, a: buffers.k + (kv + j0) * d, lda: d, x: q + r * d,
-                y: row)
-            } else {
-              row.update(repeating: 0, count: cols)
-            }
-            relativePosition?.add(
-              table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
-            mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
-            tileMax = RowSoftmax.maximum(row, count: cols)
+          // The max rose past the headroom (or a score is NaN), and the row now holds unusable
+          // exps: its scores again (one row of the product), then the two passes below.
+          if d > 0 {
+            BLAS.sgemv(
+              m: cols, n: d, alpha: scale, a: buffers.k + (kv + j0) * d, lda: d, x: q + r * d,
+              y: row)
+          } else {
+            row.update(repeating: 0, count: cols)
           }
+          relativePosition?.add(
+            table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
+          mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
+          tileMax = RowSoftmax.maximum(row, count: cols)
         } else {
           tileMax = RowSoftmax.maximum(row, count: cols)
         }
