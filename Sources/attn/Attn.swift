@@ -10,7 +10,7 @@ import TensorIO
 @main
 struct Attn: ParsableCommand {
   /// The release, as `attn --version` prints it (semantic versioning; README's changelog).
-  static let version = "0.5.0"
+  static let version = "0.5.1"
 
   static let configuration = CommandConfiguration(
     commandName: "attn",
