@@ -483,13 +483,22 @@ struct TilePlan: Sendable {
           table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
         mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
-        let tileMax: Float
-        if previous.isFinite {
-          // Passes 2–3 in one read: P = exp(S − m) with the running max m kept, while the
-          // tile's max stays within the headroom (see `RowSoftmax.shiftHeadroom`).
-          let pass = RowSoftmax.exponentiate(row, count: cols, runningShift: previous)
-          if pass.maximum <= previous + RowSoftmax.shiftHeadroom, !pass.sum.isNaN {
-            scratch.rowSum[r] += pass.sum
+        // Passes 2–3 in one read where a shift is at hand: the running max m past the row's
+        // first visible tile, on it the max of the tile's first sixteen scores. P = exp(S − shift)
+        // stands while the tile's max stays within the headroom (`RowSoftmax.shiftHeadroom`).
+        let shift =
+          previous == -.infinity ? RowSoftmax.maximum(row, count: min(16, cols)) : previous
+        if shift.isFinite {
+          let pass = RowSoftmax.exponentiate(row, count: cols, runningShift: shift)
+          if pass.maximum <= shift + RowSoftmax.shiftHeadroom, !pass.sum.isNaN {
+            if previous == -.infinity {
+              // The row's first visible tile: m = shift, and earlier tiles added only 0·V.
+              scratch.rowMax[r] = shift
+              scratch.rowSum[r] = pass.sum
+              if tiles > 1 { RowSoftmax.scale(acc + r * dv, count: dv, by: 0) }
+            } else {
+              scratch.rowSum[r] += pass.sum
+            }
             dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
             continue
           }
@@ -505,10 +514,8 @@ struct TilePlan: Sendable {
           relativePosition?.add(
             table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
           mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
-          tileMax = RowSoftmax.maximum(row, count: cols)
-        } else {
-          tileMax = RowSoftmax.maximum(row, count: cols)
         }
+        let tileMax = RowSoftmax.maximum(row, count: cols)
         if tileMax.isNaN || previous.isNaN {
           // NaN in the scores poisons the whole row, as it does in PyTorch's softmax.
           row.update(repeating: .nan, count: cols)
