@@ -25,8 +25,9 @@ func fastExpSaturating(_ input: SIMD16<Float>) -> SIMD16<Float> {
 }
 
 /// `fastExp` without the saturation at 88, for arguments `≤ 88`, `−∞` or NaN: the same values.
-/// The softmax passes use it, whose arguments `s − max s ≤ 0` never reach the clamp (two
-/// instructions of about twenty-five per sixteen values).
+/// The softmax passes use it: the arguments whose results they keep, `s − shift`, are at most 8
+/// (`RowSoftmax.shiftHeadroom`), far from the clamp (two instructions of about twenty-four per
+/// sixteen values).
 @inline(__always)
 func fastExpUnclamped(_ input: SIMD16<Float>) -> SIMD16<Float> {
   let underflow = input .< -87.336_54

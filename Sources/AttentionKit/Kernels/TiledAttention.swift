@@ -16,11 +16,17 @@ import Tensors
 /// 1. `S = scale·Q_blk·K_blkᵀ` with one sgemm (`[Bq, Bk]`), from `Q_blkᵀ` and `K_blk` in place,
 ///    both marked transposed; with relative positions, plus
 ///    `R[i, clip(j − i) + M]` gathered from `R = scale·Q_blk·Eᵀ` (one sgemm per query block);
-/// 2. the mask; the running row max `m` grows to `m' = max(m, max_j S_ij)`;
+/// 2. the mask; each row's running shift `m` (its running max, up to a headroom) grows to
+///    `m' = max(m, max_j S_ij)` only when the tile's max exceeds `m + 8`;
 /// 3. `P = exp(S − m')`, the running sum `ℓ = ℓ·exp(m − m') + Σ_j P_ij` (before dropout, since
 ///    dropout acts on the normalized weights), and the running output is rescaled by `exp(m − m')`;
 /// 4. dropout on `P` (kept ×1/(1−p)), then `O += P·V_blk` with one sgemm;
 /// and at the end `O /= ℓ` (0 where `ℓ = 0`: every key masked).
+/// Softmax is shift-invariant, so keeping a stale `m` changes nothing but rounding: `P` stays
+/// below `e⁸`, and passes 2 and 3 then read the tile once, computing `exp(S − m)`, its sum and
+/// the tile's max together (`RowSoftmax.exponentiate(_:count:runningShift:)`; on a row's first
+/// tile `m` is the max of its first sixteen scores). A row whose tile rises further is rescored
+/// with one sgemv and takes a max pass and an exp pass.
 /// With a causal mask, key blocks entirely above the (top-left or bottom-right) diagonal are
 /// skipped, not computed and masked; with a window, so are the blocks entirely before it, so a
 /// windowed call costs `O(Tq·W)`, not `O(Tq·Tk)`. Grouped-query keys and values are read in
