@@ -36,24 +36,7 @@ enum RowSoftmax {
   /// is at least every value of the row (its max), or the row holds NaN.
   @inline(__always)
   static func exponentiate(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) -> Float {
-    var sums = SIMD16<Float>()
-    var j = 0
-    while j + 16 <= count {
-      let raw = UnsafeMutableRawPointer(row + j)
-      let e = fastExpUnclamped(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
-      raw.storeBytes(of: e, as: SIMD16<Float>.self)
-      sums += e
-      j += 16
-    }
-    if j < count {
-      // The tail goes through the same vector code, padded with −∞ (whose exp is 0).
-      var tail = SIMD16<Float>(repeating: -.infinity)
-      for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
-      let e = fastExpUnclamped(tail - shift)
-      for lane in 0..<(count - j) { row[j + lane] = e[lane] }
-      sums += e
-    }
-    return total(sums)
+    exponentiate(row, count: count, runningShift: shift).sum
   }
 
   /// How far a tile's scores may rise above a row's running shift `m` and still be used as
@@ -62,9 +45,9 @@ enum RowSoftmax {
   /// relative precision.
   static let shiftHeadroom: Float = 8
 
-  /// One pass over a tile's row for the online softmax, when the row already has a finite
-  /// running shift `m` from earlier tiles: replaces `row[j]` by `exp(row[j] − m)` and returns
-  /// their sum and the row's largest score, read on the way.
+  /// One pass over a tile's row for the online softmax, given a finite shift `m` (the row's
+  /// running max from earlier tiles, or an estimate of the tile's): replaces `row[j]` by
+  /// `exp(row[j] − m)` and returns their sum and the row's largest score, read on the way.
   ///
   /// The values are the tile's probabilities relative to `m` only when the largest score is at
   /// most `m + shiftHeadroom` and the sum is a number; otherwise they may be garbage (NaN or
@@ -91,6 +74,7 @@ enum RowSoftmax {
       j += 16
     }
     if j < count {
+      // The tail goes through the same vector code, padded with −∞ (whose exp is 0).
       var tail = SIMD16<Float>(repeating: -.infinity)
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
       best.replace(with: tail, where: tail .> best)
