@@ -19,11 +19,13 @@ struct TiledAttentionTests {
     var mask: MaskKind = .none
     var dropout: Float? = nil
     var maxDistance: Int? = nil
-    /// Scores that climb along the keys (about 5.7 a key, over 100 in all): a later key block's
-    /// max then rises above the running max by less than `RowSoftmax.shiftHeadroom` for one-key
-    /// blocks (the one-pass path keeps the old shift) and by more for longer ones (the row is
-    /// rescored), and a shift kept too long would overflow `exp`.
-    var risingScores = false
+    /// Scores that climb along the keys, by `risingSlope·√D` a key: with slope 2 (about 5.7 a
+    /// key, over 100 in all) a later key block's max rises above the running shift by less
+    /// than `RowSoftmax.shiftHeadroom` for one-key blocks (the shift is kept) and by more for
+    /// longer ones (it is raised), and a shift kept too long would overflow `exp`; with a gentle
+    /// slope over several groups of `RowSoftmax.shiftGroup` keys in one tile, the shift is raised
+    /// inside a tile, and what the row already holds is rescaled.
+    var risingSlope: Float? = nil
     var testDescription: String { name }
   }
 
@@ -50,12 +52,15 @@ struct TiledAttentionTests {
       dropout: 0.2, maxDistance: 3),
     // M far beyond the sequence: only the columns of R that |j − i| < T reads are computed.
     Case(name: "relative positions, M ≫ T, Tq ≠ Tk", batch: [2], tq: 7, tk: 11, maxDistance: 40),
-    Case(name: "scores rising along the keys", tq: 24, tk: 40, risingScores: true),
+    Case(name: "scores rising along the keys", tq: 24, tk: 40, risingSlope: 2),
     Case(
-      name: "rising scores, additive bias", tq: 19, tk: 23, mask: .bias, risingScores: true),
+      name: "scores rising gently over several key groups", batch: [1], tq: 8, tk: 300,
+      risingSlope: 0.05),
+    Case(
+      name: "rising scores, additive bias", tq: 19, tk: 23, mask: .bias, risingSlope: 2),
     Case(
       name: "rising scores, relative positions, causal, dropout", batch: [1], tq: 20, tk: 20,
-      mask: .causal, dropout: 0.2, maxDistance: 3, risingScores: true),
+      mask: .causal, dropout: 0.2, maxDistance: 3, risingSlope: 2),
   ]
 
   struct Problem {
@@ -68,12 +73,12 @@ struct TiledAttentionTests {
   static func problem(_ c: Case, seed: UInt64 = 7) throws -> Problem {
     var q = try Tensor.randomNormal(shape: c.batch + [c.tq, c.d], seed: seed, stream: 1)
     var k = try Tensor.randomNormal(shape: c.batch + [c.tk, c.d], seed: seed, stream: 2)
-    if c.risingScores {
-      // q ≈ u + noise and k_j ≈ 2j·u + noise with u = (1, …, 1): q·k_j·scale ≈ 2j·√D.
+    if let slope = c.risingSlope {
+      // q ≈ u + noise and k_j ≈ slope·j·u + noise with u = (1, …, 1): q·k_j·scale ≈ slope·j·√D.
       q.scalars = q.scalars.map { $0 + 1 }
       for (index, value) in k.scalars.enumerated() {
         let key = index / c.d % c.tk
-        k.scalars[index] = value + 2 * Float(key)
+        k.scalars[index] = value + slope * Float(key)
       }
     }
     let v = try Tensor.randomNormal(shape: c.batch + [c.tk, c.dv], seed: seed, stream: 3)

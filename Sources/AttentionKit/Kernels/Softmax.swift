@@ -10,6 +10,19 @@ enum RowSoftmax {
   /// The maximum of `row[0..<count]`; `−∞` for an empty or fully masked row. NaN propagates.
   @inline(__always)
   static func maximum(_ row: UnsafePointer<Float>, count: Int) -> Float {
+    scanMaximum(row, count: count, detectingNaN: true)
+  }
+
+  /// The largest non-NaN value of `row[0..<count]`; `−∞` for an empty or fully masked row.
+  @_transparent
+  static func largest(_ row: UnsafePointer<Float>, count: Int) -> Float {
+    scanMaximum(row, count: count, detectingNaN: false)
+  }
+
+  @_transparent
+  static func scanMaximum(
+    _ row: UnsafePointer<Float>, count: Int, detectingNaN: Bool
+  ) -> Float {
     var best = SIMD16<Float>(repeating: -.infinity)
     var nanLanes = SIMDMask<SIMD16<Int32>>()
     var j = 0
@@ -18,15 +31,15 @@ enum RowSoftmax {
       // `replacing(where:)` compiles to a select; `pointwiseMax` compiled to a slow sequence.
       best.replace(with: v, where: v .> best)
       // Reduced once at the end: `any` on every vector cost as much as the comparisons.
-      nanLanes .|= v .!= v
+      if detectingNaN { nanLanes .|= v .!= v }
       j += 16
     }
-    var nan = any(nanLanes)
+    var nan = detectingNaN && any(nanLanes)
     var result = largest(best)
     while j < count {
       let v = row[j]
       if v > result { result = v }
-      if v.isNaN { nan = true }
+      if detectingNaN && v.isNaN { nan = true }
       j += 1
     }
     return nan ? .nan : result
@@ -36,39 +49,22 @@ enum RowSoftmax {
   /// is at least every value of the row (its max), or the row holds NaN.
   @inline(__always)
   static func exponentiate(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) -> Float {
-    exponentiate(row, count: count, runningShift: shift).sum
+    var sums = SIMD16<Float>()
+    accumulateExp(row, count: count, shift: shift, into: &sums)
+    return total(sums)
   }
 
-  /// How far a tile's scores may rise above a row's running shift `m` and still be used as
-  /// `exp(s − m)` (see `exponentiate(_:count:runningShift:)`): the probabilities then stay below
-  /// `e⁸ ≈ 2981`, so the running sum and output gain that factor in range and lose nothing in
-  /// relative precision.
-  static let shiftHeadroom: Float = 8
-
-  /// One pass over a tile's row for the online softmax, given a finite shift `m` (the row's
-  /// running max from earlier tiles, or an estimate of the tile's): replaces `row[j]` by
-  /// `exp(row[j] − m)` and returns their sum and the row's largest score, read on the way.
-  ///
-  /// The values are the tile's probabilities relative to `m` only when the largest score is at
-  /// most `m + shiftHeadroom` and the sum is a number; otherwise they may be garbage (NaN or
-  /// infinite too), and the caller recomputes the row's scores and takes the two-pass path
-  /// (`maximum`, which reports NaN, then `exponentiate`). A NaN score needs no check of its
-  /// own here: its exp, and so the sum, is NaN. Past the first tile the max rarely grows that
-  /// much, so most tiles are read once.
-  @inline(__always)
-  static func exponentiate(
-    _ row: UnsafeMutablePointer<Float>, count: Int, runningShift shift: Float
-  ) -> (sum: Float, maximum: Float) {
-    var sums = SIMD16<Float>()
-    var best = SIMD16<Float>(repeating: -.infinity)
+  /// `row[j] = exp(row[j] − shift)`, each new value added into `sums`' lanes. Always inlined
+  /// (`@_transparent`): called once a group, as a function it reloaded its sixteen constants
+  /// and the sums each time (a fifth of the pass).
+  @_transparent
+  static func accumulateExp(
+    _ row: UnsafeMutablePointer<Float>, count: Int, shift: Float, into sums: inout SIMD16<Float>
+  ) {
     var j = 0
     while j + 16 <= count {
       let raw = UnsafeMutableRawPointer(row + j)
-      let v = raw.loadUnaligned(as: SIMD16<Float>.self)
-      best.replace(with: v, where: v .> best)
-      // Unclamped: past 88 a lane's value is garbage (finite or not), and the caller discards
-      // the pass, as the maximum then exceeds the headroom.
-      let e = fastExpUnclamped(v - shift)
+      let e = fastExpUnclamped(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
       raw.storeBytes(of: e, as: SIMD16<Float>.self)
       sums += e
       j += 16
@@ -77,12 +73,64 @@ enum RowSoftmax {
       // The tail goes through the same vector code, padded with −∞ (whose exp is 0).
       var tail = SIMD16<Float>(repeating: -.infinity)
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
-      best.replace(with: tail, where: tail .> best)
       let e = fastExpUnclamped(tail - shift)
       for lane in 0..<(count - j) { row[j + lane] = e[lane] }
       sums += e
     }
-    return (total(sums), largest(best))
+  }
+
+  /// How far scores may rise above a row's running shift `m` and still be used as `exp(s − m)`
+  /// (see `exponentiate(_:count:runningShift:)`): the probabilities then stay below about
+  /// `e⁸ ≈ 2981`, and the running sum and output gain that factor, which loses nothing in
+  /// relative precision. The price is range: an output accumulated from values `V` near
+  /// `Float.greatestFiniteMagnitude / e⁸` (about 10³⁵) can overflow where an exact max would
+  /// have left it finite.
+  static let shiftHeadroom: Float = 8
+
+  /// Keys per group of `exponentiate(_:count:runningShift:)`: 512 bytes, read twice from L1.
+  static let shiftGroup = 128
+
+  /// The online softmax's pass over one tile's row, reading it about once: replaces `row[j]` by
+  /// `exp(row[j] − m)` and returns their sum, where `m` is the row's running shift — the max of
+  /// earlier tiles' scores, kept while this tile's scores stay within `shiftHeadroom` of it —
+  /// updated in place. Softmax is shift-invariant, so `m` need not be the exact max: results
+  /// differ only in rounding.
+  ///
+  /// Group by group of `shiftGroup` keys, the group's max is taken first (from L1, just before
+  /// its exp). While `m = −∞` (no visible key yet) a group of `−∞` is written as zeros, and the
+  /// first visible group sets `m` to its max. A group more than the headroom above `m` raises `m`
+  /// to the largest score of the rest of the row — so no later group rises past it — and
+  /// multiplies what was already written, and the sum, by `exp(m_old − m)`: a row costs at most
+  /// about two passes however its scores rise. NaN scores do not move `m`; their exp, and so the
+  /// sum, is NaN. A row of `−∞` leaves `m = −∞`, zeros and a sum of 0.
+  @inline(__always)
+  static func exponentiate(
+    _ row: UnsafeMutablePointer<Float>, count: Int, runningShift shift: inout Float
+  ) -> Float {
+    var sums = SIMD16<Float>()
+    var start = 0
+    while start < count {
+      let end = min(start + shiftGroup, count)
+      let peak = largest(row + start, count: end - start)
+      if shift == -.infinity && peak == -.infinity {
+        (row + start).update(repeating: 0, count: end - start)
+        start = end
+        continue
+      }
+      if shift == -.infinity {
+        // The first visible group: what came before it is zeros, nothing to rescale.
+        shift = peak
+      } else if peak > shift + shiftHeadroom {
+        let raised = Swift.max(peak, largest(row + end, count: count - end))
+        let factor = fastExp(shift - raised)
+        scale(row, count: start, by: factor)
+        sums *= factor
+        shift = raised
+      }
+      accumulateExp(row + start, count: end - start, shift: shift, into: &sums)
+      start = end
+    }
+    return total(sums)
   }
 
   /// The largest lane, halving the vector each step (`SIMD.max()` is sixteen dependent NaN-aware

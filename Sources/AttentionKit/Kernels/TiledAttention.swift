@@ -17,16 +17,15 @@ import Tensors
 ///    both marked transposed; with relative positions, plus
 ///    `R[i, clip(j − i) + M]` gathered from `R = scale·Q_blk·Eᵀ` (one sgemm per query block);
 /// 2. the mask; each row's running shift `m` (its running max, up to a headroom) grows to
-///    `m' = max(m, max_j S_ij)` only when the tile's max exceeds `m + 8`;
+///    `m' ≥ max_j S_ij` only where the tile's scores rise more than 8 above `m`;
 /// 3. `P = exp(S − m')`, the running sum `ℓ = ℓ·exp(m − m') + Σ_j P_ij` (before dropout, since
 ///    dropout acts on the normalized weights), and the running output is rescaled by `exp(m − m')`;
 /// 4. dropout on `P` (kept ×1/(1−p)), then `O += P·V_blk` with one sgemm;
 /// and at the end `O /= ℓ` (0 where `ℓ = 0`: every key masked).
-/// Softmax is shift-invariant, so keeping a stale `m` changes nothing but rounding: `P` stays
-/// below `e⁸`, and passes 2 and 3 then read the tile once, computing `exp(S − m)`, its sum and
-/// the tile's max together (`RowSoftmax.exponentiate(_:count:runningShift:)`; on a row's first
-/// tile `m` is the max of its first sixteen scores). A row whose tile rises further is rescored
-/// with one sgemv and takes a max pass and an exp pass.
+/// Softmax is shift-invariant, so keeping a stale `m` changes nothing but rounding (`P` stays
+/// below about `e⁸`), and passes 2 and 3 then read each tile's row about once, group by group of
+/// 128 keys (`RowSoftmax.exponentiate(_:count:runningShift:)`: each group's max just before its
+/// exp, from L1; `m` raised at most once a tile, to the max of the rest of the row).
 /// With a causal mask, key blocks entirely above the (top-left or bottom-right) diagonal are
 /// skipped, not computed and masked; with a window, so are the blocks entirely before it, so a
 /// windowed call costs `O(Tq·W)`, not `O(Tq·Tk)`. Grouped-query keys and values are read in
@@ -489,60 +488,29 @@ struct TilePlan: Sendable {
           table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
         mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
-        // Passes 2–3 in one read where a shift is at hand: the running max m past the row's
-        // first visible tile, on it the max of the tile's first sixteen scores. P = exp(S − shift)
-        // stands while the tile's max stays within the headroom (`RowSoftmax.shiftHeadroom`).
-        let shift =
-          previous == -.infinity ? RowSoftmax.maximum(row, count: min(16, cols)) : previous
-        if shift.isFinite {
-          let pass = RowSoftmax.exponentiate(row, count: cols, runningShift: shift)
-          if pass.maximum <= shift + RowSoftmax.shiftHeadroom, !pass.sum.isNaN {
-            if previous == -.infinity {
-              // The row's first visible tile: m = shift, and earlier tiles added only 0·V.
-              scratch.rowMax[r] = shift
-              scratch.rowSum[r] = pass.sum
-              if tiles > 1 { RowSoftmax.scale(acc + r * dv, count: dv, by: 0) }
-            } else {
-              scratch.rowSum[r] += pass.sum
-            }
-            dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
-            continue
-          }
-          // The max rose past the headroom (or a score is NaN), and the row now holds unusable
-          // exps: its scores again (one row of the product), then the two passes below.
-          if d > 0 {
-            BLAS.sgemv(
-              m: cols, n: d, alpha: scale, a: buffers.k + (kv + j0) * d, lda: d, x: q + r * d,
-              y: row)
-          } else {
-            row.update(repeating: 0, count: cols)
-          }
-          relativePosition?.add(
-            table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
-          mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
+        if previous.isNaN {
+          row.update(repeating: .nan, count: cols)
+          continue
         }
-        let tileMax = RowSoftmax.maximum(row, count: cols)
-        if tileMax.isNaN || previous.isNaN {
+        // Passes 2–3, reading the tile about once: P = exp(S − m') and its sum, the running
+        // shift m' = m unless this tile rises more than the headroom above it (see
+        // `RowSoftmax.exponentiate(_:count:runningShift:)`).
+        var shift = previous
+        let sum = RowSoftmax.exponentiate(row, count: cols, runningShift: &shift)
+        if sum.isNaN {
           // NaN in the scores poisons the whole row, as it does in PyTorch's softmax.
           row.update(repeating: .nan, count: cols)
           scratch.rowMax[r] = .nan
           scratch.rowSum[r] = .nan
           continue
         }
-        // The new running max.
-        let peak = max(previous, tileMax)
-        if peak == -.infinity {
-          // Nothing visible yet in this row: P = 0 for this tile.
-          row.update(repeating: 0, count: cols)
-          continue
-        }
-        // Pass 3: P = exp(S − m'), ℓ and the running output rescaled by exp(m − m') (no
-        // exp when the max did not grow: the factor is then exactly 1).
-        let sum = RowSoftmax.exponentiate(row, count: cols, shift: peak)
+        // Nothing visible yet in this row: P = 0 for this tile, written as such.
+        if shift == -.infinity { continue }
+        // ℓ and the running output rescaled by exp(m − m') (1 while the shift stays).
         let correction =
-          previous == -.infinity ? 0 : previous == peak ? 1 : fastExp(previous - peak)
+          previous == -.infinity ? 0 : previous == shift ? 1 : fastExp(previous - shift)
         scratch.rowSum[r] = scratch.rowSum[r] * correction + sum
-        scratch.rowMax[r] = peak
+        scratch.rowMax[r] = shift
         // (On the first tile the accumulator is not yet written: the product below sets it.)
         if correction != 1, tiles > 1 {
           RowSoftmax.scale(acc + r * dv, count: dv, by: correction)
@@ -562,7 +530,8 @@ struct TilePlan: Sendable {
     return tiles
   }
 
-  /// `O = acc / ℓ` into the output rows; a row that saw no key gets zeros. With `logSumExp`, also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`).
+  /// `O = acc / ℓ` into the output rows; a row that saw no key gets zeros. With `logSumExp`,
+  /// also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`), `m` its final shift.
   func normalize(
     batch b: Int, firstQuery i0: Int, scratch: borrowing TileScratch,
     into output: UnsafeMutablePointer<Float>, logSumExp: UnsafeMutablePointer<Float>? = nil
