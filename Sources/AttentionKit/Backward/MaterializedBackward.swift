@@ -212,25 +212,12 @@ enum BackwardRows {
     return result
   }
 
-  /// `row_j = exp(row_j − shift)` (`fastExp`), the values `RowSoftmax.exponentiate` writes,
-  /// without their sum.
+  /// `row_j = exp(row_j − shift)` (`fastExp`, saturating: `shift` may come from the caller, not
+  /// the row's own max), the values `RowSoftmax.exponentiate` writes, without their sum.
   @inline(__always)
   static func exponentiate(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) {
-    var j = 0
-    while j + 16 <= count {
-      let raw = UnsafeMutableRawPointer(row + j)
-      raw.storeBytes(
-        of: fastExpSaturating(raw.loadUnaligned(as: SIMD16<Float>.self) - shift),
-        as: SIMD16<Float>.self)
-      j += 16
-    }
-    if j < count {
-      // The tail through the same vector code, as RowSoftmax.exponentiate does.
-      var tail = SIMD16<Float>(repeating: -.infinity)
-      for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
-      let e = fastExpSaturating(tail - shift)
-      for lane in 0..<(count - j) { row[j + lane] = e[lane] }
-    }
+    var unused = SIMD16<Float>()
+    RowSoftmax.accumulateExp(row, count: count, shift: shift, into: &unused, saturating: true)
   }
 
   /// `dS_j = P_j·(dP_j − Δ)` in place of `gradient` (`dP`).

@@ -54,17 +54,23 @@ enum RowSoftmax {
     return total(sums)
   }
 
-  /// `row[j] = exp(row[j] − shift)`, each new value added into `sums`' lanes. Always inlined
-  /// (`@_transparent`): called once a group, as a function it reloaded its sixteen constants
-  /// and the sums each time (a fifth of the pass).
+  /// `row[j] = exp(row[j] − shift)`, each new value added into `sums`' lanes; `saturating`, the
+  /// exp of arguments above 88 is `exp(88)` (`fastExp`), else they must not occur
+  /// (`fastExpUnclamped`). Always inlined (`@_transparent`): called once a group, as a function
+  /// it reloaded its sixteen constants and the sums each time (a fifth of the pass).
   @_transparent
   static func accumulateExp(
-    _ row: UnsafeMutablePointer<Float>, count: Int, shift: Float, into sums: inout SIMD16<Float>
+    _ row: UnsafeMutablePointer<Float>, count: Int, shift: Float, into sums: inout SIMD16<Float>,
+    saturating: Bool = false
   ) {
+    @_transparent
+    func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
+      saturating ? fastExpSaturating(x) : fastExpUnclamped(x)
+    }
     var j = 0
     while j + 16 <= count {
       let raw = UnsafeMutableRawPointer(row + j)
-      let e = fastExpUnclamped(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
+      let e = exp(raw.loadUnaligned(as: SIMD16<Float>.self) - shift)
       raw.storeBytes(of: e, as: SIMD16<Float>.self)
       sums += e
       j += 16
@@ -73,7 +79,7 @@ enum RowSoftmax {
       // The tail goes through the same vector code, padded with −∞ (whose exp is 0).
       var tail = SIMD16<Float>(repeating: -.infinity)
       for lane in 0..<(count - j) { tail[lane] = row[j + lane] }
-      let e = fastExpUnclamped(tail - shift)
+      let e = exp(tail - shift)
       for lane in 0..<(count - j) { row[j + lane] = e[lane] }
       sums += e
     }
