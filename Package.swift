@@ -10,6 +10,10 @@ let package = Package(
     // Attention kernels, masks, dropout, relative positions and layers on OpenBLAS. Re-exports
     // `Tensors`, so `import AttentionKit` is all a program needs to compute attention.
     .library(name: "AttentionKit", targets: ["AttentionKit"]),
+    // Checking any attention result against a float64 reference: forward, gradients, layers,
+    // relative positions, dropout statistics; one error-bound policy; the explain steps and the
+    // power-law fit. For your own kernels too (CUDA, Metal, a new CPU kernel).
+    .library(name: "AttentionVerification", targets: ["AttentionVerification"]),
     // Reading and writing `.npy` and safetensors files, with no BLAS dependency.
     .library(name: "TensorIO", targets: ["TensorIO"]),
     // The command-line tool: the notebook's exercises, bench, and your own tensors.
@@ -30,6 +34,14 @@ let package = Package(
     // relative positions, layers and random numbers.
     .target(name: "AttentionKit", dependencies: ["Tensors", "CBLAS"], exclude: ["README.md"]),
 
+    // Checks of results the library did not compute, with sound and sharp bounds; depends on
+    // AttentionKit and LAPACKE (the least-squares fit), never on TensorIO or ArgumentParser.
+    .target(
+      name: "AttentionVerification",
+      dependencies: ["AttentionKit", "Tensors", "CLAPACKE"],
+      exclude: ["README.md"]
+    ),
+
     // MARK: - Implementation details
     // OpenBLAS (cblas_sgemm), found through Debian's openblas.pc.
     .systemLibrary(
@@ -38,7 +50,7 @@ let package = Package(
       pkgConfig: "openblas",
       providers: [.apt(["libopenblas-dev"])]
     ),
-    // LAPACKE (dgels) for attn's power-law fits; a package using AttentionKit does not link it.
+    // LAPACKE (dgels) for the power-law fits; a package using AttentionKit alone does not link it.
     .systemLibrary(
       name: "CLAPACKE",
       path: "Sources/CLAPACKE",
@@ -50,8 +62,8 @@ let package = Package(
       name: "attn",
       dependencies: [
         "AttentionKit",
+        "AttentionVerification",
         "TensorIO",
-        "CLAPACKE",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       exclude: ["README.md"]
@@ -66,11 +78,16 @@ let package = Package(
       exclude: ["Fixtures", "README.md"]
     ),
     .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "_TestSupport"]),
-    // DropoutTests measure masks with attn's binomial bound (Verification/BinomialBound.swift).
-    .testTarget(name: "AttentionKitTests", dependencies: ["AttentionKit", "attn", "_TestSupport"]),
+    // DropoutTests measure masks with the binomial bound of AttentionVerification.
+    .testTarget(
+      name: "AttentionKitTests",
+      dependencies: ["AttentionKit", "AttentionVerification", "_TestSupport"]),
+    .testTarget(
+      name: "AttentionVerificationTests",
+      dependencies: ["AttentionVerification", "AttentionKit", "TensorIO", "_TestSupport"]),
     .testTarget(
       name: "attnTests",
-      dependencies: ["attn", "AttentionKit", "TensorIO", "_TestSupport"],
+      dependencies: ["attn", "AttentionKit", "AttentionVerification", "TensorIO", "_TestSupport"],
       // Expected `--explain` texts, read from the source tree by ExplainTests.
       exclude: ["Golden"]
     ),

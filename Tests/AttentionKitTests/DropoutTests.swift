@@ -3,7 +3,7 @@ import Testing
 import _TestSupport
 
 @testable import AttentionKit
-@testable import attn
+@testable import AttentionVerification
 
 /// Dropout on attention weights: the numpy fixtures' keep masks (Philox4x32-10, the layout of
 /// `Dropout`'s doc comment), the kernel with dropout against numpy's float64 values, and the

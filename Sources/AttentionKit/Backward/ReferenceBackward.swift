@@ -155,6 +155,9 @@ struct Backward64: Sendable {
     var dV: [Double]
     var dS: [Double]
     var probabilities: [Double]
+    /// Per query row, `Σ_j P_ij·(|dP_ij| + |Δ_i|)`: what `Σ_j dS_ij`'s float64 rounding scales
+    /// with (the terms cancel; their sum is 0 in exact arithmetic).
+    var dSRowMagnitude: [Double]
   }
 
   /// The forward pass and the gradients, query row by query row; `dK` and `dV` accumulate over
@@ -165,7 +168,8 @@ struct Backward64: Sendable {
       output: .init(repeating: 0, count: bh * tq * dv), dQ: .init(repeating: 0, count: q.count),
       dK: .init(repeating: 0, count: k.count), dV: .init(repeating: 0, count: v.count),
       dS: .init(repeating: 0, count: bh * tq * tk),
-      probabilities: .init(repeating: 0, count: bh * tq * tk))
+      probabilities: .init(repeating: 0, count: bh * tq * tk),
+      dSRowMagnitude: .init(repeating: 0, count: bh * tq))
     var scores = [Double](repeating: 0, count: tk)
     var dP = [Double](repeating: 0, count: tk)
     for b in 0..<bh {
@@ -209,6 +213,7 @@ struct Backward64: Sendable {
         for j in 0..<tk {
           let p = r.probabilities[row * tk + j]
           let ds = p * (dP[j] - delta)
+          r.dSRowMagnitude[row] += p * (abs(dP[j]) + abs(delta))
           r.dS[row * tk + j] = ds
           // 5. dQ = scale·dS·K, dK += scale·dSᵀ·Q, dV += Pdᵀ·dO.
           let pd = p * z(j)

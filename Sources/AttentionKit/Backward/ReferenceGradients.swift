@@ -42,9 +42,13 @@ public struct ReferenceGradients: Sendable {
   public var dropoutKept: [Bool]? { problem.dropoutKept }
   /// Per element, the largest error of a correct float32 kernel.
   public let bounds: GradientBounds
-  /// The largest `|Σ_j dS_ij| / Σ_j |dS_ij|` over the rows (0 for rows of zeros): the softmax's
-  /// Jacobian makes every row of `dS` sum to 0.
-  public let largestRowSumOfDS: Double
+  /// The largest `|Σ_j dS_ij| / bound_i` over the rows: the softmax's Jacobian makes every row of
+  /// `dS` sum to 0, and the float64 reference's own rounding leaves at most
+  /// `bound_i = 4·γ⁽⁶⁴⁾_{2Tk+Dv+8}·Σ_j P_ij·(|dP_ij| + |Δ_i|)` (`Σ_j dS_ij = Δ_i·(1 − Σ_j P_ij)` plus
+  /// the rounding of each term; `dS_ij = P_ij·(dP_ij − Δ_i)` cancels, so the bound scales with the
+  /// terms, not with `Σ_j |dS_ij|`). At most 1 for a correct reference; a wrong `Δ` or a missing
+  /// `P` factor is orders of magnitude over.
+  public let rowSumOfDSRatio: Double
   let problem: Backward64
 
   /// The reference of `Attention.backward` on these inputs; `dropout`'s decisions are the
@@ -105,16 +109,17 @@ public struct ReferenceGradients: Sendable {
       dBias = nil
     }
     var worst = 0.0
-    let tk = expanded.keys
+    let (tk, dv) = (expanded.keys, expanded.valueDim)
+    let allowed = 4 * Rounding.float64.gamma(2 * tk + dv + 8)
     for row in 0..<(expanded.batchCount * expanded.queries) {
-      var (sum, magnitude) = (0.0, 0.0)
-      for j in 0..<tk {
-        sum += result.dS[row * tk + j]
-        magnitude += abs(result.dS[row * tk + j])
-      }
-      if magnitude > 0 { worst = max(worst, abs(sum) / magnitude) }
+      var sum = 0.0
+      for j in 0..<tk { sum += result.dS[row * tk + j] }
+      // Rows poisoned by non-finite inputs propagate NaN, which the gradients' check compares.
+      guard sum.isFinite, sum != 0 else { continue }
+      let bound = allowed * result.dSRowMagnitude[row]
+      worst = max(worst, bound > 0 ? abs(sum) / bound : .infinity)
     }
-    largestRowSumOfDS = worst
+    rowSumOfDSRatio = worst
   }
 
   /// Which input a finite difference perturbs.
@@ -164,7 +169,7 @@ public struct GradientBounds: Sendable {
   public var dBias: [Double]?
 
   init(_ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, unit u: Double) {
-    func gamma(_ n: Int) -> Double { Double(n) * u / (1 - Double(n) * u) }
+    let gamma = Rounding(unit: u, underflowFloor: 0).gamma
     let (bh, tq, tk, d, dv) = (p.batchCount, p.queries, p.keys, p.headDim, p.valueDim)
     let group = problem.shape.groupSize
     let floor = 1e6 * Double(Float.leastNormalMagnitude)
@@ -181,7 +186,7 @@ public struct GradientBounds: Sendable {
             dot += x
             magnitude += abs(x)
           }
-          a = max(a, magnitude * p.scale)
+          a = max(a, magnitude * abs(p.scale))
           let e = (b * tq + i) * tk + j
           if p.visible[e] {
             s = max(s, abs(dot * p.scale))
@@ -236,9 +241,9 @@ public struct GradientBounds: Sendable {
           let ds = abs(r.dS[x])
           for c in 0..<d {
             dQ[row * d + c] +=
-              p.scale * (e[x] + gamma(tk + 2) * ds) * abs(p.k[(g * tk + j) * d + c])
+              abs(p.scale) * (e[x] + gamma(tk + 2) * ds) * abs(p.k[(g * tk + j) * d + c])
             dK[(g * tk + j) * d + c] +=
-              p.scale * (e[x] + gamma(group * tq + 2) * ds) * abs(p.q[row * d + c])
+              abs(p.scale) * (e[x] + gamma(group * tq + 2) * ds) * abs(p.q[row * d + c])
           }
           let pd = r.probabilities[x] * z[x]
           for c in 0..<dv {

@@ -44,47 +44,25 @@ public struct ReferenceAttention: Sendable {
   /// - softmax turns an absolute score error into a relative weight error: the weights are off by
   ///   at most `w_j·ρ`, `ρ = 2·max_j δ_j + γ_{Tk+8}` (the exponentials' own error, about 2u for
   ///   `fastExp`, the sum of `Tk` terms in any order, the normalization, and dropout's scaling);
-  /// - the output `o_c = Σ_j w_j·v_jc` is off by at most `Σ_j (w_j·ρ + γ_{Tk}·w_j)·|v_jc|`.
-  /// A kernel that drops or duplicates a key, mis-masks, or mis-scales exceeds these at once.
-  public func row(batch: Int, query i: Int) -> ReferenceRow {
-    let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
+  /// - the output `o_c = Σ_j w_j·v_jc` is off by at most `Σ_j (w_j·ρ + γ_{Tk}·w_j + φ_j)·|v_jc|`;
+  /// - `φ_j = min(w_j, λ)` with `λ` the format's smallest normal number: a weight below it may be
+  ///   flushed to zero (`fastExp` does), so each weight's bound is `w_j·ρ + φ_j` — an absolute
+  ///   floor that matters only for weights that small (sharply peaked rows), and a masked or
+  ///   dropped weight (`w_j = 0`) must be exactly 0.
+  /// `rounding` is the arithmetic the candidate computed in (float32 unless it was half
+  /// precision). A kernel that drops or duplicates a key, mis-masks, or mis-scales exceeds these
+  /// at once.
+  public func row(batch: Int, query i: Int, rounding: Rounding = .float32) -> ReferenceRow {
+    let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
     let kv = shape.keyRowOffset(batch)
-    let visible = mask.visibleKeys(query: i)
-    let gamma = Float32Rounding.gamma
+    let gamma = rounding.gamma
+    let floor = rounding.underflowFloor
     var scores = [Double](repeating: 0, count: tk)
     var worstScoreError = 0.0
     for j in 0..<tk {
-      var dot = 0.0
-      var magnitude = 0.0
-      for c in 0..<d {
-        let product =
-          Double(queries.scalars[(batch * tq + i) * d + c])
-          * Double(keys.scalars[(kv + j) * d + c])
-        dot += product
-        magnitude += abs(product)
-      }
-      if let relativePosition {
-        // q_i·E[clip(j − i) + M], the position term, in the same sum as q_i·k_j.
-        let r = relativePosition.index(query: i, key: j)
-        for c in 0..<d {
-          let product =
-            Double(queries.scalars[(batch * tq + i) * d + c])
-            * Double(relativePosition.embeddings.scalars[r * d + c])
-          dot += product
-          magnitude += abs(product)
-        }
-      }
-      // D = 0: no products, every score 0 (PyTorch's result is the mean of V, not the NaN of
-      // 0·(1/√0)).
-      var s = d == 0 ? 0 : dot * scale
-      if let bias = mask.bias { s += Double(bias.value(batch: batch, row: i, column: j)) }
-      if let keep = mask.keep, keep.value(batch: batch, row: i, column: j) == 0 { s = -.infinity }
-      if !visible.contains(j) { s = -.infinity }
+      let (s, error) = score(batch: batch, query: i, key: j, rounding: rounding)
       scores[j] = s
-      if s.isFinite {
-        let products = d == 0 ? 0 : gamma(d + 2) * scale * magnitude
-        worstScoreError = max(worstScoreError, products + gamma(2) * abs(s))
-      }
+      if s.isFinite { worstScoreError = max(worstScoreError, error) }
     }
     var weights = [Double](repeating: 0, count: tk)
     let peak = scores.contains(where: \.isNaN) ? .nan : (scores.max() ?? -.infinity)
@@ -109,7 +87,7 @@ public struct ReferenceAttention: Sendable {
     // Every key, zero weights included: 0·∞ = NaN in a value column, as in PyTorch's `w @ V`
     // (for finite values a zero weight adds nothing either way).
     for j in 0..<tk {
-      let weightError = weights[j] * (relative + gamma(tk))
+      let weightError = weights[j] * (relative + gamma(tk)) + min(weights[j], floor)
       for c in 0..<dv {
         let value = Double(values.scalars[(kv + j) * dv + c])
         output[c] += weights[j] * value
@@ -118,7 +96,47 @@ public struct ReferenceAttention: Sendable {
     }
     return ReferenceRow(
       weights: weights, preDropoutWeights: preDropoutWeights, output: output,
-      weightBounds: weights.map { $0 * relative }, outputBounds: outputBounds)
+      weightBounds: weights.map { $0 * relative + min($0, floor) }, outputBounds: outputBounds)
+  }
+
+  /// The scaled, masked score `s_ij` of query `query` in flat batch `batch` and key `key`, in
+  /// float64 (`−∞` where the mask hides the key), with the largest error a float32 kernel's score
+  /// may show: `δ_ij = γ_{D+2}·|scale|·Σ_c |q_c·k_jc| + γ₂·|s_ij|` (0 for a masked key).
+  public func score(batch: Int, query i: Int, key j: Int, rounding: Rounding = .float32) -> (
+    score: Double, bound: Double
+  ) {
+    let (tq, d) = (shape.queries, shape.headDim)
+    let kv = shape.keyRowOffset(batch)
+    if !mask.visibleKeys(query: i).contains(j) { return (-.infinity, 0) }
+    if let keep = mask.keep, keep.value(batch: batch, row: i, column: j) == 0 {
+      return (-.infinity, 0)
+    }
+    var dot = 0.0
+    var magnitude = 0.0
+    let q = (batch * tq + i) * d
+    for c in 0..<d {
+      let product = Double(queries.scalars[q + c]) * Double(keys.scalars[(kv + j) * d + c])
+      dot += product
+      magnitude += abs(product)
+    }
+    if let relativePosition {
+      // q_i·E[clip(j − i) + M], the position term, in the same sum as q_i·k_j.
+      let r = relativePosition.index(query: i, key: j)
+      for c in 0..<d {
+        let product =
+          Double(queries.scalars[q + c]) * Double(relativePosition.embeddings.scalars[r * d + c])
+        dot += product
+        magnitude += abs(product)
+      }
+    }
+    // D = 0: no products, every score 0 (PyTorch's result is the mean of V, not the NaN of
+    // 0·(1/√0)).
+    var s = d == 0 ? 0 : dot * scale
+    if let bias = mask.bias { s += Double(bias.value(batch: batch, row: i, column: j)) }
+    guard s.isFinite else { return (s, 0) }
+    // |scale|: a negative scale (legal in PyTorch) flips the scores, not the error's sign.
+    let products = d == 0 ? 0 : rounding.gamma(d + 2) * abs(scale) * magnitude
+    return (s, products + rounding.gamma(2) * abs(s))
   }
 
   /// Whether every key is masked for this query (its weights and output are then zero).
@@ -191,10 +209,9 @@ public struct ReferenceRow: Sendable {
         return .infinity
       }
       let difference = abs(Double(value) - expected[index])
-      if difference.isNaN { return .infinity }
-      // A bound of 0 (an exact zero, a dropped weight) is met only exactly; leave room for the
-      // smallest normal float so that exact-zero comparisons stay exact.
-      worst = max(worst, difference / max(bounds[index], Double(Float.leastNormalMagnitude)))
+      if difference == 0 { continue }
+      // A bound of 0 (a masked or dropped weight) is met only exactly.
+      worst = max(worst, bounds[index] > 0 ? difference / bounds[index] : .infinity)
     }
     return worst
   }

@@ -192,14 +192,19 @@ public struct MultiHeadReference: Sendable {
         let sum = exps.reduce(0, +)
         let rho = 2 * worst + Float32Rounding.gamma(tk + 8)
         let sumGamma = Float32Rounding.gamma(tk)
+        // A weight below float32's smallest normal may come out flushed to zero (fastExp):
+        // an absolute floor `min(w, λ)` on it and on its share of the context.
+        let floor = Rounding.float32.underflowFloor
         for j in 0..<tk where exps[j] > 0 {
           w[j] = exps[j] / sum
-          bound[j] = w[j] * rho
+          let flushed = min(w[j], floor)
+          bound[j] = w[j] * rho + flushed
           for c in 0..<d {
             let v = kv.values[j].value[kvBase + c]
             context.value[qBase + c] += w[j] * v
             context.error[qBase + c] +=
               w[j] * ((rho + sumGamma) * abs(v) + kv.values[j].error[kvBase + c])
+              + flushed * abs(v)
           }
         }
       }

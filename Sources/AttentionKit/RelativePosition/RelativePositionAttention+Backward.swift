@@ -343,8 +343,8 @@ private struct BackwardTask: Sendable {
       ldc: d)
     BLAS.sgemm(transposeB: true, m: t, n: t, k: d, a: dO, lda: d, b: v, ldb: d, c: s, ldc: t)
     // c. dS = P∘(dP − Δ), Δ = Σ_j P_ij·dP_ij, row by row; the row's sum and its bound; G.
-    let u = Double(Float.ulpOfOne) / 2
-    func gamma(_ n: Int) -> Double { Double(n) * u / (1 - Double(n) * u) }
+    let u = Rounding.float32.unit
+    let gamma = Rounding.float32.gamma
     for i in 0..<t {
       let (pRow, sRow) = (p + i * t, s + i * t)
       let delta = BackwardRows.dot(pRow, sRow, count: t)

@@ -355,7 +355,9 @@ private struct ErrorBounds {
     dE = [Double](repeating: 0, count: (2 * problem.maxDistance + 1) * d)
   }
 
-  static func gamma(_ n: Int, _ u: Double) -> Double { Double(n) * u / (1 - Double(n) * u) }
+  static func gamma(_ n: Int, _ u: Double) -> Double {
+    Rounding(unit: u, underflowFloor: 0).gamma(n)
+  }
 
   /// Adds row `row`'s share: its score error `δ`, the probabilities' relative error `ρ`, the
   /// errors of `dP`, `Δ` and `dS`, and their sums into `dQ`, `dK`, `dV` and `dE`.

@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// `attn bench --backward`: the tiled backward pass of a case, timed beside its forward pass.

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// One shape to time.
@@ -193,7 +194,7 @@ struct BenchCase {
     // Check before timing: sampled rows against the float64 reference kernel.
     let first = try work.run()
     let reference = work.reference
-    let rows = AttentionChecks.sampleRows(shape: reference.shape, seed: seed, limit: 16, count: 16)
+    let rows = RowSample.rows(shape: reference.shape, seed: seed, limit: 16, count: 16)
     var worst = 0.0
     let dv = reference.shape.valueDim
     for (b, i) in rows {

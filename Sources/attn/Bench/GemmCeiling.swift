@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Dispatch
 
 /// What OpenBLAS alone reaches on the tiled kernel's own tile products, with the kernel's threads:

@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// What `attn complexity` prints and draws from a sweep: the text report (one function per

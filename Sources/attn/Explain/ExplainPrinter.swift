@@ -1,60 +1,6 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
-
-/// One step of `--explain`: a matrix, its name, and one line on what the step does and why.
-///
-/// In JSON (`--format json`, under `steps`) a step is `name`, `title`, `description`, `shape`
-/// and `values`, the matrix as nested arrays at full float32 precision (`"-inf"` where masked),
-/// plus `rowSums` for the steps whose rows are weights.
-struct ExplainStep: Encodable {
-  /// How values are written in text.
-  enum Kind {
-    /// With `--precision` decimals.
-    case real
-    /// Whole numbers: an index, or 0/1 decisions.
-    case integer
-  }
-
-  /// A stable identifier for scripts: `scores`, `softmax`, `output`, …
-  var name: String
-  /// What a reader calls it: `Q·Kᵀ`, `÷ √d_k`, …
-  var title: String
-  /// What the rows and the columns are: `query × key`.
-  var axes: String
-  var description: String
-  /// A 2-D tensor, `[rows, columns]`.
-  var matrix: Tensor
-  var kind = Kind.real
-  /// Whether text shows each row's sum (the weights' rows sum to 1).
-  var showsRowSums = false
-
-  /// The sum of each row, in Double (so a float32 rounding of the sum cannot hide a bad row).
-  var rowSums: [Double] {
-    let (rows, columns) = (matrix.shape[0], matrix.shape[1])
-    return (0..<rows).map { i in
-      matrix.scalars[(i * columns)..<(i * columns + columns)].reduce(0.0) { $0 + Double($1) }
-    }
-  }
-
-  private enum CodingKeys: String, CodingKey {
-    case name, title, axes, description, shape, values, rowSums
-  }
-
-  func encode(to encoder: Encoder) throws {
-    var container = encoder.container(keyedBy: CodingKeys.self)
-    try container.encode(name, forKey: .name)
-    try container.encode(title, forKey: .title)
-    try container.encode(axes, forKey: .axes)
-    try container.encode(description, forKey: .description)
-    try container.encode(matrix.shape, forKey: .shape)
-    let columns = matrix.shape[1]
-    let rows = (0..<matrix.shape[0]).map { i in
-      Array(matrix.scalars[(i * columns)..<(i * columns + columns)])
-    }
-    try container.encode(rows, forKey: .values)
-    if showsRowSums { try container.encode(rowSums, forKey: .rowSums) }
-  }
-}
 
 /// `--explain`: the steps of one batch element as text (aligned columns, fixed decimals, large
 /// matrices cut to their top-left corner) or as `ExplainStep`s for JSON; and the wording of each
@@ -70,7 +16,7 @@ enum ExplainPrinter {
   static func dropoutSteps(
     _ s: AttentionSteps, headDim: Int, dropout: Dropout?, mask: String, hasBias: Bool
   ) -> [ExplainStep] {
-    let root = "√\(headDim) = \(decimal(Double(headDim).squareRoot()))"
+    let root = "√\(headDim) = \(ExplainStep.decimal(Double(headDim).squareRoot()))"
     var steps = [
       ExplainStep(
         name: "scores", title: "Q·Kᵀ", axes: "query × key",
@@ -87,7 +33,7 @@ enum ExplainPrinter {
       softmaxStep(s.weights),
     ]
     if let dropout, let keep = s.keep {
-      let p = decimal(Double(dropout.probability))
+      let p = ExplainStep.decimal(Double(dropout.probability))
       steps.append(
         ExplainStep(
           name: "dropout_mask", title: "dropout mask", axes: "query × key",
@@ -98,7 +44,7 @@ enum ExplainPrinter {
         ExplainStep(
           name: "dropout", title: "after dropout", axes: "query × key",
           description: "Dropped weights set to 0, kept ones × 1/(1−p) = "
-            + "\(decimal(Double(dropout.keptScale))) to keep their expected value.",
+            + "\(ExplainStep.decimal(Double(dropout.keptScale))) to keep their expected value.",
           matrix: s.weightsAfterDropout, showsRowSums: true))
     }
     steps.append(outputStep(s.output))
@@ -111,7 +57,7 @@ enum ExplainPrinter {
     -> [ExplainStep]
   {
     let m = s.maxDistance
-    let root = "√\(modelDim) = \(decimal(Double(modelDim).squareRoot()))"
+    let root = "√\(modelDim) = \(ExplainStep.decimal(Double(modelDim).squareRoot()))"
     var steps = [
       ExplainStep(
         name: "relative_index", title: "relative position index", axes: "query × key",
@@ -254,13 +200,5 @@ enum ExplainPrinter {
       return text.hasPrefix("-") && text.dropFirst().allSatisfy({ $0 == "0" || $0 == "." })
         ? String(text.dropFirst()) : text
     }
-  }
-
-  /// A short decimal for descriptions: `2.8284`, `0.1`, `1.1111`.
-  static func decimal(_ value: Double) -> String {
-    var text = String(format: "%.4f", value)
-    while text.hasSuffix("0") { text.removeLast() }
-    if text.hasSuffix(".") { text.removeLast() }
-    return text
   }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 
 /// The inputs of one attention call, as `attn dropout` and `attn backward` take them: Q, K, V
 /// from `.npy` files or drawn from `--seed` (`--batch × --seq-len × --d-k`, Philox or PyTorch's

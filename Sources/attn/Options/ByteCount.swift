@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// A byte count with an optional binary suffix: `1048576`, `512K`, `512M`, `4G`, `1T`.

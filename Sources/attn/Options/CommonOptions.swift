@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 
 /// How results are printed.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// Which attention kernel a subcommand runs (`--kernel`); every subcommand that runs attention

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 
 /// `--rng philox|torch`: which generator draws the random inputs.
 ///

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// `--explain`, `--explain-batch`, `--precision`, `--heatmap`: seeing what `attn dropout` and

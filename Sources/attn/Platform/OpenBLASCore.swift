@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// Picks a fast OpenBLAS kernel on CPUs newer than the installed OpenBLAS.

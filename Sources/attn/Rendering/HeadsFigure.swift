@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 
 /// `attn mha --heatmap`: one panel per head of one batch element, on one colour scale, the
 /// cells the masks hide crossed out, the axes labelled with the tokens when given.

@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// What `--explain` and `--heatmap` (`VisualizationOptions`) show for `attn dropout` and
@@ -30,7 +31,7 @@ extension VisualizationOptions {
         + "Q [\(shape.queries), \(shape.headDim)], K [\(shape.keys), \(shape.headDim)], "
         + "V [\(shape.keys), \(shape.valueDim)]:"
     }
-    let mode = dropout.map { "p = \(ExplainPrinter.decimal(Double($0.probability)))" } ?? "eval"
+    let mode = dropout.map { "p = \(ExplainStep.decimal(Double($0.probability)))" } ?? "eval"
     let generator = rng == "philox" ? "" : " (\(rng) rng)"
     let parameters = "\(mode), seed \(seed)\(generator), mask \(maskName)"
     visuals.figures = { weights, path in
@@ -45,7 +46,7 @@ extension VisualizationOptions {
       }
       let what = dropout == nil ? "attention weights" : "attention weights after dropout"
       let note = dropout.map {
-        "kept weights × 1/(1−p) = \(ExplainPrinter.decimal(Double($0.keptScale)))"
+        "kept weights × 1/(1−p) = \(ExplainStep.decimal(Double($0.keptScale)))"
       }
       let figure = Self.weightsFigure(
         title: "attn dropout: \(what) (\(parameters))", panels: panels, shape: shape, note: note)

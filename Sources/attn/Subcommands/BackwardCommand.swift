@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TensorIO
 
@@ -129,7 +130,7 @@ struct BackwardCommand: ParsableCommand {
     }
     let steps =
       explain
-      ? ExplainPrinter.backwardSteps(
+      ? ExplainStep.backwardSteps(
         reference: checker.reference, queries: queries, keys: keys, values: values,
         gradOutput: gradOutput, batch: explainBatch, shape: shape, dropout: dropout) : nil
     report(

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 
 /// `attn dropout`: exercise 1, scaled dot-product attention with a mask and dropout on the weights.
@@ -91,9 +92,9 @@ struct DropoutCommand: ParsableCommand {
 
     let reference = try ReferenceAttention(
       queries: queries, keys: keys, values: values, mask: attentionMask, dropout: dropout)
-    let checker = AttentionChecks(
+    let checker = ForwardChecks(
       reference: reference, dropout: dropout,
-      sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: inputs.seed))
+      sampledRows: RowSample.rows(shape: reference.shape, seed: inputs.seed))
     let checks = Progress().during("checking against the float64 reference") {
       checker.run(result: result, preDropout: (preDropout ?? result).weights)
     }

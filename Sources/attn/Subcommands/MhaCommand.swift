@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TensorIO
 
@@ -181,7 +182,7 @@ struct MhaCommand: ParsableCommand {
     let reference = try MultiHeadReference(
       layer: layer, input: x, keyPaddingMask: padding, attentionMask: mask,
       positionOffset: positionOffset)
-    let rows = AttentionChecks.sampleRows(batchCount: batch, queries: length, seed: seed)
+    let rows = RowSample.rows(batchCount: batch, queries: length, seed: seed)
       .map { (batch: $0.batch, token: $0.query) }
     let heads = try layer.project(x, positionOffset: positionOffset)
     let combined = try MultiHeadAttention.combinedMask(
@@ -342,7 +343,7 @@ struct MhaCommand: ParsableCommand {
   ) {
     let latency = decoded.map { Stopwatch.Statistics($0.seconds).scaled(by: 1000) }
     let rotary = layer.rotary.map {
-      "rotary θ \(ExplainPrinter.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
+      "rotary θ \(ExplainStep.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
     }
     switch format {
     case .json:

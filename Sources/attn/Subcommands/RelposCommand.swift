@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TensorIO
 
@@ -169,10 +170,10 @@ struct RelposCommand: ParsableCommand {
     let reference = try ReferenceAttention(
       queries: result.queries, keys: result.keys, values: result.values, mask: attentionMask,
       relativePosition: module.positionBias)
-    let sampled = AttentionChecks.sampleRows(shape: reference.shape, seed: seed)
+    let sampled = RowSample.rows(shape: reference.shape, seed: seed)
     let checks: [Check] = Progress().during("checking against the float64 reference") {
-      [projectionCheck(module: module, x: inputs, result: result, rows: sampled)]
-        + AttentionChecks(reference: reference, dropout: nil, sampledRows: sampled)
+      [RelativePositionChecks.projectionCheck(module: module, x: inputs, result: result, rows: sampled)]
+        + ForwardChecks(reference: reference, dropout: nil, sampledRows: sampled)
         .run(result: result.attention, preDropout: result.weights)
     }
 
@@ -348,55 +349,6 @@ struct RelposCommand: ParsableCommand {
   static func gatherBytes(t: Int, d: Int) -> Int {
     let (elements, overflow) = t.multipliedReportingOverflow(by: t * d)
     return overflow ? Int.max : elements * MemoryLayout<Float>.stride
-  }
-
-  /// Q, K, V of the sampled rows recomputed in Double from x and the parameters.
-  ///
-  /// Each element `y_o = b_o + Σ_c x_c·W_oc` is a sum of `D + 1` float32 terms (sgemm adds `x·Wᵀ`
-  /// onto the bias), so it may be off by `γ_{D+1}·(|b_o| + Σ_c |x_c·W_oc|)` (Higham §3.1).
-  private func projectionCheck(
-    module: RelativePositionAttention, x: Tensor, result: RelativePositionResult,
-    rows: [(batch: Int, query: Int)]
-  ) -> Check {
-    let d = module.modelDim
-    let t = x.shape[1]
-    let u = Double(Float.ulpOfOne) / 2
-    let gamma = Double(d + 1) * u / (1 - Double(d + 1) * u)
-    var worst = 0.0
-    let layers = [
-      (module.queryProjection, result.queries), (module.keyProjection, result.keys),
-      (module.valueProjection, result.values),
-    ]
-    for (b, i) in rows {
-      let row = b * t + i
-      for (layer, projected) in layers {
-        for o in 0..<d {
-          let bias = Double(layer.bias?.scalars[o] ?? 0)
-          var sum = bias
-          var magnitude = abs(bias)
-          for c in 0..<d {
-            let term = Double(x.scalars[row * d + c]) * Double(layer.weight.scalars[o * d + c])
-            sum += term
-            magnitude += abs(term)
-          }
-          let actual = Double(projected.scalars[row * d + o])
-          // Non-finite inputs (--allow-nonfinite) propagate: equal is all that can be checked.
-          if !sum.isFinite || !actual.isFinite {
-            if !sameNonFinite(actual, sum) { worst = .infinity }
-            continue
-          }
-          let bound = gamma * magnitude + Double(Float.leastNormalMagnitude)
-          let ratio = abs(actual - sum) / bound
-          worst = max(worst, ratio.isNaN ? .infinity : ratio)
-        }
-      }
-    }
-    return Check(
-      name: "projections_match_reference",
-      title: "Q, K, V equal x·Wᵀ + b in float64",
-      passed: worst <= 1,
-      detail: "\(rows.count) rows, worst error / bound = \(String(format: "%.3f", worst))"
-        + " (bound γ_{D+1}·Σ|x·w|)")
   }
 
   private func printText(

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TensorIO
 
@@ -144,9 +145,9 @@ struct SdpaCommand: ParsableCommand {
     let reference = try ReferenceAttention(
       queries: q.tensor, keys: k.tensor, values: v.tensor, mask: mask, scale: scale,
       dropout: dropout)
-    let checker = AttentionChecks(
+    let checker = ForwardChecks(
       reference: reference, dropout: dropout,
-      sampledRows: AttentionChecks.sampleRows(shape: reference.shape, seed: seed))
+      sampledRows: RowSample.rows(shape: reference.shape, seed: seed))
     let checks = Progress().during("checking against the float64 reference") {
       checker.run(result: result, preDropout: dropout == nil ? result.weights : nil)
     }

@@ -19,20 +19,27 @@ import Foundation
 ///    10⁻³ of the gradient or more. Observed errors are below 1% of it.
 /// 3. `score_gradient_rows_sum_to_zero`: `|Σ_j dS_ij|` of the fast kernel's own `dS` within
 ///    the bound it reports (`RelativePositionGradients.scoreGradientRowBounds`).
-struct RelposGradientChecks {
+public struct RelposGradientChecks {
   /// The largest `B·T·(T + D)·D` the checks take: the multiply-adds of one float64 forward,
   /// which the finite differences run `4·8·samplesPerTensor` times.
-  static let workLimit = 1 << 24
-  static let samplesPerTensor = 2
+  public static let workLimit = 1 << 24
+  public static let samplesPerTensor = 2
 
-  let module: RelativePositionAttention
-  let x: Tensor
-  let mask: AttentionMask
-  let gradOutput: Tensor
+  public let module: RelativePositionAttention
+  public let x: Tensor
+  public let mask: AttentionMask
+  public let gradOutput: Tensor
+
+  public init(module: RelativePositionAttention, x: Tensor, mask: AttentionMask, gradOutput: Tensor) {
+    self.module = module
+    self.x = x
+    self.mask = mask
+    self.gradOutput = gradOutput
+  }
 
   /// Refuses a problem over `workLimit`: the float64 reference and the finite differences
   /// would take minutes.
-  static func checkSize(batch b: Int, length t: Int, modelDim d: Int) throws {
+  public static func checkSize(batch b: Int, length t: Int, modelDim d: Int) throws {
     let work = b.multipliedReportingOverflow(by: t)
     let inner = (t + d).multipliedReportingOverflow(by: d)
     let total = work.partialValue.multipliedReportingOverflow(by: inner.partialValue)
@@ -43,10 +50,10 @@ struct RelposGradientChecks {
     }
   }
 
-  func run(_ fast: RelativePositionGradients, seed: UInt64) throws -> [Check] {
+  public func run(_ fast: RelativePositionGradients, seed: UInt64) throws -> [Check] {
     let problem = try RelativePosition64(module: module, x: x, mask: mask)
     let dY = gradOutput.scalars.map(Double.init)
-    let reference = problem.gradients(gradOutput: dY, unit: Double(Float.ulpOfOne) / 2)
+    let reference = problem.gradients(gradOutput: dY, unit: Rounding.float32.unit)
     return [
       try referenceCheck(fast, reference),
       finiteDifferenceCheck(problem, reference, dY: dY, seed: seed),
@@ -89,7 +96,7 @@ struct RelposGradientChecks {
       title: "gradients equal the float64 reference (all rows)",
       passed: worst.ratio <= 1,
       detail: "\(count) elements, worst error / bound = \(String(format: "%.3g", worst.ratio))"
-        + (name.isEmpty ? "" : " (\(name), error \(sci(worst.error)))")
+        + (name.isEmpty ? "" : " (\(name), error \(scientific(worst.error)))")
         + " (first-order float32 bounds)")
   }
 
@@ -131,7 +138,7 @@ struct RelposGradientChecks {
       passed: worst.ratio <= 1,
       detail: "\(count) entries (h = ε^⅓·max(1, |θ|)), worst error / allowed = "
         + "\(String(format: "%.3g", worst.ratio)) at \(worst.label), relative "
-        + sci(worst.relative))
+        + scientific(worst.relative))
   }
 
   /// `samplesPerTensor` flat entries of `x` and of each parameter, drawn with the seed;
@@ -179,7 +186,7 @@ struct RelposGradientChecks {
       name: "score_gradient_rows_sum_to_zero",
       title: "every row of dS sums to 0",
       passed: worst <= 1,
-      detail: "\(fast.scoreGradientRowSums.count) rows, largest |Σ_j dS_ij| = \(sci(largest)), "
+      detail: "\(fast.scoreGradientRowSums.count) rows, largest |Σ_j dS_ij| = \(scientific(largest)), "
         + "worst / bound = \(String(format: "%.3g", worst))")
   }
 }

@@ -3,7 +3,7 @@ import Foundation
 import Testing
 import _TestSupport
 
-@testable import attn
+@testable import AttentionVerification
 
 /// `PowerLawFit` on synthetic data `y = c·xᵉ`: exact data must give back `c` and `e` to rounding
 /// and `R² = 1`; data with small multiplicative noise must give them back to within what the noise

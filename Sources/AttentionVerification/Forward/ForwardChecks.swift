@@ -1,59 +1,51 @@
 import AttentionKit
+import Foundation
 
-/// The checks `attn dropout` and `attn relpos` run on a kernel's result. Each one recomputes what
-/// it checks independently of the kernel (in `Double`, from the inputs), so a wrong kernel fails it.
-struct AttentionChecks {
-  let reference: ReferenceAttention
-  let dropout: Dropout?
+/// The checks of one forward result against the float64 reference kernel (`ReferenceAttention`):
+/// every check recomputes what it checks in `Double`, from the inputs, so a wrong kernel fails it.
+///
+/// Sampled rows are compared element by element within the bounds of `ReferenceAttention.row`
+/// (in the candidate's `rounding`); the kernel's own weights, when there are any, are checked for
+/// rows summing to 1, for dropout's share and scale, and for giving the output through `·V`.
+public struct ForwardChecks: Sendable {
+  public let reference: ReferenceAttention
+  public let dropout: Dropout?
+  /// The arithmetic the candidate computed in.
+  public let rounding: Rounding
   /// Flat (batch, query) rows that are compared with the reference kernel.
-  let sampledRows: [(batch: Int, query: Int)]
+  public let sampledRows: [(batch: Int, query: Int)]
   /// The reference kernel's result for each sampled row, computed once (each costs O(Tk·D)).
-  let sampledReference: [ReferenceRow]
+  public let sampledReference: [ReferenceRow]
 
-  init(reference: ReferenceAttention, dropout: Dropout?, sampledRows: [(batch: Int, query: Int)]) {
+  public init(
+    reference: ReferenceAttention, dropout: Dropout?, sampledRows: [(batch: Int, query: Int)],
+    rounding: Rounding = .float32
+  ) {
     self.reference = reference
     self.dropout = dropout
+    self.rounding = rounding
     self.sampledRows = sampledRows
-    sampledReference = sampledRows.map { reference.row(batch: $0.batch, query: $0.query) }
-  }
-
-  /// All rows when there are at most `limit`, else `count` rows drawn with the seed.
-  static func sampleRows(
-    shape: AttentionShape, seed: UInt64, limit: Int = 64, count: Int = 32
-  ) -> [(batch: Int, query: Int)] {
-    sampleRows(
-      batchCount: shape.batchCount, queries: shape.queries, seed: seed, limit: limit, count: count)
-  }
-
-  /// All `batchCount·queries` rows when there are at most `limit`, else `count` of them drawn
-  /// with the seed, in order.
-  static func sampleRows(
-    batchCount: Int, queries: Int, seed: UInt64, limit: Int = 64, count: Int = 32
-  ) -> [(batch: Int, query: Int)] {
-    let total = batchCount * queries
-    var flat: [Int]
-    if total <= limit {
-      flat = Array(0..<total)
-    } else {
-      let rng = Philox4x32(seed: seed)
-      var chosen = Set<Int>()
-      var counter: UInt64 = 0
-      while chosen.count < count {
-        let w = rng.block(major: counter, minor: 0, stream: RandomStream.sampling)
-        for word in [w.0, w.1, w.2, w.3] where chosen.count < count {
-          chosen.insert(Int((UInt64(word) * UInt64(total)) >> 32))
-        }
-        counter += 1
-      }
-      flat = chosen.sorted()
+    sampledReference = sampledRows.map {
+      reference.row(batch: $0.batch, query: $0.query, rounding: rounding)
     }
-    return flat.map { ($0 / max(queries, 1), $0 % max(queries, 1)) }
+  }
+
+  /// The checks of `problem`'s rows chosen by `rows`.
+  public init(problem: AttentionProblem, rows: RowSelection, rounding: Rounding = .float32) throws {
+    let reference = try problem.reference()
+    let shape = reference.shape
+    self.init(
+      reference: reference, dropout: problem.dropout,
+      sampledRows: rows.rows(
+        batchCount: shape.batchCount, queries: shape.queries,
+        rowWork: shape.keys * (shape.headDim + shape.valueDim + 1)),
+      rounding: rounding)
   }
 
   /// Runs every check that the available tensors allow. `preDropout` are the kernel's weights
   /// without dropout (from a second run), `result.weights` those after it; both `nil` for the tiled
   /// kernel, whose rows are then checked through the output alone.
-  func run(result: AttentionResult, preDropout: Tensor?) -> [Check] {
+  public func run(result: AttentionResult, preDropout: Tensor?) -> [Check] {
     // Without dropout the kernel's weights are the softmax itself.
     let preDropout = preDropout ?? (dropout == nil ? result.weights : nil)
     var checks: [Check] = []
@@ -77,8 +69,6 @@ struct AttentionChecks {
     return checks
   }
 
-  private static let unitRoundoff = Double(Float.ulpOfOne) / 2
-
   /// Rows of the pre-dropout weights sum to 1; rows the reference leaves all zero (every key
   /// masked, by the mask or by −∞ scores) are zero, on every kernel alike.
   private func rowSumCheck(_ pre: Tensor) -> Check {
@@ -88,7 +78,7 @@ struct AttentionChecks {
     var maskedRows = 0
     var nonFiniteRows = 0
     var rowsOK = true
-    let bound = Double(tk + 8) * Self.unitRoundoff * 2
+    let bound = Double(tk + 8) * rounding.unit * 2
     for row in 0..<(shape.batchCount * tq) {
       let (b, i) = (row / max(tq, 1), row % max(tq, 1))
       let weights = pre.scalars[(row * tk)..<(row * tk + tk)]
@@ -117,7 +107,7 @@ struct AttentionChecks {
       name: "weights_sum_to_one",
       title: dropout == nil ? "softmax rows sum to 1" : "softmax rows sum to 1 (before dropout)",
       passed: rowsOK,
-      detail: "max |sum − 1| = \(sci(worst)) ≤ \(sci(bound)) over"
+      detail: "max |sum − 1| = \(scientific(worst)) ≤ \(scientific(bound)) over"
         + " \(rows - maskedRows - nonFiniteRows) rows"
         + (maskedRows > 0 ? "; \(maskedRows) fully masked rows are zero" : "")
         + (nonFiniteRows > 0 ? "; \(nonFiniteRows) rows non-finite as in the reference" : ""))
@@ -147,8 +137,7 @@ struct AttentionChecks {
           continue
         }
         let bound =
-          Double(tk + 2) * Self.unitRoundoff * magnitude
-          + Double(Float.leastNormalMagnitude)
+          rounding.gamma(tk + 2) * magnitude + rounding.underflowFloor
         let ratio = abs(actual - sum) / bound
         worst = max(worst, ratio.isNaN ? .infinity : ratio)
       }
@@ -162,21 +151,73 @@ struct AttentionChecks {
 
   /// Sampled rows against the float64 reference kernel, with the same dropout decisions.
   private func referenceCheck(_ result: AttentionResult) -> Check {
-    let (tq, tk, dv) = (reference.shape.queries, reference.shape.keys, reference.shape.valueDim)
-    var worst = 0.0
+    var (output, weights) = measure(output: result.output, weights: result.weights)
+    if let weights { output.merge(weights) }
+    return Check(
+      name: "matches_reference", title: "rows match the float64 reference kernel",
+      measurement: output)
+  }
+
+  /// The candidate `output` `[…, Tq, Dv]` and `weights` `[…, Tq, Tk]` (after dropout) on the
+  /// sampled rows against the reference, element by element.
+  public func measure(output: Tensor?, weights: Tensor?) -> (
+    output: ErrorMeasurement, weights: ErrorMeasurement?
+  ) {
+    let shape = reference.shape
+    let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
+    var o = ErrorMeasurement(tensor: "output", shape: output?.shape ?? shape.outputShape)
+    var w = weights.map { ErrorMeasurement(tensor: "weights", shape: $0.shape) }
     for ((b, i), expected) in zip(sampledRows, sampledReference) {
       let row = b * tq + i
-      if let post = result.weights {
-        worst = max(worst, expected.weightErrorRatio(post.scalars[(row * tk)..<(row * tk + tk)]))
+      if let output {
+        o.rowsChecked += 1
+        for c in 0..<dv {
+          o.record(
+            actual: Double(output.scalars[row * dv + c]), expected: expected.output[c],
+            bound: expected.outputBounds[c], at: row * dv + c)
+        }
       }
-      worst = max(
-        worst, expected.outputErrorRatio(result.output.scalars[(row * dv)..<(row * dv + dv)]))
+      if let weights {
+        w?.rowsChecked += 1
+        for j in 0..<tk {
+          w?.record(
+            actual: Double(weights.scalars[row * tk + j]), expected: expected.weights[j],
+            bound: expected.weightBounds[j], at: row * tk + j)
+        }
+      }
     }
-    return Check(
-      name: "matches_reference",
-      title: "rows match the float64 reference kernel",
-      passed: worst <= 1,
-      detail: "\(sampledRows.count) rows, worst error / bound = \(String(format: "%.3f", worst))")
+    return (o, w)
+  }
+
+  /// A candidate computed elsewhere: each given tensor's sampled rows against the reference,
+  /// one check per tensor (`output_matches_reference`, `weights_match_reference`).
+  public func check(output: Tensor?, weights: Tensor?) throws -> [Check] {
+    let shape = reference.shape
+    if let output, output.shape != shape.outputShape {
+      throw AttentionError.shapeMismatch(
+        "the output has shape \(shapeForMessage(output.shape)); these inputs give "
+          + "\(shapeForMessage(shape.outputShape))")
+    }
+    if let weights, weights.shape != shape.weightsShape {
+      throw AttentionError.shapeMismatch(
+        "the weights have shape \(shapeForMessage(weights.shape)); these inputs give "
+          + "\(shapeForMessage(shape.weightsShape))")
+    }
+    let (o, w) = measure(output: output, weights: weights)
+    var checks: [Check] = []
+    if output != nil {
+      checks.append(
+        Check(
+          name: "output_matches_reference", title: "output rows match the float64 reference",
+          measurement: o))
+    }
+    if let w {
+      checks.append(
+        Check(
+          name: "weights_match_reference", title: "weight rows match the float64 reference",
+          measurement: w))
+    }
+    return checks
   }
 
   /// Dropout drops about `p` of the weights, and keeps the others scaled by `1/(1 − p)`.
@@ -200,14 +241,14 @@ struct AttentionChecks {
         name: "kept_weights_rescaled",
         title: "kept weights equal softmax × 1/(1−p)",
         passed: worstScaling <= scalingBound,
-        detail: "max relative error \(sci(worstScaling)) ≤ \(sci(scalingBound))"),
+        detail: "max relative error \(scientific(worstScaling)) ≤ \(scientific(scalingBound))"),
     ]
   }
 }
 
-extension AttentionChecks {
+extension ForwardChecks {
   /// Dropped and visible (non-zero softmax) weights over the sampled rows, by the reference.
-  func sampledDrops(_ dropout: Dropout) -> (dropped: Int, candidates: Int) {
+  public func sampledDrops(_ dropout: Dropout) -> (dropped: Int, candidates: Int) {
     var dropped = 0
     var candidates = 0
     for row in sampledReference {
@@ -221,7 +262,7 @@ extension AttentionChecks {
 
   /// The share of non-zero softmax weights that dropout zeroed: over all weights when the kernel
   /// returned them, else over the sampled rows.
-  func droppedFraction(result: AttentionResult, preDropout: Tensor?) -> Double {
+  public func droppedFraction(result: AttentionResult, preDropout: Tensor?) -> Double {
     guard let dropout else { return 0 }
     var dropped = 0
     var candidates = 0
@@ -237,7 +278,7 @@ extension AttentionChecks {
   }
 
   /// `dropped` lies in the binomial interval a correct dropout leaves with probability 1 − 10⁻⁴.
-  func dropShareCheck(
+  public func dropShareCheck(
     dropped: Int, candidates: Int, dropout: Dropout,
     title: String = "share of dropped weights is consistent with p"
   ) -> Check {
@@ -254,10 +295,4 @@ extension AttentionChecks {
         dropped, candidates, share * 100, "\(dropout.probability)",
         interval.lowerBound, interval.upperBound))
   }
-}
-
-/// Whether `a` and `b` are the same non-finite value (both NaN, or equal infinities): all that can
-/// be checked of a result computed from non-finite inputs.
-func sameNonFinite(_ a: Double, _ b: Double) -> Bool {
-  (a.isNaN && b.isNaN) || (a.isInfinite && a == b)
 }

@@ -1,36 +1,47 @@
 import AttentionKit
 import Foundation
 
-/// The checks `attn backward` runs on a kernel's gradients, each recomputed independently of the
-/// kernel: the float64 reference backward (`ReferenceGradients`) on the whole problem or, when
-/// that is too large, on the query heads of one key/value head; finite differences of the
-/// float64 forward; and the softmax's Jacobian (every row of `dS` sums to 0).
-struct GradientChecks {
+/// The checks of a kernel's gradients, each recomputed independently of the kernel: the float64
+/// reference backward (`ReferenceGradients`) on the whole problem or, when that is too large, on
+/// the query heads of one key/value head; finite differences of the float64 forward; and the
+/// softmax's Jacobian (every row of `dS` sums to 0, within the reference's own rounding).
+///
+/// Problems over `referenceScoreLimit` scores per key/value group are checked by
+/// `SampledGradientChecks` instead (`canCheck(_:)` says which applies, before any work).
+public struct GradientChecks: Sendable {
   /// The part of the problem the reference covers: query flat batches `queryBatches` (the heads
   /// of key/value flat batch `keyValueBatch`), or everything.
-  struct Region {
-    var queryBatches: Range<Int>
-    var keyValueBatch: Int?
+  public struct Region: Sendable {
+    public var queryBatches: Range<Int>
+    public var keyValueBatch: Int?
     /// Offsets of the region's first element in the flat Q (and dO), K and V.
-    var queryOffset: Int
-    var keyOffset: Int
-    var valueOffset: Int
-    var isWhole: Bool { keyValueBatch == nil }
+    public var queryOffset: Int
+    public var keyOffset: Int
+    public var valueOffset: Int
+    public var isWhole: Bool { keyValueBatch == nil }
   }
 
   /// Scores (`G·Tq·Tk` for one key/value head's group) the float64 reference takes on; about a
   /// second per 2²⁴ scores at D = 64.
-  static let referenceScoreLimit = 1 << 24
+  public static let referenceScoreLimit = 1 << 24
   /// Scores below which the finite differences run (each entry costs two reference passes).
-  static let finiteDifferenceScoreLimit = 1 << 16
+  public static let finiteDifferenceScoreLimit = 1 << 16
 
-  let reference: ReferenceGradients
-  let region: Region
-  let shape: AttentionShape
+  public let reference: ReferenceGradients
+  public let region: Region
+  public let shape: AttentionShape
 
   /// The reference for the whole problem when it has at most `referenceScoreLimit` scores, else
   /// for the group of key/value flat batch `Philox(seed)`; throws when even one group is larger.
-  init(
+  /// Whether the float64 reference covers one key/value group of `shape` (else the gradients
+  /// are checked on sampled rows and keys, `SampledGradientChecks`).
+  public static func canCheck(_ shape: AttentionShape) -> Bool {
+    let (scores, overflow) = shape.queries.multipliedReportingOverflow(by: shape.keys)
+    let (group, groupOverflow) = scores.multipliedReportingOverflow(by: shape.groupSize)
+    return !overflow && !groupOverflow && group <= referenceScoreLimit
+  }
+
+  public init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
     dropout: Dropout?, needBiasGradient: Bool, seed: UInt64
   ) throws {
@@ -93,57 +104,69 @@ struct GradientChecks {
   }
 
   /// What the reference covers, in words.
-  var coverage: String {
+  public var coverage: String {
     guard let kv = region.keyValueBatch else { return "every row" }
     let heads = region.queryBatches
     return "query heads \(heads.lowerBound)…\(heads.upperBound - 1) (flat) and key/value head "
       + "\(kv): the whole problem is over the reference's limit"
   }
 
-  /// The worst `|kernel − reference| / bound` over one gradient's region.
-  static func worstRatio(_ kernel: Tensor, offset: Int, _ expected: [Double], _ bounds: [Double])
-    -> Double
-  {
-    var worst = 0.0
+  /// One gradient over the region, element by element: `kernel` from `offset` against the
+  /// reference's `expected` within `bounds`.
+  static func measure(
+    _ name: String, _ kernel: Tensor, offset: Int, _ expected: [Double], _ bounds: [Double],
+    rowLength: Int
+  ) -> ErrorMeasurement {
+    var m = ErrorMeasurement(tensor: name, shape: kernel.shape)
+    m.rowsChecked = rowLength > 0 ? expected.count / rowLength : 0
     for e in expected.indices {
-      let value = Double(kernel.scalars[offset + e])
-      if !value.isFinite || !expected[e].isFinite {
-        if !sameNonFinite(value, expected[e]) { worst = .infinity }
-        continue
-      }
-      let error = abs(value - expected[e])
-      if error > 0 { worst = max(worst, bounds[e] > 0 ? error / bounds[e] : .infinity) }
+      m.record(
+        actual: Double(kernel.scalars[offset + e]), expected: expected[e], bound: bounds[e],
+        at: offset + e)
     }
-    return worst
+    return m
   }
 
-  func run(_ gradients: AttentionGradients, seed: UInt64, finiteDifferences: Bool) -> [Check] {
+  /// Each gradient against the reference: `dQ`, `dK`, `dV` (and `dBias` on the whole problem).
+  public func measure(_ gradients: AttentionGradients) -> [ErrorMeasurement] {
     let b = reference.bounds
-    var ratios = [
-      ("dQ", Self.worstRatio(gradients.dQ, offset: region.queryOffset, reference.dQ, b.dQ)),
-      ("dK", Self.worstRatio(gradients.dK, offset: region.keyOffset, reference.dK, b.dK)),
-      ("dV", Self.worstRatio(gradients.dV, offset: region.valueOffset, reference.dV, b.dV)),
+    let (d, dv) = (shape.headDim, shape.valueDim)
+    var measurements = [
+      Self.measure("dQ", gradients.dQ, offset: region.queryOffset, reference.dQ, b.dQ, rowLength: d),
+      Self.measure("dK", gradients.dK, offset: region.keyOffset, reference.dK, b.dK, rowLength: d),
+      Self.measure("dV", gradients.dV, offset: region.valueOffset, reference.dV, b.dV, rowLength: dv),
     ]
     if region.isWhole, let dBias = gradients.dBias, let expected = reference.dBias,
       let bounds = b.dBias
     {
-      ratios.append(("dBias", Self.worstRatio(dBias, offset: 0, expected, bounds)))
+      measurements.append(
+        Self.measure(
+          "dBias", dBias, offset: 0, expected, bounds, rowLength: dBias.shape.last ?? 1))
     }
-    let worst = ratios.map(\.1).max() ?? 0
+    return measurements
+  }
+
+  public func run(_ gradients: AttentionGradients, seed: UInt64, finiteDifferences: Bool)
+    -> [Check]
+  {
+    let measurements = measure(gradients)
+    let worst = measurements.max { $0.worstRatio < $1.worstRatio }
     var checks = [
       Check(
         name: "matches_reference",
         title: "gradients match the float64 reference backward",
-        passed: worst <= 1,
-        detail: ratios.map { "\($0.0) \(sci($0.1))" }.joined(separator: ", ")
-          + " (error / bound; \(coverage))")
+        passed: measurements.allSatisfy(\.passed),
+        detail: measurements.map { "\($0.tensor) \(scientific($0.worstRatio))" }
+          .joined(separator: ", ") + " (error / bound; \(coverage))",
+        measurement: worst)
     ]
     checks.append(
       Check(
         name: "ds_rows_sum_to_zero",
         title: "every row of dS sums to 0 (softmax's Jacobian)",
-        passed: reference.largestRowSumOfDS <= 1e-12,
-        detail: "largest |Σ_j dS_ij| / Σ_j |dS_ij| = \(sci(reference.largestRowSumOfDS))"))
+        passed: reference.rowSumOfDSRatio <= 1,
+        detail: "largest |Σ_j dS_ij| / (4·γ⁽⁶⁴⁾·Σ_j P·(|dP| + |Δ|)) = "
+          + scientific(reference.rowSumOfDSRatio)))
     let scores = region.queryBatches.count * shape.queries * shape.keys
     if finiteDifferences && scores <= Self.finiteDifferenceScoreLimit {
       checks.append(finiteDifferenceCheck(gradients, seed: seed))
@@ -184,6 +207,6 @@ struct GradientChecks {
       title: "gradients match finite differences (float64)",
       passed: worst <= 1,
       detail: "\(count) entries of dQ, dK, dV; worst |g − Δf/2h| / (bound + 1e-6·(1 + |Δf/2h|)) "
-        + "= \(sci(worst))")
+        + "= \(scientific(worst))")
   }
 }

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 import _TestSupport
 
-@testable import attn
+@testable import AttentionVerification
 
 /// `BinomialBound.interval(n:p:failureProbability:)`: the narrowest `[low, high]` with
 /// `P(X < low) ≤ α/2` and `P(X > high) ≤ α/2` for `X ~ Binomial(n, p)`.

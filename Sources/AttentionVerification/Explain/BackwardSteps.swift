@@ -1,10 +1,10 @@
 import AttentionKit
 
-extension ExplainPrinter {
+extension ExplainStep {
   /// The backward pass of one batch element (flat query batch `b` of the reference's region),
   /// from the float64 reference: the forward's weights, the dropout decisions, dO, then dV, dP,
   /// Δ, dS, dQ and dK in the order they are computed.
-  static func backwardSteps(
+  public static func backwardSteps(
     reference r: ReferenceGradients, queries: Tensor, keys: Tensor, values: Tensor,
     gradOutput: Tensor, batch b: Int, shape: AttentionShape, dropout: Dropout?
   ) -> [ExplainStep] {

@@ -4,14 +4,14 @@ import Foundation
 /// The checks `attn mha` runs on a layer's result: sampled rows of the output (and of each
 /// head's weights) against `MultiHeadReference`, the layer in float64 with a bound per value, and
 /// with `--decode` the token-by-token outputs against the same reference and the full pass.
-struct LayerChecks {
-  let rows: [(batch: Int, token: Int)]
-  let expected: [MultiHeadReferenceRow]
-  let embedDim: Int
-  let heads: Int
-  let length: Int
+public struct LayerChecks {
+  public let rows: [(batch: Int, token: Int)]
+  public let expected: [MultiHeadReferenceRow]
+  public let embedDim: Int
+  public let heads: Int
+  public let length: Int
 
-  init(reference: MultiHeadReference, rows: [(batch: Int, token: Int)]) {
+  public init(reference: MultiHeadReference, rows: [(batch: Int, token: Int)]) {
     self.rows = rows
     expected = reference.rows(rows)
     embedDim = reference.layer.embedDim
@@ -21,7 +21,7 @@ struct LayerChecks {
 
   /// The worst `|value − reference| / bound` of `output` `[B, T, E]` over the sampled rows (a
   /// NaN where the reference has one counts as agreement).
-  func outputRatio(_ output: Tensor) -> Double {
+  public func outputRatio(_ output: Tensor) -> Double {
     var worst = 0.0
     for ((b, t), row) in zip(rows, expected) {
       let base = (b * length + t) * embedDim
@@ -34,7 +34,7 @@ struct LayerChecks {
   }
 
   /// The worst ratio of `weights` `[B, H, T, T]` over the sampled rows, every head.
-  func weightsRatio(_ weights: Tensor) -> Double {
+  public func weightsRatio(_ weights: Tensor) -> Double {
     var worst = 0.0
     for ((b, t), row) in zip(rows, expected) {
       for h in 0..<heads {
@@ -51,15 +51,10 @@ struct LayerChecks {
   }
 
   static func ratio(_ value: Double, _ expected: Double, _ bound: Double) -> Double {
-    if !value.isFinite || !expected.isFinite {
-      return sameNonFinite(value, expected) ? 0 : .infinity
-    }
-    let error = abs(value - expected)
-    if error == 0 { return 0 }
-    return bound > 0 ? error / bound : .infinity
+    ErrorMeasurement.ratio(actual: value, expected: expected, bound: bound)
   }
 
-  func run(output: Tensor, weights: Tensor?, decoded: Tensor?) -> [Check] {
+  public func run(output: Tensor, weights: Tensor?, decoded: Tensor?) -> [Check] {
     var checks: [Check] = []
     let outputWorst = outputRatio(output)
     checks.append(
@@ -68,7 +63,7 @@ struct LayerChecks {
         title: "output rows match the float64 layer",
         passed: outputWorst <= 1,
         detail:
-          "\(rows.count) rows × \(embedDim), worst error / bound = \(sci(outputWorst))"
+          "\(rows.count) rows × \(embedDim), worst error / bound = \(scientific(outputWorst))"
       ))
     if let weights {
       let worst = weightsRatio(weights)
@@ -78,7 +73,7 @@ struct LayerChecks {
           title: "each head's weights match the float64 layer",
           passed: worst <= 1,
           detail:
-            "\(rows.count) rows × \(heads) heads, worst error / bound = \(sci(worst))"
+            "\(rows.count) rows × \(heads) heads, worst error / bound = \(scientific(worst))"
         ))
     }
     if let decoded {
@@ -88,7 +83,7 @@ struct LayerChecks {
           name: "decode_matches_reference",
           title: "token-by-token outputs match the float64 layer",
           passed: worst <= 1,
-          detail: "\(rows.count) rows, worst error / bound = \(sci(worst))"))
+          detail: "\(rows.count) rows, worst error / bound = \(scientific(worst))"))
       checks.append(decodeAgreement(decoded: decoded, full: output))
     }
     return checks
@@ -118,8 +113,8 @@ struct LayerChecks {
       name: "decode_matches_full",
       title: "token by token equals the full causal pass",
       passed: worst <= 1,
-      detail: "worst difference / (2 × bound) = \(sci(worst)); largest "
-        + "difference anywhere \(sci(Double(largest))) (outputs up to \(sci(Double(scale))))")
+      detail: "worst difference / (2 × bound) = \(scientific(worst)); largest "
+        + "difference anywhere \(scientific(Double(largest))) (outputs up to \(scientific(Double(scale))))")
   }
 }
 
@@ -128,11 +123,16 @@ struct LayerChecks {
 /// bounds), the output projection from the float32 attention output — so that no stage's bound
 /// carries the earlier stages' errors: tight where the end-to-end bound, compounded through the
 /// projections, grows loose on inputs of large magnitude.
-struct LayerStageChecks {
-  let reference: MultiHeadReference
-  let rows: [(batch: Int, token: Int)]
+public struct LayerStageChecks {
+  public let reference: MultiHeadReference
+  public let rows: [(batch: Int, token: Int)]
 
-  func run(
+  public init(reference: MultiHeadReference, rows: [(batch: Int, token: Int)]) {
+    self.reference = reference
+    self.rows = rows
+  }
+
+  public func run(
     heads: ProjectedHeads, mask: AttentionMask, attention: AttentionResult, output: Tensor
   ) throws -> [Check] {
     let layer = reference.layer
@@ -195,17 +195,17 @@ struct LayerStageChecks {
         name: "projections_match_reference",
         title: "stage 1: Q, K, V (rotated) equal x·Wᵀ + b in float64",
         passed: projection <= 1,
-        detail: "\(rows.count) tokens, worst error / bound = \(sci(projection))"),
+        detail: "\(rows.count) tokens, worst error / bound = \(scientific(projection))"),
       Check(
         name: "attention_matches_reference",
         title: "stage 2: each head's attention of those Q, K, V",
         passed: kernel <= 1,
-        detail: "\(rows.count) rows × \(h) heads, worst error / bound = \(sci(kernel))"),
+        detail: "\(rows.count) rows × \(h) heads, worst error / bound = \(scientific(kernel))"),
       Check(
         name: "output_projection_matches_reference",
         title: "stage 3: the output projection of that attention",
         passed: last <= 1,
-        detail: "\(rows.count) rows × \(e), worst error / bound = \(sci(last))"),
+        detail: "\(rows.count) rows × \(e), worst error / bound = \(scientific(last))"),
     ]
   }
 }
