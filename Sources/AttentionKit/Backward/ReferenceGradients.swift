@@ -56,12 +56,12 @@ public struct ReferenceGradients: Sendable {
   public init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    needBiasGradient: Bool = false
+    needBiasGradient: Bool = false, rounding: Rounding = .float32
   ) throws {
     try self.init(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
       scale: scale, decisions: dropout.map { .counter($0) } ?? .none,
-      needBiasGradient: needBiasGradient)
+      needBiasGradient: needBiasGradient, rounding: rounding)
   }
 
   /// With the dropout decisions given as a keep mask (nonzero = kept, broadcastable to
@@ -79,7 +79,8 @@ public struct ReferenceGradients: Sendable {
 
   init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
-    scale: Float?, decisions: DropoutDecisions, needBiasGradient: Bool
+    scale: Float?, decisions: DropoutDecisions, needBiasGradient: Bool,
+    rounding: Rounding = .float32
   ) throws {
     let backwardProblem = try BackwardProblem(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
@@ -93,7 +94,7 @@ public struct ReferenceGradients: Sendable {
     output = result.output
     probabilities = result.probabilities
     dS = result.dS
-    bounds = GradientBounds(expanded, result, problem: backwardProblem, unit: 0x1p-24)
+    bounds = GradientBounds(expanded, result, problem: backwardProblem, rounding: rounding)
     if let layout = backwardProblem.biasGradient, let bias = mask.bias {
       var sums = [Double](repeating: 0, count: bias.count)
       let (tq, tk) = (expanded.queries, expanded.keys)
@@ -168,11 +169,15 @@ public struct GradientBounds: Sendable {
   /// Shaped as the bias as given; `nil` without a bias gradient.
   public var dBias: [Double]?
 
-  init(_ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, unit u: Double) {
-    let gamma = Rounding(unit: u, underflowFloor: 0).gamma
+  init(_ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, rounding: Rounding) {
+    let u = rounding.unit
+    let gamma = rounding.gamma
     let (bh, tq, tk, d, dv) = (p.batchCount, p.queries, p.keys, p.headDim, p.valueDim)
     let group = problem.shape.groupSize
-    let floor = 1e6 * Double(Float.leastNormalMagnitude)
+    // Probabilities a kernel flushes below the smallest normal number: 10⁶·λ for float32's and
+    // bfloat16's range (far below any gradient worth checking), λ itself for float16's.
+    let floor =
+      rounding.underflowFloor < 0x1p-100 ? 1e6 * rounding.underflowFloor : rounding.underflowFloor
     // 1. A, S, B and the score error δ.
     var (a, s, bias) = (0.0, 0.0, 0.0)
     for b in 0..<bh {

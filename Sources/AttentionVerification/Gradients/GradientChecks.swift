@@ -43,7 +43,8 @@ public struct GradientChecks: Sendable {
 
   public init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
-    dropout: Dropout?, needBiasGradient: Bool, seed: UInt64
+    dropout: Dropout?, needBiasGradient: Bool, seed: UInt64, scale: Float? = nil,
+    rounding: Rounding = .float32
   ) throws {
     shape = try AttentionShape(queries: queries, keys: keys, values: values)
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
@@ -51,7 +52,7 @@ public struct GradientChecks: Sendable {
     if scores <= Self.referenceScoreLimit {
       reference = try ReferenceGradients(
         queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-        dropout: dropout, needBiasGradient: needBiasGradient)
+        scale: scale, dropout: dropout, needBiasGradient: needBiasGradient, rounding: rounding)
       region = Region(
         queryBatches: 0..<shape.batchCount, keyValueBatch: nil, queryOffset: 0, keyOffset: 0,
         valueOffset: 0)
@@ -91,12 +92,13 @@ public struct GradientChecks: Sendable {
         }
       }
       reference = try ReferenceGradients(
-        queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: nil,
+        queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: scale,
         dropoutKeep: Tensor(shape: [1, group, tq, tk], scalars: keep),
         dropoutProbability: dropout.effectiveProbability, needBiasGradient: false)
     } else {
       reference = try ReferenceGradients(
-        queries: q, keys: k, values: v, gradOutput: dO, mask: sliced)
+        queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: scale,
+        rounding: rounding)
     }
     region = Region(
       queryBatches: batches, keyValueBatch: pick, queryOffset: first * tq * d,

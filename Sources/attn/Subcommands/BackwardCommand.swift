@@ -90,14 +90,40 @@ struct BackwardCommand: ParsableCommand {
           + "batch element\(shape.batchCount == 1 ? "" : "s") (0…\(shape.batchCount - 1))")
     }
     let dropout = try inputs.dropout()
+    // How the gradients will be checked is settled before any work: the float64 reference on
+    // the problem (or one key/value group), else sampled rows and keys through the tiled
+    // forward's log-sum-exp, which only the tiled kernel provides.
+    let sampled = !GradientChecks.canCheck(shape)
+    if sampled && kernelOptions.kernel != .tiled {
+      throw ValidationError(
+        "the float64 reference cannot hold \(shape.groupSize) × \(shape.queries) × "
+          + "\(shape.keys) scores; run --kernel tiled, whose gradients are checked on sampled "
+          + "rows and keys through the forward's log-sum-exp")
+    }
+    if explain && sampled {
+      throw ValidationError(
+        "--explain shows the float64 reference of the whole problem, which is over its limit "
+          + "here; use smaller inputs")
+    }
     let kernel: Attention.Kernel =
       kernelOptions.kernel == .tiled
       ? .tiled(TiledBackward.defaultConfiguration) : kernelOptions.attentionKernel
+    let forward =
+      sampled
+      ? try explainingMemoryBudget {
+        try Progress().during("running the tiled forward (for its log-sum-exp)") {
+          try Attention.scaledDotProduct(
+            queries: queries, keys: keys, values: values, mask: mask, dropout: dropout,
+            kernel: .tiled(.default), threads: kernelOptions.threads,
+            memoryBudget: kernelOptions.memoryBudget, needLogSumExp: true)
+        }
+      } : nil
     let gradients = try explainingMemoryBudget {
       try Progress().during("running the \(kernelOptions.kernel.rawValue) backward") {
         try Attention.backward(
           queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-          dropout: dropout, kernel: kernel, needBiasGradient: biasTensor != nil,
+          dropout: dropout, output: forward?.output, logSumExp: forward?.logSumExp,
+          kernel: kernel, needBiasGradient: biasTensor != nil,
           threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
       }
     }
@@ -108,18 +134,27 @@ struct BackwardCommand: ParsableCommand {
       try checkFiniteResult(tensor, name: name, inputs: sources, biases: [biasTensor])
     }
 
-    let checker = try Progress().during("computing the float64 reference backward") {
-      try GradientChecks(
-        queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-        dropout: dropout, needBiasGradient: biasTensor != nil, seed: inputs.seed)
-    }
-    if explain && !checker.region.isWhole {
-      throw ValidationError(
-        "--explain shows the float64 reference of the whole problem, which is over its limit "
-          + "here; use smaller inputs")
-    }
-    let checks = Progress().during("checking the gradients") {
-      checker.run(gradients, seed: inputs.seed, finiteDifferences: true)
+    let problem = AttentionProblem(
+      queries: queries, keys: keys, values: values, mask: mask, dropout: dropout)
+    var checker: GradientChecks?
+    let checks: [Check]
+    if let forward, let logSumExp = forward.logSumExp {
+      let sampledChecks = try SampledGradientChecks(
+        problem: problem, gradOutput: gradOutput, output: forward.output, logSumExp: logSumExp,
+        seed: inputs.seed)
+      checks = Progress().during("checking sampled rows and keys of the gradients") {
+        sampledChecks.run(gradients)
+      }
+    } else {
+      let whole = try Progress().during("computing the float64 reference backward") {
+        try GradientChecks(
+          queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
+          dropout: dropout, needBiasGradient: biasTensor != nil, seed: inputs.seed)
+      }
+      checker = whole
+      checks = Progress().during("checking the gradients") {
+        whole.run(gradients, seed: inputs.seed, finiteDifferences: true)
+      }
     }
     if checks.allPassed {
       try writeOutputs(
@@ -130,13 +165,15 @@ struct BackwardCommand: ParsableCommand {
     }
     let steps =
       explain
-      ? ExplainStep.backwardSteps(
-        reference: checker.reference, queries: queries, keys: keys, values: values,
-        gradOutput: gradOutput, batch: explainBatch, shape: shape, dropout: dropout) : nil
+      ? checker.map {
+        ExplainStep.backwardSteps(
+          reference: $0.reference, queries: queries, keys: keys, values: values,
+          gradOutput: gradOutput, batch: explainBatch, shape: shape, dropout: dropout)
+      } : nil
     report(
       shape: shape, gradients: gradients, checks: checks, steps: steps,
       gradientsFromFile: gradOut != nil)
-    if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
+    try checks.requireAllPassed()
   }
 
   /// `--grad-out`, which must have the output's shape, or dO drawn from `--seed`.
