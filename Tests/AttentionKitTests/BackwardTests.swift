@@ -149,7 +149,7 @@ struct BackwardTests {
       tolerance: { 1e-12 * (1 + abs(c.expectedOutput[$0])) }, "\(spec.name) output")
     // The Float gradients of the entry point are the Double ones rounded: compare the Double
     // ones with numpy, and the entry point's with them (half an ulp).
-    let bounds = GradientBounds(expanded, result, problem: problem, unit: 0x1p-53)
+    let bounds = GradientBounds(expanded, result, problem: problem, rounding: .float64)
     let dBias = c.mask.bias == nil ? nil : try Self.reducedBias(result.dS, problem: problem)
     expectClose(
       result.dQ, c.expectedDQ, shape: spec.q.shape, tolerance: { bounds.dQ[$0] }, "\(spec.name) dQ")
@@ -195,7 +195,7 @@ struct BackwardTests {
     let dropout = try spec.dropout.map { _ in try Dropout(probability: 0, seed: 11) }
     let problem = try Self.problem(c)
     let expanded = try ReferenceBackward.expand(problem, dropout: .none)
-    let bounds = GradientBounds(expanded, expanded.evaluate(), problem: problem, unit: 0x1p-24)
+    let bounds = GradientBounds(expanded, expanded.evaluate(), problem: problem, rounding: .float32)
     let g = try Self.run(c, choice.kernel, dropout: dropout)
     #expect(g.kernel == (choice == .materialized ? .materialized : .tiled))
     Self.compare(
@@ -215,7 +215,7 @@ struct BackwardTests {
     let problem = try Self.problem(c)
     let expanded = try ReferenceBackward.expand(problem, dropout: .counter(dropout))
     let r = expanded.evaluate()
-    let bounds = GradientBounds(expanded, r, problem: problem, unit: 0x1p-24)
+    let bounds = GradientBounds(expanded, r, problem: problem, rounding: .float32)
     let g = try Self.run(c, choice.kernel, dropout: dropout)
     let dBias = c.mask.bias == nil ? nil : try Self.reducedBias(r.dS, problem: problem)
     Self.compare(
@@ -466,7 +466,7 @@ struct BackwardTests {
       needBiasGradient: true)
     let expanded = try ReferenceBackward.expand(problem, dropout: .counter(dropout))
     let r = expanded.evaluate()
-    let bounds = GradientBounds(expanded, r, problem: problem, unit: 0x1p-24)
+    let bounds = GradientBounds(expanded, r, problem: problem, rounding: .float32)
     let dBias = try Self.reducedBias(r.dS, problem: problem)
     for kernel in [Attention.Kernel.reference, .materialized, .automatic] {
       let g = try Attention.backward(
