@@ -59,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # Scripts/compare/ -> the repository
 ATTN = Path(os.environ.get("ATTN_BIN", ROOT / ".build" / "release" / "attn"))
 
 CASES = {
@@ -300,7 +300,7 @@ def decode_layer_runner(torch, c, torch_ops):
 
 def notebook_module(torch):
     """The notebook's RelativePositionAttention, as the torch fixtures script defines it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
     from make_torch_fixtures import relative_position_attention_class
     return relative_position_attention_class()
 

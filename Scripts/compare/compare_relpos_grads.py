@@ -42,12 +42,12 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # Scripts/compare/ -> the repository
 
 
 # The notebook's exercise 3, verbatim (attention-from-scratch-solutions.txt), as
 # make_torch_fixtures.py keeps it.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
 from make_torch_fixtures import relative_position_attention_class  # noqa: E402
 
 RelativePositionAttention = relative_position_attention_class()

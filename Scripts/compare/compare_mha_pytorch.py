@@ -47,9 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[2]  # Scripts/compare/ -> the repository
+sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
 import make_mha_checkpoints as ckpt  # noqa: E402
 import make_mha_fixtures as fx  # noqa: E402
 
