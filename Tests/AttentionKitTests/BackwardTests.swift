@@ -5,9 +5,9 @@ import _TestSupport
 @testable import AttentionKit
 
 /// The backward pass (`Attention.backward`) against the numpy references of
-/// `Scripts/make_backward_fixtures.py` (`Fixtures/backward`), and what its kernels promise beyond
-/// the values: bit-identical tiled results for any thread count, zero gradients from fully masked
-/// rows, derivatives that finite differences confirm, rows of `dS` that sum to zero, and a
+/// `Scripts/fixtures/make_backward_fixtures.py` (`Fixtures/backward`), and what its kernels promise
+/// beyond the values: bit-identical tiled results for any thread count, zero gradients from fully
+/// masked rows, derivatives that finite differences confirm, rows of `dS` that sum to zero, and a
 /// 16,384-token backward without any `Tq·Tk` allocation.
 ///
 /// Tolerances (`GradientBounds`, in the library beside `ReferenceGradients`): worst-case bounds in the manner of `ReferenceAttention.row`,

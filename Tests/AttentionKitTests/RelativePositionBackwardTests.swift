@@ -4,9 +4,9 @@ import Testing
 import _TestSupport
 
 /// `RelativePositionAttention.backward` against the numpy references of
-/// `Scripts/make_relpos_grad_fixtures.py` (`Fixtures/relpos_grad`), and what the kernels promise
-/// beyond the values: zero `dQ` (so no `W_q` share of `dx`) from fully masked rows, rows of `dS`
-/// that sum to 0, bit-identical results for any thread count, and a refused memory budget.
+/// `Scripts/fixtures/make_relpos_grad_fixtures.py` (`Fixtures/relpos_grad`), and what the kernels
+/// promise beyond the values: zero `dQ` (so no `W_q` share of `dx`) from fully masked rows, rows of
+/// `dS` that sum to 0, bit-identical results for any thread count, and a refused memory budget.
 ///
 /// Shape legend: `B` batch, `T` sequence length, `D` = d_model, `M` largest relative distance.
 ///

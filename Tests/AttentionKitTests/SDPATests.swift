@@ -4,7 +4,7 @@ import _TestSupport
 
 @testable import AttentionKit
 
-/// Every kernel against the numpy references of `Scripts/make_sdpa_fixtures.py`
+/// Every kernel against the numpy references of `Scripts/fixtures/make_sdpa_fixtures.py`
 /// (`Fixtures/sdpa_gqa`), which follow PyTorch's `F.scaled_dot_product_attention`:
 /// grouped-query heads (`H / Hkv` ∈ {1, 4, 8}), top-left and bottom-right causal masks with
 /// `Tq <, =, > Tk`, sliding windows smaller and larger than a tile, boolean (`keep`) and float

@@ -4,7 +4,7 @@ import Testing
 import _TestSupport
 
 /// `TorchGenerator` and `MT19937` against PyTorch's own numbers, the fixtures of
-/// `Scripts/make_torch_fixtures.py` (its docstring is the schema).
+/// `Scripts/fixtures/make_torch_fixtures.py` (its docstring is the schema).
 ///
 /// Every drawn value is compared bit for bit, with no tolerance: both kernels reproduce the
 /// arithmetic of PyTorch's builds operation for operation (the C library's `logf`, `sinf`,
@@ -214,7 +214,7 @@ enum TorchFixtures {
   private static let cachedManifest: Result<TorchManifest, any Error> = Result {
     try Fixtures.manifest(
       in: folder, as: TorchManifest.self, schemaVersion: \.schemaVersion,
-      script: "Scripts/make_torch_fixtures.py")
+      script: "Scripts/fixtures/make_torch_fixtures.py")
   }
 
   static func drawCases() throws -> [TorchDrawCase] { try manifest().draws }

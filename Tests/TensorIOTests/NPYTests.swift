@@ -4,8 +4,8 @@ import Tensors
 import Testing
 import _TestSupport
 
-/// Fixtures written by Scripts/make_io_fixtures.py (numpy and the safetensors reference library),
-/// found next to this file rather than as bundle resources.
+/// Fixtures written by Scripts/fixtures/make_io_fixtures.py (numpy and the safetensors reference
+/// library), found next to this file rather than as bundle resources.
 enum IOFixtures {
   static let folder = Fixtures.folder("io")
 

@@ -3,10 +3,11 @@ import Foundation
 import TensorIO
 import Testing
 
-/// The numpy references of `Scripts/make_backward_fixtures.py` (its docstring is the schema), in
-/// `Fixtures/backward`: the gradients dQ, dK, dV and d(bias) of scaled dot-product attention for
-/// a given dO, with grouped-query heads, both causal alignments, windows, keep masks with fully
-/// masked rows, full and broadcast biases, and dropout whose keep decisions Z are an input.
+/// The numpy references of `Scripts/fixtures/make_backward_fixtures.py` (its docstring is the
+/// schema), in `Fixtures/backward`: the gradients dQ, dK, dV and d(bias) of scaled dot-product
+/// attention for a given dO, with grouped-query heads, both causal alignments, windows, keep masks
+/// with fully masked rows, full and broadcast biases, and dropout whose keep decisions Z are an
+/// input.
 ///
 /// Shape legend: `B` batch, `H` query heads, `Hkv` key/value heads (`G = H / Hkv`), `Tq` queries,
 /// `Tk` keys, `D` head dimension, `Dv` value dimension. Q `[B, H, Tq, D]`, K `[B, Hkv, Tk, D]`,
@@ -15,7 +16,7 @@ import Testing
 package enum BackwardFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/backward`.
   package static let files = FixtureFolder<BackwardManifest>(
-    "backward", script: "Scripts/make_backward_fixtures.py")
+    "backward", script: "Scripts/fixtures/make_backward_fixtures.py")
 
   /// The case called `name`.
   package static func backwardCase(named name: String) throws -> BackwardCase {

@@ -3,15 +3,15 @@ import Foundation
 import TensorIO
 import Testing
 
-/// The numpy reference fixtures of `Scripts/make_reference_fixtures.py` (its docstring is the
-/// schema): `manifest.json` decoded into the types below, and the `.npy` files it names.
+/// The numpy reference fixtures of `Scripts/fixtures/make_reference_fixtures.py` (its docstring is
+/// the schema): `manifest.json` decoded into the types below, and the `.npy` files it names.
 ///
 /// Shape legend: `B` batch, `H` heads, `Tq` queries, `Tk` keys, `D` head dimension, `Dv` value
 /// dimension. Inputs are float32 (`<f4`), booleans (`|b1`); references are float64 (`<f8`).
 package enum ReferenceFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/reference`.
   package static let files = FixtureFolder<ReferenceManifest>(
-    "reference", script: "Scripts/make_reference_fixtures.py")
+    "reference", script: "Scripts/fixtures/make_reference_fixtures.py")
 }
 
 package struct FixtureError: Error, CustomStringConvertible {

@@ -6,17 +6,19 @@ import Testing
 /// Where the committed fixtures live: `Tests/_TestSupport/Fixtures`, one folder for every test
 /// target, found from this file's own path (they are read from the source tree, not bundled).
 ///
-/// - `reference/`: float64 references from numpy (`Scripts/make_reference_fixtures.py`);
-/// - `torch/`: PyTorch's generator and the notebook's cells (`Scripts/make_torch_fixtures.py`);
-/// - `io/`: `.npy` and safetensors files, good and malformed (`Scripts/make_io_fixtures.py`);
+/// - `reference/`: float64 references from numpy (`Scripts/fixtures/make_reference_fixtures.py`);
+/// - `torch/`: PyTorch's generator and the notebook's cells
+///   (`Scripts/fixtures/make_torch_fixtures.py`);
+/// - `io/`: `.npy` and safetensors files, good and malformed
+///   (`Scripts/fixtures/make_io_fixtures.py`);
 /// - `sdpa_gqa/`: float64 references of PyTorch's SDPA semantics — grouped-query heads, causal
-///   alignments, windows, masks, half precision, decode (`Scripts/make_sdpa_fixtures.py`);
+///   alignments, windows, masks, half precision, decode (`Scripts/fixtures/make_sdpa_fixtures.py`);
 /// - `backward/`: float64 gradients of attention — dQ, dK, dV, d(bias), with masks, grouped
-///   heads and given dropout decisions (`Scripts/make_backward_fixtures.py`);
+///   heads and given dropout decisions (`Scripts/fixtures/make_backward_fixtures.py`);
 /// - `mha/`: whole multi-head layers in the torch, bert and llama layouts, and rotary embeddings
-///   (`Scripts/make_mha_fixtures.py`).
+///   (`Scripts/fixtures/make_mha_fixtures.py`).
 /// - `relpos_grad/`: float64 gradients of `RelativePositionAttention` — dx and every parameter
-///   (`Scripts/make_relpos_grad_fixtures.py`).
+///   (`Scripts/fixtures/make_relpos_grad_fixtures.py`).
 package enum Fixtures {
   package static let root: URL = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()

@@ -3,16 +3,16 @@ import Foundation
 import TensorIO
 import Testing
 
-/// The numpy references of `Scripts/make_mha_fixtures.py` (its docstring and the manifest's
-/// `conventions` are the schema), in `Fixtures/mha`: whole multi-head layers in the `torch`,
-/// `bert` and `llama` weight layouts — each stored in a safetensors file under a prefix beside
-/// tensors of other layers — with key padding (fully padded rows too), float and boolean masks,
-/// causal, grouped-query heads 4:1 and 1:1, rotary embeddings in both layouts at offsets 0 and
-/// 1000; and rotary embeddings alone (`ropeCases`).
+/// The numpy references of `Scripts/fixtures/make_mha_fixtures.py` (its docstring and the
+/// manifest's `conventions` are the schema), in `Fixtures/mha`: whole multi-head layers in the
+/// `torch`, `bert` and `llama` weight layouts — each stored in a safetensors file under a prefix
+/// beside tensors of other layers — with key padding (fully padded rows too), float and boolean
+/// masks, causal, grouped-query heads 4:1 and 1:1, rotary embeddings in both layouts at offsets 0
+/// and 1000; and rotary embeddings alone (`ropeCases`).
 package enum MHAFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/mha`.
   package static let files = FixtureFolder<MHAManifest>(
-    "mha", script: "Scripts/make_mha_fixtures.py")
+    "mha", script: "Scripts/fixtures/make_mha_fixtures.py")
 
   package static func ropeCases() throws -> [RopeCase] { try manifest().ropeCases }
 }

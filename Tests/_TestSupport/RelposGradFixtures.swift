@@ -3,8 +3,8 @@ import Foundation
 import TensorIO
 import Testing
 
-/// The numpy references of `Scripts/make_relpos_grad_fixtures.py` (its docstring is the schema),
-/// in `Fixtures/relpos_grad`: `dx` and the parameter gradients of the notebook's
+/// The numpy references of `Scripts/fixtures/make_relpos_grad_fixtures.py` (its docstring is the
+/// schema), in `Fixtures/relpos_grad`: `dx` and the parameter gradients of the notebook's
 /// `RelativePositionAttention` for a given `dY`, with `M` smaller and larger than `T`, `M = 0`, a
 /// keep mask with a fully masked row, causal masking and `B > 1`.
 ///
@@ -14,7 +14,7 @@ import Testing
 package enum RelposGradFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/relpos_grad`.
   package static let files = FixtureFolder<RelposGradManifest>(
-    "relpos_grad", script: "Scripts/make_relpos_grad_fixtures.py")
+    "relpos_grad", script: "Scripts/fixtures/make_relpos_grad_fixtures.py")
 }
 
 // MARK: - Manifest schema (see the script's docstring)

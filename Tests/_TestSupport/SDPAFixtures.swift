@@ -3,8 +3,8 @@ import Foundation
 import TensorIO
 import Testing
 
-/// The numpy references of `Scripts/make_sdpa_fixtures.py` (its docstring is the schema), in
-/// `Fixtures/sdpa_gqa`: scaled dot-product attention in PyTorch's semantics with grouped-query
+/// The numpy references of `Scripts/fixtures/make_sdpa_fixtures.py` (its docstring is the schema),
+/// in `Fixtures/sdpa_gqa`: scaled dot-product attention in PyTorch's semantics with grouped-query
 /// heads, both causal alignments, sliding windows, boolean and float masks, a scale override,
 /// float16/bfloat16-rounded inputs and decoding against a 4096-key cache.
 ///
@@ -14,7 +14,7 @@ import Testing
 package enum SDPAFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/sdpa_gqa`.
   package static let files = FixtureFolder<SDPAManifest>(
-    "sdpa_gqa", script: "Scripts/make_sdpa_fixtures.py")
+    "sdpa_gqa", script: "Scripts/fixtures/make_sdpa_fixtures.py")
 
   /// The cases of one group (`"gqa"`, `"alignment"`, `"window"`, `"mask"`, `"scale"`, `"half"`,
   /// `"decode"`).

@@ -6,7 +6,7 @@ import _TestSupport
 
 /// `attn dropout --rng torch`: the notebook's exercise 1 as PyTorch computes it, checked against
 /// the torch fixtures (`Tests/_TestSupport/Fixtures/torch`, written by
-/// `Scripts/make_torch_fixtures.py`).
+/// `Scripts/fixtures/make_torch_fixtures.py`).
 @Suite("attn dropout --rng torch (the executable)")
 struct TorchRNGTests {
   /// The float64 output of the notebook's exercise 1 in eval mode, computed by torch from the

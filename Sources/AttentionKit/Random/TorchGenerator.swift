@@ -39,9 +39,9 @@ import Tensors
 /// draws (`torch.randint`, `randperm`).
 ///
 /// Verified against torch 2.15.0 on x86-64 Linux (glibc 2.36) by the fixtures of
-/// `Scripts/make_torch_fixtures.py`. The `.scalar` kernel calls the C library's `logf`, `cosf`
-/// and `sinf`, and the < 16 path `log1p`, `cos` and `sin`: the same functions PyTorch calls on
-/// Linux; another C library could round a few results differently.
+/// `Scripts/fixtures/make_torch_fixtures.py`. The `.scalar` kernel calls the C library's `logf`,
+/// `cosf` and `sinf`, and the < 16 path `log1p`, `cos` and `sin`: the same functions PyTorch calls
+/// on Linux; another C library could round a few results differently.
 public struct TorchGenerator: Sendable {
   /// Which of PyTorch's CPU kernels computes `ln`, `sin`, `cos` of the ≥ 16-element normal path,
   /// and whether `uniform` fuses its multiply-add. Both draw the same random bits.

@@ -5,7 +5,7 @@ import Foundation
 /// loop timed on one thread, then on `threads` threads at once. On `threads` free cores the
 /// second reaches `threads` times the first's rate; when the vCPUs share a physical core (or
 /// another process holds one), the ratio drops towards 1. Benchmarks run the probe before each
-/// slot and discard the slots where it fell short (`Scripts/compare_pytorch.py`).
+/// slot and discard the slots where it fell short (`Scripts/compare/compare_pytorch.py`).
 enum CoreProbe {
   struct Result: Encodable {
     /// Multiply-adds per second on one thread, in billions.

@@ -10,8 +10,9 @@
 /// position call. A program that calls the kernels repeatedly keeps that memory; so does `attn
 /// bench` after this, which raises the mmap threshold to 256 MiB and keeps up to 1 GiB of freed
 /// memory (`mallopt`, the same as the environment variables `MALLOC_MMAP_THRESHOLD_` and
-/// `MALLOC_TRIM_THRESHOLD_`, which `Scripts/compare_pytorch.py` sets for PyTorch and numpy too).
-/// Not used by `attn complexity`, whose peak-RSS column would then count reused memory as free.
+/// `MALLOC_TRIM_THRESHOLD_`, which `Scripts/compare/compare_pytorch.py` sets for PyTorch and numpy
+/// too). Not used by `attn complexity`, whose peak-RSS column would then count reused memory as
+/// free.
 enum WarmAllocator {
   static func keepFreedMemory() {
     #if canImport(Glibc)

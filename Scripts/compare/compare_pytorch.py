@@ -8,8 +8,9 @@ alike: a single run right after another program's is slower for all of them.)
 Quote the ratios: the machines are shared and noisy, absolute times are not comparable between
 runs.
 
-    Scripts/compare_pytorch.py [--repeats 5] [--threads 2] [--cases attention,causal,...]
-                               [--torch-ops]
+    "$VENV/bin/python" Scripts/compare/compare_pytorch.py [--repeats 5] [--threads 2]
+                                    [--cases attention,causal,...] [--torch-ops]
+    ($VENV: the reference environment, set up by Scripts/reference-env.sh)
 
 Cases (shapes from the performance issue):
   attention   B1 H8 T2048 D64          vs torch SDPA                 target ≥ 1.25× torch
@@ -41,11 +42,12 @@ Cases (shapes from the performance issue):
               enable_gqa=True), F.linear). No target: the speedup is reported.
 
 The performance issue's table is one run of
-    Scripts/compare_pytorch.py --cases attention,causal,batched,efficiency,dropout-overhead,npy-read --json perf.json
+    "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases attention,causal,batched,efficiency,dropout-overhead,npy-read --json perf.json
 (`--json` also writes every slot's figures and the probe's readings, for quoting).
 
 numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
-dropout shapes. Without torch the script says how to install it and compares against numpy only.
+dropout shapes. Without torch (another python than the reference environment's) the script
+says so and compares against numpy only.
 The script needs `attn` built in release mode (Scripts/setup.sh does that).
 """
 import argparse
@@ -59,7 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # Scripts/compare/ -> the repository
 ATTN = Path(os.environ.get("ATTN_BIN", ROOT / ".build" / "release" / "attn"))
 
 CASES = {
@@ -300,7 +302,7 @@ def decode_layer_runner(torch, c, torch_ops):
 
 def notebook_module(torch):
     """The notebook's RelativePositionAttention, as the torch fixtures script defines it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
     from make_torch_fixtures import relative_position_attention_class
     return relative_position_attention_class()
 
@@ -353,7 +355,8 @@ def main():
     except ImportError:
         torch = None
         print("PyTorch is not installed: comparing against numpy only. "
-              "Install it with `pip install torch` to compare against PyTorch.\n")
+              "Run this with the python of the venv that Scripts/reference-env.sh sets up "
+              "to compare against PyTorch.\n")
 
     rows = []
     discards = {}
