@@ -28,7 +28,7 @@ struct TiledBackwardFiveGemmTests {
       let dropout = try Dropout(probability: p, seed: 2024)
       let expanded = try ReferenceBackward.expand(problem, dropout: .counter(dropout))
       let r = expanded.evaluate()
-      let bounds = GradientBounds(expanded, r, problem: problem, unit: 0x1p-24)
+      let bounds = GradientBounds(expanded, r, problem: problem, rounding: .float32)
       let g = try Attention.backward(
         queries: c.queries, keys: c.keys, values: c.values, gradOutput: c.gradOutput,
         mask: c.mask, scale: spec.scaleArgument, dropout: dropout, kernel: choice.kernel,
@@ -142,7 +142,7 @@ struct TiledBackwardFiveGemmTests {
       let dropout = try Dropout(probability: 0.3, seed: 5)
       let expanded = try ReferenceBackward.expand(problem, dropout: .counter(dropout))
       let r = expanded.evaluate()
-      let bounds = GradientBounds(expanded, r, problem: problem, unit: 0x1p-24)
+      let bounds = GradientBounds(expanded, r, problem: problem, rounding: .float32)
       let forward = try Attention.scaledDotProduct(
         queries: c.queries, keys: c.keys, values: c.values, mask: c.mask,
         scale: spec.scaleArgument, dropout: dropout, threads: 2, needLogSumExp: true)
