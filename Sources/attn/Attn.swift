@@ -31,7 +31,7 @@ struct Attn: ParsableCommand {
     version: "attn \(version)",
     subcommands: [
       DropoutCommand.self, ComplexityCommand.self, RelposCommand.self, SdpaCommand.self,
-      MhaCommand.self, BackwardCommand.self, BenchCommand.self,
+      MhaCommand.self, BackwardCommand.self, CheckCommand.self, BenchCommand.self,
     ]
   )
 

@@ -131,19 +131,33 @@ public struct GradientChecks: Sendable {
 
   /// Each gradient against the reference: `dQ`, `dK`, `dV` (and `dBias` on the whole problem).
   public func measure(_ gradients: AttentionGradients) -> [ErrorMeasurement] {
-    let b = reference.bounds
-    let (d, dv) = (shape.headDim, shape.valueDim)
-    var measurements = [
-      Self.measure("dQ", gradients.dQ, offset: region.queryOffset, reference.dQ, b.dQ, rowLength: d),
-      Self.measure("dK", gradients.dK, offset: region.keyOffset, reference.dK, b.dK, rowLength: d),
-      Self.measure("dV", gradients.dV, offset: region.valueOffset, reference.dV, b.dV, rowLength: dv),
-    ]
+    var measurements = measure(dQ: gradients.dQ, dK: gradients.dK, dV: gradients.dV)
     if region.isWhole, let dBias = gradients.dBias, let expected = reference.dBias,
-      let bounds = b.dBias
+      let bounds = reference.bounds.dBias
     {
       measurements.append(
         Self.measure(
           "dBias", dBias, offset: 0, expected, bounds, rowLength: dBias.shape.last ?? 1))
+    }
+    return measurements
+  }
+
+  /// The gradients given (from anywhere, in the layouts of Q, K and V) against the reference.
+  public func measure(dQ: Tensor?, dK: Tensor?, dV: Tensor?) -> [ErrorMeasurement] {
+    let b = reference.bounds
+    let (d, dv) = (shape.headDim, shape.valueDim)
+    var measurements: [ErrorMeasurement] = []
+    if let dQ {
+      measurements.append(
+        Self.measure("dQ", dQ, offset: region.queryOffset, reference.dQ, b.dQ, rowLength: d))
+    }
+    if let dK {
+      measurements.append(
+        Self.measure("dK", dK, offset: region.keyOffset, reference.dK, b.dK, rowLength: d))
+    }
+    if let dV {
+      measurements.append(
+        Self.measure("dV", dV, offset: region.valueOffset, reference.dV, b.dV, rowLength: dv))
     }
     return measurements
   }
