@@ -29,8 +29,7 @@ struct ReadmeExamplesTests {
     }
     try #require(
       run.status == 0,
-      "\(example.file):\(example.line) $ \(example.command): exit \(run.status), "
-        + "stderr: \(run.stderr)")
+      "\(example.testDescription): exit \(run.status), stderr: \(run.stderr)")
     var printed = run.stdout.split(separator: "\n", omittingEmptySubsequences: false)
       .map(String.init)
     if printed.last == "" { printed.removeLast() }
@@ -56,10 +55,10 @@ struct ReadmeExamplesTests {
       let commandLines = parsed.readmeLines.indices.filter {
         parsed.readmeLines[$0].hasPrefix("$ attn ")
       }.map { $0 + 1 }
+      let exampleLines = parsed.examples.map(\.line)
       #expect(
-        commandLines == parsed.examples.map(\.line),
-        "\(parsed.file): `$ attn` lines \(commandLines), "
-          + "examples at \(parsed.examples.map(\.line))")
+        commandLines == exampleLines,
+        "\(parsed.file): `$ attn` lines \(commandLines), examples at \(exampleLines)")
       let longMarkers = parsed.readmeLines.filter {
         ReadmeExamples.markerOptions($0)?.contains("long") == true
       }
