@@ -1,33 +1,35 @@
 import Foundation
 import Testing
 
-/// README.md's `$ attn …` examples, each run as README shows it and compared with what it prints.
+/// The `$ attn …` examples of README.md and of every Markdown file under `docs/` (subfolders
+/// included), each run as its file shows it and compared with what it prints.
 ///
 /// An example is a fenced code block whose first line is `$ attn …`: the command (split at
 /// spaces; double quotes group, as in a shell; other shell syntax is refused), then the output
-/// README quotes, up to the closing fence. Each example runs in a fresh temporary folder as its
+/// the file quotes, up to the closing fence. Each example runs in a fresh temporary folder as its
 /// working directory, so that an output such as `--plot complexity.svg` lands there and is
 /// removed afterwards; a link `Tests` there leads to the repository's `Tests` folder, so that an
-/// example can read the committed fixtures. It passes when `attn` exits 0 and prints on stdout, line for line, what
-/// README shows (trailing spaces aside). A README line `[… anything …]` stands for any number of
-/// printed lines (a chart, a heatmap README does not reproduce).
+/// example can read the committed fixtures (paths are written from the repository's root, in
+/// `docs/` as in README). It passes when `attn` exits 0 and prints on stdout, line for line, what
+/// the file shows (trailing spaces aside). A line `[… anything …]` stands for any number of
+/// printed lines (a chart, a heatmap the file does not reproduce). A failure names the example
+/// as `FILE:LINE`, the file relative to the repository's root.
 ///
-/// How README says to compare an example, and the margins, are in `ReadmeComparison`.
-@Suite("README's attn examples (the executable)")
+/// How a file says to compare an example, and the margins, are in `ReadmeComparison`.
+@Suite("README's and docs/' attn examples (the executable)")
 struct ReadmeExamplesTests {
-  @Test("A README example prints what README shows", arguments: ReadmeExamples.runnable)
+  @Test("A README or docs/ example prints what its file shows", arguments: ReadmeExamples.runnable)
   func example(_ example: ReadmeExample) throws {
     let run = try AttnCLI.withTemporaryFolder { folder in
-      // Examples may read the committed fixtures as README shows them, `Tests/_TestSupport/…`.
+      // Examples may read the committed fixtures as their files show them, `Tests/_TestSupport/…`.
       try FileManager.default.createSymbolicLink(
         at: folder.appendingPathComponent("Tests"),
-        withDestinationURL: ReadmeExamples.readme.deletingLastPathComponent()
-          .appendingPathComponent("Tests"))
+        withDestinationURL: ReadmeExamples.root.appendingPathComponent("Tests"))
       return try AttnCLI.run(example.arguments, in: folder)
     }
     try #require(
       run.status == 0,
-      "README.md:\(example.line) $ \(example.command): exit \(run.status), stderr: \(run.stderr)")
+      "\(example.testDescription): exit \(run.status), stderr: \(run.stderr)")
     var printed = run.stdout.split(separator: "\n", omittingEmptySubsequences: false)
       .map(String.init)
     if printed.last == "" { printed.removeLast() }
@@ -36,28 +38,41 @@ struct ReadmeExamplesTests {
     }
   }
 
-  @Test("README's examples are all found; the long ones are listed, not run")
+  @Test("The examples of README and docs/ are all found; the long ones are listed, not run")
   func inventory() throws {
-    let parsed = ReadmeExamples.parsed
-    #expect(parsed.problems.isEmpty, "\(parsed.problems.joined(separator: "\n"))")
-    #expect(!ReadmeExamples.runnable.isEmpty, "no runnable `$ attn` example found in README.md")
-    // Every `$ attn` line of README opens an example (none hides in a block the parser skips).
-    let commandLines = parsed.readmeLines.indices.filter {
-      parsed.readmeLines[$0].hasPrefix("$ attn ")
-    }.map { $0 + 1 }
+    let documents = ReadmeExamples.documents
     #expect(
-      commandLines == parsed.examples.map(\.line),
-      "`$ attn` lines \(commandLines), examples at \(parsed.examples.map(\.line))")
-    let longMarkers = parsed.readmeLines.filter {
-      ReadmeExamples.markerOptions($0)?.contains("long") == true
+      documents.first?.file == "README.md", "README.md is not read first: \(ReadmeExamples.files)")
+    #expect(
+      documents.contains { $0.file.hasPrefix("docs/") },
+      "no Markdown file found under \(ReadmeExamples.root.path)/docs")
+    #expect(
+      ReadmeExamples.readmeDocument.examples.contains { !$0.isLong },
+      "no runnable `$ attn` example found in README.md")
+    for parsed in documents {
+      #expect(parsed.problems.isEmpty, "\(parsed.problems.joined(separator: "\n"))")
+      // Every `$ attn` line of the file opens an example (none hides in a block the parser skips).
+      let commandLines = parsed.readmeLines.indices.filter {
+        parsed.readmeLines[$0].hasPrefix("$ attn ")
+      }.map { $0 + 1 }
+      let exampleLines = parsed.examples.map(\.line)
+      #expect(
+        commandLines == exampleLines,
+        "\(parsed.file): `$ attn` lines \(commandLines), examples at \(exampleLines)")
+      let longMarkers = parsed.readmeLines.filter {
+        ReadmeExamples.markerOptions($0)?.contains("long") == true
+      }
+      let long = parsed.examples.filter(\.isLong)
+      #expect(
+        long.count == longMarkers.count,
+        "\(parsed.file): long markers \(longMarkers), long examples \(long)")
+      for example in long {
+        #expect(!example.arguments.isEmpty, "\(example)")
+        print("Example not run (marked long): \(example.testDescription)")
+      }
     }
-    let long = parsed.examples.filter(\.isLong)
-    #expect(long.count == longMarkers.count, "long markers \(longMarkers), long examples \(long)")
-    #expect(long.count + ReadmeExamples.runnable.count == parsed.examples.count)
-    for example in long {
-      #expect(!example.arguments.isEmpty, "\(example)")
-      print("README example not run (marked long): \(example.testDescription)")
-    }
+    let all = documents.flatMap(\.examples)
+    #expect(all.filter(\.isLong).count + ReadmeExamples.runnable.count == all.count)
   }
 
   @Test("The comparison's own rules: commands, numbers, skeletons, margins")
@@ -88,14 +103,19 @@ struct ReadmeExamplesTests {
     #expect(agrees("18.8", "19.9") && !agrees("18.8", "20.0"))  // ± 0.94 + 0.2
     #expect(agrees("0.008", "0.012", error: true) && !agrees("0.008", "0.012"))
     #expect(agrees("6.52e-08", "2.0e-07") && !agrees("6.52e-08", "2.7e-07"))
+    // A docs/ file's examples and problems are named by its path.
+    let docs = ReadmeExamples.parse(
+      "# T\n\n```\n$ attn dropout\nok\n```\n```\n$ attn x | head\n```\n", file: "docs/t.md")
+    #expect(docs.examples.map(\.testDescription) == ["docs/t.md:4 $ attn dropout (deterministic)"])
+    #expect(docs.problems.count == 1 && docs.problems[0].hasPrefix("docs/t.md:8: "), "\(docs)")
   }
 }
 
-/// One `$ attn …` example of README.md.
+/// One `$ attn …` example of README.md or of a Markdown file under `docs/`.
 struct ReadmeExample: Sendable, CustomTestStringConvertible, CustomStringConvertible {
   enum Comparison: String, Sendable { case deterministic, timing }
 
-  /// A line of the output README shows, with its line number in README.md.
+  /// A line of the output the file shows, with its line number in the file.
   struct Line: Sendable {
     var number: Int
     var text: String
@@ -103,7 +123,9 @@ struct ReadmeExample: Sendable, CustomTestStringConvertible, CustomStringConvert
     var isElision: Bool { text.hasPrefix("[…") && text.hasSuffix("…]") }
   }
 
-  /// The line of `$ attn …` in README.md (1-based).
+  /// The file, relative to the repository's root (`README.md`, `docs/commands.md`).
+  var file: String
+  /// The line of `$ attn …` in the file (1-based).
   var line: Int
   /// The command after `$ `.
   var command: String
@@ -113,29 +135,45 @@ struct ReadmeExample: Sendable, CustomTestStringConvertible, CustomStringConvert
   var comparison: Comparison
   var isLong: Bool
 
-  var testDescription: String { "README.md:\(line) $ \(command) (\(comparison.rawValue))" }
+  var testDescription: String { "\(file):\(line) $ \(command) (\(comparison.rawValue))" }
   var description: String { testDescription }
 }
 
 enum ReadmeExamples {
-  /// README.md, found from this file: Tests/attnTests → the package's root.
-  static let readme = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-    .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("README.md")
+  /// The package's root, found from this file: Tests/attnTests → the root.
+  static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .deletingLastPathComponent().deletingLastPathComponent()
 
+  /// One Markdown file, parsed.
   struct Parsed: Sendable {
+    /// The file, relative to the repository's root.
+    var file = "README.md"
     var readmeLines: [String] = []
     var examples: [ReadmeExample] = []
     var problems: [String] = []
   }
 
-  static let parsed: Parsed = {
-    guard let text = try? String(contentsOf: readme, encoding: .utf8) else {
-      return Parsed(problems: ["cannot read \(readme.path)"])
-    }
-    return parse(text)
+  /// The files whose examples run: README.md, then every `.md` file under `docs/` (subfolders
+  /// included), in the order of their paths.
+  static let files: [String] = {
+    let docs = root.appendingPathComponent("docs").path
+    let found = FileManager.default.enumerator(atPath: docs)?.compactMap { $0 as? String } ?? []
+    return ["README.md"] + found.filter { $0.hasSuffix(".md") }.sorted().map { "docs/" + $0 }
   }()
 
-  static let runnable: [ReadmeExample] = parsed.examples.filter { !$0.isLong }
+  static let documents: [Parsed] = files.map { file in
+    let url = root.appendingPathComponent(file)
+    guard let text = try? String(contentsOf: url, encoding: .utf8) else {
+      return Parsed(file: file, problems: ["cannot read \(url.path)"])
+    }
+    return parse(text, file: file)
+  }
+
+  /// README.md's examples and problems.
+  static var readmeDocument: Parsed { documents[0] }
+
+  /// Every example not marked long, README's first.
+  static let runnable: [ReadmeExample] = documents.flatMap(\.examples).filter { !$0.isLong }
 
   static let knownOptions: Set<String> = ["long", "timing"]
 
@@ -148,8 +186,9 @@ enum ReadmeExamples {
       .split(whereSeparator: { $0 == "," || $0 == " " }).map(String.init)
   }
 
-  static func parse(_ text: String) -> Parsed {
-    var parsed = Parsed()
+  /// The examples of `text`, the content of `file` (named in the examples and the problems).
+  static func parse(_ text: String, file: String = "README.md") -> Parsed {
+    var parsed = Parsed(file: file)
     parsed.readmeLines = text.split(separator: "\n", omittingEmptySubsequences: false).map {
       String($0.hasSuffix("\r") ? $0.dropLast() : $0)
     }
@@ -171,21 +210,21 @@ enum ReadmeExamples {
         options = marker
         markersUsed.insert(open - 1)
         for option in marker where !knownOptions.contains(option) {
-          parsed.problems.append("README.md:\(open): unknown readme-test option \"\(option)\"")
+          parsed.problems.append("\(file):\(open): unknown readme-test option \"\(option)\"")
         }
       }
       if close == lines.count {
-        parsed.problems.append("README.md:\(open + 1): the example's fence is not closed")
+        parsed.problems.append("\(file):\(open + 1): the example's fence is not closed")
       }
       let command = String(commandLine.dropFirst(2))
       guard let words = splitCommand(command), words.first == "attn" else {
         parsed.problems.append(
-          "README.md:\(open + 2): \"\(command)\" uses shell syntax this test does not run")
+          "\(file):\(open + 2): \"\(command)\" uses shell syntax this test does not run")
         continue
       }
       parsed.examples.append(
         ReadmeExample(
-          line: open + 2, command: command, arguments: Array(words.dropFirst()),
+          file: file, line: open + 2, command: command, arguments: Array(words.dropFirst()),
           expected: (open + 2..<close).map { .init(number: $0 + 1, text: lines[$0]) },
           comparison: options.contains("timing") ? .timing : .deterministic,
           isLong: options.contains("long")))
@@ -193,7 +232,7 @@ enum ReadmeExamples {
     for (number, line) in lines.enumerated()
     where markerOptions(line) != nil && !markersUsed.contains(number) {
       parsed.problems.append(
-        "README.md:\(number + 1): a readme-test marker not on the line before a `$ attn` example")
+        "\(file):\(number + 1): a readme-test marker not on the line before a `$ attn` example")
     }
     return parsed
   }
@@ -243,13 +282,13 @@ enum ReadmeExamples {
   }
 }
 
-/// Comparing what an example printed with what README shows.
+/// Comparing what an example printed with what its file (README.md or a docs/ file) shows.
 ///
 /// An HTML comment on the line just before the opening fence says how to compare:
 ///
-/// - none — **deterministic output.** Each printed line must equal README's line with its numbers
-///   taken out (the *skeleton*: every number, with the spaces that pad it on the left, becomes
-///   `#`), and each number must agree with README's:
+/// - none — **deterministic output.** Each printed line must equal the file's line with its
+///   numbers taken out (the *skeleton*: every number, with the spaces that pad it on the left,
+///   becomes `#`), and each number must agree with the file's:
 ///   - integers (shapes, counts, seeds, lengths, bytes) **exactly**: the inputs come from seeded
 ///     generators and the dropout decisions are a pure function of (seed, row, key), so no count
 ///     depends on the CPU, the threads or OpenBLAS;
@@ -261,7 +300,7 @@ enum ReadmeExamples {
 ///     `Prescott`) moved them by up to 1.5× (6.52e-08 → 4.84e-08, 0.040 → 0.033, 0.139 → 0.110,
 ///     0.008 → 0.012), which the margin below would refuse; a factor of 4 still catches an error
 ///     that grew out of proportion, and the check's ✓ already says that the bound holds;
-///   - other decimals **within 5 % of README's value plus 2 units of the last printed digit**
+///   - other decimals **within 5 % of the file's value plus 2 units of the last printed digit**
 ///     (`0.918 ± 0.048`, `18.8 ± 1.14`): they are float32 results printed to 3–4 digits, exact to
 ///     about 1e-7 relative (none of them moved across the four OpenBLAS cores above), so 2 units
 ///     absorb a last digit that rounds the other way on another CPU, and 5 % leaves room for a
@@ -433,16 +472,16 @@ enum ReadmeComparison {
     return pow(10, Double(exponent - decimals))
   }
 
-  /// Every way `printed` fails to be what `example` shows in README; empty when it passes.
+  /// Every way `printed` fails to be what `example`'s file shows; empty when it passes.
   static func failures(of example: ReadmeExample, printed rawPrinted: [String]) -> [String] {
     let expected = example.expected.map { line in
       ReadmeExample.Line(number: line.number, text: trimmed(line.text))
     }
     let printed = rawPrinted.map(trimmed)
-    let header = "README.md:\(example.line) $ \(example.command)"
+    let header = "\(example.file):\(example.line) $ \(example.command)"
     guard let pairs = align(expected, printed, example.comparison) else {
       return [
-        "\(header): \(mismatch(expected, printed, example.comparison))\n"
+        "\(header): \(mismatch(expected, printed, example.comparison, file: example.file))\n"
           + "printed:\n\(rawPrinted.joined(separator: "\n"))"
       ]
     }
@@ -464,8 +503,8 @@ enum ReadmeComparison {
             readme: number, printed: printedNumbers[position], measuresError: measuresError)
           {
             failures.append(
-              "\(header): README.md:\(readmeLine.number) shows \(number), attn printed "
-                + "\(printedNumbers[position]): \(why)\n  README: \(readmeLine.text)\n  "
+              "\(header): \(example.file):\(readmeLine.number) shows \(number), attn printed "
+                + "\(printedNumbers[position]): \(why)\n  shown: \(readmeLine.text)\n  "
                 + "printed: \(printed[printedIndex])")
           }
         }
@@ -511,9 +550,11 @@ enum ReadmeComparison {
     return pairs
   }
 
-  /// The first place where the printed lines stop following README's, for the failure message.
+  /// The first place where the printed lines stop following the file's, for the failure
+  /// message.
   static func mismatch(
-    _ expected: [ReadmeExample.Line], _ printed: [String], _ comparison: ReadmeExample.Comparison
+    _ expected: [ReadmeExample.Line], _ printed: [String], _ comparison: ReadmeExample.Comparison,
+    file: String = "README.md"
   ) -> String {
     var j = 0
     for (i, line) in expected.enumerated() {
@@ -522,22 +563,22 @@ enum ReadmeComparison {
         let next = expected[i + 1]
         guard let found = printed[j...].firstIndex(where: { sameShape(next.text, $0, comparison) })
         else {
-          return "README.md:\(next.number) \"\(next.text)\" is not printed after the elision"
+          return "\(file):\(next.number) \"\(next.text)\" is not printed after the elision"
         }
         j = found
         continue
       }
       guard j < printed.count else {
-        return "README.md:\(line.number) \"\(line.text)\": attn printed only \(printed.count) lines"
+        return "\(file):\(line.number) \"\(line.text)\": attn printed only \(printed.count) lines"
       }
       guard sameShape(line.text, printed[j], comparison) else {
-        return "README.md:\(line.number) \"\(line.text)\" but attn printed (line \(j + 1)) "
+        return "\(file):\(line.number) \"\(line.text)\" but attn printed (line \(j + 1)) "
           + "\"\(printed[j])\""
       }
       j += 1
     }
     return j < printed.count
-      ? "attn printed more lines than README shows, from line \(j + 1): \"\(printed[j])\""
-      : "the output does not match README"
+      ? "attn printed more lines than \(file) shows, from line \(j + 1): \"\(printed[j])\""
+      : "the output does not match \(file)"
   }
 }

@@ -16,9 +16,9 @@ public func fastExp(_ input: SIMD16<Float>) -> SIMD16<Float> {
   fastExpSaturating(input)
 }
 
-/// `fastExp` as the kernels call it. Always inlined (`@_transparent`): `@inline(__always)` is a
-/// hint the optimizer dropped in large callers, leaving a call that passed the vector in four
-/// pieces and made the pass several times slower.
+/// `fastExp` as the kernels call it. Always inlined (`@_transparent`): `@inline(__always)` is
+/// only a hint, which the optimizer may drop in large callers, and the call then passes the
+/// vector in four pieces and makes the pass several times slower.
 @_transparent
 func fastExpSaturating(_ input: SIMD16<Float>) -> SIMD16<Float> {
   fastExpUnclamped(input.replacing(with: 88, where: input .> 88))

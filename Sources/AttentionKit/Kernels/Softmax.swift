@@ -28,9 +28,9 @@ enum RowSoftmax {
     var j = 0
     while j + 16 <= count {
       let v = UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self)
-      // `replacing(where:)` compiles to a select; `pointwiseMax` compiled to a slow sequence.
+      // `replacing(where:)` compiles to a select (`pointwiseMax` to a slower sequence).
       best.replace(with: v, where: v .> best)
-      // Reduced once at the end: `any` on every vector cost as much as the comparisons.
+      // Reduced once at the end: `any` on every vector would cost as much as the comparisons.
       if detectingNaN { nanLanes .|= v .!= v }
       j += 16
     }
@@ -56,8 +56,8 @@ enum RowSoftmax {
 
   /// `row[j] = exp(row[j] − shift)`, each new value added into `sums`' lanes; `saturating`, the
   /// exp of arguments above 88 is `exp(88)` (`fastExp`), else they must not occur
-  /// (`fastExpUnclamped`). Always inlined (`@_transparent`): called once a group, as a function
-  /// it reloaded its sixteen constants and the sums each time (a fifth of the pass).
+  /// (`fastExpUnclamped`). Always inlined (`@_transparent`): it is called once a group, and a
+  /// call would reload its sixteen constants and the sums each time (about a fifth of the pass).
   @_transparent
   static func accumulateExp(
     _ row: UnsafeMutablePointer<Float>, count: Int, shift: Float, into sums: inout SIMD16<Float>,
@@ -150,7 +150,7 @@ enum RowSoftmax {
   }
 
   /// The sum of the lanes, halving the vector each step (`SIMD.sum()` is sixteen dependent
-  /// additions, and was not inlined).
+  /// additions).
   @inline(__always)
   static func total(_ v: SIMD16<Float>) -> Float {
     let eight = v.lowHalf + v.highHalf

@@ -46,8 +46,8 @@ import Tensors
 /// product without packing its operands when `M·N·K ≤ 10⁶` and the transposition flags allow
 /// it — every form but `Q·Kᵀ` as stored ("NT" row-major), which it refuses for outputs over
 /// 1,200 entries. With `Q_blkᵀ` ("TT") and `P·V_blk` ("NN"), `Bq 16 × Bk 960` at `D = Dv = 64`,
-/// both products run unpacked, at 107–115 GFLOP/s a core here against 85–95 for the former
-/// packed `Q·Kᵀ` on 256 × 512 tiles; the score tile is not zeroed first either (`beta = 0`).
+/// both products run unpacked, faster than packed tiles (107–115 GFLOP/s a core against 85–95
+/// on our machine); the score tile is not zeroed first either (`beta = 0`).
 ///
 /// For the backward pass (`TiledBackward`), `compute` can also return each row's log-sum-exp
 /// `L = m + log ℓ` (`AttentionResult.logSumExp`, `[…, Tq]`; `−∞` for a row that sees no key, NaN
@@ -55,11 +55,10 @@ import Tensors
 /// `4·B·H·Tq` bytes: the backward then recomputes `P = exp(S − L)` tile by tile.
 public enum TiledAttention {
   /// Block sizes. The defaults, `Bq = 16` and `Bk` up to 960 fitted to the head dimensions,
-  /// were chosen by measurement (see README, "Performance"): both tile products then stay within
-  /// `M·N·K ≤ 10⁶`, where OpenBLAS 0.3.21 runs its unpacked small-matrix kernels (107–115
-  /// GFLOP/s a core here, against 85–95 packed for 256 × 512, and 70 packed for 16 × 960 at
-  /// `D = 128`); short blocks of queries also waste little of a causal diagonal tile, and long
-  /// blocks of keys keep the per-row cost of the online softmax low. Every query block reads
+  /// keep both tile products within `M·N·K ≤ 10⁶`, where OpenBLAS 0.3.21 runs its unpacked
+  /// small-matrix kernels, faster than the packed ones (docs/performance.md has the
+  /// measurements); short blocks of queries also waste little of a causal diagonal tile, and
+  /// long blocks of keys keep the per-row cost of the online softmax low. Every query block reads
   /// all the keys and values it sees, so for long sequences the defaults switch to 256 × 512
   /// (see `fitsBlocks`).
   public struct Configuration: Sendable, Equatable {
@@ -88,10 +87,9 @@ public enum TiledAttention {
 
   /// The most bytes of keys and values (`Tk·(D + Dv)·4`) for which the fitted blocks keep 16
   /// queries: each query block streams all of them, and past what the caches hold 16-row blocks
-  /// wait on memory (measured, 1 thread, D 64, against 256 × 512: 1.15× faster at T 8,192,
-  /// 1.10× at 16,384 (8 MiB), 0.78× at 32,768).
+  /// wait on memory (at T 32,768, D 64, they run at 0.78× the speed of 256 × 512 blocks).
   public static let streamedKeyValueLimit = 8 << 20
-  /// The blocks past `streamedKeyValueLimit` (the former defaults, `Bq 256 × Bk 512`).
+  /// The blocks past `streamedKeyValueLimit`: `Bq 256 × Bk 512`.
   static let longSequenceBlocks = (queryBlock: 256, keyBlock: 512)
 
   /// The largest `M·N·K` for which OpenBLAS 0.3.21 (SkylakeX kernels) multiplies without
@@ -123,8 +121,7 @@ public enum TiledAttention {
       relativePosition: Bool = false, window: Int? = nil, configuration: Configuration
     ) {
       // A tall block over a narrow window's band computes mostly masked pairs: with a window
-      // of W keys, Bq is capped at max(64, W / 8) (measured: W 512 at T 16,384 runs 1.35× faster
-      // with Bq 64 than with 256).
+      // of W keys, Bq is capped at max(64, W / 8) (for W 512, Bq 64 runs 1.35× as fast as 256).
       var (requestedQueries, requestedKeys) = (configuration.queryBlock, configuration.keyBlock)
       var fitsKeyBlock = configuration.fitsBlocks
       if fitsKeyBlock {
