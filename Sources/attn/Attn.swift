@@ -10,7 +10,7 @@ import TensorIO
 /// flag or value, swift-argument-parser's convention). Errors are one line on stderr.
 @main
 struct Attn: ParsableCommand {
-  /// The release, as `attn --version` prints it (semantic versioning; README's changelog).
+  /// The release, as `attn --version` prints it (semantic versioning; CHANGELOG.md).
   static let version = "0.5.1"
 
   static let configuration = CommandConfiguration(

@@ -421,7 +421,8 @@ struct BackwardTests {
       needBiasGradient: true)
     let expanded = try ReferenceBackward.expand(problem, dropout: .counter(dropout))
     let bounds = GradientBounds(
-      expanded, expanded.evaluate(), problem: problem, rounding: choice == nil ? .float64 : .float32)
+      expanded, expanded.evaluate(), problem: problem, rounding: choice == nil ? .float64 : .float32
+    )
     let dS = try #require(g.dBias).scalars
     var worst = 0.0
     for row in 0..<(2 * tq) {

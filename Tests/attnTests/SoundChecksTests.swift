@@ -17,7 +17,8 @@ struct SoundChecksTests {
     try NPY.write(tensor, to: folder.appendingPathComponent(name).path)
   }
 
-  @Test("attn sdpa with a negative scale verifies", arguments: [["--scale", "-1"], ["--scale=-1"]])
+  @Test(
+    "attn sdpa with a negative scale verifies", arguments: [["--scale", "-1"], ["--scale=-1"]])
   func negativeScale(scale: [String]) throws {
     try AttnCLI.withTemporaryFolder { folder in
       for (name, stream) in [
@@ -38,7 +39,8 @@ struct SoundChecksTests {
 
   @Test("attn mha on a sharply peaked nn.MultiheadAttention (input × 6.5) verifies")
   func peakedLayer() throws {
-    let fixture = try #require(try MHAFixtures.cases().first { $0.name == "torch_float_mask_causal" })
+    let fixture = try #require(
+      try MHAFixtures.cases().first { $0.name == "torch_float_mask_causal" })
     try AttnCLI.withTemporaryFolder { folder in
       var x = try NPY.read(contentsOf: MHAFixtures.path(fixture.files.input.file)).tensor
       x.scalars = x.scalars.map { $0 * 6.5 }

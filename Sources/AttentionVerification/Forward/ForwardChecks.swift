@@ -152,7 +152,10 @@ public struct ForwardChecks: Sendable {
   /// Sampled rows against the float64 reference kernel, with the same dropout decisions.
   private func referenceCheck(_ result: AttentionResult) -> Check {
     var (output, weights) = measure(output: result.output, weights: result.weights)
-    if let weights { output.merge(weights) }
+    if let weights {
+      output.merge(weights)
+      output.rowsChecked = sampledRows.count
+    }
     return Check(
       name: "matches_reference", title: "rows match the float64 reference kernel",
       measurement: output)

@@ -108,7 +108,8 @@ public struct SampledGradientChecks: Sendable {
     var (dot, magnitude) = (0.0, 0.0)
     for c in 0..<dv {
       let product =
-        Double(gradOutput.scalars[row * dv + c]) * Double(reference.values.scalars[(kv + j) * dv + c])
+        Double(gradOutput.scalars[row * dv + c])
+        * Double(reference.values.scalars[(kv + j) * dv + c])
       dot += product
       magnitude += abs(product)
     }

@@ -114,7 +114,8 @@ public struct LayerChecks {
       title: "token by token equals the full causal pass",
       passed: worst <= 1,
       detail: "worst difference / (2 × bound) = \(scientific(worst)); largest "
-        + "difference anywhere \(scientific(Double(largest))) (outputs up to \(scientific(Double(scale))))")
+        + "difference anywhere \(scientific(Double(largest))) (outputs up to \(scientific(Double(scale))))"
+    )
   }
 }
 

@@ -30,7 +30,8 @@ public struct RelposGradientChecks {
   public let mask: AttentionMask
   public let gradOutput: Tensor
 
-  public init(module: RelativePositionAttention, x: Tensor, mask: AttentionMask, gradOutput: Tensor) {
+  public init(module: RelativePositionAttention, x: Tensor, mask: AttentionMask, gradOutput: Tensor)
+  {
     self.module = module
     self.x = x
     self.mask = mask
@@ -186,7 +187,8 @@ public struct RelposGradientChecks {
       name: "score_gradient_rows_sum_to_zero",
       title: "every row of dS sums to 0",
       passed: worst <= 1,
-      detail: "\(fast.scoreGradientRowSums.count) rows, largest |Σ_j dS_ij| = \(scientific(largest)), "
+      detail:
+        "\(fast.scoreGradientRowSums.count) rows, largest |Σ_j dS_ij| = \(scientific(largest)), "
         + "worst / bound = \(String(format: "%.3g", worst))")
   }
 }

@@ -67,7 +67,8 @@ public struct ErrorMeasurement: Sendable, Equatable {
   public var summary: String {
     let figure = worstRatio.isFinite ? String(format: "%.3g", worstRatio) : "\(worstRatio)"
     let place = worstAt.map { " at [\($0.map(String.init).joined(separator: ", "))]" } ?? ""
-    return "\(rowsChecked) row\(rowsChecked == 1 ? "" : "s"), worst error / bound = \(figure)\(place)"
+    return
+      "\(rowsChecked) row\(rowsChecked == 1 ? "" : "s"), worst error / bound = \(figure)\(place)"
   }
 
   /// A failed element in words: "output[0, 1, 3, 2] = 0.51 where the reference has 0.49 ± 1.2e-7".

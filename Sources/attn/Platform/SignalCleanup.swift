@@ -7,7 +7,7 @@ import TensorIO
 ///
 /// The handlers are dispatch sources, which run on an ordinary thread and may take locks, not
 /// in the signal's own context. `kill -9` cannot be handled: a `.NAME.tmp-PID-…` file being
-/// written at that moment stays behind (README, "Errors and exit codes").
+/// written at that moment stays behind (docs/errors.md).
 enum SignalCleanup {
   nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
 

@@ -29,7 +29,8 @@ struct CheckCommand: ParsableCommand {
   @Option(help: "The candidate attention weights [B, H, Tq, Tk].")
   var weights: String?
 
-  @Option(help: "The upstream gradient dO [B, H, Tq, Dv] the candidate gradients were computed for.")
+  @Option(
+    help: "The upstream gradient dO [B, H, Tq, Dv] the candidate gradients were computed for.")
   var gradOut: String?
 
   @Option(help: "The candidate dQ [B, H, Tq, D] (needs --grad-out).")

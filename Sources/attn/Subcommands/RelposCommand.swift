@@ -172,7 +172,10 @@ struct RelposCommand: ParsableCommand {
       relativePosition: module.positionBias)
     let sampled = RowSample.rows(shape: reference.shape, seed: seed)
     let checks: [Check] = Progress().during("checking against the float64 reference") {
-      [RelativePositionChecks.projectionCheck(module: module, x: inputs, result: result, rows: sampled)]
+      [
+        RelativePositionChecks.projectionCheck(
+          module: module, x: inputs, result: result, rows: sampled)
+      ]
         + ForwardChecks(reference: reference, dropout: nil, sampledRows: sampled)
         .run(result: result.attention, preDropout: result.weights)
     }

@@ -165,7 +165,8 @@ struct SdpaCommand: ParsableCommand {
           + "output \(shapeForMessage(result.output.shape))")
       print(
         "kernel \(result.kernel.rawValue); \(groupText); \(causalText); \(maskText); "
-          + "scale \(shape.resolvedScale(problem.scale)); dropout p = \(dropoutP == 0 ? 0 : dropoutP)")
+          + "scale \(shape.resolvedScale(problem.scale)); dropout p = \(dropoutP == 0 ? 0 : dropoutP)"
+      )
       print("\nChecks:")
       print(checks.report())
       print(checks.allPassed ? "\nVerified." : "\nNOT verified.")
