@@ -192,12 +192,13 @@ public struct MultiHeadReference: Sendable {
         let sum = exps.reduce(0, +)
         let rho = 2 * worst + Float32Rounding.gamma(tk + 8)
         let sumGamma = Float32Rounding.gamma(tk)
-        // A weight below float32's smallest normal may come out flushed to zero (fastExp):
-        // an absolute floor `min(w, λ)` on it and on its share of the context.
+        // A weight below float32's smallest normal may come out anywhere in [0, λ] (flushed by
+        // fastExp, or rounded twice on the subnormal grid): an absolute floor λ on it and on its
+        // share of the context (ReferenceAttention.row does the same).
         let floor = Rounding.float32.underflowFloor
         for j in 0..<tk where exps[j] > 0 {
           w[j] = exps[j] / sum
-          let flushed = min(w[j], floor)
+          let flushed = w[j] > 0 ? floor : 0
           bound[j] = w[j] * rho + flushed
           for c in 0..<d {
             let v = kv.values[j].value[kvBase + c]
