@@ -45,10 +45,13 @@ public struct ReferenceAttention: Sendable {
   ///   at most `w_j·ρ`, `ρ = 2·max_j δ_j + γ_{Tk+8}` (the exponentials' own error, about 2u for
   ///   `fastExp`, the sum of `Tk` terms in any order, the normalization, and dropout's scaling);
   /// - the output `o_c = Σ_j w_j·v_jc` is off by at most `Σ_j (w_j·ρ + γ_{Tk}·w_j + φ_j)·|v_jc|`;
-  /// - `φ_j = min(w_j, λ)` with `λ` the format's smallest normal number: a weight below it may be
-  ///   flushed to zero (`fastExp` does), so each weight's bound is `w_j·ρ + φ_j` — an absolute
-  ///   floor that matters only for weights that small (sharply peaked rows), and a masked or
-  ///   dropped weight (`w_j = 0`) must be exactly 0.
+  /// - `φ_j = λ` for `w_j > 0` (`λ` the format's smallest normal number), 0 for `w_j = 0`: a
+  ///   weight below `λ` may come out anywhere in `[0, λ]` (`Rounding.underflowFloor`) — flushed
+  ///   to zero (`fastExp` does), or, with gradual underflow, rounded on the subnormal grid once
+  ///   by `exp` and again by the division by the row sum, which can turn `0.42·2⁻¹⁴⁹` into
+  ///   `2⁻¹⁴⁹` (no relative bound covers that). So each weight's bound is `w_j·ρ + φ_j`, an
+  ///   absolute floor that matters only for weights that small (sharply peaked rows), and a
+  ///   masked or dropped weight (`w_j = 0`) must be exactly 0.
   /// `rounding` is the arithmetic the candidate computed in (float32 unless it was half
   /// precision). A kernel that drops or duplicates a key, mis-masks, or mis-scales exceeds these
   /// at once.
@@ -87,7 +90,7 @@ public struct ReferenceAttention: Sendable {
     // Every key, zero weights included: 0·∞ = NaN in a value column, as in PyTorch's `w @ V`
     // (for finite values a zero weight adds nothing either way).
     for j in 0..<tk {
-      let weightError = weights[j] * (relative + gamma(tk)) + min(weights[j], floor)
+      let weightError = weights[j] * (relative + gamma(tk)) + (weights[j] > 0 ? floor : 0)
       for c in 0..<dv {
         let value = Double(values.scalars[(kv + j) * dv + c])
         output[c] += weights[j] * value
@@ -96,7 +99,8 @@ public struct ReferenceAttention: Sendable {
     }
     return ReferenceRow(
       weights: weights, preDropoutWeights: preDropoutWeights, output: output,
-      weightBounds: weights.map { $0 * relative + min($0, floor) }, outputBounds: outputBounds)
+      weightBounds: weights.map { $0 * relative + ($0 > 0 ? floor : 0) },
+      outputBounds: outputBounds)
   }
 
   /// The scaled, masked score `s_ij` of query `query` in flat batch `batch` and key `key`, in
