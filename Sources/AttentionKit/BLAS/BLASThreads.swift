@@ -13,7 +13,7 @@ import Synchronization
 /// What a program that uses AttentionKit must know: a change it makes to `BLAS.threadCount`
 /// while an attention call is running is undone when the call ends, and its own OpenBLAS calls
 /// made meanwhile run on one thread.
-enum BLASThreads {
+public enum BLASThreads {
   private struct State {
     var leases = 0
     var saved = 1
@@ -22,7 +22,7 @@ enum BLASThreads {
   private static let state = Mutex(State())
 
   /// Runs `body` with OpenBLAS on `count` threads, or on the count of a lease already held.
-  static func withCount<Result>(_ count: Int, _ body: () throws -> Result) rethrows -> Result {
+  public static func withCount<Result>(_ count: Int, _ body: () throws -> Result) rethrows -> Result {
     state.withLock { state in
       if state.leases == 0 {
         state.saved = BLAS.threadCount

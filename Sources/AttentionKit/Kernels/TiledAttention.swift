@@ -336,19 +336,6 @@ public enum TiledAttention {
   }
 }
 
-/// A pointer shared by tasks that write disjoint parts of what it points to.
-struct SharedPointer: @unchecked Sendable {
-  let pointer: UnsafeMutablePointer<Float>
-  init(_ pointer: UnsafeMutablePointer<Float>) { self.pointer = pointer }
-}
-
-/// The next task index, shared by the workers.
-final class TaskQueue: Sendable {
-  private let next = Atomic<Int>(0)
-
-  func take() -> Int { next.wrappingAdd(1, ordering: .relaxed).oldValue }
-}
-
 /// Raw pointers to a call's tensors, shared read-only (inputs) or by disjoint rows (output).
 struct TileBuffers: @unchecked Sendable {
   let q: UnsafePointer<Float>

@@ -193,21 +193,13 @@ struct BenchCase {
 
     // Check before timing: sampled rows against the float64 reference kernel.
     let first = try work.run()
-    let reference = work.reference
-    let rows = RowSample.rows(shape: reference.shape, seed: seed, limit: 16, count: 16)
-    var worst = 0.0
-    let dv = reference.shape.valueDim
-    for (b, i) in rows {
-      let offset = (b * reference.shape.queries + i) * dv
-      worst = max(
-        worst,
-        reference.row(batch: b, query: i)
-          .outputErrorRatio(first.output.scalars[offset..<(offset + dv)]))
-    }
-    guard worst <= 1 else {
+    let rows = RowSample.rows(shape: work.reference.shape, seed: seed, limit: 16, count: 16)
+    let checks = try ForwardChecks(reference: work.reference, dropout: nil, sampledRows: rows)
+      .check(output: first.output, weights: nil)
+    if let failed = checks.first(where: { !$0.passed }) {
       throw AttentionError.invalidArgument(
-        "\(name): the tiled kernel disagrees with the reference kernel (error / bound \(worst)); "
-          + "not reporting its time")
+        "\(name): the tiled kernel disagrees with the reference kernel "
+          + "(\(failed.measurement?.summary ?? failed.detail)); not reporting its time")
     }
 
     // OpenBLAS alone on the products the kernel actually computes: its tile, as the kernel
@@ -246,7 +238,7 @@ struct BenchCase {
       relposOverPlain: plainMedian.map { median / $0 },
       workspaceBytes: first.workspaceBytes,
       peakRssBytes: peakReset ? status?.peak : nil,
-      rssBeforeBytes: memoryBefore, referenceErrorRatio: worst)
+      rssBeforeBytes: memoryBefore, referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0)
   }
 }
 

@@ -21,9 +21,11 @@ struct GemmCeiling {
 
   /// GFLOP/s of `tiles` tile pairs spread over the threads.
   func measure(tiles: Int) -> Double {
-    let previous = BLAS.threadCount
-    BLAS.threadCount = 1
-    defer { BLAS.threadCount = previous }
+    // One OpenBLAS thread per product, as the kernels run them, under the same lease.
+    BLASThreads.withCount(1) { measureSingleThreadedProducts(tiles: tiles) }
+  }
+
+  private func measureSingleThreadedProducts(tiles: Int) -> Double {
     let (bq, bk, d, dv) = (queryBlock, keyBlock, headDim, valueDim)
     let perThread = max(1, tiles / threads)
     // Each thread's tiles, allocated and touched before the clock starts.
