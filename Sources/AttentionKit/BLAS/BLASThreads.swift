@@ -22,7 +22,8 @@ public enum BLASThreads {
   private static let state = Mutex(State())
 
   /// Runs `body` with OpenBLAS on `count` threads, or on the count of a lease already held.
-  public static func withCount<Result>(_ count: Int, _ body: () throws -> Result) rethrows -> Result {
+  public static func withCount<Result>(_ count: Int, _ body: () throws -> Result) rethrows -> Result
+  {
     state.withLock { state in
       if state.leases == 0 {
         state.saved = BLAS.threadCount

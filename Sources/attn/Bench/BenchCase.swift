@@ -238,7 +238,8 @@ struct BenchCase {
       relposOverPlain: plainMedian.map { median / $0 },
       workspaceBytes: first.workspaceBytes,
       peakRssBytes: peakReset ? status?.peak : nil,
-      rssBeforeBytes: memoryBefore, referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0)
+      rssBeforeBytes: memoryBefore,
+      referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0)
   }
 }
 

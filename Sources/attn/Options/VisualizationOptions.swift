@@ -3,8 +3,8 @@ import AttentionKit
 import AttentionVerification
 import Foundation
 
-/// `--explain`, `--explain-batch`, `--precision`, `--heatmap`: seeing what `attn dropout` and
-/// `attn relpos` compute, shared by both commands.
+/// `--explain` (`ExplainOptions`) and `--heatmap`: seeing what `attn dropout` and `attn relpos`
+/// compute, shared by both commands.
 ///
 /// Both need the weight matrix, so both are usage errors with the tiled kernel. An out-of-range
 /// `--explain-batch` or a heatmap too large to draw is a usage error (exit 64) whenever it is
@@ -12,20 +12,7 @@ import Foundation
 /// (as `attn relpos` treats `--batch` against `--input`). The heatmap is written only when the
 /// run's checks pass, atomically, so a failing run leaves no new file.
 struct VisualizationOptions: ParsableArguments {
-  @Flag(
-    help: ArgumentHelp(
-      "Walk through the computation step by step for one batch element: every intermediate "
-        + "matrix, its shape, and what the step does."))
-  var explain = false
-
-  @Option(
-    help: ArgumentHelp(
-      "The batch element --explain shows: a flat index over the leading dimensions "
-        + "(b·H + h for [B, H, T, D] inputs). Default 0.", valueName: "n"))
-  var explainBatch: Int?
-
-  @Option(help: "Decimals of the matrices --explain prints, 0 to 9.")
-  var precision = 4
+  @OptionGroup var explanation: ExplainOptions
 
   @Option(
     help: ArgumentHelp(
@@ -34,7 +21,6 @@ struct VisualizationOptions: ParsableArguments {
       valueName: "path.svg"))
   var heatmap: String?
 
-  static let maxPrecision = 9
   /// Panels of one heatmap: the first batch elements (or heads), four to a row.
   static let maxPanels = 8
   /// A heatmap draws one cell per weight; beyond this many queries or keys it would be
@@ -42,20 +28,13 @@ struct VisualizationOptions: ParsableArguments {
   static let maxHeatmapSide = 128
 
   func validate() throws {
-    guard (0...Self.maxPrecision).contains(precision) else {
-      throw ValidationError("--precision must be in 0...\(Self.maxPrecision), got \(precision)")
-    }
-    if let explainBatch {
-      guard explain else { throw ValidationError("--explain-batch needs --explain") }
-      guard explainBatch >= 0 else {
-        throw ValidationError("--explain-batch must be ≥ 0, got \(explainBatch)")
-      }
-    }
     if let heatmap, heatmap.isEmpty { throw ValidationError("--heatmap needs a file path") }
   }
 
+  var explain: Bool { explanation.explain }
   /// The batch element `--explain` shows.
-  var batch: Int { explainBatch ?? 0 }
+  var batch: Int { explanation.batch }
+  var precision: Int { explanation.precision }
 
   /// The usage checks that need the kernel and, when the flags fix them before any file is
   /// read, the batch count and the number of queries and keys.
@@ -80,14 +59,7 @@ struct VisualizationOptions: ParsableArguments {
   }
 
   private func checkShape(batchCount: Int, queries: Int, keys: Int) throws {
-    if explain && batchCount == 0 {
-      throw ValidationError("--explain has nothing to show: the inputs hold no batch elements")
-    }
-    if explain && batch >= batchCount {
-      throw ValidationError(
-        "--explain-batch \(batch) is out of range: the inputs hold \(batchCount) batch "
-          + "element\(batchCount == 1 ? "" : "s") (0…\(batchCount - 1))")
-    }
+    try explanation.checkBatch(batchCount: batchCount)
     if heatmap != nil && max(queries, keys) > Self.maxHeatmapSide {
       throw ValidationError(
         "--heatmap draws one cell per weight, for at most \(Self.maxHeatmapSide) queries and "

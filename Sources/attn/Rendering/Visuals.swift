@@ -187,16 +187,16 @@ struct Visuals {
   /// `--explain`'s batch element, for JSON; `nil` without `--explain`.
   var batch: Int? { options.explain ? options.batch : nil }
 
-  /// Writes the heatmap files of `--heatmap` (nothing without it) through `writeOutputs`: every
-  /// figure is drawn and staged before any file is renamed into place.
-  func writeHeatmaps(weights: Tensor?) throws {
-    guard let path = options.heatmap else { return }
+  /// The heatmap files of `--heatmap` (none without it), for `CheckedRun`'s outputs. The
+  /// figures are drawn here (at most `maxPanels` panels of `maxHeatmapSide`² cells); their SVG
+  /// text only when they are written.
+  func heatmapOutputs(weights: Tensor?) throws -> [(path: String?, bytes: () throws -> [UInt8])] {
+    guard let path = options.heatmap else { return [] }
     guard let weights else {
       throw AttentionError.invalidArgument("the kernel returned no weights to draw")
     }
-    try writeOutputs(
-      try figures(weights, path).map { file in
-        (path: file.path, bytes: { file.figure.document().bytes() })
-      })
+    return try figures(weights, path).map { file in
+      (path: file.path, bytes: { file.figure.document().bytes() })
+    }
   }
 }

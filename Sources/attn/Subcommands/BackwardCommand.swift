@@ -41,14 +41,7 @@ struct BackwardCommand: ParsableCommand {
   @Option(help: "Write d(bias), shaped as --bias, as float32 .npy (needs --bias).")
   var dbiasOut: String?
 
-  @Flag(help: "Walk through the backward pass step by step for one batch element.")
-  var explain = false
-
-  @Option(help: "The flat batch element --explain shows (default 0).")
-  var explainBatch = 0
-
-  @Option(help: "Decimals of the matrices --explain prints, 0 to 9.")
-  var precision = 4
+  @OptionGroup var explanation: ExplainOptions
 
   @Option(help: "Output format: text or json.")
   var format: OutputFormat = .text
@@ -59,16 +52,6 @@ struct BackwardCommand: ParsableCommand {
   func validate() throws {
     if dbiasOut != nil && inputs.bias == nil {
       throw ValidationError("--dbias-out needs --bias (the gradient of the additive mask)")
-    }
-    guard (0...VisualizationOptions.maxPrecision).contains(precision) else {
-      throw ValidationError(
-        "--precision must be in 0...\(VisualizationOptions.maxPrecision), got \(precision)")
-    }
-    if explainBatch != 0 && !explain {
-      throw ValidationError("--explain-batch needs --explain")
-    }
-    guard explainBatch >= 0 else {
-      throw ValidationError("--explain-batch must be ≥ 0, got \(explainBatch)")
     }
     try checkOutputs([dqOut, dkOut, dvOut, dbiasOut], against: inputs.paths + [gradOut])
   }
@@ -84,11 +67,7 @@ struct BackwardCommand: ParsableCommand {
       biases: [(biasTensor, inputs.bias)])
     let shape = try AttentionShape(queries: queries, keys: keys, values: values)
     let gradOutput = try loadGradOutput(files, shape: shape)
-    if explain && explainBatch >= shape.batchCount {
-      throw ValidationError(
-        "--explain-batch \(explainBatch) is out of range: the inputs hold \(shape.batchCount) "
-          + "batch element\(shape.batchCount == 1 ? "" : "s") (0…\(shape.batchCount - 1))")
-    }
+    try explanation.checkBatch(batchCount: shape.batchCount)
     let dropout = try inputs.dropout()
     // How the gradients will be checked is settled before any work: the float64 reference on
     // the problem (or one key/value group), else sampled rows and keys through the tiled
@@ -100,7 +79,7 @@ struct BackwardCommand: ParsableCommand {
           + "\(shape.keys) scores; run --kernel tiled, whose gradients are checked on sampled "
           + "rows and keys through the forward's log-sum-exp")
     }
-    if explain && sampled {
+    if explanation.explain && sampled {
       throw ValidationError(
         "--explain shows the float64 reference of the whole problem, which is over its limit "
           + "here; use smaller inputs")
@@ -156,24 +135,32 @@ struct BackwardCommand: ParsableCommand {
         whole.run(gradients, seed: inputs.seed, finiteDifferences: true)
       }
     }
-    if checks.allPassed {
-      try writeOutputs(
-        npy: [
-          (dqOut, gradients.dQ), (dkOut, gradients.dK), (dvOut, gradients.dV),
-          (dbiasOut, gradients.dBias),
-        ])
-    }
     let steps =
-      explain
+      explanation.explain
       ? checker.map {
         ExplainStep.backwardSteps(
           reference: $0.reference, queries: queries, keys: keys, values: values,
-          gradOutput: gradOutput, batch: explainBatch, shape: shape, dropout: dropout)
+          gradOutput: gradOutput, batch: explanation.batch, shape: shape, dropout: dropout)
       } : nil
-    report(
-      shape: shape, gradients: gradients, checks: checks, steps: steps,
-      gradientsFromFile: gradOut != nil)
-    try checks.requireAllPassed()
+    let run = CheckedRun(
+      checks: checks,
+      outputs: npyOutputs([
+        (dqOut, gradients.dQ), (dkOut, gradients.dK), (dvOut, gradients.dV),
+        (dbiasOut, gradients.dBias),
+      ]),
+      verdict: .init(passed: "Gradients verified!", failed: "Gradients NOT verified."))
+    try run.finish(
+      format: format,
+      json: {
+        BackwardReport(
+          dqShape: gradients.dQ.shape, dkShape: gradients.dK.shape, dvShape: gradients.dV.shape,
+          dbiasShape: gradients.dBias?.shape, p: inputs.eval ? 0 : Double(inputs.probability),
+          seed: inputs.seed, training: !inputs.eval, kernel: gradients.kernel.rawValue,
+          mask: inputs.mask.description, workspaceBytes: gradients.workspaceBytes,
+          checks: checks.dictionary, verified: run.verified,
+          explainBatch: explanation.reportedBatch, steps: steps)
+      },
+      text: { printText(shape: shape, gradients: gradients, steps: steps) })
   }
 
   /// `--grad-out`, which must have the output's shape, or dO drawn from `--seed`.
@@ -196,47 +183,31 @@ struct BackwardCommand: ParsableCommand {
     return tensor
   }
 
-  private func report(
-    shape: AttentionShape, gradients: AttentionGradients, checks: [Check],
-    steps: [ExplainStep]?, gradientsFromFile: Bool
+  private func printText(
+    shape: AttentionShape, gradients: AttentionGradients, steps: [ExplainStep]?
   ) {
-    switch format {
-    case .json:
-      try? printJSON(
-        BackwardReport(
-          dqShape: gradients.dQ.shape, dkShape: gradients.dK.shape, dvShape: gradients.dV.shape,
-          dbiasShape: gradients.dBias?.shape, p: inputs.eval ? 0 : Double(inputs.probability),
-          seed: inputs.seed, training: !inputs.eval, kernel: gradients.kernel.rawValue,
-          mask: inputs.mask.description, workspaceBytes: gradients.workspaceBytes,
-          checks: checks.dictionary, verified: checks.allPassed,
-          explainBatch: explain ? explainBatch : nil, steps: steps))
-    case .text:
-      let mode = inputs.eval ? "eval, no dropout" : "training, p = \(inputs.probability)"
+    let mode = inputs.eval ? "eval, no dropout" : "training, p = \(inputs.probability)"
+    print(
+      "Exercise 4: the gradients of attention (\(mode), seed \(inputs.seed), mask "
+        + "\(inputs.mask), \(gradients.kernel.rawValue) kernel)")
+    print(
+      "dO: \(torchSizeDescription(shape.outputShape))"
+        + (gradOut.map { " from \($0)" } ?? ", drawn from the seed"))
+    print(
+      "dQ: \(torchSizeDescription(gradients.dQ.shape)), dK: "
+        + "\(torchSizeDescription(gradients.dK.shape)), dV: "
+        + "\(torchSizeDescription(gradients.dV.shape))"
+        + (gradients.dBias.map { ", d(bias): \(torchSizeDescription($0.shape))" } ?? ""))
+    print("Workspace: \(formatBytes(gradients.workspaceBytes))")
+    if let steps {
+      let name = shape.batchShape.count == 1 ? "" : " (flat index over \(shape.batchShape))"
       print(
-        "Exercise 4: the gradients of attention (\(mode), seed \(inputs.seed), mask "
-          + "\(inputs.mask), \(gradients.kernel.rawValue) kernel)")
-      print(
-        "dO: \(torchSizeDescription(shape.outputShape))"
-          + (gradientsFromFile ? " from \(gradOut ?? "")" : ", drawn from the seed"))
-      print(
-        "dQ: \(torchSizeDescription(gradients.dQ.shape)), dK: "
-          + "\(torchSizeDescription(gradients.dK.shape)), dV: "
-          + "\(torchSizeDescription(gradients.dV.shape))"
-          + (gradients.dBias.map { ", d(bias): \(torchSizeDescription($0.shape))" } ?? ""))
-      print("Workspace: \(formatBytes(gradients.workspaceBytes))")
-      if let steps {
-        let name = shape.batchShape.count == 1 ? "" : " (flat index over \(shape.batchShape))"
-        print(
-          "\n"
-            + ExplainPrinter.text(
-              steps,
-              heading: "Backward, step by step, batch element \(explainBatch) of "
-                + "\(shape.batchCount)\(name), from the float64 reference:",
-              precision: precision))
-      }
-      print("\nChecks:")
-      print(checks.report())
-      print(checks.allPassed ? "\nGradients verified!" : "\nGradients NOT verified.")
+        "\n"
+          + ExplainPrinter.text(
+            steps,
+            heading: "Backward, step by step, batch element \(explanation.batch) of "
+              + "\(shape.batchCount)\(name), from the float64 reference:",
+            precision: explanation.precision))
     }
   }
 }

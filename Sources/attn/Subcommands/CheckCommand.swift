@@ -127,8 +127,33 @@ struct CheckCommand: ParsableCommand {
     if let gradOut {
       checks += try gradientChecks(attention, shape: shape, gradOut: gradOut, files: files)
     }
-    report(shape: shape, checks: checks)
-    try checks.requireAllPassed()
+    let run = CheckedRun(checks: checks)
+    try run.finish(
+      format: format,
+      json: {
+        CheckReport(
+          verified: run.verified,
+          scale: Double(shape.resolvedScale(problem.scale)), precision: precision.rawValue,
+          tensors: Dictionary(
+            checks.compactMap { check in
+              check.measurement.map {
+                (
+                  $0.tensor,
+                  CheckReport.TensorReport(
+                    rowsChecked: $0.rowsChecked, worstRatio: $0.worstRatio, worstAt: $0.worstAt,
+                    actual: $0.actual, expected: $0.expected, bound: $0.bound,
+                    verified: check.passed)
+                )
+              }
+            }, uniquingKeysWith: { first, _ in first }),
+          checks: checks.dictionary)
+      },
+      text: {
+        print(
+          "attn check: query \(shapeForMessage(shape.batchShape + [shape.queries, shape.headDim])), "
+            + "keys \(shape.keys); scale \(shape.resolvedScale(problem.scale)); candidate in "
+            + "\(precision.rawValue)")
+      })
   }
 
   /// A candidate tensor: any float dtype, NaN and ±∞ allowed (they are compared, not refused).
@@ -186,40 +211,6 @@ struct CheckCommand: ParsableCommand {
         name: "\(m.tensor.lowercased())_matches_reference",
         title: "\(m.tensor) rows match the float64 reference backward", measurement: m,
         note: checker.region.isWhole ? "" : " (\(checker.coverage))")
-    }
-  }
-
-  private func report(shape: AttentionShape, checks: [Check]) {
-    switch format {
-    case .json:
-      try? printJSON(
-        CheckReport(
-          verified: checks.allPassed,
-          scale: Double(shape.resolvedScale(problem.scale)), precision: precision.rawValue,
-          tensors: Dictionary(
-            checks.compactMap { check in
-              check.measurement.map {
-                (
-                  $0.tensor,
-                  CheckReport.TensorReport(
-                    rowsChecked: $0.rowsChecked, worstRatio: $0.worstRatio, worstAt: $0.worstAt,
-                    actual: $0.actual, expected: $0.expected, bound: $0.bound,
-                    verified: check.passed)
-                )
-              }
-            }, uniquingKeysWith: { first, _ in first }),
-          checks: checks.dictionary))
-    case .text:
-      print(
-        "attn check: query \(shapeForMessage(shape.batchShape + [shape.queries, shape.headDim])), "
-          + "keys \(shape.keys); scale \(shape.resolvedScale(problem.scale)); candidate in "
-          + "\(precision.rawValue)")
-      print("\nChecks:")
-      print(checks.report())
-      for check in checks where !check.passed {
-        if let worst = check.measurement?.worstDescription { print("  worst: \(worst)") }
-      }
-      print(checks.allPassed ? "\nVerified." : "\nNOT verified.")
     }
   }
 }

@@ -99,16 +99,15 @@ struct DropoutCommand: ParsableCommand {
       checker.run(result: result, preDropout: (preDropout ?? result).weights)
     }
 
-    // Only a verified result is written, so a failed check leaves every file as it was.
-    if checks.allPassed {
-      try writeOutputs(npy: [(out, result.output), (weightsOut, result.weights)])
-      try visuals.writeHeatmaps(weights: result.weights)
-    }
-
     let droppedFraction = checker.droppedFraction(result: result, preDropout: preDropout?.weights)
-    switch format {
-    case .json:
-      try printJSON(
+    let run = CheckedRun(
+      checks: checks,
+      outputs: npyOutputs([(out, result.output), (weightsOut, result.weights)])
+        + (try visuals.heatmapOutputs(weights: result.weights)),
+      verdict: .init(passed: "Solution verified!", failed: "Solution NOT verified."))
+    try run.finish(
+      format: format,
+      json: {
         DropoutReport(
           outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,
           p: Double(inputs.probability.description) ?? Double(inputs.probability),
@@ -116,19 +115,18 @@ struct DropoutCommand: ParsableCommand {
           training: !inputs.eval,
           kernel: kernelOptions.kernel.rawValue,
           mask: inputs.mask.description, droppedFraction: droppedFraction,
-          checks: checks.dictionary, verified: checks.allPassed,
-          explainBatch: visuals.batch, steps: visuals.steps))
-    case .text:
-      printText(
-        result: result, shape: reference.shape, checks: checks, dropped: droppedFraction,
-        explanation: visuals.explanation)
-    }
-    if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
+          checks: checks.dictionary, verified: run.verified,
+          explainBatch: visuals.batch, steps: visuals.steps)
+      },
+      text: {
+        printText(
+          result: result, shape: reference.shape, dropped: droppedFraction,
+          explanation: visuals.explanation)
+      })
   }
 
   private func printText(
-    result: AttentionResult, shape: AttentionShape, checks: [Check], dropped: Double,
-    explanation: String?
+    result: AttentionResult, shape: AttentionShape, dropped: Double, explanation: String?
   ) {
     let mode = inputs.eval ? "eval, no dropout" : "training, p = \(inputs.probability)"
     let generator = inputs.rng == .philox ? "" : ", \(inputs.rng) rng"
@@ -142,9 +140,6 @@ struct DropoutCommand: ParsableCommand {
     if !inputs.eval {
       print(String(format: "Dropped: %.1f%% of the non-zero weights", dropped * 100))
     }
-    if let explanation { print("\n" + explanation) }
-    print("\nChecks:")
-    print(checks.report())
     if let weights = result.weights, shape.batchCount > 0, shape.queries <= 64, shape.keys <= 64 {
       let title = shape.batchCount > 1 ? " (first of \(shape.batchCount) matrices)" : ""
       print("\nAttention weights after dropout\(title):")
@@ -153,7 +148,7 @@ struct DropoutCommand: ParsableCommand {
           Array(weights.scalars[0..<(shape.queries * shape.keys)]),
           rows: shape.queries, columns: shape.keys))
     }
-    print(checks.allPassed ? "\nSolution verified!" : "\nSolution NOT verified.")
+    if let explanation { print("\n" + explanation) }
   }
 }
 

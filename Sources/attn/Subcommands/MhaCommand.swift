@@ -193,24 +193,34 @@ struct MhaCommand: ParsableCommand {
         + LayerChecks(reference: reference, rows: rows).run(
           output: result.output, weights: result.weights, decoded: decoded?.output)
     }
-    if checks.allPassed {
-      let written = averageHeads ? result.averagedWeights : result.weights
-      var outputs: [(path: String?, bytes: () throws -> [UInt8])] = [
-        (out, { NPY.encode(result.output) }),
-        (weightsOut, { NPY.encode(written!) }),
-      ]
-      if let heatmap, let weights = result.weights {
-        let figure = HeadsFigure.make(
-          weights: weights, reference: reference, batch: heatmapBatch, tokens: tokenList,
-          title: "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)")")
-        outputs.append((heatmap, { figure.document().bytes() }))
-      }
-      try writeOutputs(outputs)
+    let written = averageHeads ? result.averagedWeights : result.weights
+    var outputs = npyOutputs([(out, result.output), (weightsOut, written)])
+    if let heatmap, let weights = result.weights {
+      let figure = HeadsFigure.make(
+        weights: weights, reference: reference, batch: heatmapBatch, tokens: tokenList,
+        title: "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)")")
+      outputs.append((heatmap, { figure.document().bytes() }))
     }
-    report(
-      layer: layer, x: x, result: result, mask: mask, padding: padding, decoded: decoded,
-      checks: checks)
-    if !checks.allPassed { throw ChecksFailed(names: checks.filter { !$0.passed }.map(\.name)) }
+    let run = CheckedRun(checks: checks, outputs: outputs)
+    let latency = decoded.map { Stopwatch.Statistics($0.seconds).scaled(by: 1000) }
+    try run.finish(
+      format: format,
+      json: {
+        MhaReport(
+          layout: layout.rawValue, prefix: prefix, embedDim: layer.embedDim, heads: layer.heads,
+          kvHeads: layer.keyValueHeads, headDim: layer.headDim, ropeTheta: layer.rotary?.theta,
+          ropeLayout: layer.rotary?.layout.rawValue, positionOffset: positionOffset,
+          inputShape: x.shape, outputShape: result.output.shape,
+          weightsShape: weightsOut == nil ? nil : written?.shape,
+          kernel: result.attention.kernel.rawValue, isCausal: mask.isCausal,
+          keyPaddingMask: padding != nil, attnMask: attnMask != nil,
+          decodeMilliseconds: latency, checks: checks.dictionary, verified: run.verified)
+      },
+      text: {
+        printText(
+          layer: layer, x: x, result: result, mask: mask, padding: padding, decoded: decoded,
+          latency: latency)
+      })
   }
 
   /// The layer from `--weights`, its errors naming the file.
@@ -337,56 +347,37 @@ struct MhaCommand: ParsableCommand {
     return try mask.slice(axis: mask.rank - 2, t..<(t + 1)).slice(axis: mask.rank - 1, 0..<keys)
   }
 
-  private func report(
+  private func printText(
     layer: MultiHeadAttention, x: Tensor, result: MultiHeadResult, mask: AttentionMask,
-    padding: Tensor?, decoded: Decoded?, checks: [Check]
+    padding: Tensor?, decoded: Decoded?, latency: Stopwatch.Statistics?
   ) {
-    let latency = decoded.map { Stopwatch.Statistics($0.seconds).scaled(by: 1000) }
     let rotary = layer.rotary.map {
       "rotary θ \(ExplainStep.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
     }
-    switch format {
-    case .json:
-      try? printJSON(
-        MhaReport(
-          layout: layout.rawValue, prefix: prefix, embedDim: layer.embedDim, heads: layer.heads,
-          kvHeads: layer.keyValueHeads, headDim: layer.headDim, ropeTheta: layer.rotary?.theta,
-          ropeLayout: layer.rotary?.layout.rawValue, positionOffset: positionOffset,
-          inputShape: x.shape, outputShape: result.output.shape,
-          weightsShape: weightsOut == nil
-            ? nil : (averageHeads ? result.averagedWeights : result.weights)?.shape,
-          kernel: result.attention.kernel.rawValue, isCausal: mask.isCausal,
-          keyPaddingMask: padding != nil, attnMask: attnMask != nil,
-          decodeMilliseconds: latency, checks: checks.dictionary, verified: checks.allPassed))
-    case .text:
+    print(
+      "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)") from \(weights)")
+    let grouping =
+      layer.keyValueHeads == layer.heads
+      ? "H \(layer.heads)" : "H \(layer.heads) on Hkv \(layer.keyValueHeads)"
+    print(
+      "E \(layer.embedDim), \(grouping), D \(layer.headDim)"
+        + (rotary.map { "; " + $0 } ?? "")
+        + (layer.residualNorm.map { "; LayerNorm(· + x), eps \($0.epsilon)" } ?? ""))
+    let masks =
+      [
+        mask.isCausal ? "causal" : nil, padding == nil ? nil : "key padding",
+        attnMask == nil ? nil : (mask.keep != nil ? "boolean attn mask" : "float attn mask"),
+      ].compactMap { $0 }
+    print(
+      "input \(shapeForMessage(x.shape)) → output \(shapeForMessage(result.output.shape)); "
+        + "kernel \(result.attention.kernel.rawValue); "
+        + (masks.isEmpty ? "no mask" : masks.joined(separator: ", ")))
+    if let latency, let decoded {
       print(
-        "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)") from \(weights)")
-      let grouping =
-        layer.keyValueHeads == layer.heads
-        ? "H \(layer.heads)" : "H \(layer.heads) on Hkv \(layer.keyValueHeads)"
-      print(
-        "E \(layer.embedDim), \(grouping), D \(layer.headDim)"
-          + (rotary.map { "; " + $0 } ?? "")
-          + (layer.residualNorm.map { "; LayerNorm(· + x), eps \($0.epsilon)" } ?? ""))
-      let masks =
-        [
-          mask.isCausal ? "causal" : nil, padding == nil ? nil : "key padding",
-          attnMask == nil ? nil : (mask.keep != nil ? "boolean attn mask" : "float attn mask"),
-        ].compactMap { $0 }
-      print(
-        "input \(shapeForMessage(x.shape)) → output \(shapeForMessage(result.output.shape)); "
-          + "kernel \(result.attention.kernel.rawValue); "
-          + (masks.isEmpty ? "no mask" : masks.joined(separator: ", ")))
-      if let latency, let decoded {
-        print(
-          "decode: \(decoded.seconds.count) tokens through a KV cache, per token "
-            + String(
-              format: "median %.3f ms, mean %.3f ± %.3f ms, min %.3f, max %.3f", latency.median,
-              latency.mean, latency.standardDeviation, latency.min, latency.max))
-      }
-      print("\nChecks:")
-      print(checks.report())
-      print(checks.allPassed ? "\nVerified." : "\nNOT verified.")
+        "decode: \(decoded.seconds.count) tokens through a KV cache, per token "
+          + String(
+            format: "median %.3f ms, mean %.3f ± %.3f ms, min %.3f, max %.3f", latency.median,
+            latency.mean, latency.standardDeviation, latency.min, latency.max))
     }
   }
 }

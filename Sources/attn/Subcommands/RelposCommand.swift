@@ -186,7 +186,6 @@ struct RelposCommand: ParsableCommand {
       backward = try runBackward(
         module: module, inputs: inputs, mask: attentionMask, gradient: gradient)
     }
-    let allChecks = checks + (backward?.checks ?? [])
 
     let visuals = try visualization.relpos(
       module: module, result: result, mask: attentionMask, maskName: mask.description,
@@ -195,51 +194,50 @@ struct RelposCommand: ParsableCommand {
       throw AttentionError.invalidArgument(
         "the kernel returned no weights to write to \(weightsOut)")
     }
-    // Only a verified result is written, so a failed check leaves every file as it was.
-    if allChecks.allPassed {
-      var files: [(path: String?, bytes: () throws -> [UInt8])] = [
-        (out, { NPY.encode(result.output) }),
+    var outputs: [(path: String?, bytes: () throws -> [UInt8])] = [
+      (out, { NPY.encode(result.output) }),
+      (
+        saveWeights,
+        { try SafeTensors.encode(module.stateDict.tensors, metadata: ["format": "pt"]) }
+      ),
+    ]
+    if let gradients = backward?.gradients {
+      outputs.append((dxOut, { NPY.encode(gradients.dx) }))
+      outputs.append(
         (
-          saveWeights,
-          { try SafeTensors.encode(module.stateDict.tensors, metadata: ["format": "pt"]) }
-        ),
-      ]
-      if let gradients = backward?.gradients {
-        files.append((dxOut, { NPY.encode(gradients.dx) }))
-        files.append(
-          (
-            gradsOut,
-            { try SafeTensors.encode(gradients.parameters.tensors, metadata: ["format": "pt"]) }
-          ))
-      }
-      if let weights = result.weights { files.append((weightsOut, { NPY.encode(weights) })) }
-      try writeOutputs(files)
-      try visuals.writeHeatmaps(weights: result.weights)
+          gradsOut,
+          { try SafeTensors.encode(gradients.parameters.tensors, metadata: ["format": "pt"]) }
+        ))
     }
+    outputs += npyOutputs([(weightsOut, result.weights)])
+    outputs += try visuals.heatmapOutputs(weights: result.weights)
+    let run = CheckedRun(
+      groups: [("Checks", checks), ("Gradient checks", backward?.checks ?? [])], outputs: outputs,
+      verdict: .init(
+        passed: "Relative position attention implemented successfully!",
+        failed: "Relative position attention NOT verified."))
 
     let (b, t) = (inputs.shape[0], inputs.shape[1])
-    switch format {
-    case .json:
-      try printJSON(
+    try run.finish(
+      format: format,
+      json: {
         RelposReport(
           inputShape: inputs.shape, outputShape: result.output.shape, weightsShape: [b, t, t],
           dModel: d, maxRel: module.maxDistance, seed: seed, rng: rng.rawValue,
           weights: weights ?? "random", input: input ?? "random", mask: mask.description,
           kernel: kernelOptions.kernel.rawValue, workspaceBytes: result.workspaceBytes,
           gatherBytes: Self.gatherBytes(t: t, d: d),
-          checks: checks.dictionary, verified: allChecks.allPassed,
+          checks: checks.dictionary, verified: run.verified,
           gradientChecks: backward?.checks.dictionary,
           gradientShapes: backward.map { Self.gradientShapes($0.gradients) },
           gradientWorkspaceBytes: backward?.gradients.workspaceBytes,
-          explainBatch: visuals.batch, steps: visuals.steps))
-    case .text:
-      try printText(
-        module: module, inputs: inputs, result: result, checks: checks, backward: backward,
-        explanation: visuals.explanation)
-    }
-    if !allChecks.allPassed {
-      throw ChecksFailed(names: allChecks.filter { !$0.passed }.map(\.name))
-    }
+          explainBatch: visuals.batch, steps: visuals.steps)
+      },
+      text: {
+        try printText(
+          module: module, inputs: inputs, result: result,
+          gradients: backward?.gradients, explanation: visuals.explanation)
+      })
   }
 
   /// `--grad-out`, which must hold `[B, T, d_model]` (the output's shape); `nil` without it.
@@ -356,8 +354,7 @@ struct RelposCommand: ParsableCommand {
 
   private func printText(
     module: RelativePositionAttention, inputs: Tensor, result: RelativePositionResult,
-    checks: [Check], backward: (gradients: RelativePositionGradients, checks: [Check])?,
-    explanation: String?
+    gradients: RelativePositionGradients?, explanation: String?
   ) throws {
     let (b, t, d) = (inputs.shape[0], inputs.shape[1], module.modelDim)
     let source =
@@ -372,9 +369,6 @@ struct RelposCommand: ParsableCommand {
     print(
       "Memory: \(formatBytes(result.workspaceBytes)) of workspace; the notebook's "
         + "[T, T, d_model] gather alone would take \(formatBytes(Self.gatherBytes(t: t, d: d)))")
-    if let explanation { print("\n" + explanation) }
-    print("\nChecks:")
-    print(checks.report())
     if t <= 64, b > 0 {
       let title = b > 1 ? " (batch 0 of \(b))" : ""
       if let weights = result.weights {
@@ -392,8 +386,8 @@ struct RelposCommand: ParsableCommand {
       print("\nRelative-position term q_i·E[clip(j − i) + M]/√d_model\(title):")
       print(TerminalHeatmap.render(position, rows: t, columns: t, low: low, high: high))
     }
-    if let backward, let gradOut {
-      let g = backward.gradients
+    if let explanation { print("\n" + explanation) }
+    if let g = gradients, let gradOut {
       print("\nGradients (fast kernel, dY from \(gradOut)):")
       print("  dx: \(torchSizeDescription(g.dx.shape))")
       for name in RelativePositionAttention.parameterNames {
@@ -402,14 +396,7 @@ struct RelposCommand: ParsableCommand {
         }
       }
       print("Memory: \(formatBytes(g.workspaceBytes)) of workspace (P and dS per worker)")
-      print("\nGradient checks:")
-      print(backward.checks.report())
     }
-    let passed = checks.allPassed && (backward?.checks.allPassed ?? true)
-    print(
-      passed
-        ? "\nRelative position attention implemented successfully!"
-        : "\nRelative position attention NOT verified.")
   }
 }
 

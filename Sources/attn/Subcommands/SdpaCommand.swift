@@ -102,18 +102,33 @@ struct SdpaCommand: ParsableCommand {
     let checks = Progress().during("checking against the float64 reference") {
       checker.run(result: result, preDropout: dropout == nil ? result.weights : nil)
     }
-    if checks.allPassed {
-      let dtype = outDtype == .input ? storage : (outDtype == .float16 ? .float16 : .float32)
-      try writeOutputs([
-        (out, { try Self.encode(result.output, named: "output", as: dtype, path: out ?? "") }),
+    let dtype = outDtype == .input ? storage : (outDtype == .float16 ? .float16 : .float32)
+    var outputs: [(path: String?, bytes: () throws -> [UInt8])] = [
+      (out, { try Self.encode(result.output, named: "output", as: dtype, path: out ?? "") })
+    ]
+    if let weights = result.weights {
+      outputs.append(
         (
-          result.weights == nil ? nil : weightsOut,
-          { try Self.encode(result.weights!, named: "weights", as: dtype, path: weightsOut ?? "") }
-        ),
-      ])
+          weightsOut,
+          { try Self.encode(weights, named: "weights", as: dtype, path: weightsOut ?? "") }
+        )
+      )
     }
-    report(result: result, shape: reference.shape, checks: checks, mask: mask)
-    try checks.requireAllPassed()
+    let run = CheckedRun(checks: checks, outputs: outputs)
+    let shape = reference.shape
+    try run.finish(
+      format: format,
+      json: {
+        SdpaReport(
+          outputShape: result.output.shape,
+          weightsShape: weightsOut == nil ? nil : shape.weightsShape,
+          kernel: result.kernel.rawValue, tilesComputed: result.tilesComputed,
+          groupSize: shape.groupSize, isCausal: mask.isCausal || mask.window != nil,
+          causalAlign: mask.causalAlignment.rawValue, window: mask.window,
+          scale: Double(shape.resolvedScale(problem.scale)), dropoutP: Double(dropoutP),
+          checks: checks.dictionary, verified: run.verified)
+      },
+      text: { printText(result: result, shape: shape, mask: mask) })
   }
 
   /// The bytes of `tensor` for `path`: `.safetensors` (one tensor, `name`) or `.npy`.
@@ -137,9 +152,7 @@ struct SdpaCommand: ParsableCommand {
     }
   }
 
-  private func report(
-    result: AttentionResult, shape: AttentionShape, checks: [Check], mask: AttentionMask
-  ) {
+  private func printText(result: AttentionResult, shape: AttentionShape, mask: AttentionMask) {
     let maskText =
       mask.keep != nil ? "boolean mask" : mask.bias != nil ? "float mask (added)" : "no mask"
     let causalText = SdpaInputOptions.causalDescription(mask)
@@ -148,29 +161,13 @@ struct SdpaCommand: ParsableCommand {
       shape.isGrouped
       ? "\(heads) query heads on \(shape.keyValueBatchShape.last ?? 1) K/V heads"
       : "heads \(heads)"
-    switch format {
-    case .json:
-      try? printJSON(
-        SdpaReport(
-          outputShape: result.output.shape,
-          weightsShape: weightsOut == nil ? nil : shape.weightsShape,
-          kernel: result.kernel.rawValue, tilesComputed: result.tilesComputed,
-          groupSize: shape.groupSize, isCausal: mask.isCausal || mask.window != nil,
-          causalAlign: mask.causalAlignment.rawValue, window: mask.window,
-          scale: Double(shape.resolvedScale(problem.scale)), dropoutP: Double(dropoutP),
-          checks: checks.dictionary, verified: checks.allPassed))
-    case .text:
-      print(
-        "attn sdpa: query \(shapeForMessage(shape.batchShape + [shape.queries, shape.headDim])), "
-          + "output \(shapeForMessage(result.output.shape))")
-      print(
-        "kernel \(result.kernel.rawValue); \(groupText); \(causalText); \(maskText); "
-          + "scale \(shape.resolvedScale(problem.scale)); dropout p = \(dropoutP == 0 ? 0 : dropoutP)"
-      )
-      print("\nChecks:")
-      print(checks.report())
-      print(checks.allPassed ? "\nVerified." : "\nNOT verified.")
-    }
+    print(
+      "attn sdpa: query \(shapeForMessage(shape.batchShape + [shape.queries, shape.headDim])), "
+        + "output \(shapeForMessage(result.output.shape))")
+    print(
+      "kernel \(result.kernel.rawValue); \(groupText); \(causalText); \(maskText); "
+        + "scale \(shape.resolvedScale(problem.scale)); dropout p = \(dropoutP == 0 ? 0 : dropoutP)"
+    )
   }
 }
 
