@@ -25,29 +25,16 @@ struct KVCacheTests {
       rotary: RotaryEmbedding(theta: 10_000, dimension: headDim))
   }
 
-  /// Runs `x` token by token; returns the outputs `[B, T, E]`.
+  /// Runs `x` token by token (`MultiHeadAttention.decode`); returns the outputs `[B, T, E]`.
   static func decode(
     _ layer: MultiHeadAttention, _ x: Tensor, threads: Int, offset: Int = 0,
-    padding: Tensor? = nil
+    padding: Tensor? = nil, mask: AttentionMask = .none
   ) throws -> Tensor {
-    let (b, t, e) = (x.shape[0], x.shape[1], x.shape[2])
-    var cache = try KVCache(
-      batch: b, keyValueHeads: layer.keyValueHeads, headDim: layer.headDim, capacity: t,
-      positionOffset: offset)
-    var output = try Tensor(shape: [b, t, e])
-    for token in 0..<t {
-      let step = try layer.step(
-        x.slice(axis: 1, token..<(token + 1)), cache: &cache,
-        keyPaddingMask: padding?.slice(axis: 1, 0..<(token + 1)), kernel: .tiled(.default),
-        threads: threads)
-      for batch in 0..<b {
-        for c in 0..<e {
-          output.scalars[(batch * t + token) * e + c] = step.output.scalars[batch * e + c]
-        }
-      }
-    }
-    #expect(cache.count == t)
-    return output
+    let decoded = try layer.decode(
+      x, keyPaddingMask: padding, attentionMask: mask, positionOffset: offset,
+      kernel: .tiled(.default), threads: threads)
+    #expect(decoded.stepSeconds.count == x.shape[1])
+    return decoded.output
   }
 
   @Test("token by token equals the full causal pass", arguments: [1, 17, 300])
@@ -97,6 +84,33 @@ struct KVCacheTests {
       for c in 0..<layer.embedDim {
         let k = index * layer.embedDim + c
         #expect(abs(Double(decoded.scalars[k]) - Double(full.scalars[k])) <= 2 * row.bound[c])
+      }
+    }
+  }
+
+  @Test("a float mask's row t and keys 0…t reach step t; a boolean mask broadcast over heads too")
+  func decodeWithMasks() throws {
+    let layer = try Self.layer(heads: 4, kvHeads: 2)
+    let t = 7
+    let x = try Tensor.randomNormal(shape: [2, t, layer.embedDim], seed: 9, stream: 0)
+    // A bias [T, T] with distinct rows, and a keep mask [B, 1, T, T] (broadcast over heads).
+    let bias = try Tensor.randomNormal(shape: [t, t], seed: 9, stream: 1)
+    var keep = try Tensor(shape: [2, 1, t, t])
+    for k in keep.scalars.indices { keep.scalars[k] = k % 5 == 3 ? 0 : 1 }
+    for mask in [AttentionMask(bias: bias), AttentionMask(keep: keep)] {
+      var causal = mask
+      causal.isCausal = true
+      let full = try layer(x, attentionMask: causal).output
+      let decoded = try Self.decode(layer, x, threads: 2, mask: mask)
+      let reference = try MultiHeadReference(layer: layer, input: x, attentionMask: causal)
+      let rows = reference.rows((0..<2).flatMap { b in (0..<t).map { (batch: b, token: $0) } })
+      for (index, row) in rows.enumerated() {
+        for c in 0..<layer.embedDim {
+          let k = index * layer.embedDim + c
+          #expect(
+            abs(Double(decoded.scalars[k]) - Double(full.scalars[k])) <= 2 * row.bound[c],
+            "\(mask.bias == nil ? "keep" : "bias") mask, element \(k)")
+        }
       }
     }
   }

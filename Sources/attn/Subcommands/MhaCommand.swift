@@ -177,7 +177,14 @@ struct MhaCommand: ParsableCommand {
     try checkFiniteResult(
       result.output, name: "the output", inputs: [x] + Array(layer.parameters),
       biases: [mask.bias])
-    let decoded = try decode ? runDecode(layer, x: x, padding: padding, mask: mask) : nil
+    let decoded =
+      try decode
+      ? Progress().during("decoding token by token") {
+        try layer.decode(
+          x, keyPaddingMask: padding, attentionMask: mask, positionOffset: positionOffset,
+          kernel: kernelOptions.attentionKernel, threads: kernelOptions.threads,
+          memoryBudget: kernelOptions.memoryBudget)
+      } : nil
 
     let reference = try MultiHeadReference(
       layer: layer, input: x, keyPaddingMask: padding, attentionMask: mask,
@@ -202,7 +209,7 @@ struct MhaCommand: ParsableCommand {
       outputs.append((heatmap, { figure.document().bytes() }))
     }
     let run = CheckedRun(checks: checks, outputs: outputs)
-    let latency = decoded.map { Stopwatch.Statistics($0.seconds).scaled(by: 1000) }
+    let latency = decoded.map { Stopwatch.Statistics($0.stepSeconds).scaled(by: 1000) }
     try run.finish(
       format: format,
       json: {
@@ -299,57 +306,9 @@ struct MhaCommand: ParsableCommand {
     }
   }
 
-  /// The token-by-token run: outputs `[B, T, E]` and each step's seconds.
-  struct Decoded {
-    var output: Tensor
-    var seconds: [Double]
-  }
-
-  /// Runs `x` one token at a time through a KV cache of capacity `T`: step `t` appends token
-  /// `t`'s keys and values and attends its query to keys `0…t`, with the masks' rows and keys of
-  /// that step.
-  private func runDecode(
-    _ layer: MultiHeadAttention, x: Tensor, padding: Tensor?, mask: AttentionMask
-  ) throws -> Decoded {
-    let (batch, length, e) = (x.shape[0], x.shape[1], x.shape[2])
-    var cache = try KVCache(
-      batch: batch, keyValueHeads: layer.keyValueHeads, headDim: layer.headDim, capacity: length,
-      positionOffset: positionOffset)
-    var output = try Tensor(shape: [batch, length, e])
-    var seconds: [Double] = []
-    try Progress().during("decoding token by token") {
-      for t in 0..<length {
-        let token = try x.slice(axis: 1, t..<(t + 1))
-        var stepMask = mask
-        if let keep = mask.keep { stepMask.keep = try Self.rows(keep, t, keys: t + 1) }
-        if let bias = mask.bias { stepMask.bias = try Self.rows(bias, t, keys: t + 1) }
-        let stepPadding = try padding.map { try $0.slice(axis: 1, 0..<(t + 1)) }
-        let (time, result) = try Stopwatch.measure {
-          try layer.step(
-            token, cache: &cache, keyPaddingMask: stepPadding, attentionMask: stepMask,
-            kernel: kernelOptions.attentionKernel, threads: kernelOptions.threads,
-            memoryBudget: kernelOptions.memoryBudget)
-        }
-        seconds.append(time)
-        for b in 0..<batch {
-          for c in 0..<e {
-            output.scalars[(b * length + t) * e + c] = result.output.scalars[b * e + c]
-          }
-        }
-      }
-    }
-    return Decoded(output: output, seconds: seconds)
-  }
-
-  /// Row `t` and keys `0 ..< keys` of a mask broadcast over `[…, T, T]` (extent-1 axes stay).
-  static func rows(_ mask: Tensor, _ t: Int, keys: Int) throws -> Tensor {
-    guard mask.rank >= 2 else { return try mask.rank == 1 ? mask.slice(axis: 0, 0..<keys) : mask }
-    return try mask.slice(axis: mask.rank - 2, t..<(t + 1)).slice(axis: mask.rank - 1, 0..<keys)
-  }
-
   private func printText(
     layer: MultiHeadAttention, x: Tensor, result: MultiHeadResult, mask: AttentionMask,
-    padding: Tensor?, decoded: Decoded?, latency: Stopwatch.Statistics?
+    padding: Tensor?, decoded: DecodedSequence?, latency: Stopwatch.Statistics?
   ) {
     let rotary = layer.rotary.map {
       "rotary θ \(ExplainStep.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
@@ -374,7 +333,7 @@ struct MhaCommand: ParsableCommand {
         + (masks.isEmpty ? "no mask" : masks.joined(separator: ", ")))
     if let latency, let decoded {
       print(
-        "decode: \(decoded.seconds.count) tokens through a KV cache, per token "
+        "decode: \(decoded.stepSeconds.count) tokens through a KV cache, per token "
           + String(
             format: "median %.3f ms, mean %.3f ± %.3f ms, min %.3f, max %.3f", latency.median,
             latency.mean, latency.standardDeviation, latency.min, latency.max))
