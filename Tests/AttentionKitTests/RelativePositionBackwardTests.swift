@@ -54,7 +54,7 @@ struct RelativePositionBackwardTests {
   func fastMatchesNumpy(spec: RelposGradCase) throws {
     let c = try LoadedRelposGradCase(spec)
     let g = try c.module.backward(c.x, mask: c.mask, gradOutput: c.gradOutput, threads: 3)
-    #expect(g.kernel == .fast)
+    #expect(g.kernel == .materialized)
     let bounds = try Self.float64(c).gradients(
       gradOutput: c.gradOutput.scalars.map(Double.init), unit: 0x1p-24
     ).bounds
@@ -223,7 +223,7 @@ struct RelativePositionBackwardTests {
   func budgetRefusal() throws {
     let module = try RelativePositionAttention(modelDim: 16, maxDistance: 4, seed: 1)
     let x = try Tensor.randomNormal(shape: [2, 50, 16], seed: 2, stream: 1)
-    let needed = try #require(module.fastBackwardWorkspaceBytes(batch: 2, length: 50, threads: 2))
+    let needed = try #require(module.materializedBackwardWorkspaceBytes(batch: 2, length: 50, threads: 2))
     // 2·2·50² + 2·50·9 + 2·50·9 + 6·2·50·16 floats.
     #expect(needed == (2 * 2 * 2500 + 2 * 50 * 9 + 2 * 50 * 9 + 6 * 2 * 50 * 16) * 4)
     #expect {
@@ -244,12 +244,16 @@ struct RelativePositionBackwardTests {
     #expect(throws: AttentionError.self) { try module.backward(x, gradOutput: wrong) }
     #expect(throws: AttentionError.self) { try module.backward(wrong, gradOutput: x) }
     #expect(throws: AttentionError.self) { try module.backward(x, gradOutput: x, threads: 0) }
+    // The position term has no tiled backward: asking for one is an error, not another kernel.
+    #expect(throws: AttentionError.self) {
+      try module.backward(x, gradOutput: x, kernel: .tiled(.default))
+    }
   }
 
   enum GradientKernel: String, CaseIterable, Sendable, CustomTestStringConvertible {
-    case reference, fast
-    var kernel: RelativePositionAttention.GradientKernel {
-      self == .reference ? .reference : .fast
+    case reference, materialized
+    var kernel: Attention.Kernel {
+      self == .reference ? .reference : .materialized
     }
     var testDescription: String { rawValue }
   }

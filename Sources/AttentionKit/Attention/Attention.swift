@@ -13,7 +13,11 @@ import Tensors
 public enum Attention {
   /// Which kernel computes the attention. Every kernel has the same semantics and agrees with the
   /// others to float32 rounding; they differ in speed, memory and whether weights come back.
-  public enum Kernel: Sendable, Equatable {
+  ///
+  /// The same enum names the kernel a call ran (`AttentionResult.kernel`, never `.automatic`),
+  /// and the kernels of the backward passes (`Attention.backward`,
+  /// `RelativePositionAttention.backward`).
+  public enum Kernel: Sendable, Hashable {
     /// `ReferenceAttention`: plain loops in `Double`, one thread, no BLAS. For checking.
     case reference
     /// `MaterializedAttention`: holds the `[B, H, Tq, Tk]` weights (and returns them).
@@ -23,11 +27,22 @@ public enum Attention {
     case tiled(TiledAttention.Configuration)
     /// Materialized when the weights are asked for and fit the memory budget, tiled otherwise.
     case automatic
-  }
 
-  /// The kernel that ran: what `Kernel.automatic` resolves to.
-  public enum KernelName: String, Sendable, Equatable, CaseIterable {
-    case reference, materialized, tiled
+    /// `reference`, `materialized`, `tiled` or `automatic`: for reports and messages.
+    public var name: String {
+      switch self {
+      case .reference: return "reference"
+      case .materialized: return "materialized"
+      case .tiled: return "tiled"
+      case .automatic: return "automatic"
+      }
+    }
+
+    /// Whether this is `.tiled`, with any configuration.
+    public var isTiled: Bool {
+      if case .tiled = self { return true }
+      return false
+    }
   }
 
   /// Computes attention of `queries` over `keys` and `values`.
@@ -131,17 +146,5 @@ public enum Attention {
       MemoryBudgetExceeded(
         what: "the \(kernel) kernel's \(shapeForMessage(shape.weightsShape)) weights",
         neededBytes: bytes, budgetBytes: memoryBudget, advice: .useTiledKernel))
-  }
-}
-
-extension Attention.Kernel {
-  /// The kernel's name, `automatic` for `.automatic`.
-  public var name: String {
-    switch self {
-    case .reference: return "reference"
-    case .materialized: return "materialized"
-    case .tiled: return "tiled"
-    case .automatic: return "automatic"
-    }
   }
 }

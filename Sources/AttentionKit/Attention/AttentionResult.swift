@@ -10,7 +10,7 @@ public struct AttentionResult: Sendable {
   /// The bytes of scratch memory the kernel allocated, beyond its inputs and its output.
   public var workspaceBytes: Int
   /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
-  public var kernel: Attention.KernelName
+  public var kernel: Attention.Kernel
   /// The `Bq × Bk` tiles the tiled kernel computed (causal and windowed calls skip the others);
   /// `nil` from the other kernels.
   public var tilesComputed: Int?
@@ -25,7 +25,7 @@ public struct AttentionResult: Sendable {
   public var logSumExp: Tensor?
 
   public init(
-    output: Tensor, weights: Tensor?, workspaceBytes: Int, kernel: Attention.KernelName,
+    output: Tensor, weights: Tensor?, workspaceBytes: Int, kernel: Attention.Kernel,
     tilesComputed: Int? = nil, logSumExp: Tensor? = nil
   ) {
     self.output = output

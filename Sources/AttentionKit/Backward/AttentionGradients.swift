@@ -18,7 +18,7 @@ public struct AttentionGradients: Sendable {
   /// The bytes of scratch memory the kernel allocated, beyond its inputs and its gradients.
   public var workspaceBytes: Int
   /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
-  public var kernel: Attention.KernelName
+  public var kernel: Attention.Kernel
   /// The `Bq × Bk` tiles of the tiled kernel (each of five sgemms; with the bias gradient, the
   /// tiles of both its passes), causal and windowed calls skipping the others; the forward pass
   /// it may rerun is not counted. `nil` from the other kernels.
@@ -26,7 +26,7 @@ public struct AttentionGradients: Sendable {
 
   public init(
     dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?, workspaceBytes: Int,
-    kernel: Attention.KernelName, tilesComputed: Int? = nil
+    kernel: Attention.Kernel, tilesComputed: Int? = nil
   ) {
     self.dQ = dQ
     self.dK = dK

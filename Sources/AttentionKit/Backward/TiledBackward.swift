@@ -183,7 +183,7 @@ public enum TiledBackward {
     }
     guard bh > 0, tq > 0, tk > 0 else {
       return AttentionGradients(
-        dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: 0, kernel: .tiled,
+        dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: 0, kernel: .tiled(configuration),
         tilesComputed: 0)
     }
     // Pass 0: L, and Δ = rowsum(dO∘O), from the forward's results or a rerun.
@@ -295,7 +295,7 @@ public enum TiledBackward {
       dBias!.scalars = biasScalars
     }
     return AttentionGradients(
-      dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes, kernel: .tiled,
+      dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes, kernel: .tiled(configuration),
       tilesComputed: tiles.load(ordering: .relaxed))
   }
 }

@@ -61,7 +61,7 @@ public enum TiledAttention {
   /// long blocks of keys keep the per-row cost of the online softmax low. Every query block reads
   /// all the keys and values it sees, so for long sequences the defaults switch to 256 × 512
   /// (see `fitsBlocks`).
-  public struct Configuration: Sendable, Equatable {
+  public struct Configuration: Sendable, Hashable {
     /// `Bq`, queries per block. Setting it keeps it as set (`fitsBlocks` becomes false).
     public var queryBlock: Int { didSet { fitsBlocks = false } }
     /// `Bk`, keys per block (the most, when `fitsBlocks`). Setting it keeps it as set
@@ -223,7 +223,7 @@ public enum TiledAttention {
     if partition.rowTasks == 0 || shape.keys == 0 {
       return AttentionResult(
         output: try Tensor(shape: shape.outputShape), weights: nil, workspaceBytes: 0,
-        kernel: .tiled, tilesComputed: 0,
+        kernel: .tiled(configuration), tilesComputed: 0,
         logSumExp: needLogSumExp ? try Tensor(shape: lseShape, scalars: logSumExp) : nil)
     }
     let plan = TilePlan(
@@ -255,7 +255,7 @@ public enum TiledAttention {
       }
     }
     return AttentionResult(
-      output: output, weights: nil, workspaceBytes: workspace, kernel: .tiled,
+      output: output, weights: nil, workspaceBytes: workspace, kernel: .tiled(configuration),
       tilesComputed: tiles.load(ordering: .relaxed),
       logSumExp: needLogSumExp ? try Tensor(shape: lseShape, scalars: logSumExp) : nil)
   }

@@ -2,15 +2,6 @@ import Foundation
 import Tensors
 
 extension RelativePositionAttention {
-  /// The kernels of `backward`.
-  public enum GradientKernel: String, Sendable, CaseIterable {
-    /// The formulas in `Double` with loops, gathering `E` per `(i, j)` as the notebook's forward
-    /// does (`T·T·D ≤ referenceElementLimit`): what the fast kernel is checked against.
-    case reference
-    /// Every product through `BLAS.sgemm`, `P` and `dS` held per batch element.
-    case fast
-  }
-
   /// The gradients of the module's output `Y = forward(x, mask)` for an upstream gradient
   /// `dY = ∂L/∂Y`: `∂L/∂x` and `∂L/∂θ` for every parameter, under the `state_dict` names.
   ///
@@ -30,7 +21,7 @@ extension RelativePositionAttention {
   /// A fully masked row has `P = 0`, so `dS = 0` and its `dQ` row is exactly zero: its `dx` row
   /// is `dK·W_k + dV·W_v` alone. Every row of `dS` sums to 0 (`scoreGradientRowSums`).
   ///
-  /// The `.fast` kernel:
+  /// The `.materialized` kernel (also what `.automatic` runs):
   /// 1. `Q`, `K`, `V` by the module's `Linear` layers (one sgemm each);
   /// 2. one task per batch element, taken by `threads` workers, each with its own `P` and `dS`
   ///    (`[T, T]`) and position table (`[T, W]`): `P` as the forward computes it (`scale·Q·Kᵀ`
@@ -45,7 +36,7 @@ extension RelativePositionAttention {
   /// worker; `G`; `Q`, `K`, `V` and their gradients). Memory is quadratic in `T` per worker, not
   /// per batch: there is no tiled variant yet.
   ///
-  /// Errors: the fast kernel's gradients are within first-order float32 bounds of the exact
+  /// Errors: the materialized kernel's gradients are within first-order float32 bounds of the exact
   /// ones, built from the reference's own magnitudes (`RelativePosition64.gradients(unit:)`):
   /// the projections' errors `γ_{D+1}·Σ|x·w|`, the score error `δ` through the softmax
   /// (`ρ = 2δ(1 + 2δ) + γ_{T+6}`), then `dP`, `Δ`, `dS` and each sum of products with its own
@@ -55,12 +46,17 @@ extension RelativePositionAttention {
   ///   - x: the forward's input, `[B, T, D]`.
   ///   - mask: the forward's mask (keep mask, bias, causal, window), broadcast to `[B, T, T]`.
   ///   - gradOutput: `dY`, `[B, T, D]`.
-  ///   - kernel: `.fast` (sgemm) or `.reference` (`Double` loops, for checking).
-  ///   - threads: worker threads of the fast kernel, every core when `nil`.
+  ///   - kernel: `.materialized` (sgemm, `P` and `dS` held per batch element; also what
+  ///     `.automatic` runs) or `.reference` (the formulas in `Double` with loops, gathering `E`
+  ///     per `(i, j)` as the notebook's forward does, for `T·T·D ≤ referenceElementLimit`: what
+  ///     the materialized kernel is checked against). There is no tiled backward for the
+  ///     position term yet: `.tiled` is an `AttentionError.invalidArgument`.
+  ///   - threads: worker threads of the materialized kernel, every core when `nil`.
   ///   - memoryBudget: bytes of workspace the kernel may allocate; over it, the call throws
   ///     `AttentionError.memoryBudget` before allocating.
   public func backward(
-    _ x: Tensor, mask: AttentionMask = .none, gradOutput: Tensor, kernel: GradientKernel = .fast,
+    _ x: Tensor, mask: AttentionMask = .none, gradOutput: Tensor,
+    kernel: Attention.Kernel = .materialized,
     threads: Int? = nil, memoryBudget: Int? = nil
   ) throws -> RelativePositionGradients {
     if let threads, threads < 1 {
@@ -81,18 +77,21 @@ extension RelativePositionAttention {
     case .reference:
       return try referenceBackward(
         x, mask: mask, gradOutput: gradOutput, memoryBudget: memoryBudget)
-    case .fast:
+    case .tiled:
+      throw AttentionError.invalidArgument(
+        "relative-position gradients have no tiled kernel; use .materialized")
+    case .materialized, .automatic:
       let workers = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
       return try BLASThreads.withCount(1) {
-        try fastBackward(
+        try materializedBackward(
           x, mask: mask, gradOutput: gradOutput, threads: workers, memoryBudget: memoryBudget)
       }
     }
   }
 
-  /// The bytes the fast kernel allocates for `x` `[B, T, D]` with `threads` workers (see
+  /// The bytes the materialized kernel allocates for `x` `[B, T, D]` with `threads` workers (see
   /// `backward`), `nil` on overflow.
-  public func fastBackwardWorkspaceBytes(batch b: Int, length t: Int, threads: Int) -> Int? {
+  public func materializedBackwardWorkspaceBytes(batch b: Int, length t: Int, threads: Int) -> Int? {
     let workers = max(1, min(threads, b))
     let width = t == 0 ? 0 : positionBias.columns(queries: t, keys: t).count
     let (square, overflow) = t.multipliedReportingOverflow(by: t)
@@ -117,13 +116,13 @@ extension RelativePositionAttention {
           what: "the reference backward's gathered [T, T, D] = [\(t), \(t), \(d)] tensor",
           neededBytes: overflow ? nil : gathered * 8,
           budgetBytes: Self.referenceElementLimit * 8,
-          advice: .other("it is for small problems; use the fast kernel")))
+          advice: .other("it is for small problems; use the materialized kernel")))
     }
     // Doubles: the gathered tensor, P, dS, the mask, x, dY, Q, K, V and their gradients.
     let bytes = byteCount([(gathered, 8), (b * t * t, 8 * 3 + 1), (b * t * d, 8 * 9)])
     try checkBackwardBudget(
       bytes, memoryBudget, what: "the reference backward's float64 [T, T, D] gather",
-      advice: .other("it is for small problems; use the fast kernel"))
+      advice: .other("it is for small problems; use the materialized kernel"))
     let problem = try RelativePosition64(module: self, x: x, mask: mask)
     let result = problem.gradients(gradOutput: gradOutput.scalars.map(Double.init))
     func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
@@ -150,13 +149,13 @@ extension RelativePositionAttention {
 
   // MARK: - Fast
 
-  private func fastBackward(
+  private func materializedBackward(
     _ x: Tensor, mask: AttentionMask, gradOutput: Tensor, threads: Int, memoryBudget: Int?
   ) throws -> RelativePositionGradients {
     let (b, t, d) = (x.shape[0], x.shape[1], modelDim)
     try BLAS.checkDimensions(b * t, t, d, context: "relative-position backward")
     let workers = max(1, min(threads, b))
-    let bytes = fastBackwardWorkspaceBytes(batch: b, length: t, threads: threads)
+    let bytes = materializedBackwardWorkspaceBytes(batch: b, length: t, threads: threads)
     try checkBackwardBudget(
       bytes, memoryBudget,
       what: "the relative-position backward's \(shapeForMessage([t, t])) P and dS per worker",
@@ -246,10 +245,10 @@ extension RelativePositionAttention {
     }
     return RelativePositionGradients(
       dx: dx, parameters: parameters, dQ: dQ, dK: dK, dV: dV, scoreGradientRowSums: rowSums,
-      scoreGradientRowBounds: rowBounds, workspaceBytes: bytes ?? .max, kernel: .fast)
+      scoreGradientRowBounds: rowBounds, workspaceBytes: bytes ?? .max, kernel: .materialized)
   }
 
-  /// Runs `body` with the pointers of the fast kernel's tensors.
+  /// Runs `body` with the pointers of the materialized kernel's tensors.
   private func withPointers(
     _ q: Tensor, _ k: Tensor, _ v: Tensor, _ dO: Tensor, _ e: Tensor, _ dQ: inout Tensor,
     _ dK: inout Tensor, _ dV: inout Tensor, _ g: inout [Float], _ sums: inout [Double],

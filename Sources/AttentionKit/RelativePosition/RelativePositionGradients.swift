@@ -29,7 +29,7 @@ public struct RelativePositionGradients: Sendable {
   /// Bytes of scratch memory the kernel allocated beyond its inputs and these gradients.
   public var workspaceBytes: Int
   /// The kernel that ran.
-  public var kernel: RelativePositionAttention.GradientKernel
+  public var kernel: Attention.Kernel
 
   /// `dx` and the parameter gradients by name, `"x"` for `dx`: the tensors a file of gradients
   /// holds.
@@ -225,7 +225,7 @@ package struct RelativePosition64: Sendable {
     zip(forward(), dY).reduce(0) { $0 + $1.0 * $1.1 }
   }
 
-  /// The gradients in `Double`, and the float32 bounds of the fast kernel when `unit` is given.
+  /// The gradients in `Double`, and the float32 bounds of the materialized kernel when `unit` is given.
   package struct Gradients: Sendable {
     /// By `tensorNames`, and `"dQ"`, `"dK"`, `"dV"`: flat, shaped as the tensors.
     package var values: [String: [Double]]
@@ -246,7 +246,7 @@ package struct RelativePosition64: Sendable {
   /// then the projections' gradients over all `B·T` rows.
   ///
   /// With `unit` (`u`), also first-order error bounds of a kernel computing in that arithmetic
-  /// with the fast kernel's order of operations (see `RelativePositionAttention.backward`).
+  /// with the materialized kernel's order of operations (see `RelativePositionAttention.backward`).
   package func gradients(gradOutput dY: [Double], unit: Double? = nil) -> Gradients {
     let (bt, t, d) = (batch * length, length, modelDim)
     let width = 2 * maxDistance + 1
@@ -316,7 +316,7 @@ package struct RelativePosition64: Sendable {
   }
 }
 
-/// First-order bounds on the errors of the fast kernel (`RelativePositionAttention.backward`)
+/// First-order bounds on the errors of the materialized kernel (`RelativePositionAttention.backward`)
 /// against the exact gradients, accumulated alongside the reference (see that doc comment).
 private struct ErrorBounds {
   let problem: RelativePosition64

@@ -1,8 +1,8 @@
 import AttentionKit
 import Foundation
 
-/// The checks `attn relpos --grad-out` runs on the fast kernel's gradients. Each recomputes what
-/// it checks in `Double`, from the inputs, independently of the fast kernel.
+/// The checks `attn relpos --grad-out` runs on the materialized kernel's gradients. Each recomputes what
+/// it checks in `Double`, from the inputs, independently of the materialized kernel.
 ///
 /// Shape legend: `B` batch, `T` sequence length, `D` = d_model, `M` largest relative distance.
 /// 1. `gradients_match_reference`: every element of `dx`, `dQ`, `dK`, `dV` and of each parameter
@@ -17,7 +17,7 @@ import Foundation
 ///    first order) `+ (D + T + 8)·ε·|L|₁/h` (the losses' rounding, `|L|₁ = Σ|dY∘Y|`) `+ 10⁻⁹·|g|`:
 ///    a few 10⁻⁶ for the default sizes (gradients of order 1), while a wrong formula errs by
 ///    10⁻³ of the gradient or more. Observed errors are below 1% of it.
-/// 3. `score_gradient_rows_sum_to_zero`: `|Σ_j dS_ij|` of the fast kernel's own `dS` within
+/// 3. `score_gradient_rows_sum_to_zero`: `|Σ_j dS_ij|` of the materialized kernel's own `dS` within
 ///    the bound it reports (`RelativePositionGradients.scoreGradientRowBounds`).
 public struct RelposGradientChecks {
   /// The largest `B·T·(T + D)·D` the checks take: the multiply-adds of one float64 forward,

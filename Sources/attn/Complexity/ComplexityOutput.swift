@@ -18,7 +18,7 @@ extension ComplexityCommand {
 
   /// The settings in one line.
   private func printHeader() {
-    let kernels = kernel.list.map(\.rawValue).joined(separator: " and ")
+    let kernels = kernel.list.map(\.flagName).joined(separator: " and ")
     print(
       "Exercise 2: attention complexity (d_model = \(headDim); \(kernels); median of \(repeats) "
         + "run\(repeats == 1 ? "" : "s") after a warm-up; \(resolvedThreads) "
@@ -26,7 +26,7 @@ extension ComplexityCommand {
     print("")
   }
 
-  private var nameWidth: Int { kernel.list.map(\.rawValue.count).max() ?? 0 }
+  private var nameWidth: Int { kernel.list.map(\.flagName.count).max() ?? 0 }
 
   /// The notebook's two lines per n, then one line per kernel measured.
   private func printTable(_ rows: [ComplexityRow]) {
@@ -36,7 +36,7 @@ extension ComplexityCommand {
           + "\(Self.grouped(row.elements)) elements")
       print("  Memory: \(String(format: "%.2f", row.theoreticalMB)) MB")
       for name in kernel.list {
-        let label = name.rawValue.padding(toLength: nameWidth, withPad: " ", startingAt: 0)
+        let label = name.flagName.padding(toLength: nameWidth, withPad: " ", startingAt: 0)
         if let m = row.measurements[name] {
           let rss = m.rssGrowthBytes.map { "+" + formatBytes($0) } ?? "n/a"
           print(
@@ -75,7 +75,7 @@ extension ComplexityCommand {
             + String(format: "   %.4f", f.rSquared)
         }
         print(
-          "  \(pad(name.rawValue, nameWidth, left: true))   \(cell(fit.time))  "
+          "  \(pad(name.flagName, nameWidth, left: true))   \(cell(fit.time))  "
             + "\(cell(fit.memory))  \(cell(fit.workspace))")
       }
     }
@@ -90,7 +90,7 @@ extension ComplexityCommand {
       }
       guard !points.isEmpty else { return nil }
       return TerminalChart.Series(
-        name: name.rawValue, symbol: name == .materialized ? "M" : "T", points: points)
+        name: name.flagName, symbol: name == .materialized ? "M" : "T", points: points)
     }
     if !series.isEmpty {
       print("\nTime against sequence length (log–log):\n")
@@ -108,7 +108,7 @@ extension ComplexityCommand {
     print("Time Complexity: O(n² × d) where n = sequence length, d = dimension")
     let timeParts = kernel.list.compactMap { name in
       fits.byKernel[name].map {
-        "\(name.rawValue) time ∝ n^\(Self.twoDecimals($0.time.exponent)) "
+        "\(name.flagName) time ∝ n^\(Self.twoDecimals($0.time.exponent)) "
           + "(R² \(String(format: "%.3f", $0.time.rSquared)))"
       }
     }
@@ -116,7 +116,7 @@ extension ComplexityCommand {
     print("Space Complexity: O(n²) for the attention matrix")
     let spaceParts = kernel.list.compactMap { name in
       fits.byKernel[name].map {
-        "\(name.rawValue) memory ∝ n^\(Self.twoDecimals($0.memory.exponent)) "
+        "\(name.flagName) memory ∝ n^\(Self.twoDecimals($0.memory.exponent)) "
           + "(R² \(String(format: "%.3f", $0.memory.rSquared))), "
           + "workspace ∝ n^\(Self.twoDecimals($0.workspace.exponent))"
       }
@@ -171,18 +171,18 @@ extension ComplexityCommand {
       settings: .init(
         minLen: minLen, maxLen: maxLen, dModel: headDim, repeats: repeats, seed: seed,
         threads: resolvedThreads, memoryBudgetBytes: memoryBudget,
-        kernels: kernel.list.map(\.rawValue)),
+        kernels: kernel.list.map(\.flagName)),
       rows: rows.map { row in
         ComplexityReport.Row(
           seqLen: row.n, elements: row.elements, theoreticalMb: row.theoreticalMB,
           kernels: Dictionary(
             uniqueKeysWithValues: row.measurements.map { name, m in
-              (name.rawValue, ComplexityReport.KernelRow(m))
+              (name.flagName, ComplexityReport.KernelRow(m))
             }))
       },
       fit: Dictionary(
         uniqueKeysWithValues: fits.byKernel.map { name, fit in
-          (name.rawValue, ComplexityReport.Fit(fit))
+          (name.flagName, ComplexityReport.Fit(fit))
         }),
       notes: notes)
   }
@@ -195,7 +195,7 @@ extension ComplexityCommand {
       for name in kernel.list {
         guard let m = row.measurements[name] else { continue }
         let fields: [String] = [
-          "\(row.n)", name.rawValue, "\(row.elements)", "\(row.theoreticalMB)",
+          "\(row.n)", name.flagName, "\(row.elements)", "\(row.theoreticalMB)",
           "\(m.timeMilliseconds)", "\(m.gflops)", "\(m.workspaceBytes)", "\(m.footprintBytes)",
           m.rssGrowthBytes.map(String.init) ?? "",
         ]
@@ -211,7 +211,7 @@ extension ComplexityCommand {
   /// Two panels as the notebook's figure: memory against n, time against n; both log–log with an
   /// n² reference through the first measured point.
   func chart(rows: [ComplexityRow]) -> LineChartSVG {
-    let colors: [KernelChoice: String] = [.materialized: "#1f77b4", .tiled: "#d62728"]
+    let colors: [Attention.Kernel: String] = [.materialized: "#1f77b4", .tiled(.default): "#d62728"]
     func panel(
       id: String, title: String, yLabel: String, value: (ComplexityMeasurement) -> Double
     ) -> LineChartSVG.Panel {
@@ -223,7 +223,7 @@ extension ComplexityCommand {
         guard !points.isEmpty else { continue }
         series.append(
           LineChartSVG.Series(
-            name: name.rawValue, points: points, color: colors[name] ?? "black",
+            name: name.flagName, points: points, color: colors[name] ?? "black",
             marker: name == .materialized ? .circle : .square))
       }
       if let first = series.first?.points.first {

@@ -16,8 +16,8 @@ struct ComplexityMeasurement {
 /// One sequence length: the notebook's theoretical figures and what each kernel measured.
 struct ComplexityRow {
   var n: Int
-  var measurements: [KernelChoice: ComplexityMeasurement] = [:]
-  var skipped: [KernelChoice] = []
+  var measurements: [Attention.Kernel: ComplexityMeasurement] = [:]
+  var skipped: [Attention.Kernel] = []
 
   var elements: Int { n * n }
   /// The float32 `n × n` matrix in MB of 1024² bytes, as the notebook computes it.
@@ -67,7 +67,7 @@ struct ComplexitySweep {
       let k = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.keys)
       let v = try Tensor.randomNormal(shape: shape, seed: seed, stream: RandomStream.values)
       for name in command.kernel.list {
-        let kernel = name.attentionKernel()
+        let kernel = name
         if case .tiled(let configuration) = kernel {
           let workspace = TiledAttention.workspaceBytes(
             queries: n, keys: n, valueDim: d, batchCount: 1, configuration: configuration,
@@ -85,7 +85,7 @@ struct ComplexitySweep {
             queries: q, keys: k, values: v, kernel: kernel, threads: threads,
             memoryBudget: budget)
         }
-        progress.show("n = \(n): \(name.rawValue)…")
+        progress.show("n = \(n): \(name.flagName)…")
         do {
           row.measurements[name] = try measure(
             call, n: n, d: d, inputBytes: (q.count + k.count + v.count) * float,
@@ -148,16 +148,16 @@ struct ComplexityFits {
     var workspace: PowerLawFit
   }
 
-  var byKernel: [KernelChoice: KernelFit] = [:]
+  var byKernel: [Attention.Kernel: KernelFit] = [:]
   var notes: [String] = []
 
-  init(rows: [ComplexityRow], kernels: [KernelChoice]) {
+  init(rows: [ComplexityRow], kernels: [Attention.Kernel]) {
     for name in kernels {
       let measured = rows.compactMap { row in row.measurements[name].map { (row.n, $0) } }
       let n = measured.map { Double($0.0) }
       guard measured.count >= 2 else {
         notes.append(
-          "no fit for \(name.rawValue): measured at \(measured.count) size"
+          "no fit for \(name.flagName): measured at \(measured.count) size"
             + "\(measured.count == 1 ? "" : "s"), a fit needs at least 2")
         continue
       }
@@ -167,14 +167,14 @@ struct ComplexityFits {
           memory: try PowerLawFit.fit(x: n, y: measured.map { Double($0.1.footprintBytes) }),
           workspace: try PowerLawFit.fit(x: n, y: measured.map { Double($0.1.workspaceBytes) }))
       } catch {
-        notes.append("no fit for \(name.rawValue): \(error)")
+        notes.append("no fit for \(name.flagName): \(error)")
       }
     }
   }
 
   /// The footprint's local slope between the last two measured sizes of each kernel,
   /// `log(m₂/m₁)/log(n₂/n₁)`: where the fitted exponent is heading.
-  func tailSlopes(rows: [ComplexityRow], kernels: [KernelChoice]) -> String? {
+  func tailSlopes(rows: [ComplexityRow], kernels: [Attention.Kernel]) -> String? {
     let parts = kernels.compactMap { name -> String? in
       let measured = rows.compactMap { row in row.measurements[name].map { (row.n, $0) } }
       guard measured.count >= 2 else { return nil }
@@ -182,7 +182,7 @@ struct ComplexityFits {
       let (n2, m2) = measured[measured.count - 1]
       let slope =
         log(Double(m2.footprintBytes) / Double(m1.footprintBytes)) / log(Double(n2) / Double(n1))
-      return "\(name.rawValue) \(ComplexityCommand.twoDecimals(slope)) (n = \(n1) → \(n2))"
+      return "\(name.flagName) \(ComplexityCommand.twoDecimals(slope)) (n = \(n1) → \(n2))"
     }
     guard !parts.isEmpty else { return nil }
     return "memory slope at the largest sizes: " + parts.joined(separator: "; ")

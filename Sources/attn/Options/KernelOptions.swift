@@ -3,26 +3,26 @@ import AttentionKit
 import AttentionVerification
 import Foundation
 
-/// Which attention kernel a subcommand runs (`--kernel`); every subcommand that runs attention
-/// takes the same names.
-enum KernelChoice: String, ExpressibleByArgument, CaseIterable {
-  /// Holds the whole `[…, Tq, Tk]` matrix; can return the weights.
-  case materialized
-  /// Online softmax over tiles; memory linear in the sequence, no weights returned.
-  case tiled
-  /// Materialized when the weights are asked for and fit the memory budget, else tiled.
-  case auto
-
-  /// The library's kernel for this choice (`tiled` with the given blocks).
-  func attentionKernel(
-    blocks: TiledAttention.Configuration = .default
-  ) -> Attention.Kernel {
-    switch self {
-    case .materialized: return .materialized
-    case .tiled: return .tiled(blocks)
-    case .auto: return .automatic
+/// `--kernel materialized|tiled|auto`: the library's one kernel enum, `Attention.Kernel`, by
+/// the names every subcommand that runs attention takes (`tiled` with the default blocks, `auto`
+/// for `.automatic`: materialized when the weights are asked for and fit the memory budget,
+/// else tiled).
+extension Attention.Kernel: ExpressibleByArgument {
+  public init?(argument: String) {
+    switch argument {
+    case "materialized": self = .materialized
+    case "tiled": self = .tiled(.default)
+    case "auto": self = .automatic
+    default: return nil
     }
   }
+
+  public static var allValueStrings: [String] { ["materialized", "tiled", "auto"] }
+
+  public var defaultValueDescription: String { flagName }
+
+  /// How `--kernel` spells this kernel, and how reports name it.
+  var flagName: String { self == .automatic ? "auto" : name }
 }
 
 /// `--threads` and `--max-memory`: how much of the machine a subcommand may use.
@@ -64,7 +64,7 @@ struct KernelOptions: ParsableArguments {
       Attention kernel: materialized (returns the weights), tiled (memory-lean), or auto \
       (materialized when the weights are needed and fit --max-memory).
       """)
-  var kernel: KernelChoice = .materialized
+  var kernel: Attention.Kernel = .materialized
 
   @OptionGroup var execution: ExecutionOptions
 
@@ -72,19 +72,16 @@ struct KernelOptions: ParsableArguments {
   var memoryBudget: Int { execution.memoryBudget }
   var memoryBudgetSource: String { execution.memoryBudgetSource }
 
-  /// The library's kernel for `--kernel`.
-  var attentionKernel: Attention.Kernel { kernel.attentionKernel() }
-
   /// Runs the chosen kernel through the library's entry point with these options.
   func attention(
     queries: Tensor, keys: Tensor, values: Tensor, mask: AttentionMask, scale: Float? = nil,
     dropout: Dropout?
   ) throws -> AttentionResult {
     try explainingMemoryBudget {
-      try Progress().during("running the \(kernel.rawValue) kernel") {
+      try Progress().during("running the \(kernel.flagName) kernel") {
         try Attention.scaledDotProduct(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-          kernel: attentionKernel, needWeights: kernel != .tiled, threads: threads,
+          kernel: kernel, needWeights: !kernel.isTiled, threads: threads,
           memoryBudget: memoryBudget)
       }
     }

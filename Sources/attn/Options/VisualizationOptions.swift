@@ -38,8 +38,8 @@ struct VisualizationOptions: ParsableArguments {
 
   /// The usage checks that need the kernel and, when the flags fix them before any file is
   /// read, the batch count and the number of queries and keys.
-  func check(kernel: KernelChoice, batchCount: Int?, queries: Int?, keys: Int?) throws {
-    if kernel == .tiled {
+  func check(kernel: Attention.Kernel, batchCount: Int?, queries: Int?, keys: Int?) throws {
+    if kernel.isTiled {
       for (flag, used) in [("--heatmap", heatmap != nil), ("--explain", explain)] where used {
         throw ValidationError(
           "\(flag) needs --kernel materialized: the tiled kernel never holds the weights")

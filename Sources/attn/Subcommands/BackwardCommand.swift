@@ -73,7 +73,7 @@ struct BackwardCommand: ParsableCommand {
     // the problem (or one key/value group), else sampled rows and keys through the tiled
     // forward's log-sum-exp, which only the tiled kernel provides.
     let sampled = !GradientChecks.canCheck(shape)
-    if sampled && kernelOptions.kernel != .tiled {
+    if sampled && !kernelOptions.kernel.isTiled {
       throw ValidationError(
         "the float64 reference cannot hold \(shape.groupSize) × \(shape.queries) × "
           + "\(shape.keys) scores; run --kernel tiled, whose gradients are checked on sampled "
@@ -85,8 +85,8 @@ struct BackwardCommand: ParsableCommand {
           + "here; use smaller inputs")
     }
     let kernel: Attention.Kernel =
-      kernelOptions.kernel == .tiled
-      ? .tiled(TiledBackward.defaultConfiguration) : kernelOptions.attentionKernel
+      kernelOptions.kernel.isTiled
+      ? .tiled(TiledBackward.defaultConfiguration) : kernelOptions.kernel
     let forward =
       sampled
       ? try explainingMemoryBudget {
@@ -98,7 +98,7 @@ struct BackwardCommand: ParsableCommand {
         }
       } : nil
     let gradients = try explainingMemoryBudget {
-      try Progress().during("running the \(kernelOptions.kernel.rawValue) backward") {
+      try Progress().during("running the \(kernelOptions.kernel.flagName) backward") {
         try Attention.backward(
           queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
           dropout: dropout, output: forward?.output, logSumExp: forward?.logSumExp,
@@ -155,7 +155,7 @@ struct BackwardCommand: ParsableCommand {
         BackwardReport(
           dqShape: gradients.dQ.shape, dkShape: gradients.dK.shape, dvShape: gradients.dV.shape,
           dbiasShape: gradients.dBias?.shape, p: inputs.eval ? 0 : Double(inputs.probability),
-          seed: inputs.seed, training: !inputs.eval, kernel: gradients.kernel.rawValue,
+          seed: inputs.seed, training: !inputs.eval, kernel: gradients.kernel.flagName,
           mask: inputs.mask.description, workspaceBytes: gradients.workspaceBytes,
           checks: checks.dictionary, verified: run.verified,
           explainBatch: explanation.reportedBatch, steps: steps)
@@ -189,7 +189,7 @@ struct BackwardCommand: ParsableCommand {
     let mode = inputs.eval ? "eval, no dropout" : "training, p = \(inputs.probability)"
     print(
       "Exercise 4: the gradients of attention (\(mode), seed \(inputs.seed), mask "
-        + "\(inputs.mask), \(gradients.kernel.rawValue) kernel)")
+        + "\(inputs.mask), \(gradients.kernel.flagName) kernel)")
     print(
       "dO: \(torchSizeDescription(shape.outputShape))"
         + (gradOut.map { " from \($0)" } ?? ", drawn from the seed"))

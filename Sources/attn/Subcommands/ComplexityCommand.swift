@@ -37,11 +37,11 @@ struct ComplexityCommand: ParsableCommand {
   enum Kernels: String, ExpressibleByArgument, CaseIterable {
     case materialized, tiled, both
 
-    var list: [KernelChoice] {
+    var list: [Attention.Kernel] {
       switch self {
       case .materialized: return [.materialized]
-      case .tiled: return [.tiled]
-      case .both: return [.materialized, .tiled]
+      case .tiled: return [.tiled(.default)]
+      case .both: return [.materialized, .tiled(.default)]
       }
     }
   }

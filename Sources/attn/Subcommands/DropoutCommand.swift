@@ -40,7 +40,7 @@ struct DropoutCommand: ParsableCommand {
   @OptionGroup var visualization: VisualizationOptions
 
   func validate() throws {
-    if kernelOptions.kernel == .tiled && weightsOut != nil {
+    if kernelOptions.kernel.isTiled && weightsOut != nil {
       throw ValidationError(
         "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
@@ -113,7 +113,7 @@ struct DropoutCommand: ParsableCommand {
           p: Double(inputs.probability.description) ?? Double(inputs.probability),
           seed: inputs.seed, rng: inputs.rng.rawValue,
           training: !inputs.eval,
-          kernel: kernelOptions.kernel.rawValue,
+          kernel: kernelOptions.kernel.flagName,
           mask: inputs.mask.description, droppedFraction: droppedFraction,
           checks: checks.dictionary, verified: run.verified,
           explainBatch: visuals.batch, steps: visuals.steps)

@@ -130,7 +130,7 @@ struct MhaCommand: ParsableCommand {
       throw ValidationError("--heatmap-batch must be ≥ 0, got \(heatmapBatch)")
     }
     if let heatmap, heatmap.isEmpty { throw ValidationError("--heatmap needs a file path") }
-    if kernelOptions.kernel == .tiled && (weightsOut != nil || heatmap != nil) {
+    if kernelOptions.kernel.isTiled && (weightsOut != nil || heatmap != nil) {
       throw ValidationError(
         "--weights-out and --heatmap need --kernel materialized or auto: the tiled kernel never "
           + "holds the weights")
@@ -163,7 +163,7 @@ struct MhaCommand: ParsableCommand {
       try Progress().during("running the layer") {
         try layer(
           x, keyPaddingMask: padding, attentionMask: mask, positionOffset: positionOffset,
-          kernel: kernelOptions.attentionKernel, needWeights: needWeights,
+          kernel: kernelOptions.kernel, needWeights: needWeights,
           threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
       }
     }
@@ -182,7 +182,7 @@ struct MhaCommand: ParsableCommand {
       ? Progress().during("decoding token by token") {
         try layer.decode(
           x, keyPaddingMask: padding, attentionMask: mask, positionOffset: positionOffset,
-          kernel: kernelOptions.attentionKernel, threads: kernelOptions.threads,
+          kernel: kernelOptions.kernel, threads: kernelOptions.threads,
           memoryBudget: kernelOptions.memoryBudget)
       } : nil
 
@@ -219,7 +219,7 @@ struct MhaCommand: ParsableCommand {
           ropeLayout: layer.rotary?.layout.rawValue, positionOffset: positionOffset,
           inputShape: x.shape, outputShape: result.output.shape,
           weightsShape: weightsOut == nil ? nil : written?.shape,
-          kernel: result.attention.kernel.rawValue, isCausal: mask.isCausal,
+          kernel: result.attention.kernel.flagName, isCausal: mask.isCausal,
           keyPaddingMask: padding != nil, attnMask: attnMask != nil,
           decodeMilliseconds: latency, checks: checks.dictionary, verified: run.verified)
       },
@@ -329,7 +329,7 @@ struct MhaCommand: ParsableCommand {
       ].compactMap { $0 }
     print(
       "input \(shapeForMessage(x.shape)) → output \(shapeForMessage(result.output.shape)); "
-        + "kernel \(result.attention.kernel.rawValue); "
+        + "kernel \(result.attention.kernel.flagName); "
         + (masks.isEmpty ? "no mask" : masks.joined(separator: ", ")))
     if let latency, let decoded {
       print(

@@ -105,7 +105,7 @@ struct RelposCommand: ParsableCommand {
       throw ValidationError("--seq-len must be positive, got \(seqLen)")
     }
     if let batch, batch < 1 { throw ValidationError("--batch must be positive, got \(batch)") }
-    if kernelOptions.kernel == .tiled && weightsOut != nil {
+    if kernelOptions.kernel.isTiled && weightsOut != nil {
       throw ValidationError(
         "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
     }
@@ -156,9 +156,9 @@ struct RelposCommand: ParsableCommand {
 
     // The materialized kernel refuses weights over the budget (--max-memory) instead of thrashing.
     let result = try explainingMemoryBudget {
-      try Progress().during("running the \(kernelOptions.kernel.rawValue) kernel") {
+      try Progress().during("running the \(kernelOptions.kernel.flagName) kernel") {
         try module(
-          inputs, mask: attentionMask, kernel: kernelOptions.attentionKernel,
+          inputs, mask: attentionMask, kernel: kernelOptions.kernel,
           threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
       }
     }
@@ -225,7 +225,7 @@ struct RelposCommand: ParsableCommand {
           inputShape: inputs.shape, outputShape: result.output.shape, weightsShape: [b, t, t],
           dModel: d, maxRel: module.maxDistance, seed: seed, rng: rng.rawValue,
           weights: weights ?? "random", input: input ?? "random", mask: mask.description,
-          kernel: kernelOptions.kernel.rawValue, workspaceBytes: result.workspaceBytes,
+          kernel: kernelOptions.kernel.flagName, workspaceBytes: result.workspaceBytes,
           gatherBytes: Self.gatherBytes(t: t, d: d),
           checks: checks.dictionary, verified: run.verified,
           gradientChecks: backward?.checks.dictionary,
@@ -263,7 +263,7 @@ struct RelposCommand: ParsableCommand {
     do {
       gradients = try Progress().during("running the backward pass") {
         try module.backward(
-          inputs, mask: mask, gradOutput: gradient, kernel: .fast,
+          inputs, mask: mask, gradOutput: gradient, kernel: .materialized,
           threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
       }
     } catch AttentionError.memoryBudget(var exceeded) {
@@ -388,7 +388,7 @@ struct RelposCommand: ParsableCommand {
     }
     if let explanation { print("\n" + explanation) }
     if let g = gradients, let gradOut {
-      print("\nGradients (fast kernel, dY from \(gradOut)):")
+      print("\nGradients (materialized kernel, dY from \(gradOut)):")
       print("  dx: \(torchSizeDescription(g.dx.shape))")
       for name in RelativePositionAttention.parameterNames {
         if let tensor = g.parameters.tensors[name] {

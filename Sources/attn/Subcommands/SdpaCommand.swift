@@ -60,7 +60,7 @@ struct SdpaCommand: ParsableCommand {
     guard dropoutP >= 0, dropoutP <= 1 else {
       throw ValidationError("--dropout-p must be in [0, 1], got \(dropoutP)")
     }
-    if kernelOptions.kernel == .tiled && weightsOut != nil {
+    if kernelOptions.kernel.isTiled && weightsOut != nil {
       throw ValidationError(
         "--weights-out needs --kernel materialized or auto: the tiled kernel never holds them")
     }
@@ -74,10 +74,10 @@ struct SdpaCommand: ParsableCommand {
     let dropout = dropoutP > 0 ? try Dropout(probability: dropoutP, seed: seed) : nil
 
     let result = try explainingMemoryBudget {
-      try Progress().during("running the \(kernelOptions.kernel.rawValue) kernel") {
+      try Progress().during("running the \(kernelOptions.kernel.flagName) kernel") {
         try Attention.scaledDotProduct(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, kernel: kernelOptions.attentionKernel,
+          dropout: dropout, kernel: kernelOptions.kernel,
           needWeights: weightsOut != nil, threads: kernelOptions.threads,
           memoryBudget: kernelOptions.memoryBudget)
       }
@@ -122,7 +122,7 @@ struct SdpaCommand: ParsableCommand {
         SdpaReport(
           outputShape: result.output.shape,
           weightsShape: weightsOut == nil ? nil : shape.weightsShape,
-          kernel: result.kernel.rawValue, tilesComputed: result.tilesComputed,
+          kernel: result.kernel.flagName, tilesComputed: result.tilesComputed,
           groupSize: shape.groupSize, isCausal: mask.isCausal || mask.window != nil,
           causalAlign: mask.causalAlignment.rawValue, window: mask.window,
           scale: Double(shape.resolvedScale(problem.scale)), dropoutP: Double(dropoutP),
@@ -165,7 +165,7 @@ struct SdpaCommand: ParsableCommand {
       "attn sdpa: query \(shapeForMessage(shape.batchShape + [shape.queries, shape.headDim])), "
         + "output \(shapeForMessage(result.output.shape))")
     print(
-      "kernel \(result.kernel.rawValue); \(groupText); \(causalText); \(maskText); "
+      "kernel \(result.kernel.flagName); \(groupText); \(causalText); \(maskText); "
         + "scale \(shape.resolvedScale(problem.scale)); dropout p = \(dropoutP == 0 ? 0 : dropoutP)"
     )
   }
