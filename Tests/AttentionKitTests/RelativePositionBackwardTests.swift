@@ -223,7 +223,8 @@ struct RelativePositionBackwardTests {
   func budgetRefusal() throws {
     let module = try RelativePositionAttention(modelDim: 16, maxDistance: 4, seed: 1)
     let x = try Tensor.randomNormal(shape: [2, 50, 16], seed: 2, stream: 1)
-    let needed = try #require(module.materializedBackwardWorkspaceBytes(batch: 2, length: 50, threads: 2))
+    let needed = try #require(
+      module.materializedBackwardWorkspaceBytes(batch: 2, length: 50, threads: 2))
     // 2·2·50² + 2·50·9 + 2·50·9 + 6·2·50·16 floats.
     #expect(needed == (2 * 2 * 2500 + 2 * 50 * 9 + 2 * 50 * 9 + 6 * 2 * 50 * 16) * 4)
     #expect {

@@ -91,7 +91,8 @@ extension RelativePositionAttention {
 
   /// The bytes the materialized kernel allocates for `x` `[B, T, D]` with `threads` workers (see
   /// `backward`), `nil` on overflow.
-  public func materializedBackwardWorkspaceBytes(batch b: Int, length t: Int, threads: Int) -> Int? {
+  public func materializedBackwardWorkspaceBytes(batch b: Int, length t: Int, threads: Int) -> Int?
+  {
     let workers = max(1, min(threads, b))
     let width = t == 0 ? 0 : positionBias.columns(queries: t, keys: t).count
     let (square, overflow) = t.multipliedReportingOverflow(by: t)

@@ -211,7 +211,9 @@ extension ComplexityCommand {
   /// Two panels as the notebook's figure: memory against n, time against n; both log–log with an
   /// n² reference through the first measured point.
   func chart(rows: [ComplexityRow]) -> LineChartSVG {
-    let colors: [Attention.Kernel: String] = [.materialized: "#1f77b4", .tiled(.default): "#d62728"]
+    let colors: [Attention.Kernel: String] = [
+      .materialized: "#1f77b4", .tiled(.default): "#d62728",
+    ]
     func panel(
       id: String, title: String, yLabel: String, value: (ComplexityMeasurement) -> Double
     ) -> LineChartSVG.Panel {
