@@ -1,3 +1,4 @@
+import AttentionVerification
 import Foundation
 import Testing
 import _TestSupport

@@ -57,7 +57,7 @@ public enum CausalAlignment: String, Sendable, Equatable, CaseIterable {
 
 /// A mask tensor laid over `[batch…, Tq, Tk]` by broadcasting: for each flat batch index, the
 /// offset of its `[Tq, Tk]` slab, and the strides of rows and columns (0 where broadcast).
-struct BroadcastMatrix: Sendable {
+package struct BroadcastMatrix: Sendable {
   let scalars: [Float]
   let batchOffsets: [Int]
   let rowStride: Int
@@ -109,15 +109,15 @@ struct BroadcastMatrix: Sendable {
   }
 
   @inline(__always)
-  func value(batch: Int, row: Int, column: Int) -> Float {
+  package func value(batch: Int, row: Int, column: Int) -> Float {
     scalars[batchOffsets[batch] + row * rowStride + column * columnStride]
   }
 }
 
 /// A mask resolved against a problem's shape, ready for the kernels' row passes.
-struct ResolvedMask: Sendable {
-  let keep: BroadcastMatrix?
-  let bias: BroadcastMatrix?
+package struct ResolvedMask: Sendable {
+  package let keep: BroadcastMatrix?
+  package let bias: BroadcastMatrix?
   /// Causal, or windowed (a window is causal).
   let isCausal: Bool
   /// `limit(i) = i + diagonalOffset`: 0 top-left, `Tk − Tq` bottom-right.
@@ -125,7 +125,7 @@ struct ResolvedMask: Sendable {
   let window: Int?
   let keys: Int
 
-  init(_ mask: AttentionMask, batchShape: [Int], queries: Int, keys: Int) throws {
+  package init(_ mask: AttentionMask, batchShape: [Int], queries: Int, keys: Int) throws {
     keep = try mask.keep.map {
       try BroadcastMatrix($0, batchShape: batchShape, rows: queries, columns: keys, name: "mask")
     }
@@ -144,7 +144,7 @@ struct ResolvedMask: Sendable {
   /// The keys query `i` may see by the causal alignment and the window (before `keep` and
   /// `bias`): `max(0, limit − W + 1) ..< min(Tk, limit + 1)`, empty when none.
   @inline(__always)
-  func visibleKeys(query i: Int) -> Range<Int> {
+  package func visibleKeys(query i: Int) -> Range<Int> {
     guard isCausal else { return 0..<keys }
     let limit = i + diagonalOffset
     let upper = min(keys, max(0, limit + 1))

@@ -94,23 +94,23 @@ extension Attention {
 }
 
 /// The validated inputs of one backward call, shared by the three kernels.
-struct BackwardProblem: Sendable {
-  let queries: Tensor
-  let keys: Tensor
-  let values: Tensor
-  let gradOutput: Tensor
-  let shape: AttentionShape
+package struct BackwardProblem: Sendable {
+  package let queries: Tensor
+  package let keys: Tensor
+  package let values: Tensor
+  package let gradOutput: Tensor
+  package let shape: AttentionShape
   /// The mask as given (the tiled kernel hands it to the forward pass) and resolved.
-  let mask: AttentionMask
+  package let mask: AttentionMask
   let resolved: ResolvedMask
   /// The float32 scale, `1/√D` by default.
-  let scale: Float
+  package let scale: Float
   /// The scale as asked for (`nil`: the default), for the forward pass.
-  let requestedScale: Float?
+  package let requestedScale: Float?
   /// The bias whose gradient is asked for (laid over the scores), `nil` when not asked.
-  let biasGradient: BroadcastMatrix?
+  package let biasGradient: BroadcastMatrix?
 
-  init(
+  package init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
     scale: Float?, needBiasGradient: Bool
   ) throws {
@@ -137,7 +137,7 @@ struct BackwardProblem: Sendable {
   }
 
   /// The forward's `output` and `logSumExp` checked against the shapes: both or neither.
-  func forwardResults(output: Tensor?, logSumExp: Tensor?) throws -> (
+  package func forwardResults(output: Tensor?, logSumExp: Tensor?) throws -> (
     output: Tensor, logSumExp: Tensor
   )? {
     switch (output, logSumExp) {
@@ -163,12 +163,12 @@ struct BackwardProblem: Sendable {
   }
 
   /// `Tq`, `Tk`, `D`, `Dv`.
-  var sizes: (tq: Int, tk: Int, d: Int, dv: Int) {
+  package var sizes: (tq: Int, tk: Int, d: Int, dv: Int) {
     (shape.queries, shape.keys, shape.headDim, shape.valueDim)
   }
 
   /// Zero tensors shaped as `Q`, `K`, `V` and the bias (when its gradient is asked for).
-  func zeroGradients() throws -> (dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?) {
+  package func zeroGradients() throws -> (dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?) {
     (
       try Tensor(shape: queries.shape), try Tensor(shape: keys.shape),
       try Tensor(shape: values.shape),
@@ -178,7 +178,7 @@ struct BackwardProblem: Sendable {
 
   /// Tensors shaped as `Q`, `K`, `V` whose scalars are left as the allocator gives them, not
   /// zeroed: for a kernel that writes every element (the tiled kernel's five-sgemm pass).
-  func unfilledGradients() throws -> (dQ: Tensor, dK: Tensor, dV: Tensor) {
+  package func unfilledGradients() throws -> (dQ: Tensor, dK: Tensor, dV: Tensor) {
     func unfilled(_ shape: [Int]) throws -> Tensor {
       let count = try Tensor.elementCount(of: shape)
       return try Tensor(
@@ -192,7 +192,7 @@ struct BackwardProblem: Sendable {
 
   /// The flat query batches `b` that read key/value batch `g`, ascending: `G` consecutive query
   /// heads (the inverse of `AttentionShape.keyValueBatch`).
-  func queryBatches(ofKeyValueBatch g: Int) -> Range<Int> {
+  package func queryBatches(ofKeyValueBatch g: Int) -> Range<Int> {
     let group = shape.groupSize
     guard group != 1 else { return g..<(g + 1) }
     let heads = shape.batchShape.last ?? 1
@@ -202,14 +202,14 @@ struct BackwardProblem: Sendable {
   }
 
   /// The number of key/value batches, `B·Hkv`.
-  var keyValueBatchCount: Int { shape.batchCount / max(shape.groupSize, 1) }
+  package var keyValueBatchCount: Int { shape.batchCount / max(shape.groupSize, 1) }
 }
 
 extension BroadcastMatrix {
   /// The index into the tensor's own scalars of score `(row, column)` of flat batch `batch`:
   /// where that score's bias was read, so where its gradient is summed.
   @inline(__always)
-  func index(batch: Int, row: Int, column: Int) -> Int {
+  package func index(batch: Int, row: Int, column: Int) -> Int {
     batchOffsets[batch] + row * rowStride + column * columnStride
   }
 }

@@ -2,7 +2,7 @@ import Foundation
 import Tensors
 
 /// The dropout decisions a reference backward uses.
-enum DropoutDecisions {
+package enum DropoutDecisions {
   /// No dropout.
   case none
   /// `Dropout`'s counter-based decisions, as the other kernels regenerate them.
@@ -16,11 +16,11 @@ enum DropoutDecisions {
 /// The plain reference backward: the formulas of `Attention.backward` in `Double`, row by row, with
 /// ordinary loops and `Foundation.exp`, no BLAS. What the fast kernels are checked against, and
 /// what the finite-difference tests differentiate (`Backward64.evaluate` also gives the output).
-enum ReferenceBackward {
+package enum ReferenceBackward {
   /// The bytes `compute` allocates for `problem`: per score `P` and `dS` (8 bytes each), the
   /// visibility (1), the expanded bias (8) and dropout decisions (1) when there are any; the
   /// float64 copies of `Q`, `K`, `V`, `dO`, the output and the three gradients.
-  static func workspaceBytes(_ problem: BackwardProblem, hasDropout: Bool) -> Int? {
+  package static func workspaceBytes(_ problem: BackwardProblem, hasDropout: Bool) -> Int? {
     let shape = problem.shape
     guard let scores = try? Tensor.elementCount(of: shape.weightsShape) else { return nil }
     let perScore = 17 + (problem.mask.bias == nil ? 0 : 8) + (hasDropout ? 1 : 0)
@@ -32,7 +32,7 @@ enum ReferenceBackward {
 
   /// The gradients as `Float` tensors, `dBias` summed over the bias's broadcast dimensions in
   /// `Double` before rounding.
-  static func compute(
+  package static func compute(
     _ problem: BackwardProblem, dropout: DropoutDecisions, memoryBudget: Int?
   ) throws -> AttentionGradients {
     let hasDropout: Bool
@@ -65,7 +65,9 @@ enum ReferenceBackward {
   }
 
   /// `problem` in `Double`, every mask laid out over `[B·H, Tq, Tk]`.
-  static func expand(_ problem: BackwardProblem, dropout: DropoutDecisions) throws -> Backward64 {
+  package static func expand(_ problem: BackwardProblem, dropout: DropoutDecisions) throws
+    -> Backward64
+  {
     let shape = problem.shape
     let (tq, tk, _, _) = problem.sizes
     let bh = shape.batchCount
@@ -124,45 +126,45 @@ enum ReferenceBackward {
 ///
 /// Q `[B·H, Tq, D]`, K `[B·Hkv, Tk, D]`, V `[B·Hkv, Tk, Dv]`, dO `[B·H, Tq, Dv]`, flat; query batch
 /// `b` reads key/value batch `keyValueBatch[b]`.
-struct Backward64: Sendable {
-  var batchCount: Int
-  var queries: Int
-  var keys: Int
-  var headDim: Int
-  var valueDim: Int
-  var keyValueBatch: [Int]
-  var scale: Double
-  var q: [Double]
-  var k: [Double]
-  var v: [Double]
-  var dO: [Double]
+package struct Backward64: Sendable {
+  package var batchCount: Int
+  package var queries: Int
+  package var keys: Int
+  package var headDim: Int
+  package var valueDim: Int
+  package var keyValueBatch: [Int]
+  package var scale: Double
+  package var q: [Double]
+  package var k: [Double]
+  package var v: [Double]
+  package var dO: [Double]
   /// `[B·H, Tq, Tk]`, added to the scaled scores (`−∞` masks); `nil` for none.
-  var bias: [Double]?
+  package var bias: [Double]?
   /// `[B·H, Tq, Tk]`: whether the keep mask, the causal alignment and the window let the query
   /// see the key.
-  var visible: [Bool]
+  package var visible: [Bool]
   /// `[B·H, Tq, Tk]`: the dropout decisions (`true` kept); `nil` without dropout.
-  var dropoutKept: [Bool]?
+  package var dropoutKept: [Bool]?
   /// `1/(1 − p)`.
-  var keptScale: Double
+  package var keptScale: Double
 
   /// Everything the reference computes, flat: the output `[B·H, Tq, Dv]`, the gradients shaped as
   /// `q`, `k`, `v`, and `dS` and `P` (before dropout) `[B·H, Tq, Tk]`.
-  struct Result {
-    var output: [Double]
-    var dQ: [Double]
-    var dK: [Double]
-    var dV: [Double]
-    var dS: [Double]
-    var probabilities: [Double]
+  package struct Result {
+    package var output: [Double]
+    package var dQ: [Double]
+    package var dK: [Double]
+    package var dV: [Double]
+    package var dS: [Double]
+    package var probabilities: [Double]
     /// Per query row, `Σ_j P_ij·(|dP_ij| + |Δ_i|)`: what `Σ_j dS_ij`'s float64 rounding scales
     /// with (the terms cancel; their sum is 0 in exact arithmetic).
-    var dSRowMagnitude: [Double]
+    package var dSRowMagnitude: [Double]
   }
 
   /// The forward pass and the gradients, query row by query row; `dK` and `dV` accumulate over
   /// rows (and over the query heads of a group) in increasing order.
-  func evaluate() -> Result {
+  package func evaluate() -> Result {
     let (bh, tq, tk, d, dv) = (batchCount, queries, keys, headDim, valueDim)
     var r = Result(
       output: .init(repeating: 0, count: bh * tq * dv), dQ: .init(repeating: 0, count: q.count),

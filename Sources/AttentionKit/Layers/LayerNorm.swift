@@ -53,7 +53,8 @@ public struct LayerNorm: Sendable, Equatable {
 
   /// The mean and `1/√(σ² + eps)` of the `count` values `value(0…)`, in `Double`.
   @inline(__always)
-  func statistics(_ count: Int, _ value: (Int) -> Double) -> (mean: Double, inverse: Double) {
+  package func statistics(_ count: Int, _ value: (Int) -> Double) -> (mean: Double, inverse: Double)
+  {
     Self.statistics(count, epsilon: Double(epsilon), value)
   }
 

@@ -178,7 +178,7 @@ public struct MultiHeadAttention: Sendable {
   }
 
   @discardableResult
-  func checkInput(_ x: Tensor) throws -> (batch: Int, length: Int) {
+  package func checkInput(_ x: Tensor) throws -> (batch: Int, length: Int) {
     guard x.rank == 3, x.shape[2] == embedDim else {
       throw AttentionError.shapeMismatch(
         "the input must be [B, T, E] = [B, T, \(embedDim)], got \(shapeForMessage(x.shape))")

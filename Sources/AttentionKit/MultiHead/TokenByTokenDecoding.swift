@@ -19,10 +19,14 @@ extension MultiHeadAttention {
   /// tokens that are not in the cache yet.
   ///
   /// - Parameters:
+  ///   - x: the tokens, `[B, T, E]`.
   ///   - keyPaddingMask: `[B, T]`, 0 = padding (its first `t + 1` columns at step `t`).
   ///   - attentionMask: keep and bias broadcast over `[…, T, T]` (row `t`, keys `0…t` at step
   ///     `t`; an extent-1 axis stays).
   ///   - positionOffset: the position of token 0, for rotary embeddings.
+  ///   - kernel: each step's attention kernel (`Attention.Kernel`).
+  ///   - threads: worker threads, every core when `nil`. Results do not depend on it.
+  ///   - memoryBudget: bytes each step's kernel may allocate (see `Attention.scaledDotProduct`).
   public func decode(
     _ x: Tensor, keyPaddingMask: Tensor? = nil, attentionMask: AttentionMask = .none,
     positionOffset: Int = 0, kernel: Attention.Kernel = .automatic, threads: Int? = nil,

@@ -1,3 +1,4 @@
+import AttentionKit
 import Foundation
 import Tensors
 
@@ -34,7 +35,7 @@ public struct MultiHeadReference: Sendable {
     attentionMask: AttentionMask = .none, positionOffset: Int = 0
   ) throws {
     let (b, t) = try layer.checkInput(x)
-    let combined = try MultiHeadMasks.combine(
+    let combined = try MultiHeadAttention.combinedMask(
       attentionMask, keyPaddingMask: keyPaddingMask, batch: b, keys: t)
     mask = try ResolvedMask(combined, batchShape: [b, layer.heads], queries: t, keys: t)
     self.layer = layer

@@ -1,3 +1,4 @@
+import AttentionKit
 import Foundation
 import Tensors
 
@@ -169,7 +170,9 @@ public struct GradientBounds: Sendable {
   /// Shaped as the bias as given; `nil` without a bias gradient.
   public var dBias: [Double]?
 
-  init(_ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, rounding: Rounding) {
+  package init(
+    _ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, rounding: Rounding
+  ) {
     let u = rounding.unit
     let gamma = rounding.gamma
     let (bh, tq, tk, d, dv) = (p.batchCount, p.queries, p.keys, p.headDim, p.valueDim)
