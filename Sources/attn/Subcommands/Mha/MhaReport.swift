@@ -1,0 +1,64 @@
+import AttentionKit
+import AttentionVerification
+import Foundation
+
+/// What `attn mha` reports: the text (the layer, its masks, the decode latency) and the JSON
+/// document.
+extension MhaCommand {
+  func printText(
+    layer: MultiHeadAttention, x: Tensor, result: MultiHeadResult, mask: AttentionMask,
+    padding: Tensor?, decoded: DecodedSequence?, latency: Stopwatch.Statistics?
+  ) {
+    let rotary = layer.rotary.map {
+      "rotary θ \(ExplainStep.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
+    }
+    print(
+      "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)") from \(weights)")
+    let grouping =
+      layer.keyValueHeads == layer.heads
+      ? "H \(layer.heads)" : "H \(layer.heads) on Hkv \(layer.keyValueHeads)"
+    print(
+      "E \(layer.embedDim), \(grouping), D \(layer.headDim)"
+        + (rotary.map { "; " + $0 } ?? "")
+        + (layer.residualNorm.map { "; LayerNorm(· + x), eps \($0.epsilon)" } ?? ""))
+    let masks =
+      [
+        mask.isCausal ? "causal" : nil, padding == nil ? nil : "key padding",
+        attnMask == nil ? nil : (mask.keep != nil ? "boolean attn mask" : "float attn mask"),
+      ].compactMap { $0 }
+    print(
+      "input \(shapeForMessage(x.shape)) → output \(shapeForMessage(result.output.shape)); "
+        + "kernel \(result.attention.kernel.flagName); "
+        + (masks.isEmpty ? "no mask" : masks.joined(separator: ", ")))
+    if let latency, let decoded {
+      print(
+        "decode: \(decoded.stepSeconds.count) tokens through a KV cache, per token "
+          + String(
+            format: "median %.3f ms, mean %.3f ± %.3f ms, min %.3f, max %.3f", latency.median,
+            latency.mean, latency.standardDeviation, latency.min, latency.max))
+    }
+  }
+}
+
+/// `attn mha --format json`.
+struct MhaReport: Encodable {
+  var layout: String
+  var prefix: String
+  var embedDim: Int
+  var heads: Int
+  var kvHeads: Int
+  var headDim: Int
+  var ropeTheta: Double?
+  var ropeLayout: String?
+  var positionOffset: Int
+  var inputShape: [Int]
+  var outputShape: [Int]
+  var weightsShape: [Int]?
+  var kernel: String
+  var isCausal: Bool
+  var keyPaddingMask: Bool
+  var attnMask: Bool
+  var decodeMilliseconds: Stopwatch.Statistics?
+  var checks: [String: Bool]
+  var verified: Bool
+}
