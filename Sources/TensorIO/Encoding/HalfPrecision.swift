@@ -93,12 +93,16 @@ enum StoredFloat: Sendable {
   }
 }
 
-/// Decodes the little-endian elements in `raw` into `out` (as many as `out` holds; `F64` is
-/// rounded to nearest, so values beyond `Float`'s range become infinite).
+/// Decodes the little-endian elements in `raw` into `out` (as many as `out` holds). `F64` is
+/// rounded to nearest, except that finite values beyond `Float`'s range saturate to
+/// `±Float.greatestFiniteMagnitude` (`saturatingFloat`); returns the position in `out` of the
+/// first value that saturated, `nil` when none did.
+@discardableResult
 func decodeFloats(
   _ raw: UnsafeRawBufferPointer, as format: StoredFloat, into out: UnsafeMutableBufferPointer<Float>
-) {
+) -> Int? {
   precondition(raw.count >= out.count * format.size, "decodeFloats: too few bytes")
+  var firstSaturated: Int?
   for i in 0..<out.count {
     let at = i * format.size
     switch format {
@@ -113,9 +117,24 @@ func decodeFloats(
       out[i] = Float(bitPattern: bits)
     case .f64:
       let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
-      out[i] = Float(Double(bitPattern: bits))
+      let value = Double(bitPattern: bits)
+      out[i] = saturatingFloat(value)
+      if firstSaturated == nil, value.isFinite, abs(value) > Double(Float.greatestFiniteMagnitude) {
+        firstSaturated = i
+      }
     }
   }
+  return firstSaturated
+}
+
+/// `value` rounded to the nearest `Float`, except that a finite `value` beyond `Float`'s range
+/// becomes `±Float.greatestFiniteMagnitude`, never `±∞`: a float64 file's `finfo(float64).min`
+/// in a mask must stay a very negative score (PyTorch, in float64, gives a row of them the mean
+/// of V), not turn into `−∞`, which masks. NaN and `±∞` stay as they are.
+func saturatingFloat(_ value: Double) -> Float {
+  let rounded = Float(value)
+  guard rounded.isInfinite && value.isFinite else { return rounded }
+  return value < 0 ? -.greatestFiniteMagnitude : .greatestFiniteMagnitude
 }
 
 /// Appends `scalars` to `bytes` as little-endian elements of `format` (rounded to nearest even

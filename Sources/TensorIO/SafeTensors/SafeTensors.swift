@@ -8,7 +8,8 @@ public enum SafeTensorsDType: String, Sendable, Equatable, CaseIterable {
   case f16 = "F16"
   /// Little-endian bfloat16 (the top half of a binary32), widened exactly.
   case bf16 = "BF16"
-  /// Little-endian binary64, rounded to the nearest `Float` (beyond `Float`'s range: ±inf).
+  /// Little-endian binary64, rounded to the nearest `Float`; finite values beyond `Float`'s
+  /// range saturate to `±Float.greatestFiniteMagnitude`, never become ±inf.
   case f64 = "F64"
 
   var stored: StoredFloat {
