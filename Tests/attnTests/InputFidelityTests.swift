@@ -4,12 +4,12 @@ import TensorIO
 import Testing
 import _TestSupport
 
-/// Issue #23 ("fidelity, round three"), items 2, 3 and 4, through the executable: what a
+/// Issue #23 ("fidelity, round three"), items 2, 3, 4, 6 and 8, through the executable: what a
 /// user's files do to a run. The readers' side is in TensorIOTests' InputFidelityIOTests. No
 /// expected number comes from the code under test: outputs are compared with the same problem
 /// given another way (a `.npy` against a safetensors address, a boolean mask against `|b1`) or
 /// with a value derived by hand (the mean of V).
-@Suite("Input fidelity (#23 items 2, 3, 4; the executable)")
+@Suite("Input fidelity (#23 items 2, 3, 4, 6, 8; the executable)")
 struct InputFidelityTests {
   /// Q `[1, 2, 4, 8]`, K and V `[1, 2, 6, 8]`: Tq = 4, Tk = 6.
   static func qkv() throws -> (q: Tensor, k: Tensor, v: Tensor) {
@@ -189,6 +189,163 @@ struct InputFidelityTests {
       let written = try Self.scalars("s.npy", in: folder)
       #expect(written.allSatisfy(\.isFinite) && written[3] > Float(65504), "\(written[3])")
     }
+  }
+
+  // MARK: - Item 6
+
+  @Test(
+    "item 6: a float64 mask row of finfo(float64).min gives the mean of V, as in PyTorch",
+    arguments: ["materialized", "tiled"])
+  func item6Float64MaskRowSaturates(kernel: String) throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try Self.writeQKV(in: folder)
+      // Row 1 adds −1.797·10³⁰⁸ to every score: in float64 each sum rounds to that same number
+      // (a score is far below its half ulp, 2⁹⁷⁰), so softmax is uniform and the row is the mean
+      // of V. Saturated to −3.4·10³⁸ it stays uniform (half ulp 2¹⁰³); as −∞ it would be zeros.
+      var mask = [Double](repeating: 0, count: 24)
+      for j in 0..<6 { mask[6 + j] = -Double.greatestFiniteMagnitude }
+      let bytes = mask.flatMap { withUnsafeBytes(of: $0.bitPattern.littleEndian, Array.init) }
+      let header = #"{"m":{"dtype":"F64","shape":[4,6],"data_offsets":[0,192]}}"#
+      try Self.write(
+        [
+          "m.npy": BadInputFiles.npy(descr: "<f8", shape: [4, 6], data: bytes),
+          "m.safetensors": HandWrittenFiles.safetensors(header, data: bytes),
+        ], in: folder)
+      let v = try Self.qkv().v.scalars.map(Double.init)
+      for (mask, out) in [("m.npy", "a.npy"), ("m.safetensors:m", "b.npy")] {
+        let run = try AttnCLI.run(
+          ["sdpa"] + Self.npyQKV + ["--attn-mask", mask, "--kernel", kernel, "--out", out],
+          in: folder)
+        #expect(run.status == 0, "\(mask): \(run.stderr)")
+        let o = try Self.scalars(out, in: folder)
+        for head in 0..<2 {
+          for d in 0..<8 {
+            let column = (0..<6).map { v[(head * 6 + $0) * 8 + d] }
+            let mean = column.reduce(0, +) / 6
+            // Weights 1/6 (rounded once) and a 6-term sum: γ₈ of Σ|w·v| bounds the float32 error.
+            let bound = Float32Rounding.gamma(8) * column.map(abs).reduce(0, +) / 6
+            let got = Double(o[(head * 4 + 1) * 8 + d])
+            #expect(abs(got - mean) <= bound, "\(mask) head \(head) d \(d): \(got) vs \(mean)")
+          }
+        }
+      }
+    }
+  }
+
+  @Test("item 6: a message shows a float64 value beyond float32's range as the file holds it")
+  func item6MessagesShowStoredValue() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let values: [Double] = [1e300] + [Double](repeating: 1, count: 15)
+      try Self.write(
+        [
+          "keep.npy": BadInputFiles.npy(
+            descr: "<f8", shape: [4, 4],
+            data: values.flatMap { withUnsafeBytes(of: $0.bitPattern.littleEndian, Array.init) })
+        ], in: folder)
+      let run = try AttnCLI.run(["dropout", "--mask", "keep.npy"], in: folder)
+      Self.expectRuntimeError(run, ["keep.npy: value 1e+300 at [0, 0] is not 0 or 1"])
+    }
+  }
+
+  // MARK: - Item 8
+
+  static let integerQ = BadInputFiles.npy(
+    descr: "<i4", shape: [1, 2, 4, 8],
+    data: BadInputFiles.littleEndian([Int32](repeating: 1, count: 64)))
+  static let booleanQ = BadInputFiles.npy(
+    descr: "|b1", shape: [1, 2, 4, 8], data: [UInt8](repeating: 1, count: 64))
+
+  @Test(
+    "item 8: integer and boolean Q, K, V, x, dO and --bias are refused, as PyTorch does",
+    arguments: [
+      (
+        ["sdpa", "--query", "qi.npy", "--key", "k.npy", "--value", "v.npy"], "qi.npy", "int32 (<i4)"
+      ),
+      (
+        ["sdpa", "--query", "q.npy", "--key", "k.npy", "--value", "qb.npy"], "qb.npy", "bool (|b1)"
+      ),
+      (
+        ["sdpa", "--query", "b.safetensors:q", "--key", "k.npy", "--value", "v.npy"],
+        #"b.safetensors: tensor "q""#, "BOOL"
+      ),
+      (
+        ["check", "--query", "qi.npy", "--key", "k.npy", "--value", "v.npy", "--output", "q.npy"],
+        "qi.npy", "int32"
+      ),
+      (["dropout", "--q", "qi.npy", "--k", "k.npy", "--v", "v.npy"], "qi.npy", "int32"),
+      (["dropout", "--bias", "qb.npy"], "qb.npy", "bool (|b1)"),
+      (["backward", "--grad-out", "qi.npy"], "qi.npy", "int32"),
+      (["relpos", "--input", "qi.npy"], "qi.npy", "int32"),
+    ] as [([String], String, String)])
+  func item8IntegerValuesRefused(arguments: [String], file: String, dtype: String) throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try Self.writeQKV(in: folder)
+      let q = try Tensor(shape: [1, 2, 4, 8], repeating: 1)
+      try Self.write(
+        [
+          "qi.npy": Self.integerQ, "qb.npy": Self.booleanQ,
+          "b.safetensors": try SafeTensors.encode(["q": q], dtype: .bool),
+        ], in: folder)
+      let run = try AttnCLI.run(arguments, in: folder)
+      Self.expectRuntimeError(
+        run, [file + ": ", "expected a floating-point tensor", "not \(dtype)"])
+    }
+  }
+
+  @Test(
+    "item 8: integer and boolean masks are still read (keep masks; --attn-mask booleans)",
+    arguments: [
+      ["dropout", "--mask", "mi.npy"], ["dropout", "--mask", "mb.npy"],
+      ["relpos", "--mask", "mi.npy", "--seq-len", "4", "--batch", "1"],
+      ["sdpa", "--query", "q.npy", "--key", "k.npy", "--value", "v.npy", "--attn-mask", "mb6.npy"],
+    ])
+  func item8MasksKept(arguments: [String]) throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      try Self.writeQKV(in: folder)
+      // Causal 0/1 patterns: [4, 4] for the exercises' 4 tokens, [4, 6] for Q, K, V here.
+      let causal: [UInt8] = (0..<16).map { $0 % 4 <= $0 / 4 ? 1 : 0 }
+      let causal6: [UInt8] = (0..<24).map { $0 % 6 <= $0 / 6 ? 1 : 0 }
+      try Self.write(
+        [
+          "mi.npy": BadInputFiles.npy(
+            descr: "<i8", shape: [4, 4], data: BadInputFiles.littleEndian(causal.map(Int64.init))),
+          "mb.npy": BadInputFiles.npy(descr: "|b1", shape: [4, 4], data: causal),
+          "mb6.npy": BadInputFiles.npy(descr: "|b1", shape: [4, 6], data: causal6),
+        ], in: folder)
+      let run = try AttnCLI.run(arguments, in: folder)
+      #expect(run.status == 0, "\(run.stderr)")
+    }
+  }
+
+  @Test("item 8: README lists exactly the dtypes the readers accept, floats only for values")
+  func item8ReadmeListsDtypes() throws {
+    let readme = try String(
+      contentsOf: ReadmeExamples.root.appendingPathComponent("README.md"), encoding: .utf8)
+    let start = try #require(
+      readme.range(of: "\n## Input files\n"), "no '## Input files' in README")
+    let rest = readme[start.upperBound...]
+    let body = rest.range(of: "\n## ").map { rest[..<$0.lowerBound] } ?? rest
+    // The code spans of `text`, with the `\|` that a Markdown table needs read as `|`.
+    func codes(_ text: Substring) -> Set<String> {
+      Set(
+        text.split(separator: "`", omittingEmptySubsequences: false).enumerated()
+          .filter { $0.offset % 2 == 1 }
+          .map { $0.element.replacingOccurrences(of: #"\|"#, with: "|") })
+    }
+    let npy = Set(NPYDType.allCases.map(\.descr))
+    let safetensors = Set(SafeTensorsDType.allCases.map(\.rawValue))
+    let listed = codes(body)
+    #expect(listed.intersection(npy.union(safetensors)) == npy.union(safetensors))
+    // Nothing is listed that is not read: every dtype-looking code is a dtype of the readers.
+    let dtypeLike = listed.filter {
+      $0.wholeMatch(of: /[<|][a-z][0-9]|B?F[0-9]+(_[A-Z0-9]+)?|[IU][0-9]+|BOOL|C64/) != nil
+    }
+    #expect(dtypeLike.subtracting(npy.union(safetensors)).isEmpty, "\(dtypeLike)")
+    // The row of values (Q, K, V) lists the floating-point types alone.
+    let values = try #require(body.split(separator: "\n").first { $0.contains("Q, K, V") })
+    let floats = Set(NPYDType.allCases.filter { !$0.isIntegral }.map(\.descr))
+      .union(SafeTensorsDType.allCases.filter(\.isFloatingPoint).map(\.rawValue))
+    #expect(codes(values).intersection(npy.union(safetensors)) == floats, "\(values)")
   }
 }
 

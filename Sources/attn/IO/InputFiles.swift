@@ -21,19 +21,37 @@ final class InputFiles {
     self.init(budget: execution.memoryBudget, budgetSource: execution.memoryBudgetSource)
   }
 
-  /// A `.npy` file as a `Float` tensor (float16/32/64, booleans or integers).
+  /// A `.npy` file of floating-point values (`<f2`, `<f4`, `<f8`): Q, K, V, an input `x`, a
+  /// gradient, an additive `--bias`. Booleans and integers are refused, as PyTorch refuses them
+  /// where it computes; masks are read by `keepMask` and `mask`.
   func tensor(_ path: String) throws -> Tensor {
-    try array(path).tensor
+    let array = try array(path)
+    guard !array.dtype.isIntegral else {
+      throw Self.notFloatingPoint(path, stored: "\(array.dtype) (\(array.dtype.descr))")
+    }
+    return array.tensor
   }
 
   /// How an input was stored, for outputs written "as the input".
   enum Storage: String {
     case float16, bfloat16, float32, float64, bool, integer
+
+    var isFloatingPoint: Bool { self != .bool && self != .integer }
   }
 
-  /// An input named as `PATH.npy` or `FILE.safetensors:NAME` (a tensor inside a safetensors
-  /// file), with how it was stored.
+  /// A floating-point input named as `PATH.npy` or `FILE.safetensors:NAME` (a tensor inside a
+  /// safetensors file), with how it was stored; booleans and integers are refused, as `tensor`.
   func input(_ spec: String) throws -> (tensor: Tensor, storage: Storage) {
+    let read = try anyDtype(spec)
+    guard read.storage.isFloatingPoint else {
+      throw Self.notFloatingPoint(spec, stored: read.dtype)
+    }
+    return (read.tensor, read.storage)
+  }
+
+  /// A mask named as `input` is, of any dtype it can be read in (`.npy` booleans, integers and
+  /// floats; safetensors BOOL and floats): the caller decides by `storage` what it means.
+  func mask(_ spec: String) throws -> (tensor: Tensor, storage: Storage) {
     let read = try anyDtype(spec)
     return (read.tensor, read.storage)
   }
@@ -63,6 +81,28 @@ final class InputFiles {
     default: storage = .integer
     }
     return (array.tensor, storage, "\(array.dtype) (\(array.dtype.descr))")
+  }
+
+  /// The error for booleans or integers where floating-point values are read: `spec` a `.npy`
+  /// path or a `FILE.safetensors:NAME` address; `stored` names the dtype ("int32 (<i4)").
+  private static func notFloatingPoint(_ spec: String, stored: String) -> AttentionError {
+    if let (file, name) = safetensorsAddress(spec) {
+      return notFloatingPoint(file: file, tensor: name, stored: stored)
+    }
+    return .file(
+      path: spec,
+      message: "expected a floating-point tensor (<f2, <f4 or <f8), not \(stored): as in "
+        + "PyTorch, integers and booleans are for masks only")
+  }
+
+  /// `notFloatingPoint` for the tensor `tensor` of the safetensors file `file`.
+  private static func notFloatingPoint(file: String, tensor: String, stored: String)
+    -> AttentionError
+  {
+    .file(
+      path: file,
+      message: "tensor \(quotedForMessage(tensor)): expected a floating-point tensor (F16, BF16, "
+        + "F32 or F64), not \(stored): as in PyTorch, integers and booleans are for masks only")
   }
 
   /// `FILE.safetensors:NAME` split at the first `.safetensors:`; `nil` for a plain path.
@@ -115,19 +155,20 @@ final class InputFiles {
     }
   }
 
-  /// A safetensors file's tensors.
+  /// A safetensors file of weights: every tensor, each floating point (F32, F16, BF16, F64).
   func safetensors(_ path: String) throws -> SafeTensorsFile {
-    try wholeFile(path)
+    try Self.requireFloatingPoint(try wholeFile(path))
   }
 
-  /// The tensors of a safetensors file whose names start with `prefix` (one layer of a whole
-  /// model's file); the others are skipped, whatever their dtype, and not counted.
+  /// The tensors of a safetensors file of weights whose names start with `prefix` (one layer of
+  /// a whole model's file), each floating point; the others are skipped, whatever their dtype,
+  /// and not counted.
   func safetensors(_ path: String, prefix: String) throws -> SafeTensorsFile {
     let file = try counting {
       try SafeTensors.read(contentsOf: path, maxBytes: budget - used) { $0.hasPrefix(prefix) }
     }
     used += file.tensors.values.reduce(0) { $0 + $1.count * MemoryLayout<Float>.stride }
-    return file
+    return try Self.requireFloatingPoint(file)
   }
 
   /// Every tensor of a safetensors file, whatever its dtype.
@@ -136,6 +177,15 @@ final class InputFiles {
       try SafeTensors.read(contentsOf: path, maxBytes: budget - used)
     }
     used += file.tensors.values.reduce(0) { $0 + $1.count * MemoryLayout<Float>.stride }
+    return file
+  }
+
+  /// `file`, when none of its tensors is BOOL: weights are floating point.
+  private static func requireFloatingPoint(_ file: SafeTensorsFile) throws -> SafeTensorsFile {
+    if let name = file.names.first(where: { file.dtypes[$0]?.isFloatingPoint == false }) {
+      throw notFloatingPoint(
+        file: file.source, tensor: name, stored: file.dtypes[name]?.rawValue ?? "")
+    }
     return file
   }
 
