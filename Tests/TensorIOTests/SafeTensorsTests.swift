@@ -5,15 +5,6 @@ import Testing
 import _TestSupport
 
 extension IOFixtures {
-  /// A safetensors file from a header text and data, with the header padded to 8 bytes.
-  static func safetensorsBytes(_ header: String, data: [UInt8] = []) -> [UInt8] {
-    var headerBytes = Array(header.utf8)
-    headerBytes += [UInt8](repeating: 0x20, count: (8 - headerBytes.count % 8) % 8)
-    let length = UInt64(headerBytes.count)
-    return (0..<8).map { UInt8(truncatingIfNeeded: length >> (8 * UInt64($0))) } + headerBytes
-      + data
-  }
-
   /// `count` little-endian F32 values 1, 2, 3, …
   static func f32Data(_ count: Int) -> [UInt8] {
     (0..<count).flatMap { withUnsafeBytes(of: Float($0 + 1).bitPattern.littleEndian, Array.init) }
@@ -131,7 +122,7 @@ struct SafeTensorsTests {
   @Test("a file with no tensors round-trips")
   func emptyFile() throws {
     let bytes = try SafeTensors.encode([:])
-    #expect(bytes == IOFixtures.safetensorsBytes("{}"))
+    #expect(bytes == HandWrittenFiles.safetensors("{}"))
     let file = try SafeTensors.decode(bytes, source: "e")
     #expect(file.tensors.isEmpty && file.metadata.isEmpty)
   }
@@ -204,7 +195,7 @@ struct SafeTensorsTests {
     ])
   func acceptedHeaders(header: String) throws {
     let file = try SafeTensors.decode(
-      IOFixtures.safetensorsBytes(header, data: IOFixtures.f32Data(2)), source: "m")
+      HandWrittenFiles.safetensors(header, data: IOFixtures.f32Data(2)), source: "m")
     #expect(file.tensors["w"] != nil)
   }
 
@@ -214,7 +205,7 @@ struct SafeTensorsTests {
       "{\"__metadata__\":{\"k\\n\":\"\\\"\\\\\\/\\b\\f\\r\\t\\ud83d\\ude00\"},"
       + "\"a\\u00e9\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}"
     let file = try SafeTensors.decode(
-      IOFixtures.safetensorsBytes(header, data: IOFixtures.f32Data(1)), source: "m")
+      HandWrittenFiles.safetensors(header, data: IOFixtures.f32Data(1)), source: "m")
     #expect(file.metadata == ["k\n": "\"\\/\u{8}\u{c}\r\t😀"])
     #expect(file.tensors["aé"]?.scalars == [1])
   }
@@ -268,7 +259,7 @@ struct SafeTensorsTests {
   func refusedHeaders(header: String, fragment: String) throws {
     let error = IOFixtures.fileError {
       _ = try SafeTensors.decode(
-        IOFixtures.safetensorsBytes(header, data: IOFixtures.f32Data(2)), source: "m")
+        HandWrittenFiles.safetensors(header, data: IOFixtures.f32Data(2)), source: "m")
     }
     #expect(error?.path == "m")
     #expect(error?.message.contains(fragment) == true, "message: \(error?.message ?? "none")")
@@ -282,18 +273,18 @@ struct SafeTensorsTests {
     }
     // The outer object and the metadata object are two levels.
     let atLimit = IOFixtures.fileError {
-      _ = try SafeTensors.decode(IOFixtures.safetensorsBytes(header(arrays: 62)), source: "m")
+      _ = try SafeTensors.decode(HandWrittenFiles.safetensors(header(arrays: 62)), source: "m")
     }
     #expect(
       atLimit?.message.contains("is an array, not a string") == true, "\(atLimit?.message ?? "")")
     let beyond = IOFixtures.fileError {
-      _ = try SafeTensors.decode(IOFixtures.safetensorsBytes(header(arrays: 63)), source: "m")
+      _ = try SafeTensors.decode(HandWrittenFiles.safetensors(header(arrays: 63)), source: "m")
     }
     #expect(
       beyond?.message.contains("nested deeper than 64 levels") == true, "\(beyond?.message ?? "")")
     // Far beyond: must not overflow the stack.
     let deep = IOFixtures.fileError {
-      _ = try SafeTensors.decode(IOFixtures.safetensorsBytes(header(arrays: 100_000)), source: "m")
+      _ = try SafeTensors.decode(HandWrittenFiles.safetensors(header(arrays: 100_000)), source: "m")
     }
     #expect(deep?.message.contains("nested deeper") == true)
   }
@@ -304,7 +295,7 @@ struct SafeTensorsTests {
     let header = "{\"\(name)\":{\"dtype\":\"Q7\",\"shape\":[2],\"data_offsets\":[0,8]}}"
     let error = IOFixtures.fileError {
       _ = try SafeTensors.decode(
-        IOFixtures.safetensorsBytes(header, data: IOFixtures.f32Data(2)), source: "m")
+        HandWrittenFiles.safetensors(header, data: IOFixtures.f32Data(2)), source: "m")
     }
     #expect((error?.message.count ?? .max) < 200)
 
@@ -312,7 +303,7 @@ struct SafeTensorsTests {
     let rank = "{\"w\":{\"dtype\":\"F32\",\"shape\":[\(ones)],\"data_offsets\":[0,8]}}"
     let shape = IOFixtures.fileError {
       _ = try SafeTensors.decode(
-        IOFixtures.safetensorsBytes(rank, data: IOFixtures.f32Data(2)), source: "m")
+        HandWrittenFiles.safetensors(rank, data: IOFixtures.f32Data(2)), source: "m")
     }
     #expect(shape?.message.contains("(10000 dimensions)") == true, "\(shape?.message ?? "none")")
     #expect((shape?.message.count ?? .max) < 200)

@@ -70,6 +70,43 @@ public enum HalfPrecision {
     return UInt16((bits &+ rounding) >> 16)
   }
 
+  /// The two 16-bit formats a `Float` is rounded to when written.
+  public enum Format: String, Sendable, CaseIterable {
+    case float16, bfloat16
+
+    /// The largest finite value of the format: 65504, and `(2 − 2⁻⁷)·2¹²⁷ ≈ 3.39·10³⁸`.
+    public var greatestFiniteMagnitude: Float {
+      switch self {
+      case .float16: return 65504
+      case .bfloat16: return Float(bitPattern: 0x7F7F_0000)
+      }
+    }
+
+    /// The format's bits nearest to `value` (`f16Bits(from:)`, `bf16Bits(from:)`).
+    public func bits(from value: Float) -> UInt16 {
+      self == .float16 ? HalfPrecision.f16Bits(from: value) : HalfPrecision.bf16Bits(from: value)
+    }
+
+    /// The `Float` equal to the format's `bits`.
+    public func float(fromBits bits: UInt16) -> Float {
+      self == .float16
+        ? HalfPrecision.float(fromF16Bits: bits) : HalfPrecision.float(fromBF16Bits: bits)
+    }
+  }
+
+  /// The row-major position of the first element of `scalars` that is finite but that rounding
+  /// to `format` turns into `±∞` — beyond 65519.99… for float16 (65504 plus half its last
+  /// step), beyond about 3.39·10³⁸ for bfloat16 — or `nil` when every finite element stays
+  /// finite. NaN and `±∞` already in `scalars` are not counted: the conversion did not make them.
+  public static func firstOverflow(in scalars: [Float], to format: Format) -> Int? {
+    let largest = format.greatestFiniteMagnitude
+    return scalars.firstIndex { value in
+      // Below the largest finite value nothing can round up to ∞: skip the conversion there.
+      value.isFinite && value.magnitude > largest
+        && format.float(fromBits: format.bits(from: value)).isInfinite
+    }
+  }
+
   /// The `Float` equal to a bfloat16 value (safetensors `BF16`).
   ///
   /// bfloat16 is the upper half of a binary32 `Float` (1 sign, 8 exponent, 7 fraction bits), so
@@ -93,12 +130,16 @@ enum StoredFloat: Sendable {
   }
 }
 
-/// Decodes the little-endian elements in `raw` into `out` (as many as `out` holds; `F64` is
-/// rounded to nearest, so values beyond `Float`'s range become infinite).
+/// Decodes the little-endian elements in `raw` into `out` (as many as `out` holds). `F64` is
+/// rounded to nearest, except that finite values beyond `Float`'s range saturate to
+/// `±Float.greatestFiniteMagnitude` (`saturatingFloat`); returns the position in `out` of the
+/// first value that saturated, `nil` when none did.
+@discardableResult
 func decodeFloats(
   _ raw: UnsafeRawBufferPointer, as format: StoredFloat, into out: UnsafeMutableBufferPointer<Float>
-) {
+) -> Int? {
   precondition(raw.count >= out.count * format.size, "decodeFloats: too few bytes")
+  var firstSaturated: Int?
   for i in 0..<out.count {
     let at = i * format.size
     switch format {
@@ -113,9 +154,24 @@ func decodeFloats(
       out[i] = Float(bitPattern: bits)
     case .f64:
       let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at, as: UInt64.self))
-      out[i] = Float(Double(bitPattern: bits))
+      let value = Double(bitPattern: bits)
+      out[i] = saturatingFloat(value)
+      if firstSaturated == nil, value.isFinite, abs(value) > Double(Float.greatestFiniteMagnitude) {
+        firstSaturated = i
+      }
     }
   }
+  return firstSaturated
+}
+
+/// `value` rounded to the nearest `Float`, except that a finite `value` beyond `Float`'s range
+/// becomes `±Float.greatestFiniteMagnitude`, never `±∞`: a float64 file's `finfo(float64).min`
+/// in a mask must stay a very negative score (PyTorch, in float64, gives a row of them the mean
+/// of V), not turn into `−∞`, which masks. NaN and `±∞` stay as they are.
+func saturatingFloat(_ value: Double) -> Float {
+  let rounded = Float(value)
+  guard rounded.isInfinite && value.isFinite else { return rounded }
+  return value < 0 ? -.greatestFiniteMagnitude : .greatestFiniteMagnitude
 }
 
 /// Appends `scalars` to `bytes` as little-endian elements of `format` (rounded to nearest even
@@ -133,9 +189,9 @@ func appendLittleEndian(_ scalars: [Float], as format: StoredFloat, to bytes: in
     }
   case .f16, .bf16:
     bytes.reserveCapacity(bytes.count + scalars.count * 2)
+    let half: HalfPrecision.Format = format == .f16 ? .float16 : .bfloat16
     for value in scalars {
-      let bits =
-        format == .f16 ? HalfPrecision.f16Bits(from: value) : HalfPrecision.bf16Bits(from: value)
+      let bits = half.bits(from: value)
       bytes.append(UInt8(truncatingIfNeeded: bits))
       bytes.append(UInt8(truncatingIfNeeded: bits >> 8))
     }

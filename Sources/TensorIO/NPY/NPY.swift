@@ -7,7 +7,8 @@ public enum NPYDType: String, Sendable, Equatable, CaseIterable {
   case float16 = "<f2"
   /// `<f4`: little-endian binary32, read as is.
   case float32 = "<f4"
-  /// `<f8`: little-endian binary64, rounded to the nearest `Float` (beyond `Float`'s range: ±inf).
+  /// `<f8`: little-endian binary64, rounded to the nearest `Float`; finite values beyond
+  /// `Float`'s range saturate to `±Float.greatestFiniteMagnitude`, never become ±inf.
   case float64 = "<f8"
   /// `|b1`: one byte per element, 0 or 1, read as 0.0 or 1.0.
   case bool = "|b1"
@@ -44,15 +45,42 @@ public enum NPYDType: String, Sendable, Equatable, CaseIterable {
   }
 }
 
+/// An element whose stored value did not fit in a `Float` and was saturated when read: its
+/// row-major position and the value as the file holds it.
+public struct SaturatedElement: Equatable, Sendable {
+  public var flatIndex: Int
+  public var storedValue: Double
+
+  public init(flatIndex: Int, storedValue: Double) {
+    self.flatIndex = flatIndex
+    self.storedValue = storedValue
+  }
+}
+
 /// An array read from a `.npy` file: its values as a `Float` tensor and the type they were
 /// stored in.
 public struct NPYArray: Equatable, Sendable {
   public var tensor: Tensor
   public var dtype: NPYDType
+  /// The first `<f8` element beyond `Float`'s range, which the tensor holds as
+  /// `±Float.greatestFiniteMagnitude`; `nil` when there is none.
+  public var firstSaturated: SaturatedElement?
 
-  public init(tensor: Tensor, dtype: NPYDType) {
+  public init(tensor: Tensor, dtype: NPYDType, firstSaturated: SaturatedElement? = nil) {
     self.tensor = tensor
     self.dtype = dtype
+    self.firstSaturated = firstSaturated
+  }
+
+  /// The element at row-major position `flat` as the file holds it, for messages: `1e+300` for
+  /// a saturated `<f8` value (the first one, which is the first that any scan from the start
+  /// reports), `NaN`, `inf` or `-inf`, else the `Float`'s own description.
+  public func describeElement(atFlat flat: Int) -> String {
+    if let firstSaturated, firstSaturated.flatIndex == flat {
+      return "\(firstSaturated.storedValue)"
+    }
+    let value = tensor.scalars[flat]
+    return value.isFinite ? "\(value)" : nonFiniteName(value)
   }
 }
 
@@ -94,9 +122,11 @@ public enum NPY {
   static func read(from source: ByteSource, maxBytes: Int?) throws -> NPYArray {
     let layout = try NPYLayout(reading: source)
     try layout.checkBudget(elementSize: MemoryLayout<Float>.stride, maxBytes: maxBytes)
-    let scalars = try layout.readFloats(from: source)
+    let (scalars, firstSaturated) = try layout.readFloats(from: source)
     try layout.checkEnd(of: source)
-    return NPYArray(tensor: Tensor(validShape: layout.shape, scalars: scalars), dtype: layout.dtype)
+    return NPYArray(
+      tensor: Tensor(validShape: layout.shape, scalars: scalars), dtype: layout.dtype,
+      firstSaturated: firstSaturated)
   }
 
   /// Reads the `.npy` file at `path` at full precision: `<f8` values exactly, the others widened
@@ -129,7 +159,7 @@ public enum NPY {
         }
       }
     } else {
-      values = try layout.readFloats(from: source).map(Double.init)
+      values = try layout.readFloats(from: source).scalars.map(Double.init)
     }
     try layout.checkEnd(of: source)
     return (layout.shape, values)

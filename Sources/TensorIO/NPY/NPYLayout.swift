@@ -116,12 +116,16 @@ struct NPYLayout {
     }
   }
 
-  /// The data as `Float`s, read straight into the tensor's buffer.
-  func readFloats(from source: ByteSource) throws -> [Float] {
+  /// The data as `Float`s, read straight into the tensor's buffer, and the first `<f8` value
+  /// that saturated (see `NPYDType.float64`).
+  func readFloats(from source: ByteSource) throws -> (
+    scalars: [Float], firstSaturated: SaturatedElement?
+  ) {
     let size = dtype.itemSize
     let dtype = self.dtype
     let name = self.source
-    return try readElements(
+    var firstSaturated: SaturatedElement?
+    let scalars = try readElements(
       count, stride: size, from: source, direct: dtype == .float32 && isLittleEndianHost,
       truncated: truncated
     ) { raw, out, first in
@@ -131,7 +135,12 @@ struct NPYLayout {
       switch dtype {
       case .float16: decodeFloats(raw, as: .f16, into: out)
       case .float32: decodeFloats(raw, as: .f32, into: out)
-      case .float64: decodeFloats(raw, as: .f64, into: out)
+      case .float64:
+        if let i = decodeFloats(raw, as: .f64, into: out), firstSaturated == nil {
+          let bits = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self))
+          firstSaturated = SaturatedElement(
+            flatIndex: first + i, storedValue: Double(bitPattern: bits))
+        }
       case .bool:
         for i in 0..<out.count {
           let byte = raw[i]
@@ -152,6 +161,7 @@ struct NPYLayout {
       case .uint64: for i in 0..<out.count { out[i] = Float(load(UInt64.self, i)) }
       }
     }
+    return (scalars, firstSaturated)
   }
 }
 

@@ -8,25 +8,35 @@ public enum SafeTensorsDType: String, Sendable, Equatable, CaseIterable {
   case f16 = "F16"
   /// Little-endian bfloat16 (the top half of a binary32), widened exactly.
   case bf16 = "BF16"
-  /// Little-endian binary64, rounded to the nearest `Float` (beyond `Float`'s range: ±inf).
+  /// Little-endian binary64, rounded to the nearest `Float`; finite values beyond `Float`'s
+  /// range saturate to `±Float.greatestFiniteMagnitude`, never become ±inf.
   case f64 = "F64"
+  /// One byte per element, 0 or 1 (PyTorch's `torch.bool`), read as 0.0 or 1.0: for masks.
+  case bool = "BOOL"
 
-  var stored: StoredFloat {
+  /// Whether the values are floating point (not booleans).
+  public var isFloatingPoint: Bool { self != .bool }
+
+  /// How a floating-point dtype is stored; `nil` for `BOOL`.
+  var stored: StoredFloat? {
     switch self {
     case .f32: return .f32
     case .f16: return .f16
     case .bf16: return .bf16
     case .f64: return .f64
+    case .bool: return nil
     }
   }
+
+  /// Bytes per element.
+  var itemSize: Int { stored?.size ?? 1 }
 
   /// The other dtypes of the safetensors reference implementation: valid, but not read here
   /// (a file holding them can still be read with those tensors skipped), with their element
   /// sizes in bytes (`nil`: packed below a byte).
   static let knownUnsupported: [String: Int?] = [
-    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
-    "C64": 8, "F4": nil, "F6_E2M3": nil, "F6_E3M2": nil, "F8_E5M2": 1, "F8_E4M3": 1,
-    "F8_E8M0": 1,
+    "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "C64": 8,
+    "F4": nil, "F6_E2M3": nil, "F6_E3M2": nil, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
   ]
 }
 
@@ -87,8 +97,9 @@ public struct SafeTensorsFile: Equatable, Sendable {
 /// `{"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}`, with byte offsets relative
 /// to the start of the data section, and may hold a `"__metadata__"` object of strings to strings.
 ///
-/// Accepted: dtypes F32, F16, BF16 and F64 (converted to `Float`); any rank including scalars
-/// (`[]`); unknown fields in a tensor entry are ignored, as the reference implementation does.
+/// Accepted: dtypes F32, F16, BF16, F64 and BOOL (converted to `Float`); any rank including
+/// scalars (`[]`); unknown fields in a tensor entry are ignored, as the reference implementation
+/// does.
 ///
 /// Rejected, each with an `AttentionError.file` naming the file (and the tensor where there is
 /// one): a header length past the end of the file or over 100 MB (the reference's limit); a header
@@ -126,6 +137,27 @@ public enum SafeTensors {
     return try decoder.decode()
   }
 
+  /// Reads the one tensor called `name` (what `FILE.safetensors:NAME` names): the header, then
+  /// only that tensor's bytes, as `read(contentsOf:maxBytes:selecting:)` does, so the file's
+  /// other tensors cost neither memory nor `maxBytes`, and may have any dtype of the reference
+  /// implementation. A file without `name` is an `AttentionError.file` listing some that it has.
+  public static func readTensor(
+    named name: String, contentsOf path: String, maxBytes: Int? = nil
+  ) throws -> (tensor: Tensor, dtype: SafeTensorsDType) {
+    let file = try read(contentsOf: path, maxBytes: maxBytes) { $0 == name }
+    guard let tensor = file.tensors[name], let dtype = file.dtypes[name] else {
+      let others = file.skippedNames
+      let listed = others.prefix(8).map { quotedForMessage($0) }.joined(separator: ", ")
+      let more = others.count > 8 ? " and \(others.count - 8) more" : ""
+      throw AttentionError.file(
+        path: path,
+        message: "tensor \(quotedForMessage(name)) is missing ("
+          + (others.isEmpty ? "the file holds no tensors" : "the file holds \(listed)\(more)")
+          + ")")
+    }
+    return (tensor, dtype)
+  }
+
   /// Decodes the bytes of a safetensors file; `source` names it in error messages.
   public static func decode(_ bytes: [UInt8], source: String) throws -> SafeTensorsFile {
     try SafeTensorsDecoder(
@@ -150,10 +182,11 @@ public enum SafeTensors {
     try writeAtomically(bytes, to: path)
   }
 
-  /// The bytes of a safetensors file holding `tensors` as F32, laid out as the reference
-  /// implementation lays out tensors of one dtype: contiguous, in byte order of their names,
-  /// with compact JSON and the header padded with spaces to a multiple of 8 bytes (so the data is
-  /// 8-byte aligned). Without metadata the result is byte-identical to
+  /// The bytes of a safetensors file holding `tensors` as F32 (or `dtype`: F16 and BF16 rounded
+  /// to nearest even, BOOL 1 for every value but 0, as numpy's `astype`), laid out as the
+  /// reference implementation lays out tensors of one dtype: contiguous, in byte order of their
+  /// names, with compact JSON and the header padded with spaces to a multiple of 8 bytes (so the
+  /// data is 8-byte aligned). Without metadata the result is byte-identical to
   /// `safetensors.numpy.save_file`; metadata is written in key order (the reference's is not
   /// deterministic) and omitted when empty.
   ///
@@ -177,7 +210,7 @@ public enum SafeTensors {
     var offset = 0
     for name in names {
       guard let tensor = tensors[name] else { continue }
-      let end = offset + tensor.count * dtype.stored.size
+      let end = offset + tensor.count * dtype.itemSize
       let shape = tensor.shape.map(String.init).joined(separator: ",")
       parts.append(
         jsonQuoted(name) + ":{\"dtype\":\"\(dtype.rawValue)\",\"shape\":[\(shape)],"
@@ -193,8 +226,11 @@ public enum SafeTensors {
     for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: length >> (8 * UInt64(i)))) }
     out += header
     for name in names {
-      if let tensor = tensors[name] {
-        appendLittleEndian(tensor.scalars, as: dtype.stored, to: &out)
+      guard let tensor = tensors[name] else { continue }
+      if let stored = dtype.stored {
+        appendLittleEndian(tensor.scalars, as: stored, to: &out)
+      } else {
+        out += tensor.scalars.map { $0 != 0 ? 1 : 0 }
       }
     }
     return out

@@ -122,17 +122,28 @@ struct SafeTensorsDecoder {
       what: "\(quotedForMessage(source.name)): its \(entries.count) tensors")
   }
 
-  /// One tensor's data as `Float`s, read from the current position straight into its buffer.
+  /// One tensor's data as `Float`s, read from the current position straight into its buffer;
+  /// BOOL bytes other than 0 and 1 are an error naming the tensor and the element.
   private func read(_ entry: Entry, _ dtype: SafeTensorsDType) throws -> [Float] {
-    let stored = dtype.stored
+    let size = dtype.itemSize
     return try readElements(
-      entry.count, stride: stored.size, from: source, direct: stored == .f32 && isLittleEndianHost,
+      entry.count, stride: size, from: source, direct: dtype == .f32 && isLittleEndianHost,
       truncated: { read in
         fail(
-          entry.name,
-          "the file ends after \(read * stored.size) of its \(entry.end - entry.begin) bytes")
+          entry.name, "the file ends after \(read * size) of its \(entry.end - entry.begin) bytes")
       }
-    ) { raw, out, _ in
+    ) { raw, out, first in
+      guard let stored = dtype.stored else {
+        for i in 0..<out.count {
+          let byte = raw[i]
+          guard byte <= 1 else {
+            throw fail(
+              entry.name, "bool element \(first + i) is stored as byte \(byte), not 0 or 1")
+          }
+          out[i] = Float(byte)
+        }
+        return
+      }
       decodeFloats(raw, as: stored, into: out)
     }
   }
@@ -221,7 +232,7 @@ struct SafeTensorsDecoder {
       throw fail(name, "\"dtype\" is not a string")
     }
     if let dtype = SafeTensorsDType(rawValue: dtypeName) {
-      return (dtype, dtypeName, dtype.stored.size)
+      return (dtype, dtypeName, dtype.itemSize)
     }
     if !read, let size = SafeTensorsDType.knownUnsupported[dtypeName] {
       return (nil, dtypeName, size)

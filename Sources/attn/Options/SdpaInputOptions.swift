@@ -85,7 +85,7 @@ struct SdpaInputOptions: ParsableArguments {
   {
     var mask = AttentionMask(isCausal: isCausal, causalAlignment: causalAlign, window: window)
     guard let attnMask else { return mask }
-    let (tensor, storage) = try files.input(attnMask)
+    let (tensor, storage) = try files.mask(attnMask)
     switch storage {
     case .bool: mask.keep = tensor
     case .float16, .bfloat16, .float32, .float64:

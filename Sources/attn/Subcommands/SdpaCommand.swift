@@ -135,6 +135,7 @@ struct SdpaCommand: ParsableCommand {
   static func encode(
     _ tensor: Tensor, named name: String, as storage: InputFiles.Storage, path: String
   ) throws -> [UInt8] {
+    try storage.checkRepresentable(tensor, named: "the \(name)", path: path)
     if path.hasSuffix(".safetensors") {
       let dtype: SafeTensorsDType =
         storage == .float16

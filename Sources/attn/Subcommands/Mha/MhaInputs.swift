@@ -49,7 +49,7 @@ extension MhaCommand {
   /// `--attn-mask` as PyTorch's SDPA reads it: booleans keep (True = attend), floats are added.
   func attentionMask(files: InputFiles) throws -> AttentionMask {
     guard let attnMask else { return AttentionMask() }
-    let (tensor, storage) = try files.input(attnMask)
+    let (tensor, storage) = try files.mask(attnMask)
     switch storage {
     case .bool: return AttentionMask(keep: tensor)
     case .float16, .bfloat16, .float32, .float64:
