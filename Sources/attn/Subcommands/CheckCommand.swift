@@ -158,12 +158,8 @@ struct CheckCommand: ParsableCommand {
 
   /// A candidate tensor: any float dtype, NaN and ±∞ allowed (they are compared, not refused).
   private func candidateTensor(_ spec: String, _ files: InputFiles) throws -> Tensor {
-    let (tensor, storage) = try files.input(spec)
-    guard storage != .bool && storage != .integer else {
-      throw AttentionError.file(
-        path: spec, message: "a candidate must hold floating-point values, not \(storage.rawValue)")
-    }
-    return tensor
+    // `input` refuses booleans and integers: a candidate holds floating-point values.
+    try files.input(spec).tensor
   }
 
   /// The candidate gradients against the float64 reference backward of the whole problem (or
