@@ -60,14 +60,16 @@ struct BadInputTests {
     usage(["relpos", "--max-rel=-1"], "--max-rel"),
     usage(["relpos", "--seq-len", "0"], "--seq-len"),
     usage(["relpos", "--kernel", "tiled", "--weights-out", "w.npy"], "--weights-out"),
-    usage(["relpos", "--input", "x.npy", "--save-weights", "x.npy"], "also an input"),
+    usage(
+      ["relpos", "--weights", "w.safetensors", "--save-weights", "w.safetensors"], "also an input"),
+    usage(["relpos", "--save-weights", "w.npy"], "--save-weights", "name it .safetensors"),
     usage(["relpos", "--weights", "w.safetensors", "--d-model", "16"], "--d-model 16 conflicts"),
     usage(["relpos", "--weights", "w.safetensors", "--max-rel", "5"], "--max-rel 5 conflicts"),
     usage(["relpos", "--input", "x.npy", "--batch", "3"], "--batch 3 conflicts"),
     usage(["bench", "--repeats", "0"], "--repeats"),
     usage(["bench", "--p", "1"], "--p"),
     usage(["bench", "--cases", "nope"], "nope"),
-    usage(["bench", "--query-block", "0"], "block sizes"),
+    usage(["bench", "--query-block", "0"], "--query-block must be in 1…"),
     usage(["complexity", "--min-len", "0"], "--min-len"),
     usage(["complexity", "--threads", "0"], "--threads"),
     usage(["complexity", "--max-memory", "lots"], "--max-memory"),
@@ -205,7 +207,7 @@ struct BadInputTests {
         "--plot", "nofolder/p.svg",
       ], "nofolder/p.svg"),
     runtime(
-      ["dropout", "--batch", "100000", "--seq-len", "100000", "--d-k", "100000"],
+      ["dropout", "--batch", "1000", "--seq-len", "100000", "--d-k", "1000"],
       "memory budget exceeded", "--batch"),
     runtime(
       ["dropout", "--seq-len", "2048", "--max-memory", "1M"],
@@ -216,7 +218,7 @@ struct BadInputTests {
       "memory budget exceeded", "--batch"),
     runtime(["relpos", "--max-memory", "1K"], "memory budget exceeded", "--max-memory"),
     runtime(
-      ["bench", "--seq-len", "100000000", "--batch", "1000"],
+      ["bench", "--seq-len", "1000000", "--batch", "1000"],
       "memory budget exceeded", "--seq-len"),
     runtime(
       ["bench", "--seq-len", "65536", "--query-block", "65536", "--key-block", "65536"],

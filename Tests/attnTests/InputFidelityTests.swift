@@ -373,15 +373,27 @@ enum PeakMemory {
     var pid = pid_t()
     let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
     guard spawned == 0 else { throw AttnCLIError("posix_spawn \(executable): error \(spawned)") }
+    // The child's own high-water mark, VmHWM of /proc/PID/status, read while it runs: wait4's
+    // ru_maxrss would not do, as Linux carries the parent's (this test runner's, hundreds of
+    // MiB) high-water mark into a child across exec. VmHWM only grows, so a read any time after
+    // the peak sees it; the reads stop when the child has exited.
+    var peak = 0
     var status: Int32 = 0
-    var usage = rusage()
-    while wait4(pid, &status, 0, &usage) < 0 {
-      guard errno == EINTR else { throw AttnCLIError("wait4: errno \(errno)") }
+    while true {
+      if let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+        let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+        let kib = line.split(separator: " ").dropFirst().first.flatMap({ Int($0) })
+      {
+        peak = max(peak, kib * 1024)
+      }
+      let waited = waitpid(pid, &status, WNOHANG)
+      if waited == pid { break }
+      guard waited == 0 || errno == EINTR else { throw AttnCLIError("waitpid: errno \(errno)") }
+      usleep(500)
     }
     // The wait status: the exit code in bits 8–15, or the signal in bits 0–6.
     let code = status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + status & 0x7F
     let stderr = (try? String(contentsOfFile: errorPath, encoding: .utf8)) ?? ""
-    // Linux reports ru_maxrss in KiB.
-    return (code, Int(usage.ru_maxrss) * 1024, stderr)
+    return (code, peak, stderr)
   }
 }

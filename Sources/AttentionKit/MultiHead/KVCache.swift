@@ -29,9 +29,11 @@ public struct KVCache: Sendable {
     batch: Int, keyValueHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int,
     positionOffset: Int = 0
   ) throws {
-    guard batch >= 0, keyValueHeads > 0, headDim >= 0, capacity >= 0, positionOffset >= 0 else {
+    guard batch >= 0, keyValueHeads > 0, headDim >= 0, capacity >= 0, positionOffset >= 0,
+      positionOffset <= Int.max - capacity
+    else {
       throw AttentionError.invalidArgument(
-        "a KV cache needs B ≥ 0, Hkv ≥ 1, D ≥ 0 and a capacity ≥ 0, got B \(batch), Hkv \(keyValueHeads), D \(headDim), capacity \(capacity), position offset \(positionOffset)"
+        "a KV cache needs B ≥ 0, Hkv ≥ 1, D ≥ 0 a capacity ≥ 0 and a position offset in 0…Int.max − capacity, got B \(batch), Hkv \(keyValueHeads), D \(headDim), capacity \(capacity), position offset \(positionOffset)"
       )
     }
     self.positionOffset = positionOffset

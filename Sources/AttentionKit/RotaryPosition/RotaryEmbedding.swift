@@ -58,11 +58,12 @@ public struct RotaryEmbedding: Sendable, Equatable {
         "rotary embeddings of dimension \(dimension) take [..., T, \(dimension)], got \(shapeForMessage(x.shape))"
       )
     }
-    guard positionOffset >= 0 else {
-      throw AttentionError.invalidArgument(
-        "the position offset must be ≥ 0, got \(positionOffset)")
-    }
     let rows = x.shape[x.rank - 2]
+    guard positionOffset >= 0, positionOffset <= Int.max - rows else {
+      throw AttentionError.invalidArgument(
+        "the position offset must be in 0…\(Int.max - rows) for \(rows) rows, got \(positionOffset)"
+      )
+    }
     let half = dimension / 2
     guard rows > 0, x.count > 0 else { return }
     // One table of cos and sin per call, shared by every head and batch element.

@@ -35,6 +35,10 @@ public struct MultiHeadReference: Sendable {
     attentionMask: AttentionMask = .none, positionOffset: Int = 0
   ) throws {
     let (b, t) = try layer.checkInput(x)
+    guard positionOffset >= 0, positionOffset <= Int.max - t else {
+      throw AttentionError.invalidArgument(
+        "the position offset must be in 0…\(Int.max - t) for \(t) tokens, got \(positionOffset)")
+    }
     let combined = try MultiHeadAttention.combinedMask(
       attentionMask, keyPaddingMask: keyPaddingMask, batch: b, keys: t)
     mask = try ResolvedMask(combined, batchShape: [b, layer.heads], queries: t, keys: t)

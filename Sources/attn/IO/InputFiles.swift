@@ -25,6 +25,16 @@ final class InputFiles {
   /// gradient, an additive `--bias`. Booleans and integers are refused, as PyTorch refuses them
   /// where it computes; masks are read by `keepMask` and `mask`.
   func tensor(_ path: String) throws -> Tensor {
+    if !FileManager.default.fileExists(atPath: path),
+      let address = Self.safetensorsAddress(path),
+      FileManager.default.fileExists(atPath: address.file)
+    {
+      throw AttentionError.file(
+        path: path,
+        message: "this flag reads a .npy file; a tensor inside a safetensors file "
+          + "(FILE.safetensors:NAME) is read by attn sdpa and attn check (save it with "
+          + "numpy.save to use it here)")
+    }
     let array = try array(path)
     guard !array.dtype.isIntegral else {
       throw Self.notFloatingPoint(path, stored: "\(array.dtype) (\(array.dtype.descr))")

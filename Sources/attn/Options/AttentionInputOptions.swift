@@ -56,9 +56,9 @@ struct AttentionInputOptions: ParsableArguments {
 
   func validate() throws {
     guard p >= 0, p <= 1 else { throw ValidationError("--p must be in [0, 1], got \(p)") }
-    guard seqLen > 0 else { throw ValidationError("--seq-len must be positive, got \(seqLen)") }
-    guard headDim > 0 else { throw ValidationError("--d-k must be positive, got \(headDim)") }
-    guard batch > 0 else { throw ValidationError("--batch must be positive, got \(batch)") }
+    try FlagLimits.check("--seq-len", seqLen, in: 1...FlagLimits.sequenceLength)
+    try FlagLimits.check("--d-k", headDim, in: 1...FlagLimits.dimension)
+    try FlagLimits.check("--batch", batch, in: 1...FlagLimits.batch)
     let given = [q, k, v].compactMap { $0 }.count
     guard given == 0 || given == 3 else {
       throw ValidationError("give --q, --k and --v together (or none, for random inputs)")

@@ -12,6 +12,11 @@ enum FlagLimits {
   static let sequenceLength = 1 << 20
   /// Heads (`--heads`, `--kv-heads`).
   static let heads = 1 << 16
+  /// A batch size (`--batch`).
+  static let batch = 1 << 20
+  /// A token position (`--position-offset`): position ids are 32-bit in every model, and
+  /// `offset + T` then stays far from overflowing.
+  static let position = Int(Int32.max)
   /// `--repeats`.
   static let repeats = 10_000
 

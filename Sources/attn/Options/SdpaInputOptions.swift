@@ -43,7 +43,9 @@ struct SdpaInputOptions: ParsableArguments {
   var paths: [String?] { [query, key, value, attnMask] }
 
   func validate() throws {
-    if let window, window < 1 { throw ValidationError("--window must be ≥ 1, got \(window)") }
+    // A window at least as long as the keys is the causal mask alone; beyond FlagLimits'
+    // longest sequence it can only be a typo.
+    try FlagLimits.check("--window", window, in: 1...FlagLimits.sequenceLength)
     if causalAlign != .topLeft && !isCausal && window == nil {
       throw ValidationError("--causal-align goes with --is-causal or --window")
     }
@@ -120,6 +122,13 @@ struct SdpaInputOptions: ParsableArguments {
   }
 
   /// "causal top-left, window 4" or "not causal".
+  /// The scale the scores were multiplied by, for JSON reports: `nil` (JSON `null`) when it is
+  /// not a number, as with D = 0, where `1/√D` is infinite and every score is 0 (no products).
+  static func reportedScale(_ shape: AttentionShape, _ scale: Float?) -> Double? {
+    let resolved = Double(shape.resolvedScale(scale))
+    return resolved.isFinite ? resolved : nil
+  }
+
   static func causalDescription(_ mask: AttentionMask) -> String {
     mask.isCausal || mask.window != nil
       ? "causal \(mask.causalAlignment.rawValue)" + (mask.window.map { ", window \($0)" } ?? "")

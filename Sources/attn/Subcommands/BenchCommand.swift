@@ -78,11 +78,19 @@ struct BenchCommand: ParsableCommand {
   }
 
   func validate() throws {
-    for (name, value) in [
-      ("--batch", batch), ("--heads", heads), ("--seq-len", seqLen), ("--tq", tq), ("--tk", tk),
-      ("--kv-heads", kvHeads), ("--window", window),
+    for (name, value, limit) in [
+      ("--batch", batch, FlagLimits.batch), ("--heads", heads, FlagLimits.heads),
+      ("--kv-heads", kvHeads, FlagLimits.heads), ("--seq-len", seqLen, FlagLimits.sequenceLength),
+      ("--tq", tq, FlagLimits.sequenceLength), ("--tk", tk, FlagLimits.sequenceLength),
+      ("--window", window, FlagLimits.sequenceLength),
+      ("--query-block", queryBlock, FlagLimits.sequenceLength),
+      ("--key-block", keyBlock, FlagLimits.sequenceLength),
     ] {
-      if let value, value < 1 { throw ValidationError("\(name) must be positive, got \(value)") }
+      try FlagLimits.check(name, value, in: 1...limit)
+    }
+    if causalAlign != nil && !causal && window == nil {
+      throw ValidationError(
+        "--causal-align goes with --causal or --window (it says where the causal diagonal lies)")
     }
     if let seqLen, let tk, seqLen != tk {
       throw ValidationError("--seq-len \(seqLen) and --tk \(tk) differ; give one")
@@ -105,14 +113,15 @@ struct BenchCommand: ParsableCommand {
     if let p, !(p >= 0 && p < 1) { throw ValidationError("--p must be in [0, 1), got \(p)") }
     try FlagLimits.check("--repeats", repeats, in: 1...FlagLimits.repeats)
     try FlagLimits.check("--warmup", warmup, in: 0...FlagLimits.repeats)
-    guard queryBlock ?? 1 > 0, keyBlock ?? 1 > 0 else {
-      throw ValidationError("block sizes must be positive")
-    }
     if isCustom && cases != nil {
       throw ValidationError(
         "--cases picks standard cases; shape flags make one custom case: not both")
     }
     if let cases {
+      if cases.split(separator: ",").isEmpty {
+        throw ValidationError(
+          "--cases names no case; choose from \(BenchCase.order.joined(separator: ", "))")
+      }
       for name in cases.split(separator: ",") where BenchCase.standard[String(name)] == nil {
         throw ValidationError(
           "unknown case '\(name)'; choose from \(BenchCase.order.joined(separator: ", "))")
@@ -157,7 +166,7 @@ struct BenchCommand: ParsableCommand {
         BenchCase(
           name: "custom", batch: batch ?? 1, heads: heads ?? 1, length: tk ?? seqLen ?? 1024,
           headDim: headDim ?? 64, dropout: p ?? 0,
-          causal: causal || window != nil || causalAlign != nil, queries: tq,
+          causal: causal || window != nil, queries: tq,
           keyValueHeads: kvHeads, window: window, alignment: causalAlign ?? .topLeft,
           maxDistance: relpos ? (maxDistance ?? 32) : nil)
       ]

@@ -133,7 +133,8 @@ struct CheckCommand: ParsableCommand {
       json: {
         CheckReport(
           verified: run.verified,
-          scale: Double(shape.resolvedScale(problem.scale)), precision: precision.rawValue,
+          scale: NullableNumber(SdpaInputOptions.reportedScale(shape, problem.scale)),
+          precision: precision.rawValue,
           tensors: Dictionary(
             checks.compactMap { check in
               check.measurement.map {
@@ -223,7 +224,8 @@ private struct CheckReport: Encodable {
     var verified: Bool
   }
   var verified: Bool
-  var scale: Double
+  /// `null` for D = 0 (see `SdpaInputOptions.reportedScale`).
+  var scale: NullableNumber
   var precision: String
   var tensors: [String: TensorReport]
   var checks: [String: Bool]

@@ -85,7 +85,10 @@ struct SdpaCommand: ParsableCommand {
     if let weightsOut, result.weights == nil {
       throw AttentionError.memoryBudget(
         MemoryBudgetExceeded(
-          what: "the weights for \(weightsOut)", neededBytes: nil,
+          what: "the weights for \(weightsOut)",
+          neededBytes: MemoryGuard.floatBytes([
+            try AttentionShape(queries: queries, keys: keys, values: values).weightsShape
+          ]),
           budgetBytes: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource,
           advice: .other("raise --max-memory, or drop --weights-out")))
     }
@@ -125,7 +128,8 @@ struct SdpaCommand: ParsableCommand {
           kernel: result.kernel.flagName, tilesComputed: result.tilesComputed,
           groupSize: shape.groupSize, isCausal: mask.isCausal || mask.window != nil,
           causalAlign: mask.causalAlignment.rawValue, window: mask.window,
-          scale: Double(shape.resolvedScale(problem.scale)), dropoutP: Double(dropoutP),
+          scale: NullableNumber(SdpaInputOptions.reportedScale(shape, problem.scale)),
+          dropoutP: Double(dropoutP),
           checks: checks.dictionary, verified: run.verified)
       },
       text: { printText(result: result, shape: shape, mask: mask) })
@@ -184,7 +188,8 @@ private struct SdpaReport: Encodable {
   var isCausal: Bool
   var causalAlign: String
   var window: Int?
-  var scale: Double
+  /// `null` for D = 0 (see `SdpaInputOptions.reportedScale`).
+  var scale: NullableNumber
   var dropoutP: Double
   var checks: [String: Bool]
   var verified: Bool

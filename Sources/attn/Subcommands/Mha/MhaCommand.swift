@@ -109,13 +109,18 @@ struct MhaCommand: ParsableCommand {
 
   func validate() throws {
     try FlagLimits.check("--heads", heads, in: 1...FlagLimits.heads)
-    if let kvHeads { try FlagLimits.check("--kv-heads", kvHeads, in: 1...FlagLimits.heads) }
+    if let kvHeads {
+      try FlagLimits.check("--kv-heads", kvHeads, in: 1...FlagLimits.heads)
+      guard heads % kvHeads == 0 else {
+        throw ValidationError(
+          "--heads \(heads) must be a multiple of --kv-heads \(kvHeads) (each K/V head serves "
+            + "H / Hkv query heads)")
+      }
+    }
     if let ropeTheta, !(ropeTheta.isFinite && ropeTheta > 0) {
       throw ValidationError("--rope-theta must be a positive number, got \(ropeTheta)")
     }
-    guard positionOffset >= 0 else {
-      throw ValidationError("--position-offset must be ≥ 0, got \(positionOffset)")
-    }
+    try FlagLimits.check("--position-offset", positionOffset, in: 0...FlagLimits.position)
     if let layerNormEps, !(layerNormEps.isFinite && layerNormEps >= 0) {
       throw ValidationError("--layer-norm-eps must be ≥ 0, got \(layerNormEps)")
     }
@@ -170,7 +175,8 @@ struct MhaCommand: ParsableCommand {
     if needWeights && result.weights == nil {
       throw AttentionError.memoryBudget(
         MemoryBudgetExceeded(
-          what: "the [B, H, T, T] weights for --weights-out or --heatmap", neededBytes: nil,
+          what: "the [B, H, T, T] weights for --weights-out or --heatmap",
+          neededBytes: MemoryGuard.floatBytes([[batch, layer.heads, length, length]]),
           budgetBytes: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource,
           advice: .other("raise --max-memory, or drop --weights-out and --heatmap")))
     }

@@ -22,6 +22,8 @@ extension MhaCommand {
           "no tensor name starts with the prefix \(quotedForMessage(options.normalizedPrefix))"
           + (some.isEmpty ? " (the file holds no tensors)" : " (names look like \(some))"))
     }
+    try Self.checkOneLayer(
+      Array(file.tensors.keys), prefix: options.normalizedPrefix, path: weights)
     try inputSafety.check(file)
     do {
       return try file.naming {
@@ -30,6 +32,33 @@ extension MhaCommand {
     } catch AttentionError.invalidArgument(let message) {
       throw AttentionError.file(path: weights, message: message)
     }
+  }
+
+  /// Refuses a prefix under which several layers' tensors lie (`model.layers.` before `0.`,
+  /// `1.`, …): the layout would look for its names right under the prefix and report one
+  /// missing, where the prefix is what is wrong.
+  static func checkOneLayer(_ names: [String], prefix: String, path: String) throws {
+    let relative = names.map { $0.dropFirst(prefix.count).split(separator: ".") }
+    let layers = Set(relative.compactMap { $0.count > 1 ? $0.first.flatMap { Int($0) } : nil })
+    guard layers.count > 1, relative.allSatisfy({ $0.first.flatMap { Int($0) } != nil }) else {
+      return
+    }
+    // The first layer's module that holds the most tensors, an attention-named one first
+    // (`self_attn`, `attention`), as a suggestion.
+    let first = layers.min() ?? 0
+    let modules = Dictionary(
+      grouping: relative.filter { $0.count > 2 && Int($0[0]) == first }.map { String($0[1]) },
+      by: { $0 }
+    ).mapValues(\.count)
+    let module =
+      modules.keys.filter { $0.contains("att") }.min()
+      ?? modules.max { ($0.value, $1.key) < ($1.value, $0.key) }?.key
+    let suggestion = "\(first)." + (module.map { "\($0)." } ?? "")
+    throw AttentionError.file(
+      path: path,
+      message: "the prefix \(quotedForMessage(prefix)) holds \(layers.count) layers' tensors "
+        + "(\(prefix)\(layers.min() ?? 0)., …, \(prefix)\(layers.max() ?? 0).); name one layer's "
+        + "attention module, e.g. --prefix \(prefix)\(suggestion)")
   }
 
   /// `--key-padding-mask`: booleans or 0/1 of shape `[B, T]`.

@@ -5,6 +5,13 @@ import Foundation
 /// What `attn mha` reports: the text (the layer, its masks, the decode latency) and the JSON
 /// document.
 extension MhaCommand {
+  /// Why the layer runs causal: llama always does; `--decode` makes the full pass causal too,
+  /// since a token decoded through a KV cache cannot see the tokens after it.
+  var causalNote: String {
+    if isCausal || layout == .llama { return "causal" }
+    return "causal (as --decode: a token cannot see later ones)"
+  }
+
   func printText(
     layer: MultiHeadAttention, x: Tensor, result: MultiHeadResult, mask: AttentionMask,
     padding: Tensor?, decoded: DecodedSequence?, latency: Stopwatch.Statistics?
@@ -23,7 +30,7 @@ extension MhaCommand {
         + (layer.residualNorm.map { "; LayerNorm(· + x), eps \($0.epsilon)" } ?? ""))
     let masks =
       [
-        mask.isCausal ? "causal" : nil, padding == nil ? nil : "key padding",
+        mask.isCausal ? causalNote : nil, padding == nil ? nil : "key padding",
         attnMask == nil ? nil : (mask.keep != nil ? "boolean attn mask" : "float attn mask"),
       ].compactMap { $0 }
     print(

@@ -101,13 +101,18 @@ struct RelposCommand: ParsableCommand {
     }
     try FlagLimits.check("--d-model", modelDim, in: 1...FlagLimits.dimension)
     try FlagLimits.check("--max-rel", maxDistance, in: 0...FlagLimits.maxDistance)
-    if let seqLen, seqLen < 1 {
-      throw ValidationError("--seq-len must be positive, got \(seqLen)")
-    }
-    if let batch, batch < 1 { throw ValidationError("--batch must be positive, got \(batch)") }
+    try FlagLimits.check("--seq-len", seqLen, in: 1...FlagLimits.sequenceLength)
+    try FlagLimits.check("--batch", batch, in: 1...FlagLimits.batch)
     if kernelOptions.kernel.isTiled && weightsOut != nil {
       throw ValidationError(
         "--weights-out needs --kernel materialized: the tiled kernel never holds the weights")
+    }
+    for (flag, path) in [("--grads-out", gradsOut), ("--save-weights", saveWeights)] {
+      if let path, path.lowercased().hasSuffix(".npy") {
+        throw ValidationError(
+          "\(flag) writes a safetensors file (one tensor per parameter name), not \(path); "
+            + "name it .safetensors")
+      }
     }
     if gradOut == nil {
       for (flag, path) in [("--dx-out", dxOut), ("--grads-out", gradsOut)] where path != nil {
