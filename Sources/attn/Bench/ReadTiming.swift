@@ -22,19 +22,19 @@ extension BenchCommand {
       (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?
       .intValue ?? 0
     let stats = Stopwatch.Statistics(times)
-    let report = ReadReport(
+    let reading = ReadReport(
       path: path, bytes: size, timeMs: stats.scaled(by: 1e3), timesMs: times.map { $0 * 1e3 },
       gbPerSecond: Double(size) / stats.median * 1e-9,
       peakRssGrowthBytes: peak.flatMap { peak in before.map { peak - $0 } })
-    switch format {
-    case .json: try printJSON(report)
+    switch self.report.format {
+    case .json: try printJSON(reading)
     case .text:
-      let growth = report.peakRssGrowthBytes.map { formatBytes($0) } ?? "n/a"
+      let growth = reading.peakRssGrowthBytes.map { formatBytes($0) } ?? "n/a"
       print(
         String(
           format: "read %@ (%@): median %.1f ms (mean %.1f ± %.1f), %.2f GB/s, peak RSS +%@",
           path, formatBytes(size), stats.median * 1e3, stats.mean * 1e3,
-          stats.standardDeviation * 1e3, report.gbPerSecond, growth))
+          stats.standardDeviation * 1e3, reading.gbPerSecond, growth))
     }
   }
 }

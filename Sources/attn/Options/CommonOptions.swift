@@ -51,3 +51,10 @@ enum MaskChoice: ExpressibleByArgument, Equatable, CustomStringConvertible {
     return nil
   }
 }
+
+/// `--format text|json`: how a subcommand prints its report; declared once, for every
+/// subcommand whose report has these two forms (`complexity` adds csv, with its own flag).
+struct ReportFormatOptions: ParsableArguments {
+  @Option(help: "Output format: text or json.")
+  var format: OutputFormat = .text
+}

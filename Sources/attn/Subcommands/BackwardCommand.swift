@@ -43,8 +43,7 @@ struct BackwardCommand: ParsableCommand {
 
   @OptionGroup var explanation: ExplainOptions
 
-  @Option(help: "Output format: text or json.")
-  var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
   @OptionGroup var inputSafety: InputSafetyOptions
@@ -150,7 +149,7 @@ struct BackwardCommand: ParsableCommand {
       ]),
       verdict: .init(passed: "Gradients verified!", failed: "Gradients NOT verified."))
     try run.finish(
-      format: format,
+      format: report.format,
       json: {
         BackwardReport(
           dqShape: gradients.dQ.shape, dkShape: gradients.dK.shape, dvShape: gradients.dV.shape,

@@ -69,7 +69,7 @@ struct BenchCommand: ParsableCommand {
     help: "Time the tiled backward pass beside the forward (attention, causal, dropout by default)."
   )
   var backward = false
-  @Option(help: "Output format: text or json.") var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   /// Any shape flag makes one custom case instead of the standard ones.
   private var isCustom: Bool {
@@ -149,7 +149,7 @@ struct BenchCommand: ParsableCommand {
     }
     if probe {
       let result = CoreProbe.run(threads: execution.resolvedThreads)
-      if format == .json {
+      if report.format == .json {
         try printJSON(result)
       } else {
         print(
@@ -187,7 +187,7 @@ struct BenchCommand: ParsableCommand {
         configuration: configuration, threads: threadCount, execution: execution)
     }
     var results: [BenchResult] = []
-    if format == .text {
+    if report.format == .text {
       print(
         "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
           + (configuration.fitsBlocks
@@ -202,9 +202,9 @@ struct BenchCommand: ParsableCommand {
         configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
         seed: seed)
       results.append(result)
-      if format == .text { print(result.line) }
+      if report.format == .text { print(result.line) }
     }
-    if format == .json {
+    if report.format == .json {
       try printJSON(
         BenchReport(
           openblasCore: BLAS.coreName, threads: threadCount,
@@ -215,7 +215,7 @@ struct BenchCommand: ParsableCommand {
   /// `--backward`: each case's tiled backward beside its forward.
   private func runBackward(_ selected: [BenchCase]) throws {
     let threadCount = execution.resolvedThreads
-    if format == .text { print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads") }
+    if report.format == .text { print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads") }
     let progress = Progress()
     defer { progress.clear() }
     var results: [BackwardBenchResult] = []
@@ -224,9 +224,9 @@ struct BenchCommand: ParsableCommand {
       let result = try benchCase.runBackward(
         threads: threadCount, repeats: repeats, warmup: warmup, seed: seed)
       results.append(result)
-      if format == .text { print(result.line) }
+      if report.format == .text { print(result.line) }
     }
-    if format == .json {
+    if report.format == .json {
       try printJSON(
         BackwardBenchReport(openblasCore: BLAS.coreName, threads: threadCount, cases: results))
     }

@@ -54,8 +54,7 @@ struct CheckCommand: ParsableCommand {
   @Option(help: "Seed of the sampled rows.")
   var seed: UInt64 = 0
 
-  @Option(help: "Output format: text or json.")
-  var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var execution: ExecutionOptions
   @OptionGroup var inputSafety: InputSafetyOptions
@@ -129,7 +128,7 @@ struct CheckCommand: ParsableCommand {
     }
     let run = CheckedRun(checks: checks)
     try run.finish(
-      format: format,
+      format: report.format,
       json: {
         CheckReport(
           verified: run.verified,

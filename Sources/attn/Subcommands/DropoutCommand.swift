@@ -30,8 +30,7 @@ struct DropoutCommand: ParsableCommand {
   @Option(help: "Write the attention weights after dropout […, Tq, Tk] as float32 .npy.")
   var weightsOut: String?
 
-  @Option(help: "Output format: text or json.")
-  var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
 
@@ -106,7 +105,7 @@ struct DropoutCommand: ParsableCommand {
         + (try visuals.heatmapOutputs(weights: result.weights)),
       verdict: .init(passed: "Solution verified!", failed: "Solution NOT verified."))
     try run.finish(
-      format: format,
+      format: report.format,
       json: {
         DropoutReport(
           outputShape: result.output.shape, weightsShape: reference.shape.weightsShape,

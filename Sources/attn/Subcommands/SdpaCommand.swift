@@ -46,8 +46,7 @@ struct SdpaCommand: ParsableCommand {
       """)
   var outDtype: OutputDtype = .float32
 
-  @Option(help: "Output format: text or json.")
-  var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
   @OptionGroup var inputSafety: InputSafetyOptions
@@ -120,7 +119,7 @@ struct SdpaCommand: ParsableCommand {
     let run = CheckedRun(checks: checks, outputs: outputs)
     let shape = reference.shape
     try run.finish(
-      format: format,
+      format: report.format,
       json: {
         SdpaReport(
           outputShape: result.output.shape,

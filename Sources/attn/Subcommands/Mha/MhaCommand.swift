@@ -94,8 +94,7 @@ struct MhaCommand: ParsableCommand {
   @Option(help: "Seed of the sampled rows the checks compare.")
   var seed: UInt64 = 42
 
-  @Option(help: "Output format: text or json.")
-  var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
   @OptionGroup var inputSafety: InputSafetyOptions
@@ -217,7 +216,7 @@ struct MhaCommand: ParsableCommand {
     let run = CheckedRun(checks: checks, outputs: outputs)
     let latency = decoded.map { Stopwatch.Statistics($0.stepSeconds).scaled(by: 1000) }
     try run.finish(
-      format: format,
+      format: report.format,
       json: {
         MhaReport(
           layout: layout.rawValue, prefix: prefix, embedDim: layer.embedDim, heads: layer.heads,

@@ -85,8 +85,7 @@ struct RelposCommand: ParsableCommand {
     help: "With --grad-out: write the parameter gradients as .safetensors (F32, state_dict names).")
   var gradsOut: String?
 
-  @Option(help: "Output format: text or json.")
-  var format: OutputFormat = .text
+  @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
 
@@ -224,7 +223,7 @@ struct RelposCommand: ParsableCommand {
 
     let (b, t) = (inputs.shape[0], inputs.shape[1])
     try run.finish(
-      format: format,
+      format: report.format,
       json: {
         RelposReport(
           inputShape: inputs.shape, outputShape: result.output.shape, weightsShape: [b, t, t],
