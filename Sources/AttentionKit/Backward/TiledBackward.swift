@@ -51,11 +51,8 @@ import Tensors
 /// when the forward is rerun, its workspace and output (`B·H·Tq·Dv` floats): linear in `Tq` and
 /// `Tk`, never `Tq·Tk`.
 public enum TiledBackward {
-  /// The blocks `.automatic` uses, `Bq = Bk = 256`. Measured on B1 H8 T2048 D64 with 2 threads
-  /// (medians of 5, interleaved, on a shared machine): with the five-sgemm pass, none of
-  /// 64 × 256, 128 × 128, 128 × 256, 256 × 128 was faster than 256 × 256 beyond the noise
-  /// (±5%), causal or not, and blocks of 512 queries were 15–25% slower causal; with the former
-  /// two-pass scheme 256 × 256 was 4–10% faster than 128 × 128.
+  /// The blocks `.automatic` uses, `Bq = Bk = 256`: no other block shape was faster (the
+  /// measurements are in docs/performance.md, "The backward pass").
   public static let defaultConfiguration = TiledAttention.Configuration(
     queryBlock: 256, keyBlock: 256)
 
