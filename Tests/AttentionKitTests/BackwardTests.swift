@@ -131,7 +131,7 @@ struct BackwardTests {
   func referenceMatchesNumpy(spec: BackwardCase) throws {
     let c = try LoadedBackwardCase(spec)
     let decisions: DropoutDecisions =
-      c.dropoutKeep.map { .explicit(keep: $0, probability: spec.dropout!.p) } ?? .none
+      c.dropoutKeep.map { .explicit(keep: $0, keptScale: 1 / (1 - spec.dropout!.p)) } ?? .none
     let problem = try Self.problem(c)
     let g: AttentionGradients
     if let keep = c.dropoutKeep {

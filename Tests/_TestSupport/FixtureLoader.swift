@@ -68,6 +68,8 @@ package struct SdpaCase: NamedFixtureCase {
     package var seed: UInt64
     package var stream: Int
     package var threshold: UInt64
+    /// `float32(1 / float32(1 − p))`, PyTorch's factor for kept weights.
+    package var scale: Double
     package var keep: FileRef
   }
   package struct Expected: Decodable, Sendable {
@@ -149,7 +151,7 @@ package struct LoadedSdpaCase {
   /// The dropout of the case (`nil` for the `sdpa` section).
   package func dropout() throws -> Dropout? {
     guard let d = spec.dropout else { return nil }
-    return try Dropout(probability: Float(d.p), seed: d.seed)
+    return try Dropout(probability: d.p, seed: d.seed)
   }
 }
 

@@ -1,75 +1,88 @@
 import Tensors
 
 /// Dropout on attention weights: each weight is zeroed with probability `p`, and the kept ones are
-/// scaled by `1/(1 − p)` so that the expected value of every weight is unchanged (inverted dropout,
-/// as `torch.nn.functional.dropout`). `p = 0` changes nothing; `p = 1` zeroes every weight.
+/// multiplied by `1/(1 − p)` so that the expected value of every weight is unchanged (inverted
+/// dropout, as `torch.nn.functional.dropout`). `p = 0` changes nothing; `p = 1` zeroes every weight.
 ///
-/// The decision for the weight of query row `r` (the flat index over `[…, Tq]`, i.e.
-/// `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: 16 bits of word
-/// `(j mod 128) / 32` of the Philox block with counter `(r, 16·⌊j/128⌋ + j mod 16, stream 0)`
-/// (see `Philox4x32`) — its low half when `j mod 32 < 16`, its high half otherwise; the weight is
-/// dropped when those 16 bits are below `t = round(p·2¹⁶)` (capped at `2¹⁶ − 1` for `p < 1`). So
-/// the same seed drops the same weights whatever the threads, tile sizes or kernel. (Sixteen
-/// blocks computed side by side cover 128 consecutive keys. Two decisions per 32-bit word halve
-/// the Philox work, which dominated the cost of dropout.)
+/// **Scale.** The factor for kept weights is PyTorch's: on the CPU `F.dropout` computes
+/// `noise = bernoulli(1 − p)` then `noise.div_(1 − p)` in float32, so a kept weight is
+/// `w·keptScale` with `keptScale = fl32(1 / fl32(1 − p))` (`1 − p` taken in `Double`, rounded to
+/// float32, divided into one in float32): with the rounding of the product, a kept weight is
+/// within about `3u` of `w·(1/(1 − p))` (`u = 2⁻²⁴`, one rounding each).
 ///
-/// A weight is therefore dropped with probability `t/2¹⁶` — `p` on a grid of `2⁻¹⁶`
-/// (`effectiveProbability`) — and the kept ones are scaled by `2¹⁶/(2¹⁶ − t)`, one over the
-/// probability they are kept, so that dropout stays unbiased for every `p`: scaling by the
-/// requested `1/(1 − p)` instead would inflate the expected weight near `p = 1` (by half at
-/// `p = 0.99999`), and a `p` below `2⁻¹⁷`, which drops nothing, would still scale. For `p = 0.1`
-/// the two factors differ by `6·10⁻⁶` of their value.
+/// **Decisions.** The decision for the weight of query row `r` (the flat index over `[…, Tq]`,
+/// i.e. `batchIndex·Tq + i`) and key `j` is a pure function of the seed and `(r, j)`: word
+/// `(j mod 64) / 16` of the Philox block with counter `(r, 16·⌊j/64⌋ + j mod 16, stream 0)` (see
+/// `Philox4x32`); the weight is dropped when that 32-bit word is below
+/// `t = min(round(p·2³²), 2³² − 1)` (for `p < 1`). So the same seed drops the same weights whatever
+/// the threads, tile sizes or kernel, and a weight is dropped with probability `t/2³²`
+/// (`effectiveProbability`), within `2⁻³²` of `p` for every `p`: with the scale above, the
+/// expected weight after dropout is the weight to within `2⁻³²/(1 − p)` relative and the scale's
+/// rounding. (Sixteen blocks computed side by side cover 64 consecutive keys, one word of each
+/// block per 16 keys. A `p` below `2⁻³³` gives `t = 0` and drops nothing; its `keptScale` is
+/// exactly 1.)
 public struct Dropout: Sendable, Equatable {
-  public let probability: Float
+  /// `p`, as given (a `Float` given is widened exactly).
+  public let probability: Double
   public let seed: UInt64
-  /// Dropped when the 16 random bits are below this (`2¹⁶` for `p = 1`).
+  /// Dropped when the random word is below this (unused when `dropsAll`).
   let threshold: UInt32
-  /// `1/(1 − p')` with `p'` the `effectiveProbability`: the factor for kept weights (0 when
-  /// `p = 1`).
+  /// True for `p = 1`.
+  public let dropsAll: Bool
+  /// `fl32(1 / fl32(1 − p))`, the factor for kept weights, as PyTorch's CPU dropout computes it
+  /// (0 when `p = 1`).
   public let keptScale: Float
 
-  public init(probability: Float, seed: UInt64) throws {
+  /// Dropout with probability `probability` in `[0, 1]` and decisions drawn from `seed`.
+  public init(probability: Double, seed: UInt64) throws {
     guard probability >= 0, probability <= 1 else {
       throw AttentionError.invalidArgument(
         "dropout probability must be in [0, 1], got \(probability)")
     }
     self.probability = probability
     self.seed = seed
-    let scaled = (Double(probability) * 0x1p16).rounded()
-    threshold = probability >= 1 ? 0x1_0000 : UInt32(min(scaled, 0xFFFF))
-    keptScale = threshold < 0x1_0000 ? Float(0x1p16 / Double(0x1_0000 - threshold)) : 0
+    dropsAll = probability == 1
+    // p·2³² is exact in Double; for p < 1 the cap keeps one word value (2⁻³²) on the kept side.
+    threshold = dropsAll ? 0 : UInt32(min((probability * 0x1p32).rounded(), 0xFFFF_FFFF))
+    // 1 − p ≥ 2⁻⁵³ for p < 1, so neither rounding underflows and the quotient is finite.
+    keptScale = dropsAll ? 0 : 1 / Float(1 - probability)
   }
 
-  /// The probability that a weight is dropped: `p` rounded to a multiple of `2⁻¹⁶` (see the
-  /// type's comment), 0 for `p < 2⁻¹⁷`.
-  public var effectiveProbability: Double { Double(threshold) / 0x1p16 }
-  public var dropsAll: Bool { threshold >= 0x1_0000 }
-  /// True for `p = 0` and for every `p` below `2⁻¹⁷`, which rounds to 0.
-  public var dropsNone: Bool { threshold == 0 }
+  /// `init(probability:seed:)` with `probability` widened exactly to `Double`. (A literal such as
+  /// `1` or `0.1` picks the `Double` initializer: `Float(0.1)` is another probability.)
+  @_disfavoredOverload
+  public init(probability: Float, seed: UInt64) throws {
+    try self.init(probability: Double(probability), seed: seed)
+  }
+
+  /// The probability that a weight is dropped: `t/2³²` (see the type's comment), within `2⁻³²` of
+  /// `p`; 1 for `p = 1`, 0 for `p < 2⁻³³`.
+  public var effectiveProbability: Double { dropsAll ? 1 : Double(threshold) * 0x1p-32 }
+  /// True for `p = 0` and for every `p` below `2⁻³³`, which rounds to no drop (and a scale of 1).
+  public var dropsNone: Bool { !dropsAll && threshold == 0 }
 
   /// Whether the weight at flat query row `row` and key `key` survives.
   @inline(__always)
   public func keeps(row: Int, key: Int) -> Bool {
     if dropsAll { return false }
     if dropsNone { return true }
-    let (group, within) = key.quotientAndRemainder(dividingBy: 128)
+    let (group, within) = key.quotientAndRemainder(dividingBy: 64)
     let w = Philox4x32(seed: seed).block(
       major: UInt64(row), minor: UInt32(truncatingIfNeeded: group * 16 + within % 16),
       stream: RandomStream.dropout)
     let word: UInt32
-    switch within / 32 {
+    switch within / 16 {
     case 0: word = w.0
     case 1: word = w.1
     case 2: word = w.2
     default: word = w.3
     }
-    let bits = within % 32 < 16 ? word & 0xFFFF : word >> 16
-    return bits >= threshold
+    return word >= threshold
   }
 
   /// Applies dropout in place to `weights[0..<count]`, the weights of row `row` for keys
   /// `firstKey ..< firstKey + count`: dropped ones become 0, kept ones are multiplied by
-  /// `1/(1 − p)`. Sixteen Philox blocks at a time give the decisions of 128 keys.
+  /// `keptScale`. Sixteen Philox blocks at a time give the decisions of 64 keys.
   @inline(__always)
   func apply(to weights: UnsafeMutablePointer<Float>, row: Int, firstKey: Int, count: Int) {
     if dropsNone || count <= 0 { return }
@@ -83,16 +96,16 @@ public struct Dropout: Sendable, Equatable {
     let scale = keptScale
     let lastKey = firstKey + count
     @inline(__always)
-    func applyWhole(_ bits: SIMD16<UInt32>, at raw: UnsafeMutableRawPointer) {
+    func applyWhole(_ word: SIMD16<UInt32>, at raw: UnsafeMutableRawPointer) {
       // Sixteen weights at `raw`, all in the range.
       let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
-      raw.storeBytes(of: kept.replacing(with: 0, where: bits .< limit), as: SIMD16<Float>.self)
+      raw.storeBytes(of: kept.replacing(with: 0, where: word .< limit), as: SIMD16<Float>.self)
     }
     @inline(__always)
-    func applyChunk(_ bits: SIMD16<UInt32>, startingAt chunkStart: Int) {
+    func applyChunk(_ word: SIMD16<UInt32>, startingAt chunkStart: Int) {
       // Keys chunkStart ..< chunkStart + 16.
       guard chunkStart + 16 > firstKey && chunkStart < lastKey else { return }
-      let dropped = bits .< limit
+      let dropped = word .< limit
       if chunkStart >= firstKey && chunkStart + 16 <= lastKey {
         let raw = UnsafeMutableRawPointer(weights + (chunkStart - firstKey))
         let kept = raw.loadUnaligned(as: SIMD16<Float>.self) * scale
@@ -105,40 +118,27 @@ public struct Dropout: Sendable, Equatable {
         }
       }
     }
-    var group = firstKey / 128
-    while group * 128 < lastKey {
+    var group = firstKey / 64
+    while group * 64 < lastKey {
+      // Word w of the sixteen blocks decides keys start + 16·w ..< start + 16·w + 16.
       let words = rng.blocks16(
         major: major, minorBase: UInt32(truncatingIfNeeded: group * 16),
         stream: RandomStream.dropout)
-      let start = group * 128
-      if start >= firstKey && start + 128 <= lastKey {
+      let start = group * 64
+      if start >= firstKey && start + 64 <= lastKey {
         // A whole group inside the range (all but a tile's first and last): no range checks.
         let base = UnsafeMutableRawPointer(weights + (start - firstKey))
-        forEachSixteenKeys(of: words) { bits, offset in applyWhole(bits, at: base + 4 * offset) }
+        applyWhole(words.0, at: base)
+        applyWhole(words.1, at: base + 64)
+        applyWhole(words.2, at: base + 128)
+        applyWhole(words.3, at: base + 192)
       } else {
-        forEachSixteenKeys(of: words) { bits, offset in
-          applyChunk(bits, startingAt: start + offset)
-        }
+        applyChunk(words.0, startingAt: start)
+        applyChunk(words.1, startingAt: start + 16)
+        applyChunk(words.2, startingAt: start + 32)
+        applyChunk(words.3, startingAt: start + 48)
       }
       group += 1
     }
   }
-}
-
-/// The decisions' 16-bit values for the 128 keys of one group of sixteen Philox blocks, sixteen
-/// keys at a time: `body(bits, offset)` for keys `offset ..< offset + 16` of the group. Each word
-/// gives its low halves for 16 keys, then its high halves for the next 16.
-@inline(__always)
-private func forEachSixteenKeys(
-  of words: (SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>),
-  _ body: (SIMD16<UInt32>, Int) -> Void
-) {
-  body(words.0 & 0xFFFF, 0)
-  body(words.0 &>> 16, 16)
-  body(words.1 & 0xFFFF, 32)
-  body(words.1 &>> 16, 48)
-  body(words.2 & 0xFFFF, 64)
-  body(words.2 &>> 16, 80)
-  body(words.3 & 0xFFFF, 96)
-  body(words.3 &>> 16, 112)
 }

@@ -8,9 +8,9 @@ package enum DropoutDecisions {
   /// `Dropout`'s counter-based decisions, as the other kernels regenerate them.
   case counter(Dropout)
   /// A given keep mask (nonzero = kept), broadcastable to `[…, Tq, Tk]`, kept weights scaled by
-  /// `1/(1 − probability)`: for checking the formulas against references computed elsewhere
-  /// (numpy), which cannot reproduce our Philox counters.
-  case explicit(keep: Tensor, probability: Double)
+  /// `keptScale`: for checking the formulas against references computed elsewhere (numpy), which
+  /// cannot reproduce our Philox counters, and for a slice of a larger problem.
+  case explicit(keep: Tensor, keptScale: Double)
 }
 
 /// The plain reference backward: the formulas of `Attention.backward` in `Double`, row by row, with
@@ -80,13 +80,15 @@ package enum ReferenceBackward {
     case .none: break
     case .counter(let d):
       kept = [Bool](repeating: false, count: bh * tq * tk)
-      keptScale = d.dropsAll ? 0 : 1 / (1 - d.effectiveProbability)
-    case .explicit(_, let p):
-      guard p >= 0, p < 1 else {
-        throw AttentionError.invalidArgument("dropout probability must be in [0, 1), got \(p)")
+      // The float32 factor the kernels multiply by, exactly.
+      keptScale = Double(d.keptScale)
+    case .explicit(_, let scale):
+      guard scale.isFinite, scale >= 1 else {
+        throw AttentionError.invalidArgument(
+          "dropout's kept scale must be finite and at least 1, got \(scale)")
       }
       kept = [Bool](repeating: false, count: bh * tq * tk)
-      keptScale = 1 / (1 - p)
+      keptScale = scale
     }
     var explicitKeep: BroadcastMatrix? = nil
     if case .explicit(let keep, _) = dropout {
@@ -145,7 +147,8 @@ package struct Backward64: Sendable {
   package var visible: [Bool]
   /// `[B·H, Tq, Tk]`: the dropout decisions (`true` kept); `nil` without dropout.
   package var dropoutKept: [Bool]?
-  /// `1/(1 − p)`.
+  /// The factor of kept weights, `1/(1 − p)` as the kernels round it (`Dropout.keptScale`) or as
+  /// given with an explicit keep mask.
   package var keptScale: Double
 
   /// Everything the reference computes, flat: the output `[B·H, Tq, Dv]`, the gradients shaped as
@@ -195,7 +198,7 @@ package struct Backward64: Sendable {
         var sum = 0.0
         for j in 0..<tk { sum += exp(scores[j] - peak) }
         for j in 0..<tk { r.probabilities[row * tk + j] = exp(scores[j] - peak) / sum }
-        // 3. O = Pd·V with Pd = P·z, z = 1/(1 − p) where kept, 0 where dropped.
+        // 3. O = Pd·V with Pd = P·z, z = keptScale where kept, 0 where dropped.
         func z(_ j: Int) -> Double {
           guard let kept = dropoutKept else { return 1 }
           return kept[row * tk + j] ? keptScale : 0
@@ -234,18 +237,22 @@ package struct Backward64: Sendable {
 extension Attention {
   /// The reference backward with the dropout decisions given as a keep mask `dropoutKeep`
   /// (nonzero = kept, broadcastable to `[…, Tq, Tk]`; kept weights scaled by
-  /// `1/(1 − dropoutProbability)`) instead of `Dropout`'s counters: for checking the formulas
-  /// against references computed elsewhere, which cannot reproduce the counters.
+  /// `1/(1 − dropoutProbability)` in `Double`) instead of `Dropout`'s counters: for checking the
+  /// formulas against references computed elsewhere, which cannot reproduce the counters.
   package static func referenceBackward(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropoutKeep: Tensor,
     dropoutProbability: Double, needBiasGradient: Bool = false
   ) throws -> AttentionGradients {
+    guard dropoutProbability >= 0, dropoutProbability < 1 else {
+      throw AttentionError.invalidArgument(
+        "dropout probability must be in [0, 1), got \(dropoutProbability)")
+    }
     let problem = try BackwardProblem(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
       scale: scale, needBiasGradient: needBiasGradient)
     return try ReferenceBackward.compute(
-      problem, dropout: .explicit(keep: dropoutKeep, probability: dropoutProbability),
+      problem, dropout: .explicit(keep: dropoutKeep, keptScale: 1 / (1 - dropoutProbability)),
       memoryBudget: nil)
   }
 }

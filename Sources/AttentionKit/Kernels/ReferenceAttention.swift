@@ -64,7 +64,8 @@ public struct ReferenceAttention: Sendable {
     }
     let preDropoutWeights = weights
     if let dropout {
-      let keptScale = dropout.dropsAll ? 0 : 1 / (1 - dropout.effectiveProbability)
+      // The float32 factor the kernels (and PyTorch) multiply by, exactly.
+      let keptScale = Double(dropout.keptScale)
       for j in 0..<tk {
         weights[j] = dropout.keeps(row: batch * tq + i, key: j) ? weights[j] * keptScale : 0
       }

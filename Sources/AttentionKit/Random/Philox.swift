@@ -10,7 +10,7 @@ import Tensors
 ///
 /// Counter layout used throughout AttentionKit (four 32-bit words):
 /// - words 0–1: a 64-bit *major* index (a block of four tensor elements, or an attention row);
-/// - word 2: a *minor* index (for dropout `16·⌊j/128⌋ + j mod 16` of key `j`, see `Dropout`;
+/// - word 2: a *minor* index (for dropout `16·⌊j/64⌋ + j mod 16` of key `j`, see `Dropout`;
 ///   0 for tensors);
 /// - word 3: the *stream*, which separates independent uses of one seed (see `RandomStream`).
 public struct Philox4x32: Sendable {
@@ -60,7 +60,7 @@ extension Philox4x32 {
   /// whatever the high halves hold is never seen), a shift for the high half of the product and
   /// a three-way xor; the low half of the product is already where the next round reads it. The
   /// two halves are independent chains that the CPU overlaps. Only at the end are the words
-  /// packed into `SIMD16<UInt32>`. Dropout uses it to draw 128 keys' decisions at once.
+  /// packed into `SIMD16<UInt32>`. Dropout uses it to draw 64 keys' decisions at once.
   @inline(__always)
   public func blocks16(major: UInt64, minorBase: UInt32, stream: UInt32)
     -> (SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>, SIMD16<UInt32>)

@@ -224,20 +224,28 @@ public struct ForwardChecks: Sendable {
   }
 
   /// Dropout drops about `p` of the weights, and keeps the others scaled by `1/(1 − p)`.
+  ///
+  /// A kept weight `w'` is compared with `w/(1 − p)` in `Double`, the true factor (not the
+  /// kernel's float32 `keptScale`). A float32 kernel rounds `1 − p`, its reciprocal and the
+  /// product once each (PyTorch's `noise.div_(1 − p)`, then `input·noise`), so
+  /// `|w' − w/(1 − p)| ≤ γ₃·w/(1 − p)`; below float32's smallest normal `λ` the product's
+  /// rounding is absolute (at most `u·λ`), so the error is measured against `max(w/(1 − p), λ)`.
   private func dropoutChecks(pre: Tensor, post: Tensor, dropout: Dropout) -> [Check] {
     var candidates = 0
     var dropped = 0
     var worstScaling = 0.0
+    let trueScale = 1 / (1 - dropout.probability)
+    let floor = Rounding.float32.underflowFloor
     for (w0, w1) in zip(pre.scalars, post.scalars) where w0 != 0 {
       candidates += 1
       if w1 == 0 {
         dropped += 1
       } else if w0.isFinite {
-        let expected = Double(w0) * Double(dropout.keptScale)
-        worstScaling = max(worstScaling, abs(Double(w1) - expected) / expected)
+        let expected = Double(w0) * trueScale
+        worstScaling = max(worstScaling, abs(Double(w1) - expected) / max(expected, floor))
       }
     }
-    let scalingBound = 2 * Double(Float.ulpOfOne)
+    let scalingBound = Rounding.float32.gamma(3)
     return [
       dropShareCheck(dropped: dropped, candidates: candidates, dropout: dropout),
       Check(
@@ -285,7 +293,7 @@ extension ForwardChecks {
     dropped: Int, candidates: Int, dropout: Dropout,
     title: String = "share of dropped weights is consistent with p"
   ) -> Check {
-    // The probability the decisions are drawn with: p on the 2⁻¹⁶ grid (see `Dropout`).
+    // The probability the decisions are drawn with: round(p·2³²)/2³², within 2⁻³² of p.
     let interval = BinomialBound.interval(
       n: candidates, p: dropout.effectiveProbability, failureProbability: 1e-4)
     let share = candidates > 0 ? Double(dropped) / Double(candidates) : 0

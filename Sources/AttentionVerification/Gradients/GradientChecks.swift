@@ -94,7 +94,7 @@ public struct GradientChecks: Sendable {
       reference = try ReferenceGradients(
         queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: scale,
         dropoutKeep: Tensor(shape: [1, group, tq, tk], scalars: keep),
-        dropoutProbability: dropout.effectiveProbability, needBiasGradient: false)
+        dropoutKeptScale: Double(dropout.keptScale), needBiasGradient: false)
     } else {
       reference = try ReferenceGradients(
         queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: scale,

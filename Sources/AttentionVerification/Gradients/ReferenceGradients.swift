@@ -66,15 +66,15 @@ public struct ReferenceGradients: Sendable {
   }
 
   /// With the dropout decisions given as a keep mask (nonzero = kept, broadcastable to
-  /// `[…, Tq, Tk]`): for a slice of a larger problem, whose counters depend on the flat rows of
-  /// the whole.
+  /// `[…, Tq, Tk]`) and kept weights scaled by `dropoutKeptScale` (`Dropout.keptScale`): for a
+  /// slice of a larger problem, whose counters depend on the flat rows of the whole.
   package init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
-    scale: Float?, dropoutKeep: Tensor, dropoutProbability: Double, needBiasGradient: Bool
+    scale: Float?, dropoutKeep: Tensor, dropoutKeptScale: Double, needBiasGradient: Bool
   ) throws {
     try self.init(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-      scale: scale, decisions: .explicit(keep: dropoutKeep, probability: dropoutProbability),
+      scale: scale, decisions: .explicit(keep: dropoutKeep, keptScale: dropoutKeptScale),
       needBiasGradient: needBiasGradient)
   }
 

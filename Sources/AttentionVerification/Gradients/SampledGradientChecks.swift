@@ -103,7 +103,8 @@ public struct SampledGradientChecks: Sendable {
     let u = Rounding.float32.unit
     let p = exp(s - l)
     let kept = dropout.map { $0.keeps(row: row, key: j) } ?? true
-    let z = kept ? (dropout.map { $0.dropsAll ? 0 : 1 / (1 - $0.effectiveProbability) } ?? 1) : 0
+    // The float32 factor the kernels multiply by (0 for p = 1), exactly.
+    let z = kept ? (dropout.map { Double($0.keptScale) } ?? 1) : 0
     let kv = shape.keyRowOffset(b)
     var (dot, magnitude) = (0.0, 0.0)
     for c in 0..<dv {

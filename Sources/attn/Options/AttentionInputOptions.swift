@@ -7,7 +7,7 @@ import AttentionVerification
 /// generator), the mask (`--mask`, `--bias`) and dropout (`--p`, `--eval`).
 struct AttentionInputOptions: ParsableArguments {
   @Option(help: "Dropout probability on the attention weights, in [0, 1].")
-  var p: Float = 0.1
+  var p: Double = 0.1
 
   @Option(help: "Sequence length (Tq = Tk) of the random inputs.")
   var seqLen: Int = 4
@@ -46,7 +46,7 @@ struct AttentionInputOptions: ParsableArguments {
   var v: String?
 
   /// `--p`, with `-0` read as 0 (the same probability, printed as such).
-  var probability: Float { p == 0 ? 0 : p }
+  var probability: Double { p == 0 ? 0 : p }
 
   /// Whether Q, K and V come from files.
   var fromFiles: Bool { q != nil }

@@ -28,7 +28,7 @@ struct SdpaCommand: ParsableCommand {
   @OptionGroup var problem: SdpaInputOptions
 
   @Option(help: "Dropout probability on the weights, in [0, 1] (seeded by --seed).")
-  var dropoutP: Float = 0
+  var dropoutP: Double = 0
 
   @Option(help: "Seed of the dropout decisions (Philox4x32-10).")
   var seed: UInt64 = 42
