@@ -7,13 +7,26 @@ import TensorIO
 /// Writes a command's outputs only when all of them can be written: every file is encoded and
 /// staged before any is renamed into place (see `writeAtomically`), so a missing folder or a path
 /// naming a folder fails the run with every existing file as it was. `nil` paths are skipped.
+/// A signal (SIGINT, SIGTERM, SIGHUP) leaves the files all as they were or all new, never some of
+/// each (`SignalCleanup.writingOutputs`).
 func writeOutputs(_ files: [(path: String?, bytes: () throws -> [UInt8])]) throws {
   var staged: [(path: String, bytes: [UInt8])] = []
   for file in files {
     guard let path = file.path else { continue }
     staged.append((path, try file.bytes()))
   }
-  try writeAtomically(staged)
+  // The folders writeAtomically locks while it renames: those of the files it replaces (a
+  // descriptor such as `-` is written through; a device or FIFO's folder is locked for nothing).
+  let folders = Set(staged.map(\.path).filter { outputDescriptor(for: $0) == nil }.map(folder))
+  try SignalCleanup.writingOutputs(in: folders) { try writeAtomically(staged) }
+}
+
+/// The folder `writeAtomically` stages `path`'s temporary file in and locks: the path up to its
+/// last `/` (`.` when there is none).
+private func folder(of path: String) -> String {
+  guard let slash = path.lastIndex(of: "/") else { return "." }
+  let folder = String(path[..<slash])
+  return folder.isEmpty ? "/" : folder
 }
 
 /// `writeOutputs` for tensors saved as float32 `.npy`; a pair with a `nil` tensor is skipped.
