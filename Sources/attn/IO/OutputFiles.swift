@@ -29,15 +29,6 @@ private func folder(of path: String) -> String {
   return folder.isEmpty ? "/" : folder
 }
 
-/// `writeOutputs` for tensors saved as float32 `.npy`; a pair with a `nil` tensor is skipped.
-func writeOutputs(npy files: [(path: String?, tensor: Tensor?)]) throws {
-  try writeOutputs(
-    files.compactMap { file -> (path: String?, bytes: () throws -> [UInt8])? in
-      guard let path = file.path, let tensor = file.tensor else { return nil }
-      return (path, { NPY.encode(tensor) })
-    })
-}
-
 /// Refuses an output path that is also an input path (a usage error, exit 64): a run must never
 /// overwrite what it reads. Paths are compared after resolving `.`, `..` and symbolic links, and
 /// existing files also by device and inode, so another spelling or a hard link is caught too.
