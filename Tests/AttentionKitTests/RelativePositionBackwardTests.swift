@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
 import Testing
 import _TestSupport

@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TensorIO
 import Testing

@@ -38,7 +38,7 @@ public struct RelativePositionGradients: Sendable {
   }
 }
 
-// MARK: - The float64 problem (reference kernel, bounds, finite differences)
+// MARK: - The float64 problem (the reference kernel; finite differences perturb its inputs)
 
 /// A relative-position attention problem entirely in `Double`: the module's parameters, `x`
 /// and the mask laid out over `[B, T, T]`. The reference kernel's own inputs, which the
@@ -141,7 +141,7 @@ package struct RelativePosition64: Sendable {
   }
 
   /// `y = x·Wᵀ + b` over all `B·T` rows, with loops.
-  func project(_ w: [Double], _ b: [Double]) -> [Double] {
+  package func project(_ w: [Double], _ b: [Double]) -> [Double] {
     let d = modelDim
     var y = [Double](repeating: 0, count: batch * length * d)
     for row in 0..<(batch * length) {
@@ -225,7 +225,8 @@ package struct RelativePosition64: Sendable {
     zip(forward(), dY).reduce(0) { $0 + $1.0 * $1.1 }
   }
 
-  /// The gradients in `Double`, and the float32 bounds of the materialized kernel when `unit` is given.
+  /// The gradients in `Double` (and, from `AttentionVerification`, the bounds a float32 kernel
+  /// must meet).
   package struct Gradients: Sendable {
     /// By `tensorNames`, and `"dQ"`, `"dK"`, `"dV"`: flat, shaped as the tensors.
     package var values: [String: [Double]]
@@ -233,9 +234,10 @@ package struct RelativePosition64: Sendable {
     package var dS: [Double]
     /// `P`, `[B, T, T]`.
     package var probabilities: [Double]
-    /// The same keys as `values`: how far a kernel computing in unit roundoff `unit` may be
-    /// from `values`, element by element; empty without a unit.
-    package var bounds: [String: [Double]]
+    /// The same keys as `values`: how far a kernel computing in a given unit roundoff may be
+    /// from `values`, element by element; empty unless `AttentionVerification`'s
+    /// `gradients(gradOutput:unit:)` computed them.
+    package var bounds: [String: [Double]] = [:]
   }
 
   /// The backward pass literally, row by row, in `Double` (the formulas of
@@ -245,9 +247,17 @@ package struct RelativePosition64: Sendable {
   /// `dE[clip(j − i) + M] += scale·dS_ij·q_i` (the gather's adjoint, a scatter-add);
   /// then the projections' gradients over all `B·T` rows.
   ///
-  /// With `unit` (`u`), also first-order error bounds of a kernel computing in that arithmetic
-  /// with the materialized kernel's order of operations (see `RelativePositionAttention.backward`).
-  package func gradients(gradOutput dY: [Double], unit: Double? = nil) -> Gradients {
+  /// `rowObserver` sees each row's `P_i`, scores, `dP_i`, `Δ_i` and the `dS` so far (what the
+  /// error bounds of `AttentionVerification` are accumulated from).
+  package func gradients(
+    gradOutput dY: [Double],
+    rowObserver: (
+      (
+        _ row: Int, _ p: [Double], _ scores: [Double], _ dP: [Double], _ delta: Double,
+        _ dS: [Double]
+      ) -> Void
+    )? = nil
+  ) -> Gradients {
     let (bt, t, d) = (batch * length, length, modelDim)
     let width = 2 * maxDistance + 1
     let q = project(wq, bq)
@@ -263,7 +273,6 @@ package struct RelativePosition64: Sendable {
     var p = [Double](repeating: 0, count: t)
     var scores = [Double](repeating: 0, count: t)
     var dP = [Double](repeating: 0, count: t)
-    var bounds = unit.map { ErrorBounds(self, q: q, k: k, v: v, dY: dY, unit: $0) }
     for row in 0..<bt {
       let (n, i) = (row / t, row % t)
       rowProbabilities(row: row, q: q, k: k, relative: relative, into: &p, scores: &scores)
@@ -287,7 +296,7 @@ package struct RelativePosition64: Sendable {
           dV[key + c] += p[j] * dY[row * d + c]
         }
       }
-      bounds?.addRow(row, p: p, scores: scores, dP: dP, delta: delta, dS: dS)
+      rowObserver?(row, p, scores, dP, delta, dS)
     }
     var values: [String: [Double]] = [
       "dQ": dQ, "dK": dK, "dV": dV, "relative_embeddings.weight": dE,
@@ -310,153 +319,6 @@ package struct RelativePosition64: Sendable {
       values[name + ".bias"] = db
     }
     values["x"] = dx
-    return Gradients(
-      values: values, dS: dS, probabilities: probabilities,
-      bounds: bounds?.finish(values) ?? [:])
-  }
-}
-
-/// First-order bounds on the errors of the materialized kernel (`RelativePositionAttention.backward`)
-/// against the exact gradients, accumulated alongside the reference (see that doc comment).
-private struct ErrorBounds {
-  let problem: RelativePosition64
-  let q, k, v, dY: [Double]
-  let u: Double
-  /// The projections' own errors, `γ_{D+1}·(|b_o| + Σ_c |x_c·W_oc|)`, `[B·T, D]`.
-  let eQ, eK, eV: [Double]
-  var dQ, dK, dV, dE: [Double]
-
-  init(
-    _ problem: RelativePosition64, q: [Double], k: [Double], v: [Double], dY: [Double],
-    unit: Double
-  ) {
-    self.problem = problem
-    (self.q, self.k, self.v, self.dY, u) = (q, k, v, dY, unit)
-    let d = problem.modelDim
-    let rows = problem.batch * problem.length
-    func projectionError(_ w: [Double], _ b: [Double]) -> [Double] {
-      var out = [Double](repeating: 0, count: rows * d)
-      let g = Self.gamma(d + 1, unit)
-      for row in 0..<rows {
-        for o in 0..<d {
-          var sum = abs(b[o])
-          for c in 0..<d { sum += abs(problem.x[row * d + c] * w[o * d + c]) }
-          out[row * d + o] = g * sum
-        }
-      }
-      return out
-    }
-    eQ = projectionError(problem.wq, problem.bq)
-    eK = projectionError(problem.wk, problem.bk)
-    eV = projectionError(problem.wv, problem.bv)
-    dQ = [Double](repeating: 0, count: rows * d)
-    dK = dQ
-    dV = dQ
-    dE = [Double](repeating: 0, count: (2 * problem.maxDistance + 1) * d)
-  }
-
-  static func gamma(_ n: Int, _ u: Double) -> Double {
-    Rounding(unit: u, underflowFloor: 0).gamma(n)
-  }
-
-  /// Adds row `row`'s share: its score error `δ`, the probabilities' relative error `ρ`, the
-  /// errors of `dP`, `Δ` and `dS`, and their sums into `dQ`, `dK`, `dV` and `dE`.
-  mutating func addRow(
-    _ row: Int, p: [Double], scores: [Double], dP: [Double], delta: Double, dS: [Double]
-  ) {
-    let (b, t, d) = (problem.batch, problem.length, problem.modelDim)
-    let (n, i) = (row / t, row % t)
-    let scale = problem.scale
-    let width = min(2 * problem.maxDistance + 1, 2 * t - 1)
-    func gamma(_ n: Int) -> Double { Self.gamma(n, u) }
-    // 1. Scores: two sgemms of length D (alpha = the float32 scale), their sum, the bias.
-    var delta0 = 0.0
-    var peak = 0.0
-    for j in 0..<t where problem.visible[row * t + j] {
-      let r = problem.index(query: i, key: j)
-      var error = 0.0
-      for c in 0..<d {
-        let key = abs(k[(n * t + j) * d + c]) + abs(problem.e[r * d + c])
-        error +=
-          (gamma(d + 2) * abs(q[row * d + c]) + eQ[row * d + c]) * key
-          + abs(q[row * d + c]) * eK[(n * t + j) * d + c]
-      }
-      delta0 = max(delta0, scale * error)
-      peak = max(peak, abs(scores[j]))
-      if let bias = problem.bias?[row * t + j], bias.isFinite { peak = max(peak, abs(bias)) }
-    }
-    let scoreError = delta0 + 4 * u * peak
-    // 2. P: each weight within a factor e^{±2δ}, times the exponentials, sum and division.
-    let rho = 2 * scoreError * (1 + 2 * scoreError) + gamma(t + 6)
-    // 3. dP_ij = dO_i·v_j (error eP_ij; magnitude M_ij), Δ_i = Σ_j P_ij·dP_ij, dS_ij.
-    var magnitude = [Double](repeating: 0, count: t)
-    var eP = [Double](repeating: 0, count: t)
-    var nSum = 0.0
-    var eDelta = 0.0
-    for j in 0..<t where p[j] != 0 {
-      for c in 0..<d {
-        let value = (n * t + j) * d + c
-        magnitude[j] += abs(dY[row * d + c] * v[value])
-        eP[j] += abs(dY[row * d + c]) * eV[value]
-      }
-      eP[j] += gamma(d) * magnitude[j]
-      nSum += p[j] * magnitude[j]
-      eDelta += (rho + gamma(t + 1)) * p[j] * magnitude[j] + p[j] * eP[j]
-    }
-    // 4. Sums into the gradients: dQ = scale·(dS·K + G·E) (the G sums of ≤ T terms, two sgemms
-    //    of lengths T and W, accumulated), dK = scale·dSᵀ·Q, dE = scale·Gᵀ·Q over B·T rows.
-    let (gq, gk, ge) = (gamma(2 * t + width + 4), gamma(t + 4), gamma(b * t + t + 4))
-    for j in 0..<t where p[j] != 0 {
-      let ds = abs(dS[row * t + j])
-      let eS = p[j] * ((rho + 2 * u) * (magnitude[j] + nSum) + eP[j] + eDelta)
-      let r = problem.index(query: i, key: j)
-      for c in 0..<d {
-        let key = (n * t + j) * d + c
-        let qc = abs(q[row * d + c])
-        dQ[row * d + c] +=
-          scale * ((eS + gq * ds) * (abs(k[key]) + abs(problem.e[r * d + c])) + ds * eK[key])
-        dK[key] += scale * ((eS + gk * ds) * qc + ds * eQ[row * d + c])
-        dE[r * d + c] += scale * ((eS + ge * ds) * qc + ds * eQ[row * d + c])
-        dV[key] += (rho + gamma(t + 2)) * p[j] * abs(dY[row * d + c])
-      }
-    }
-  }
-
-  /// The bounds of every gradient, the projections' from those of `dQ`, `dK`, `dV`: `dW` and
-  /// `db` sums over `B·T` rows, `dx` three sgemms of length `D` accumulated.
-  func finish(_ values: [String: [Double]]) -> [String: [Double]] {
-    let d = problem.modelDim
-    let rows = problem.batch * problem.length
-    // fastExp flushes probabilities below float32's normal range: 10⁶·λ covers them times inputs
-    // below 10 over fewer than 10⁵ terms (as the attention backward's bounds).
-    let floor = 1e6 * Double(Float.leastNormalMagnitude)
-    var out: [String: [Double]] = [
-      "dQ": dQ, "dK": dK, "dV": dV, "relative_embeddings.weight": dE,
-    ]
-    var dx = [Double](repeating: 0, count: rows * d)
-    let (gw, gx) = (Self.gamma(rows, u), Self.gamma(3 * d, u))
-    for (name, e, key, w) in [
-      ("W_q", dQ, "dQ", problem.wq), ("W_k", dK, "dK", problem.wk),
-      ("W_v", dV, "dV", problem.wv),
-    ] {
-      let g = values[key]!
-      var dW = [Double](repeating: 0, count: d * d)
-      var db = [Double](repeating: 0, count: d)
-      for row in 0..<rows {
-        for o in 0..<d {
-          let error = e[row * d + o]
-          let magnitude = abs(g[row * d + o])
-          db[o] += error + gw * magnitude
-          for c in 0..<d {
-            dW[o * d + c] += (error + gw * magnitude) * abs(problem.x[row * d + c])
-            dx[row * d + c] += (error + gx * magnitude) * abs(w[o * d + c])
-          }
-        }
-      }
-      out[name + ".weight"] = dW
-      out[name + ".bias"] = db
-    }
-    out["x"] = dx
-    return out.mapValues { $0.map { $0 + floor } }
+    return Gradients(values: values, dS: dS, probabilities: probabilities)
   }
 }
