@@ -125,7 +125,11 @@ extension RelativePositionAttention {
       bytes, memoryBudget, what: "the reference backward's float64 [T, T, D] gather",
       advice: .other("it is for small problems; use the materialized kernel"))
     let problem = try RelativePosition64(module: self, x: x, mask: mask)
-    let result = problem.gradients(gradOutput: gradOutput.scalars.map(Double.init))
+    var magnitudes = [Double](repeating: 0, count: b * t)
+    let result = problem.gradients(gradOutput: gradOutput.scalars.map(Double.init)) {
+      row, p, _, dP, delta, _ in
+      magnitudes[row] = zip(p, dP).reduce(abs(delta)) { $0 + $1.0 * abs($1.1) }
+    }
     func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
       try Tensor(shape: shape, scalars: result.values[name]!.map { Float($0) })
     }
@@ -134,17 +138,13 @@ extension RelativePositionAttention {
       parameters.tensors[name] = try tensor(name, problem.shape(of: name))
     }
     var rowSums = [Double](repeating: 0, count: b * t)
-    var rowBounds = rowSums
     for row in 0..<(b * t) {
-      for j in 0..<t {
-        rowSums[row] += result.dS[row * t + j]
-        rowBounds[row] += 1e-12 * abs(result.dS[row * t + j])
-      }
+      for j in 0..<t { rowSums[row] += result.dS[row * t + j] }
     }
     return RelativePositionGradients(
       dx: try tensor("x", x.shape), parameters: parameters, dQ: try tensor("dQ", x.shape),
       dK: try tensor("dK", x.shape), dV: try tensor("dV", x.shape),
-      scoreGradientRowSums: rowSums, scoreGradientRowBounds: rowBounds,
+      scoreGradientRowSums: rowSums, scoreGradientRowMagnitudes: magnitudes,
       workspaceBytes: bytes ?? .max, kernel: .reference)
   }
 
@@ -172,7 +172,7 @@ extension RelativePositionAttention {
     // G for every row, [B·T, W] (columns `columns` of the [B·T, 2M + 1] matrix).
     var g = [Float](repeating: 0, count: b * t * width)
     var rowSums = [Double](repeating: 0, count: b * t)
-    var rowBounds = rowSums
+    var rowMagnitudes = rowSums
     var dE = try Tensor(shape: relativeEmbeddings.weight.shape)
     if b > 0, t > 0 {
       let task = BackwardTask(
@@ -180,7 +180,7 @@ extension RelativePositionAttention {
         columns: columns)
       // 2. One task per batch element.
       withPointers(
-        q, k, v, gradOutput, relativeEmbeddings.weight, &dQ, &dK, &dV, &g, &rowSums, &rowBounds
+        q, k, v, gradOutput, relativeEmbeddings.weight, &dQ, &dK, &dV, &g, &rowSums, &rowMagnitudes
       ) { buffers in
         let queue = TaskQueue()
         DispatchQueue.concurrentPerform(iterations: workers) { _ in
@@ -246,7 +246,8 @@ extension RelativePositionAttention {
     }
     return RelativePositionGradients(
       dx: dx, parameters: parameters, dQ: dQ, dK: dK, dV: dV, scoreGradientRowSums: rowSums,
-      scoreGradientRowBounds: rowBounds, workspaceBytes: bytes ?? .max, kernel: .materialized)
+      scoreGradientRowMagnitudes: rowMagnitudes, workspaceBytes: bytes ?? .max,
+      kernel: .materialized)
   }
 
   /// Runs `body` with the pointers of the materialized kernel's tensors.
@@ -271,7 +272,7 @@ extension RelativePositionAttention {
                               q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!,
                               dO: dO.baseAddress!, e: e.baseAddress!, dQ: dq.baseAddress!,
                               dK: dk.baseAddress!, dV: dv.baseAddress!, g: g.baseAddress,
-                              rowSums: sums.baseAddress!, rowBounds: bounds.baseAddress!))
+                              rowSums: sums.baseAddress!, rowMagnitudes: bounds.baseAddress!))
                         }
                       }
                     }
@@ -298,7 +299,7 @@ private struct RelposBackwardBuffers: @unchecked Sendable {
   /// `G`, `[B·T, W]`; `nil` when `W·B·T = 0`.
   let g: UnsafeMutablePointer<Float>?
   /// `[B·T]`.
-  let rowSums, rowBounds: UnsafeMutablePointer<Double>
+  let rowSums, rowMagnitudes: UnsafeMutablePointer<Double>
 }
 
 /// Step 2 of the fast backward for one batch element.
@@ -342,9 +343,7 @@ private struct BackwardTask: Sendable {
       transposeA: true, m: t, n: d, k: t, a: p, lda: t, b: dO, ldb: d, c: buffers.dV + offset,
       ldc: d)
     BLAS.sgemm(transposeB: true, m: t, n: t, k: d, a: dO, lda: d, b: v, ldb: d, c: s, ldc: t)
-    // c. dS = P∘(dP − Δ), Δ = Σ_j P_ij·dP_ij, row by row; the row's sum and its bound; G.
-    let u = Rounding.float32.unit
-    let gamma = Rounding.float32.gamma
+    // c. dS = P∘(dP − Δ), Δ = Σ_j P_ij·dP_ij, row by row; the row's sum and magnitude; G.
     for i in 0..<t {
       let (pRow, sRow) = (p + i * t, s + i * t)
       let delta = BackwardRows.dot(pRow, sRow, count: t)
@@ -353,10 +352,8 @@ private struct BackwardTask: Sendable {
       BackwardRows.softmaxGradient(probabilities: pRow, gradient: sRow, count: t, delta: delta)
       var sum = 0.0
       for j in 0..<t { sum += Double(sRow[j]) }
-      let magnitude = abs(Double(delta))
       buffers.rowSums[n * t + i] = sum
-      buffers.rowBounds[n * t + i] =
-        gamma(t + 1) * weighted + gamma(t + 6) * magnitude + 2 * u * (weighted + magnitude)
+      buffers.rowMagnitudes[n * t + i] = weighted + abs(Double(delta))
       let gRow = g + i * width
       gRow.update(repeating: 0, count: width)
       bias.accumulate(row: sRow, into: gRow - columns.lowerBound, query: i, count: t)

@@ -20,12 +20,11 @@ public struct RelativePositionGradients: Sendable {
   /// `Σ_j dS_ij` for every row `(b, i)`, `[B·T]`, summed in `Double` from the kernel's own `dS`:
   /// exactly 0 in exact arithmetic (the softmax's Jacobian), so a check of the kernel.
   public var scoreGradientRowSums: [Double]
-  /// For each row, how far from 0 its sum may be in the kernel's arithmetic. From the fast
-  /// kernel's own `P`, `dP` and `Δ`:
-  /// `γ_{T+1}·Σ_j P_j|dP_j| + γ_{T+6}·|Δ| + 2u·Σ_j P_j(|dP_j| + |Δ|)`, since
-  /// `Σ_j dS_j = Δ(1 − Σ_j P_j) − (Δ̂ − Δ)` with `Δ = Σ_j P_j·dP_j` and `Σ_j P_j` is 1 within
-  /// `γ_{T+6}`. From the reference, `10⁻¹²·Σ_j |dS_ij|`.
-  public var scoreGradientRowBounds: [Double]
+  /// For each row, `Σ_j P_ij·|dP_ij| + |Δ_i|` from the kernel's own `P`, `dP` and
+  /// `Δ_i = Σ_j P_ij·dP_ij`: the magnitude a row sum's rounding scales with, since
+  /// `Σ_j dS_ij = Δ_i(1 − Σ_j P_ij) − (Δ̂_i − Δ_i)` (the bound is `AttentionVerification`'s
+  /// `RelposGradientChecks.rowSumBound`).
+  public var scoreGradientRowMagnitudes: [Double]
   /// Bytes of scratch memory the kernel allocated beyond its inputs and these gradients.
   public var workspaceBytes: Int
   /// The kernel that ran.

@@ -18,7 +18,8 @@ import Foundation
 ///    a few 10⁻⁶ for the default sizes (gradients of order 1), while a wrong formula errs by
 ///    10⁻³ of the gradient or more. Observed errors are below 1% of it.
 /// 3. `score_gradient_rows_sum_to_zero`: `|Σ_j dS_ij|` of the materialized kernel's own `dS` within
-///    the bound it reports (`RelativePositionGradients.scoreGradientRowBounds`).
+///    `rowSumBound` of the magnitude it reports
+///    (`RelativePositionGradients.scoreGradientRowMagnitudes`).
 public struct RelposGradientChecks {
   /// The largest `B·T·(T + D)·D` the checks take: the multiply-adds of one float64 forward,
   /// which the finite differences run `4·8·samplesPerTensor` times.
@@ -175,10 +176,22 @@ public struct RelposGradientChecks {
     return entries
   }
 
+  /// How far from 0 a row sum of `dS` may be in `rounding`'s arithmetic, for a row of `length`
+  /// keys whose magnitude (`RelativePositionGradients.scoreGradientRowMagnitudes`) is `M`:
+  /// `(γ_{T+6} + 2u)·M`, since `Σ_j dS_j = Δ(1 − Σ_j P_j) − (Δ̂ − Δ)`, `Σ_j P_j` is 1 within
+  /// `γ_{T+6}` and `Δ̂` is `Σ_j P_j·dP_j` summed in `T + 1` roundings.
+  public static func rowSumBound(magnitude: Double, length: Int, rounding: Rounding = .float32)
+    -> Double
+  {
+    (rounding.gamma(length + 6) + 2 * rounding.unit) * magnitude
+  }
+
   private func rowSumCheck(_ fast: RelativePositionGradients) -> Check {
     var worst = 0.0
     var largest = 0.0
-    for (sum, bound) in zip(fast.scoreGradientRowSums, fast.scoreGradientRowBounds) {
+    let length = fast.dQ.shape.count > 1 ? fast.dQ.shape[fast.dQ.shape.count - 2] : 1
+    for (sum, magnitude) in zip(fast.scoreGradientRowSums, fast.scoreGradientRowMagnitudes) {
+      let bound = Self.rowSumBound(magnitude: magnitude, length: length)
       largest = max(largest, abs(sum))
       let ratio = sum == 0 ? 0 : (bound > 0 ? abs(sum) / bound : .infinity)
       worst = max(worst, ratio.isNaN ? .infinity : ratio)
