@@ -58,6 +58,9 @@ public enum Attention {
   ///     decision for each weight depends only on the seed, the query row and the key, so every
   ///     kernel and thread count drops the same weights.
   ///   - relativePosition: adds `q_i·E[clip(j − i, −M, M) + M]·scale` to score `(i, j)`.
+  ///   - terms: soft-capping, ALiBi or T5 biases and attention sinks (`ScoreTerms`), in every
+  ///     kernel. (Their gradients are not in `Attention.backward` yet; with sinks, `logSumExp`
+  ///     includes the sink's term.)
   ///   - kernel: see `Kernel`; `.automatic` by default.
   ///   - needWeights: whether the `[…, Tq, Tk]` weights should come back (`.automatic` then
   ///     picks the materialized kernel when they fit `memoryBudget`).
@@ -77,7 +80,7 @@ public enum Attention {
   public static func scaledDotProduct(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    relativePosition: RelativePositionBias? = nil,
+    relativePosition: RelativePositionBias? = nil, terms: ScoreTerms = .none,
     kernel: Kernel = .automatic, needWeights: Bool = false,
     threads: Int? = nil, memoryBudget: Int? = nil, keyCount: Int? = nil,
     needLogSumExp: Bool = false
@@ -92,7 +95,7 @@ public enum Attention {
     case .reference:
       let reference = try ReferenceAttention(
         queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-        relativePosition: relativePosition, keyCount: keyCount)
+        relativePosition: relativePosition, terms: terms, keyCount: keyCount)
       try checkWeightsBudget(shape, memoryBudget, kernel: "reference")
       return reference.compute()
     case .materialized:
@@ -101,7 +104,8 @@ public enum Attention {
       return try BLASThreads.withCount(1) {
         try MaterializedAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, relativePosition: relativePosition, memoryBudget: memoryBudget,
+          dropout: dropout, relativePosition: relativePosition, terms: terms,
+          memoryBudget: memoryBudget,
           threads: workers, keyCount: keyCount)
       }
     case .tiled(let configuration):
@@ -109,7 +113,8 @@ public enum Attention {
       return try BLASThreads.withCount(1) {
         try TiledAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, relativePosition: relativePosition, configuration: configuration,
+          dropout: dropout, relativePosition: relativePosition, terms: terms,
+          configuration: configuration,
           threads: workers, keyCount: keyCount, needLogSumExp: needLogSumExp)
       }
     case .automatic:

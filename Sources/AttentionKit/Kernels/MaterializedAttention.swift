@@ -11,6 +11,8 @@ import Tensors
 ///
 /// With `relativePosition`, step 2 adds the position term `R[i, clip(j − i) + M]·scale` of
 /// `RelativePositionBias` (the scores are then those of the notebook's `RelativePositionAttention`).
+/// `terms` (`ScoreTerms`) soft-caps the scaled scores first, adds its bias by distance with the
+/// position term, and puts its sinks into step 4's denominator.
 ///
 /// Work is split into tasks of `rowBlock` query rows of one batch element, taken by `threads`
 /// workers; each task runs its two products with OpenBLAS single-threaded (the entry point
@@ -30,11 +32,12 @@ enum MaterializedAttention {
   static func compute(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask, scale: Float?, dropout: Dropout?,
-    relativePosition: RelativePositionBias?, memoryBudget: Int?, threads: Int,
-    keyCount: Int? = nil
+    relativePosition: RelativePositionBias?, terms: ScoreTerms = .none, memoryBudget: Int?,
+    threads: Int, keyCount: Int? = nil
   ) throws -> AttentionResult {
     let shape = try AttentionShape(
       queries: queries, keys: keys, values: values, keyCount: keyCount)
+    let resolvedTerms = try ResolvedScoreTerms(terms, shape: shape, mask: mask)
     let resolved = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
     try relativePosition?.checkHeadDim(shape.headDim)
@@ -56,7 +59,7 @@ enum MaterializedAttention {
     }
     let problem = Problem(
       shape: shape, scale: shape.resolvedScale(scale), mask: resolved, dropout: dropout,
-      relativePosition: relativePosition, columns: columns)
+      relativePosition: relativePosition, columns: columns, terms: resolvedTerms)
     queries.scalars.withUnsafeBufferPointer { q in
       keys.scalars.withUnsafeBufferPointer { k in
         values.scalars.withUnsafeBufferPointer { v in
@@ -118,6 +121,7 @@ enum MaterializedAttention {
     let dropout: Dropout?
     let relativePosition: RelativePositionBias?
     let columns: ClosedRange<Int>
+    let terms: ResolvedScoreTerms
 
     var width: Int { relativePosition == nil ? 0 : columns.count }
 
@@ -152,13 +156,15 @@ enum MaterializedAttention {
       for r in 0..<rows {
         let i = firstQuery + r
         let row = scores + r * tk
+        terms.capScores(row, count: tk)
         if let relativePosition, d > 0 {
           relativePosition.add(
             table: shifted + r * width, to: row, query: i, firstKey: 0, count: tk)
         }
-        // Step 3: mask; step 4: softmax; step 5: dropout.
+        terms.addPositionBias(to: row, batch: b, query: i, firstKey: 0, count: tk)
+        // Step 3: mask; step 4: softmax (with the head's sink); step 5: dropout.
         mask.apply(to: row, batch: b, query: i, firstKey: 0, count: tk)
-        RowSoftmax.normalize(row, count: tk)
+        RowSoftmax.normalize(row, count: tk, sink: terms.sink(batch: b))
         dropout?.apply(to: row, row: b * tq + i, firstKey: 0, count: tk)
       }
       // Step 6: output = weights · V.

@@ -19,14 +19,20 @@ public struct ReferenceAttention: Sendable {
   package let scale: Double
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
+  /// The score terms as given (their error bounds depend on them) and laid out for the call.
+  package let terms: ScoreTerms
+  let resolvedTerms: ResolvedScoreTerms
 
   public init(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    relativePosition: RelativePositionBias? = nil, keyCount: Int? = nil
+    relativePosition: RelativePositionBias? = nil, terms: ScoreTerms = .none,
+    keyCount: Int? = nil
   ) throws {
     shape = try AttentionShape(queries: queries, keys: keys, values: values, keyCount: keyCount)
     try relativePosition?.checkHeadDim(shape.headDim)
+    self.terms = terms
+    resolvedTerms = try ResolvedScoreTerms(terms, shape: shape, mask: mask)
     self.relativePosition = relativePosition
     self.mask = try ResolvedMask(
       mask, batchShape: shape.batchShape, queries: shape.queries, keys: shape.keys)
@@ -53,9 +59,12 @@ public struct ReferenceAttention: Sendable {
       (scores[j], magnitudes[j]) = exactScore(batch: batch, query: i, key: j)
     }
     var weights = [Double](repeating: 0, count: tk)
-    let peak = scores.contains(where: \.isNaN) ? .nan : (scores.max() ?? -.infinity)
-    if peak != -.infinity {
-      var sum = 0.0
+    let visible = scores.contains(where: \.isNaN) ? .nan : (scores.max() ?? -.infinity)
+    if visible != -.infinity {
+      // The head's sink, one more key with no value, shares the shift and the denominator.
+      let sink = resolvedTerms.sink(batch: batch).map(Double.init)
+      let peak = sink.map { visible.isNaN ? visible : max(visible, $0) } ?? visible
+      var sum = sink.map { exp($0 - peak) } ?? 0
       for j in 0..<tk {
         weights[j] = exp(scores[j] - peak)
         sum += weights[j]
@@ -101,21 +110,38 @@ public struct ReferenceAttention: Sendable {
       dot += product
       magnitude += abs(product)
     }
-    if let relativePosition {
-      // q_i·E[clip(j − i) + M], the position term, in the same sum as q_i·k_j.
-      let r = relativePosition.index(query: i, key: j)
-      for c in 0..<d {
-        let product =
-          Double(queries.scalars[q + c]) * Double(relativePosition.embeddings.scalars[r * d + c])
-        dot += product
-        magnitude += abs(product)
-      }
-    }
     // D = 0: no products, every score 0 (PyTorch's result is the mean of V, not the NaN of
     // 0·(1/√0)).
     var s = d == 0 ? 0 : dot * scale
+    if let c = terms.softcap.map(Double.init) { s = c * tanh(s / c) }
+    if let relativePosition, d > 0 {
+      // q_i·E[clip(j − i) + M], the position term, after the soft-cap as the kernels add it.
+      let r = relativePosition.index(query: i, key: j)
+      var position = 0.0
+      for c in 0..<d {
+        let product =
+          Double(queries.scalars[q + c]) * Double(relativePosition.embeddings.scalars[r * d + c])
+        position += product
+        magnitude += abs(product)
+      }
+      s += position * scale
+    }
+    s += positionBias(batch: batch, query: i, key: j)
     if let bias = mask.bias { s += Double(bias.value(batch: batch, row: i, column: j)) }
     return (s, magnitude)
+  }
+
+  /// `ScoreTerms.positionBias` at `(i, j)` of flat batch `batch`'s head, exactly: ALiBi's
+  /// `slope_h·(j − i_abs)` in float64, T5's table entry as stored.
+  package func positionBias(batch: Int, query i: Int, key j: Int) -> Double {
+    let distance = j - (i + resolvedTerms.alignment)
+    switch terms.positionBias {
+    case nil: return 0
+    case .alibi(let slopes): return Double(slopes[resolvedTerms.head(batch)]) * Double(distance)
+    case .t5:
+      let t = resolvedTerms
+      return Double(t.table![t.head(batch) * t.width + distance - t.lowest])
+    }
   }
 
   /// Whether every key is masked for this query (its weights and output are then zero).

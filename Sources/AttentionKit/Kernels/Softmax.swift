@@ -183,15 +183,19 @@ enum RowSoftmax {
     }
   }
 
-  /// Softmax of `row[0..<count]` in place; a fully masked row becomes zeros.
+  /// Softmax of `row[0..<count]` in place; a fully masked row becomes zeros. A `sink` logit
+  /// joins the denominator (`ScoreTerms.sinks`), so the row then sums to less than 1.
   @inline(__always)
-  static func normalize(_ row: UnsafeMutablePointer<Float>, count: Int) {
-    let peak = maximum(row, count: count)
-    if peak == -.infinity {
+  static func normalize(_ row: UnsafeMutablePointer<Float>, count: Int, sink: Float? = nil) {
+    let visible = maximum(row, count: count)
+    if visible == -.infinity {
       row.update(repeating: 0, count: count)
       return
     }
-    let sum = exponentiate(row, count: count, shift: peak)
+    // A sink σ is one more key with no value: it shares the shift and the denominator.
+    let peak = sink.map { max(visible, $0) } ?? visible
+    var sum = exponentiate(row, count: count, shift: peak)
+    if let sink { sum += fastExp(sink - peak) }
     scale(row, count: count, by: 1 / sum)
   }
 }

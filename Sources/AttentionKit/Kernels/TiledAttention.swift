@@ -194,12 +194,13 @@ public enum TiledAttention {
   static func compute(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask, scale: Float?, dropout: Dropout?,
-    relativePosition: RelativePositionBias?,
+    relativePosition: RelativePositionBias?, terms: ScoreTerms = .none,
     configuration: Configuration, threads: Int, keyCount: Int? = nil,
     needLogSumExp: Bool = false
   ) throws -> AttentionResult {
     let shape = try AttentionShape(
       queries: queries, keys: keys, values: values, keyCount: keyCount)
+    let resolvedTerms = try ResolvedScoreTerms(terms, shape: shape, mask: mask)
     guard configuration.queryBlock > 0, configuration.keyBlock > 0 else {
       throw AttentionError.invalidArgument(
         "block sizes must be positive, got \(configuration.queryBlock)×\(configuration.keyBlock)")
@@ -229,7 +230,7 @@ public enum TiledAttention {
     let plan = TilePlan(
       shape: shape, scale: shape.resolvedScale(scale), queryBlock: partition.queryBlock,
       keyBlock: partition.keyBlock, stackedHeads: partition.stackedHeads, mask: resolved,
-      dropout: dropout, relativePosition: relativePosition)
+      dropout: dropout, relativePosition: relativePosition, terms: resolvedTerms)
     let tiles = Atomic<Int>(0)
     // Every output row is written (normalized, or merged from its key chunks), so the output is
     // not zeroed first.
@@ -393,6 +394,7 @@ struct TilePlan: Sendable {
   let mask: ResolvedMask
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
+  let terms: ResolvedScoreTerms
 
   /// The columns of `R` this problem can read (see `RelativePositionBias.columns`).
   var relativeColumns: ClosedRange<Int> {
@@ -467,9 +469,11 @@ struct TilePlan: Sendable {
       for r in 0..<rows {
         let (qb, i) = (b + r / perHead, i0 + r % perHead)
         let row = s + r * bk
-        // Pass 2: position term and mask.
+        // Pass 2: soft-cap, position terms and mask.
+        terms.capScores(row, count: cols)
         relativePosition?.add(
           table: positionRows + r * width, to: row, query: i, firstKey: j0, count: cols)
+        terms.addPositionBias(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         mask.apply(to: row, batch: qb, query: i, firstKey: j0, count: cols)
         let previous = scratch.rowMax[r]
         if previous.isNaN {
@@ -515,22 +519,39 @@ struct TilePlan: Sendable {
   }
 
   /// `O = acc / ℓ` into the output rows; a row that saw no key gets zeros. With `logSumExp`,
-  /// also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`), `m` its final shift.
+  /// also `L = m + log ℓ` of each row (`−∞` when `ℓ = 0`), `m` its final shift. A sink `σ`
+  /// joins `ℓ` here, once: `m' = max(m, σ)`, `ℓ' = ℓ·e^(m − m') + e^(σ − m')`,
+  /// `O = acc·e^(m − m') / ℓ'`.
   func normalize(
     batch b: Int, firstQuery i0: Int, scratch: borrowing TileScratch,
     into output: UnsafeMutablePointer<Float>, logSumExp: UnsafeMutablePointer<Float>? = nil
   ) {
     let (tq, dv) = (shape.queries, shape.valueDim)
-    let rows = rowCounts(firstQuery: i0).total
+    let (perHead, rows) = rowCounts(firstQuery: i0)
     let out = output + (b * tq + i0) * dv
     for r in 0..<rows {
-      let sum = scratch.rowSum[r]
+      var (sum, shift) = (scratch.rowSum[r], scratch.rowMax[r])
+      var carried: Float = 1
+      if sum > 0, let sink = terms.sink(batch: b + r / perHead) {
+        (sum, shift, carried) = Self.withSink(sink, sum: sum, shift: shift)
+      }
       logSumExp?[b * tq + i0 + r] =
-        sum > 0 ? scratch.rowMax[r] + log(sum) : (sum.isNaN ? .nan : -.infinity)
-      let factor: Float = sum > 0 ? 1 / sum : (sum.isNaN ? .nan : 0)
+        sum > 0 ? shift + log(sum) : (sum.isNaN ? .nan : -.infinity)
+      let factor: Float = sum > 0 ? carried / sum : (sum.isNaN ? .nan : 0)
       RowSoftmax.scale(
         scratch.accumulator + r * dv, into: out + r * dv, count: dv, by: factor)
     }
+  }
+
+  /// A row's sum `ℓ` and shift `m` with a sink `σ` added as one more key: `m' = max(m, σ)`,
+  /// `ℓ' = ℓ·e^(m − m') + e^(σ − m')`, and the factor `e^(m − m')` the running output carries.
+  @inline(__always)
+  static func withSink(_ sink: Float, sum: Float, shift: Float) -> (
+    sum: Float, shift: Float, carried: Float
+  ) {
+    let top = max(shift, sink)
+    let carried = shift == top ? 1 : fastExp(shift - top)
+    return (sum * carried + fastExp(sink - top), top, carried)
   }
 
   /// Merges `splits` partial results (each `[Bq, Dv]` output, `[Bq]` max, `[Bq]` sum, in key
@@ -568,9 +589,13 @@ struct TilePlan: Sendable {
         sum += base[bq * dv + bq + r] * factor
         for k in 0..<dv { row[k] += base[r * dv + k] * factor }
       }
-      let factor: Float = sum > 0 ? 1 / sum : 0
+      var (shift, carried) = (peak, Float(1))
+      if sum > 0, let sink = terms.sink(batch: b + r / rowCounts(firstQuery: i0).perHead) {
+        (sum, shift, carried) = Self.withSink(sink, sum: sum, shift: peak)
+      }
+      let factor: Float = sum > 0 ? carried / sum : 0
       for k in 0..<dv { row[k] *= factor }
-      if sum > 0 { logSumExp?[b * tq + i0 + r] = peak + log(sum) }
+      if sum > 0 { logSumExp?[b * tq + i0 + r] = shift + log(sum) }
     }
   }
 }

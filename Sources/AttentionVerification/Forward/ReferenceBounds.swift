@@ -34,9 +34,12 @@ extension ReferenceAttention {
     for j in 0..<tk where exact.scores[j].isFinite {
       worstScoreError = max(
         worstScoreError,
-        scoreBound(exact.scores[j], magnitude: exact.scoreMagnitudes[j], rounding: rounding))
+        scoreBound(
+          exact.scores[j], magnitude: exact.scoreMagnitudes[j],
+          positionBias: positionBias(batch: batch, query: i, key: j), rounding: rounding))
     }
-    let relative = 2 * worstScoreError + gamma(tk + 8)
+    // A sink is one more term of the denominator.
+    let relative = 2 * worstScoreError + gamma(tk + (terms.sinks == nil ? 8 : 9))
     var outputBounds = [Double](repeating: 0, count: dv)
     for j in 0..<tk {
       let w = exact.weights[j]
@@ -58,14 +61,24 @@ extension ReferenceAttention {
     score: Double, bound: Double
   ) {
     let (s, magnitude) = exactScore(batch: batch, query: i, key: j)
-    return (s, s.isFinite ? scoreBound(s, magnitude: magnitude, rounding: rounding) : 0)
+    guard s.isFinite else { return (s, 0) }
+    let bias = positionBias(batch: batch, query: i, key: j)
+    return (s, scoreBound(s, magnitude: magnitude, positionBias: bias, rounding: rounding))
   }
 
-  private func scoreBound(_ s: Double, magnitude: Double, rounding: Rounding) -> Double {
+  /// `δ = γ_{D+2}·|scale|·M + γ₂·|s|`, `M = Σ_c |q_c·k_jc|`; with a soft-cap `c`, the capped
+  /// product's own error adds `γ₂·|scale|·M + γ₄·c` (tanh has slope at most 1; `x/c`, `tanhf`
+  /// and the product by `c` round within `4u·c`); a position bias, its float32 rounding
+  /// `γ₂·|bias|` (ALiBi's `slope·d` is one float32 product).
+  private func scoreBound(
+    _ s: Double, magnitude: Double, positionBias: Double, rounding: Rounding
+  ) -> Double {
     // |scale|: a negative scale (legal in PyTorch) flips the scores, not the error's sign.
-    let products =
-      shape.headDim == 0 ? 0 : rounding.gamma(shape.headDim + 2) * abs(scale) * magnitude
-    return products + rounding.gamma(2) * abs(s)
+    let scaled = abs(scale) * magnitude
+    let products = shape.headDim == 0 ? 0 : rounding.gamma(shape.headDim + 2) * scaled
+    let capped =
+      terms.softcap.map { rounding.gamma(2) * scaled + rounding.gamma(4) * Double($0) } ?? 0
+    return products + capped + rounding.gamma(2) * (abs(s) + abs(positionBias))
   }
 }
 

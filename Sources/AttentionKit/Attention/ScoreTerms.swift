@@ -1,0 +1,185 @@
+import Foundation
+import Tensors
+
+/// The terms today's models put into the scores beside `scale·q·k` and the mask: logit
+/// soft-capping (Gemma 2), a position bias by distance (ALiBi: BLOOM, MPT; T5's relative
+/// buckets) and attention sinks (gpt-oss, StreamingLLM). Every kernel applies them the same way,
+/// tile by tile, without a `[Tq, Tk]` tensor of them:
+///
+/// `s_ij = softcap(scale·q_i·k_j) + bias_h(j − i_abs) + mask_ij`,
+/// `p_ij = exp(s_ij − m) / (exp(σ_h − m) + Σ_j exp(s_ij − m))`, `m = max(σ_h, max_j s_ij)`,
+///
+/// with `softcap(x) = c·tanh(x / c)`, `h` the query head (the last batch dimension of Q; 0 for
+/// `[B, T, D]` inputs), `i_abs` the query's position under the mask's causal alignment (`i`
+/// top-left, `i + Tk − Tq` bottom-right; `i` without a causal mask) and `σ_h` head `h`'s sink, a
+/// logit that takes part in the denominator as one more key with no value. A row whose every key
+/// is masked gets zero weights and a zero output, sink or not. (The notebook's relative-position
+/// term, `RelativePositionBias`, is added after the soft-cap, with the other position terms.)
+public struct ScoreTerms: Sendable {
+  /// `c > 0` of `c·tanh(x / c)`, applied to `scale·q·k` before every other term; `nil`: none.
+  public var softcap: Float?
+  /// A per-head bias by the distance `j − i_abs`; `nil`: none.
+  public var positionBias: PositionBias?
+  /// `σ_h` for each query head `h` (`[H]`); `nil`: no sink.
+  public var sinks: [Float]?
+
+  public init(softcap: Float? = nil, positionBias: PositionBias? = nil, sinks: [Float]? = nil) {
+    self.softcap = softcap
+    self.positionBias = positionBias
+    self.sinks = sinks
+  }
+
+  /// No term: plain attention.
+  public static let none = ScoreTerms()
+
+  public var isEmpty: Bool { softcap == nil && positionBias == nil && sinks == nil }
+}
+
+/// A bias added to score `(i, j)` of query head `h` that depends only on `h` and the distance
+/// `d = j − i_abs` (see `ScoreTerms`).
+public enum PositionBias: Sendable {
+  /// ALiBi: `slope_h·d` (`[H]` slopes). Equal, up to a constant per row that softmax ignores, to
+  /// BLOOM's `slope_h·j`; `bloomSlopes(heads:)` gives BLOOM's and MPT's slopes.
+  case alibi(slopes: [Float])
+  /// T5's learned bias: `table[bucket(d), h]`, `table` `[buckets, H]` (the layout of
+  /// `relative_attention_bias.weight`), `bucket` = `t5Bucket(relativePosition:…)`.
+  case t5(table: Tensor, maxDistance: Int, bidirectional: Bool)
+
+  /// BLOOM's ALiBi slopes for `heads` heads (`build_alibi_tensor`): for the largest power of two
+  /// `n ≤ heads`, `2^(−8k/n)` for `k = 1…n`; the remaining `heads − n` slopes are
+  /// `2^(−4(2k − 1)/n)` for `k = 1…heads − n` (every other slope of `2n` heads).
+  public static func bloomSlopes(heads: Int) -> [Float] {
+    guard heads > 0 else { return [] }
+    var n = 1
+    while n * 2 <= heads { n *= 2 }
+    let base = Float(pow(2, -pow(2, -(log2(Double(n)) - 3))))
+    var slopes = (1...n).map { powf(base, Float($0)) }
+    if n < heads {
+      let extraBase = Float(pow(2, -pow(2, -(log2(Double(2 * n)) - 3))))
+      let remaining = min(n, heads - n)
+      slopes += stride(from: 1, through: 1 + 2 * (remaining - 1), by: 2).map {
+        powf(extraBase, Float($0))
+      }
+    }
+    return slopes
+  }
+
+  /// T5's bucket of a relative position `d = j − i` (transformers'
+  /// `T5Attention._relative_position_bucket`, computed as it does, in float32): bidirectional,
+  /// half the buckets for `d > 0`; then distances below half the (remaining) buckets are exact,
+  /// larger ones log-spaced up to `maxDistance`, beyond it the last bucket.
+  public static func t5Bucket(
+    relativePosition d: Int, bidirectional: Bool, buckets: Int, maxDistance: Int
+  ) -> Int {
+    var buckets = buckets
+    var bucket = 0
+    var distance: Int
+    if bidirectional {
+      buckets /= 2
+      if d > 0 { bucket += buckets }
+      distance = abs(d)
+    } else {
+      distance = -min(d, 0)
+    }
+    let maxExact = buckets / 2
+    if distance < maxExact { return bucket + distance }
+    let ratio = logf(Float(distance) / Float(maxExact))
+    let span = Float(log(Double(maxDistance) / Double(maxExact)))
+    let large = maxExact + Int(ratio / span * Float(buckets - maxExact))
+    return bucket + min(large, buckets - 1)
+  }
+}
+
+/// `ScoreTerms` laid out for one call: each head's bias by distance as a table over the distances
+/// the call can see, the sinks by head. Built once per call; `O(H·(Tq + Tk))` floats.
+struct ResolvedScoreTerms: Sendable {
+  let softcap: Float?
+  /// `[H, distances]`: the bias of head `h` at distance `d` is `table[h·width + d − lowest]`.
+  let table: [Float]?
+  let lowest: Int
+  let width: Int
+  let sinks: [Float]?
+  let heads: Int
+  /// `i_abs − i`: `Tk − Tq` for a bottom-right causal alignment, else 0.
+  let alignment: Int
+
+  init(_ terms: ScoreTerms, shape: AttentionShape, mask: AttentionMask) throws {
+    let heads = shape.batchShape.count >= 2 ? shape.batchShape[shape.batchShape.count - 1] : 1
+    self.heads = heads
+    let aligned = mask.isCausal || mask.window != nil
+    alignment = aligned && mask.causalAlignment == .bottomRight ? shape.keys - shape.queries : 0
+    if let c = terms.softcap, !(c.isFinite && c > 0) {
+      throw AttentionError.invalidArgument("the soft-cap must be a positive number, got \(c)")
+    }
+    softcap = terms.softcap
+    if let sinks = terms.sinks, sinks.count != heads {
+      throw AttentionError.shapeMismatch(
+        "sinks hold \(sinks.count) values; the queries have \(heads) heads (one sink per head)")
+    }
+    sinks = terms.sinks
+    // Distances d = j − i_abs over i < Tq, j < Tk.
+    lowest = -(max(shape.queries - 1, 0) + alignment)
+    width = max(shape.queries + shape.keys - 1, 1)
+    switch terms.positionBias {
+    case nil: table = nil
+    case .alibi(let slopes):
+      guard slopes.count == heads else {
+        throw AttentionError.shapeMismatch(
+          "ALiBi has \(slopes.count) slopes; the queries have \(heads) heads (one slope per head)")
+      }
+      var table = [Float](repeating: 0, count: heads * width)
+      for h in 0..<heads {
+        for k in 0..<width { table[h * width + k] = slopes[h] * Float(lowest + k) }
+      }
+      self.table = table
+    case .t5(let bias, let maxDistance, let bidirectional):
+      guard bias.rank == 2, bias.shape[1] == heads, bias.shape[0] >= 2 else {
+        throw AttentionError.shapeMismatch(
+          "a T5 bias table is [buckets, H] with H = \(heads) and at least 2 buckets, got "
+            + shapeForMessage(bias.shape))
+      }
+      guard maxDistance > bias.shape[0] / (bidirectional ? 4 : 2) else {
+        throw AttentionError.invalidArgument(
+          "the T5 max distance must exceed the exact buckets (\(bias.shape[0] / (bidirectional ? 4 : 2))), got \(maxDistance)"
+        )
+      }
+      var table = [Float](repeating: 0, count: heads * width)
+      for k in 0..<width {
+        let bucket = PositionBias.t5Bucket(
+          relativePosition: lowest + k, bidirectional: bidirectional, buckets: bias.shape[0],
+          maxDistance: maxDistance)
+        for h in 0..<heads { table[h * width + k] = bias.scalars[bucket * heads + h] }
+      }
+      self.table = table
+    }
+  }
+
+  /// The query head of flat batch `b`.
+  @inline(__always)
+  func head(_ b: Int) -> Int { b % heads }
+
+  /// The sink of flat batch `b`'s head, `nil` without sinks.
+  @inline(__always)
+  func sink(batch b: Int) -> Float? { sinks?[head(b)] }
+
+  /// Soft-caps `row[0..<count]`, the scaled scores `scale·q·k` of query `i` for keys
+  /// `firstKey ..< firstKey + count` (before any other term).
+  @inline(__always)
+  func capScores(_ row: UnsafeMutablePointer<Float>, count: Int) {
+    guard let c = softcap else { return }
+    let inverse = 1 / c
+    for j in 0..<count { row[j] = c * tanhf(row[j] * inverse) }
+  }
+
+  /// Adds head `h`'s bias at `d = j − i_abs` to `row[0..<count]` (keys `firstKey …`).
+  @inline(__always)
+  func addPositionBias(
+    to row: UnsafeMutablePointer<Float>, batch b: Int, query i: Int, firstKey: Int, count: Int
+  ) {
+    guard let table else { return }
+    let start = head(b) * width + firstKey - (i + alignment) - lowest
+    table.withUnsafeBufferPointer { t in
+      for j in 0..<count { row[j] += t[start + j] }
+    }
+  }
+}
