@@ -89,9 +89,13 @@ struct IntegerFlagRangeTests {
       Flag(command: "relpos", name: $0)
     }
     all += common("relpos") + explain("relpos")
-    all += [Flag(command: "sdpa", name: "--window")] + common("sdpa")
+    all +=
+      [
+        Flag(command: "sdpa", name: "--window"), Flag(command: "sdpa", name: "--t5-max-distance"),
+      ] + common("sdpa")
     all += [
       Flag(command: "check", name: "--window"),
+      Flag(command: "check", name: "--t5-max-distance"),
       Flag(command: "check", name: "--rows", legalLarge: large),
       Flag(command: "check", name: "--seed", legalLarge: large),
       Flag(command: "check", name: "--threads"),
@@ -126,11 +130,13 @@ struct IntegerFlagRangeTests {
     ],
     "sdpa": [
       "--query", "--key", "--value", "--attn-mask", "--causal-align", "--scale", "--dropout-p",
-      "--out", "--weights-out", "--out-dtype", "--format", "--kernel",
+      "--out", "--weights-out", "--out-dtype", "--format", "--kernel", "--softcap",
+      "--alibi-slopes", "--t5-bias", "--sinks",
     ],
     "check": [
       "--query", "--key", "--value", "--attn-mask", "--causal-align", "--scale", "--output",
       "--weights", "--grad-out", "--dq", "--dk", "--dv", "--precision", "--format",
+      "--softcap", "--alibi-slopes", "--t5-bias", "--sinks",
     ],
     "mha": [
       "--weights", "--layout", "--prefix", "--rope-theta", "--rope-layout", "--layer-norm-eps",

@@ -14,11 +14,14 @@ public struct AttentionProblem: Sendable {
   public var mask: AttentionMask
   public var scale: Float?
   public var dropout: Dropout?
+  /// Soft-capping, ALiBi or T5 biases, sinks (`ScoreTerms`).
+  public var terms: ScoreTerms
 
   public init(
     queries: Tensor, keys: Tensor, values: Tensor, mask: AttentionMask = .none,
-    scale: Float? = nil, dropout: Dropout? = nil
+    scale: Float? = nil, dropout: Dropout? = nil, terms: ScoreTerms = .none
   ) {
+    self.terms = terms
     self.queries = queries
     self.keys = keys
     self.values = values
@@ -35,7 +38,8 @@ public struct AttentionProblem: Sendable {
   /// The float64 reference kernel of this problem.
   public func reference() throws -> ReferenceAttention {
     try ReferenceAttention(
-      queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout)
+      queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
+      terms: terms)
   }
 }
 

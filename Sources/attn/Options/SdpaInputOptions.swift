@@ -39,8 +39,10 @@ struct SdpaInputOptions: ParsableArguments {
   @Option(help: "Sliding window: each query sees at most the W most recent allowed keys.")
   var window: Int?
 
+  @OptionGroup var scoreTerms: ScoreTermOptions
+
   /// The input paths, for `checkOutputs`.
-  var paths: [String?] { [query, key, value, attnMask] }
+  var paths: [String?] { [query, key, value, attnMask] + scoreTerms.paths }
 
   func validate() throws {
     // A window at least as long as the keys is the causal mask alone; beyond FlagLimits'
@@ -67,7 +69,7 @@ struct SdpaInputOptions: ParsableArguments {
   /// Q, K, V (with the query's storage type) and the mask, read and checked: finite inputs
   /// (unless `--allow-nonfinite`), PyTorch's head rule.
   func load(_ files: InputFiles, safety: InputSafetyOptions) throws -> (
-    queries: Tensor, keys: Tensor, values: Tensor, mask: AttentionMask,
+    queries: Tensor, keys: Tensor, values: Tensor, mask: AttentionMask, terms: ScoreTerms,
     storage: InputFiles.Storage
   ) {
     let q = try files.input(query)
@@ -78,7 +80,9 @@ struct SdpaInputOptions: ParsableArguments {
     }
     let mask = try attentionMask(files: files, safety: safety)
     try checkHeads(q.tensor, k.tensor, v.tensor)
-    return (q.tensor, k.tensor, v.tensor, mask, q.storage)
+    let heads = q.tensor.rank >= 4 ? q.tensor.shape[q.tensor.rank - 3] : 1
+    let terms = try scoreTerms.load(files, heads: heads)
+    return (q.tensor, k.tensor, v.tensor, mask, terms, q.storage)
   }
 
   /// `--attn-mask` as PyTorch reads it: booleans keep (True = attend), floats are added.
@@ -121,7 +125,6 @@ struct SdpaInputOptions: ParsableArguments {
     }
   }
 
-  /// "causal top-left, window 4" or "not causal".
   /// The scale the scores were multiplied by, for JSON reports: `nil` (JSON `null`) when it is
   /// not a number, as with D = 0, where `1/√D` is infinite and every score is 0 (no products).
   static func reportedScale(_ shape: AttentionShape, _ scale: Float?) -> Double? {
@@ -129,6 +132,7 @@ struct SdpaInputOptions: ParsableArguments {
     return resolved.isFinite ? resolved : nil
   }
 
+  /// "causal top-left, window 4" or "not causal".
   static func causalDescription(_ mask: AttentionMask) -> String {
     mask.isCausal || mask.window != nil
       ? "causal \(mask.causalAlignment.rawValue)" + (mask.window.map { ", window \($0)" } ?? "")

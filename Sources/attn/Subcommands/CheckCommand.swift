@@ -102,9 +102,15 @@ struct CheckCommand: ParsableCommand {
 
   func run() throws {
     let files = InputFiles(execution)
-    let (queries, keys, values, mask, _) = try problem.load(files, safety: inputSafety)
+    let (queries, keys, values, mask, terms, _) = try problem.load(files, safety: inputSafety)
+    if !terms.isEmpty && gradOut != nil {
+      throw ValidationError(
+        "gradients with --softcap, --alibi, --t5-bias or --sinks are not checked yet (their "
+          + "float64 backward is still to come); check the output and weights")
+    }
     let attention = AttentionProblem(
-      queries: queries, keys: keys, values: values, mask: mask, scale: problem.scale)
+      queries: queries, keys: keys, values: values, mask: mask, scale: problem.scale,
+      terms: terms)
     let shape = try attention.shape()
     let rounding = precision.rounding
     var checks: [Check] = []

@@ -68,7 +68,8 @@ struct SdpaCommand: ParsableCommand {
 
   func run() throws {
     let files = InputFiles(kernelOptions.execution)
-    let (queries, keys, values, mask, storage) = try problem.load(files, safety: inputSafety)
+    let (queries, keys, values, mask, terms, storage) = try problem.load(
+      files, safety: inputSafety)
     let scale = problem.scale
     let dropout = dropoutP > 0 ? try Dropout(probability: dropoutP, seed: seed) : nil
 
@@ -76,7 +77,7 @@ struct SdpaCommand: ParsableCommand {
       try Progress().during("running the \(kernelOptions.kernel.flagName) kernel") {
         try Attention.scaledDotProduct(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, kernel: kernelOptions.kernel,
+          dropout: dropout, terms: terms, kernel: kernelOptions.kernel,
           needWeights: weightsOut != nil, threads: kernelOptions.threads,
           memoryBudget: kernelOptions.memoryBudget)
       }
@@ -97,7 +98,7 @@ struct SdpaCommand: ParsableCommand {
 
     let reference = try ReferenceAttention(
       queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-      dropout: dropout)
+      dropout: dropout, terms: terms)
     let checker = ForwardChecks(
       reference: reference, dropout: dropout,
       sampledRows: RowSample.rows(shape: reference.shape, seed: seed))
@@ -128,10 +129,10 @@ struct SdpaCommand: ParsableCommand {
           groupSize: shape.groupSize, isCausal: mask.isCausal || mask.window != nil,
           causalAlign: mask.causalAlignment.rawValue, window: mask.window,
           scale: NullableNumber(SdpaInputOptions.reportedScale(shape, problem.scale)),
-          dropoutP: Double(dropoutP),
+          dropoutP: Double(dropoutP), scoreTerms: problem.scoreTerms.description(terms),
           checks: checks.dictionary, verified: run.verified)
       },
-      text: { printText(result: result, shape: shape, mask: mask) })
+      text: { printText(result: result, shape: shape, mask: mask, terms: terms) })
   }
 
   /// The bytes of `tensor` for `path`: `.safetensors` (one tensor, `name`) or `.npy`.
@@ -156,7 +157,9 @@ struct SdpaCommand: ParsableCommand {
     }
   }
 
-  private func printText(result: AttentionResult, shape: AttentionShape, mask: AttentionMask) {
+  private func printText(
+    result: AttentionResult, shape: AttentionShape, mask: AttentionMask, terms: ScoreTerms
+  ) {
     let maskText =
       mask.keep != nil ? "boolean mask" : mask.bias != nil ? "float mask (added)" : "no mask"
     let causalText = SdpaInputOptions.causalDescription(mask)
@@ -172,6 +175,7 @@ struct SdpaCommand: ParsableCommand {
       "kernel \(result.kernel.flagName); \(groupText); \(causalText); \(maskText); "
         + "scale \(shape.resolvedScale(problem.scale)); dropout p = \(dropoutP == 0 ? 0 : dropoutP)"
     )
+    if let described = problem.scoreTerms.description(terms) { print("score terms: \(described)") }
   }
 }
 
@@ -190,6 +194,8 @@ private struct SdpaReport: Encodable {
   /// `null` for D = 0 (see `SdpaInputOptions.reportedScale`).
   var scale: NullableNumber
   var dropoutP: Double
+  /// "soft-cap 30, ALiBi (BLOOM's slopes), sinks"; absent without score terms.
+  var scoreTerms: String?
   var checks: [String: Bool]
   var verified: Bool
 }
