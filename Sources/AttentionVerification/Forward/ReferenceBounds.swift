@@ -67,9 +67,9 @@ extension ReferenceAttention {
   }
 
   /// `δ = γ_{D+2}·|scale|·M + γ₂·|s|`, `M = Σ_c |q_c·k_jc|`; with a soft-cap `c`, the capped
-  /// product's own error adds `γ₂·|scale|·M + γ₄·c` (tanh has slope at most 1; `x/c`, `tanhf`
-  /// and the product by `c` round within `4u·c`); a position bias, its float32 rounding
-  /// `γ₂·|bias|` (ALiBi's `slope·d` is one float32 product).
+  /// product's own error adds `γ₂·|scale|·M + γ₆·c` (tanh has slope at most 1, and the kernels'
+  /// `c·tanh(x/c)` is within `6u·c`: `ResolvedScoreTerms.capScores`); a position bias, its
+  /// float32 rounding `γ₂·|bias|` (ALiBi's `slope·d` is one float32 product).
   private func scoreBound(
     _ s: Double, magnitude: Double, positionBias: Double, rounding: Rounding
   ) -> Double {
@@ -77,7 +77,7 @@ extension ReferenceAttention {
     let scaled = abs(scale) * magnitude
     let products = shape.headDim == 0 ? 0 : rounding.gamma(shape.headDim + 2) * scaled
     let capped =
-      terms.softcap.map { rounding.gamma(2) * scaled + rounding.gamma(4) * Double($0) } ?? 0
+      terms.softcap.map { rounding.gamma(2) * scaled + rounding.gamma(6) * Double($0) } ?? 0
     return products + capped + rounding.gamma(2) * (abs(s) + abs(positionBias))
   }
 }
