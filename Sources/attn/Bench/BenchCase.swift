@@ -25,12 +25,39 @@ struct BenchCase {
   /// `E`: time a whole decoder layer's step (projections, rotary embeddings, attention against a
   /// KV cache of `length` tokens, output projection) for `queries` new tokens, not bare attention.
   var embedDim: Int? = nil
+  /// A score term (`ScoreTerms`) on bare attention, timed beside the same attention without it.
+  var term: Term? = nil
   var repeats: Int? = nil
 
-  static let order = [
-    "attention", "causal", "dropout", "relpos", "efficiency", "long", "decode", "gqa",
-    "window16k", "causal16k", "decode-layer",
-  ]
+  /// The score terms `attn bench` times: BLOOM's ALiBi, a T5 table of 32 buckets (max distance
+  /// 128, bidirectional unless causal), Gemma 2's soft-cap of 50, one sink per head.
+  enum Term: String, CaseIterable {
+    case alibi, t5, softcap, sinks
+
+    func terms(heads: Int, causal: Bool, seed: UInt64) throws -> ScoreTerms {
+      switch self {
+      case .alibi:
+        return ScoreTerms(positionBias: .alibi(slopes: PositionBias.bloomSlopes(heads: heads)))
+      case .t5:
+        let table = try Tensor.randomNormal(
+          shape: [32, heads], seed: seed, stream: RandomStream.parameters)
+        return ScoreTerms(positionBias: .t5(table: table, maxDistance: 128, bidirectional: !causal))
+      case .softcap: return ScoreTerms(softcap: 50)
+      case .sinks:
+        return ScoreTerms(
+          sinks: try Tensor.randomNormal(
+            shape: [heads], seed: seed, stream: RandomStream.parameters
+          )
+          .scalars)
+      }
+    }
+  }
+
+  static let order =
+    [
+      "attention", "causal", "dropout", "relpos", "efficiency", "long", "decode", "gqa",
+      "window16k", "causal16k", "decode-layer",
+    ] + Term.allCases.flatMap { [$0.rawValue, $0.rawValue + "-causal"] }
   static let standard: [String: BenchCase] = [
     "attention": BenchCase(name: "attention", batch: 1, heads: 8, length: 2048, headDim: 64),
     "causal": BenchCase(
@@ -59,7 +86,17 @@ struct BenchCase {
     "decode-layer": BenchCase(
       name: "decode-layer", batch: 1, heads: 32, length: 4096, headDim: 64, causal: true,
       queries: 1, keyValueHeads: 8, alignment: .bottomRight, embedDim: 2048, repeats: 20),
-  ]
+  ].merging(
+    Term.allCases.flatMap { term in
+      [false, true].map { causal in
+        let name = term.rawValue + (causal ? "-causal" : "")
+        return (
+          name,
+          BenchCase(
+            name: name, batch: 1, heads: 8, length: 2048, headDim: 64, causal: causal, term: term)
+        )
+      }
+    }, uniquingKeysWith: { first, _ in first })
 
   /// `Tq`.
   var queryCount: Int { queries ?? length }
@@ -74,7 +111,7 @@ struct BenchCase {
       + (causal ? " causal" : "") + (alignment == .bottomRight ? " bottom-right" : "")
       + (window.map { " W \($0)" } ?? "") + (dropout > 0 ? " p \(dropout)" : "")
       + (maxDistance.map { " relpos M \($0)" } ?? "")
-      + (embedDim.map { " layer E \($0)" } ?? "")
+      + (embedDim.map { " layer E \($0)" } ?? "") + (term.map { " \($0.rawValue)" } ?? "")
   }
 
   /// Query–key pairs the mask lets through (all of them, the causal triangle, the window's band).
@@ -96,7 +133,8 @@ struct BenchCase {
   private struct Workload {
     var reference: ReferenceAttention
     var run: () throws -> AttentionResult
-    /// For relpos: plain attention on the same projections, timed beside it.
+    /// For relpos and the score terms: plain attention on the same inputs (relpos: the same
+    /// projections), timed beside it.
     var plain: (() throws -> AttentionResult)?
   }
 
@@ -133,6 +171,22 @@ struct BenchCase {
       shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries)
     let k = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys)
     let v = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
+    if let term {
+      let terms = try term.terms(heads: heads, causal: causal, seed: seed)
+      return Workload(
+        reference: try ReferenceAttention(
+          queries: q, keys: k, values: v, mask: mask, dropout: drop, terms: terms),
+        run: {
+          try Attention.scaledDotProduct(
+            queries: q, keys: k, values: v, mask: mask, dropout: drop, terms: terms,
+            kernel: .tiled(configuration), threads: threads)
+        },
+        plain: {
+          try Attention.scaledDotProduct(
+            queries: q, keys: k, values: v, mask: mask, dropout: drop,
+            kernel: .tiled(configuration), threads: threads)
+        })
+    }
     return Workload(
       reference: try ReferenceAttention(queries: q, keys: k, values: v, mask: mask, dropout: drop),
       run: {
@@ -235,7 +289,7 @@ struct BenchCase {
       tileRows: tile.rows, tileKeys: tile.keys,
       gflops: gflops, sgemmGflops: sgemm, ratioToSgemm: gflops / sgemm,
       plainMedianMs: plainMedian.map { $0 * 1e3 },
-      relposOverPlain: plainMedian.map { median / $0 },
+      overPlain: plainMedian.map { median / $0 },
       workspaceBytes: first.workspaceBytes,
       peakRssBytes: peakReset ? status?.peak : nil,
       rssBeforeBytes: memoryBefore,
@@ -268,9 +322,10 @@ struct BenchResult: Encodable {
   /// The kernel's tile, on which the sgemm ceiling is measured.
   var tileRows, tileKeys: Int
   var gflops, sgemmGflops, ratioToSgemm: Double
-  /// relpos: projections plus plain attention of the same shape, and our time over it.
+  /// relpos and the score terms: plain attention of the same shape (relpos: with the same
+  /// projections), and the case's time over it.
   var plainMedianMs: Double?
-  var relposOverPlain: Double?
+  var overPlain: Double?
   var workspaceBytes: Int
   /// The process's peak resident memory during this case (inputs included).
   var peakRssBytes: Int?
@@ -293,8 +348,8 @@ struct BenchResult: Encodable {
         + "sgemm %6.1f  ratio %4.2f",
       medianMs, timeMs.mean, timeMs.standardDeviation, minMs, timeMs.max, gflops, sgemmGflops,
       ratioToSgemm)
-    if let plainMedianMs, let relposOverPlain {
-      text += String(format: "  plain %7.2f ms (relpos/plain %.2f)", plainMedianMs, relposOverPlain)
+    if let plainMedianMs, let overPlain {
+      text += String(format: "  plain %7.2f ms (÷ plain %.2f)", plainMedianMs, overPlain)
     }
     return text + "  workspace \(formatBytes(workspaceBytes))  peak RSS \(peak)"
   }
