@@ -145,7 +145,7 @@ struct RelativePositionTests {
     // that computes garbage cheaply would otherwise pass).
     let reference = try ReferenceAttention(
       queries: result.queries, keys: result.keys, values: result.values,
-      relativePosition: module.positionBias)
+      terms: ScoreTerms(relativePosition: module.positionBias))
     for i in [0, 17, 2048, t - 1] {
       let row = reference.row(batch: 0, query: i)
       let w = row.weightErrorRatio(weights.scalars[(i * t)..<(i * t + t)])

@@ -112,12 +112,13 @@ struct TiledAttentionTests {
     let p = try Self.problem(c)
     let tiled = try Attention.scaledDotProduct(
       queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative, kernel: .tiled(.init(queryBlock: blocks.0, keyBlock: blocks.1)),
+      terms: ScoreTerms(relativePosition: p.relative),
+      kernel: .tiled(.init(queryBlock: blocks.0, keyBlock: blocks.1)),
       threads: 2)
     #expect(tiled.weights == nil)
     let reference = try ReferenceAttention(
       queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative)
+      terms: ScoreTerms(relativePosition: p.relative))
     let shape = reference.shape
     var worst = 0.0
     for b in 0..<shape.batchCount {
@@ -136,10 +137,11 @@ struct TiledAttentionTests {
     let p = try Self.problem(c)
     let materialized = try Attention.scaledDotProduct(
       queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative, kernel: .materialized)
+      terms: ScoreTerms(relativePosition: p.relative), kernel: .materialized)
     let tiled = try Attention.scaledDotProduct(
       queries: p.q, keys: p.k, values: p.v, mask: p.mask, dropout: p.dropout,
-      relativePosition: p.relative, kernel: .tiled(.init(queryBlock: 5, keyBlock: 8)))
+      terms: ScoreTerms(relativePosition: p.relative),
+      kernel: .tiled(.init(queryBlock: 5, keyBlock: 8)))
     // Both are within the reference's bounds (tested above and in the materialized suite); here
     // the direct difference: |o_t − o_m| ≤ 1e-5·(1 + |o_m|) is ~80 float32 ulps, the rescaling
     // and summation-order differences of an online softmax over ≤ 10 key blocks at |scores| ≲ 10.

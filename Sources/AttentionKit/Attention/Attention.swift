@@ -57,8 +57,8 @@ public enum Attention {
   ///   - dropout: dropout on the weights after softmax (`nil`: none, as in evaluation). The
   ///     decision for each weight depends only on the seed, the query row and the key, so every
   ///     kernel and thread count drops the same weights.
-  ///   - relativePosition: adds `q_i·E[clip(j − i, −M, M) + M]·scale` to score `(i, j)`.
-  ///   - terms: soft-capping, ALiBi or T5 biases and attention sinks (`ScoreTerms`), in every
+  ///   - terms: soft-capping, ALiBi or T5 biases, attention sinks and the notebook's
+  ///     relative-position term `q_i·E[clip(j − i, −M, M) + M]·scale` (`ScoreTerms`), in every
   ///     kernel. (Their gradients are not in `Attention.backward` yet; with sinks, `logSumExp`
   ///     includes the sink's term.)
   ///   - kernel: see `Kernel`; `.automatic` by default.
@@ -80,8 +80,7 @@ public enum Attention {
   public static func scaledDotProduct(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    relativePosition: RelativePositionBias? = nil, terms: ScoreTerms = .none,
-    kernel: Kernel = .automatic, needWeights: Bool = false,
+    terms: ScoreTerms = .none, kernel: Kernel = .automatic, needWeights: Bool = false,
     threads: Int? = nil, memoryBudget: Int? = nil, keyCount: Int? = nil,
     needLogSumExp: Bool = false
   ) throws -> AttentionResult {
@@ -95,7 +94,7 @@ public enum Attention {
     case .reference:
       let reference = try ReferenceAttention(
         queries: queries, keys: keys, values: values, mask: mask, scale: scale, dropout: dropout,
-        relativePosition: relativePosition, terms: terms, keyCount: keyCount)
+        terms: terms, keyCount: keyCount)
       try checkWeightsBudget(shape, memoryBudget, kernel: "reference")
       return reference.compute()
     case .materialized:
@@ -104,7 +103,7 @@ public enum Attention {
       return try BLASThreads.withCount(1) {
         try MaterializedAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, relativePosition: relativePosition, terms: terms,
+          dropout: dropout, relativePosition: terms.relativePosition, terms: terms,
           memoryBudget: memoryBudget,
           threads: workers, keyCount: keyCount)
       }
@@ -113,7 +112,7 @@ public enum Attention {
       return try BLASThreads.withCount(1) {
         try TiledAttention.compute(
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, relativePosition: relativePosition, terms: terms,
+          dropout: dropout, relativePosition: terms.relativePosition, terms: terms,
           configuration: configuration,
           threads: workers, keyCount: keyCount, needLogSumExp: needLogSumExp)
       }

@@ -13,8 +13,8 @@ import Tensors
 /// `[B, T, D]` inputs), `i_abs` the query's position under the mask's causal alignment (`i`
 /// top-left, `i + Tk − Tq` bottom-right; `i` without a causal mask) and `σ_h` head `h`'s sink, a
 /// logit that takes part in the denominator as one more key with no value. A row whose every key
-/// is masked gets zero weights and a zero output, sink or not. (The notebook's relative-position
-/// term, `RelativePositionBias`, is added after the soft-cap, with the other position terms.)
+/// is masked gets zero weights and a zero output, sink or not. The notebook's relative-position
+/// term (`relativePosition`) is added after the soft-cap, with the position bias.
 public struct ScoreTerms: Sendable {
   /// `c > 0` of `c·tanh(x / c)`, applied to `scale·q·k` before every other term; `nil`: none.
   public var softcap: Float?
@@ -22,17 +22,26 @@ public struct ScoreTerms: Sendable {
   public var positionBias: PositionBias?
   /// `σ_h` for each query head `h` (`[H]`); `nil`: no sink.
   public var sinks: [Float]?
+  /// The notebook's relative-position term (Shaw et al.): `+ scale·q_i·E[clip(j − i, −M, M) + M]`,
+  /// added after the soft-cap, with the position bias (`RelativePositionBias`); `nil`: none.
+  public var relativePosition: RelativePositionBias?
 
-  public init(softcap: Float? = nil, positionBias: PositionBias? = nil, sinks: [Float]? = nil) {
+  public init(
+    softcap: Float? = nil, positionBias: PositionBias? = nil, sinks: [Float]? = nil,
+    relativePosition: RelativePositionBias? = nil
+  ) {
     self.softcap = softcap
     self.positionBias = positionBias
     self.sinks = sinks
+    self.relativePosition = relativePosition
   }
 
   /// No term: plain attention.
   public static let none = ScoreTerms()
 
-  public var isEmpty: Bool { softcap == nil && positionBias == nil && sinks == nil }
+  public var isEmpty: Bool {
+    softcap == nil && positionBias == nil && sinks == nil && relativePosition == nil
+  }
 }
 
 /// A bias added to score `(i, j)` of query head `h` that depends only on `h` and the distance

@@ -26,9 +26,9 @@ public struct ReferenceAttention: Sendable {
   public init(
     queries: Tensor, keys: Tensor, values: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    relativePosition: RelativePositionBias? = nil, terms: ScoreTerms = .none,
-    keyCount: Int? = nil
+    terms: ScoreTerms = .none, keyCount: Int? = nil
   ) throws {
+    let relativePosition = terms.relativePosition
     shape = try AttentionShape(queries: queries, keys: keys, values: values, keyCount: keyCount)
     try relativePosition?.checkHeadDim(shape.headDim)
     self.terms = terms

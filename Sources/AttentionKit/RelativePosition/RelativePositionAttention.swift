@@ -189,7 +189,8 @@ public struct RelativePositionAttention: Sendable, Equatable {
   ) throws -> AttentionResult {
     try Attention.scaledDotProduct(
       queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-      relativePosition: positionBias, kernel: kernel, needWeights: needWeights, threads: threads,
+      terms: ScoreTerms(relativePosition: positionBias), kernel: kernel, needWeights: needWeights,
+      threads: threads,
       memoryBudget: memoryBudget)
   }
 

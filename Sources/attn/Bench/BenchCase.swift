@@ -152,7 +152,7 @@ struct BenchCase {
       let projected = try module.project(x)
       let reference = try ReferenceAttention(
         queries: projected.queries, keys: projected.keys, values: projected.values, mask: mask,
-        scale: module.scale, relativePosition: module.positionBias)
+        scale: module.scale, terms: ScoreTerms(relativePosition: module.positionBias))
       return Workload(
         reference: reference,
         run: {

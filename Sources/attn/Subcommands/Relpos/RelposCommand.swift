@@ -173,7 +173,7 @@ struct RelposCommand: ParsableCommand {
 
     let reference = try ReferenceAttention(
       queries: result.queries, keys: result.keys, values: result.values, mask: attentionMask,
-      relativePosition: module.positionBias)
+      terms: ScoreTerms(relativePosition: module.positionBias))
     let sampled = RowSample.rows(shape: reference.shape, seed: seed)
     let checks: [Check] = Progress().during("checking against the float64 reference") {
       [
