@@ -212,7 +212,19 @@ struct ResolvedScoreTerms: Sendable {
     guard let table else { return }
     let start = head(b) * width + firstKey - (i + alignment) - lowest
     table.withUnsafeBufferPointer { t in
-      for j in 0..<count { row[j] += t[start + j] }
+      let source = t.baseAddress! + start
+      var j = 0
+      while j + 16 <= count {
+        let sum =
+          UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self)
+          + UnsafeRawPointer(source + j).loadUnaligned(as: SIMD16<Float>.self)
+        UnsafeMutableRawPointer(row + j).storeBytes(of: sum, as: SIMD16<Float>.self)
+        j += 16
+      }
+      while j < count {
+        row[j] += source[j]
+        j += 1
+      }
     }
   }
 }
