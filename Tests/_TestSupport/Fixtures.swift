@@ -19,6 +19,8 @@ import Testing
 ///   (`Scripts/fixtures/make_mha_fixtures.py`).
 /// - `relpos_grad/`: float64 gradients of `RelativePositionAttention` — dx and every parameter
 ///   (`Scripts/fixtures/make_relpos_grad_fixtures.py`).
+/// - `score_terms/`: float64 references of attention with score terms — soft-capping, ALiBi, T5
+///   buckets, sinks — alone and combined (`Scripts/fixtures/make_score_terms_fixtures.py`).
 package enum Fixtures {
   package static let root: URL = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()
@@ -75,7 +77,8 @@ extension NamedFixtureCase {
 
 /// The manifest of the scripts that write `{"schema_version": 1, "generator": str,
 /// "conventions": [str], "cases": [Case]}` (`make_sdpa_fixtures.py`, `make_backward_fixtures.py`,
-/// `make_relpos_grad_fixtures.py`; the conventions are prose and are not read).
+/// `make_relpos_grad_fixtures.py`, `make_score_terms_fixtures.py`; the conventions are prose and
+/// are not read).
 package struct CaseManifest<Case: NamedFixtureCase>: CaseListManifest {
   package var schemaVersion: Int
   package var generator: String
