@@ -7,7 +7,8 @@ import _TestSupport
 /// through `ScoreTermsFixtures`: every case is consistent with its files and with the definitions
 /// the manifest states — shapes, the terms' parameters, which pairs are masked, rows that sum to
 /// at most 1 (with a sink, to 1 with the sink's share), outputs equal to the weights times V.
-/// No kernel runs here; the kernels' tests compare against the same cases.
+/// BLOOM's slopes and T5's buckets are the library's (`PositionBias`), which must give the
+/// fixtures' exactly. No kernel runs here; `ScoreTermsTests` compares the kernels with the cases.
 @Suite("Score-terms fixtures: soft-capping, ALiBi, T5 buckets, sinks")
 struct ScoreTermsFixtureTests {
   @Test("Every case loads, its shapes and terms agree", arguments: try ScoreTermsFixtures.cases())
@@ -40,7 +41,8 @@ struct ScoreTermsFixtureTests {
       terms.append("alibi")
       #expect(alibi.slopes.count == h)
       if alibi.isBLOOM {
-        #expect(alibi.slopes == Self.bloomSlopes(heads: h), "\(spec.name): not BLOOM's slopes")
+        #expect(
+          alibi.slopes == PositionBias.bloomSlopes(heads: h), "\(spec.name): not BLOOM's slopes")
       }
     }
     if let t5 = c.t5, let t5Spec = spec.t5 {
@@ -49,9 +51,9 @@ struct ScoreTermsFixtureTests {
       #expect(t5.buckets.shape == [tq, tk])
       for i in 0..<tq {
         for j in 0..<tk {
-          let bucket = Self.t5Bucket(
-            relative: j - (i + offset), bidirectional: t5.bidirectional,
-            numBuckets: t5.numBuckets, maxDistance: t5.maxDistance)
+          let bucket = PositionBias.t5Bucket(
+            relativePosition: j - (i + offset), bidirectional: t5.bidirectional,
+            buckets: t5.numBuckets, maxDistance: t5.maxDistance)
           #expect(
             t5.buckets.scalars[i * tk + j] == Float(bucket),
             "\(spec.name): bucket of query \(i), key \(j)")
@@ -161,47 +163,7 @@ struct ScoreTermsFixtureTests {
     #expect(cases.contains { !($0.t5?.float64LogDiffersAt.isEmpty ?? true) })
   }
 
-  // MARK: - Helpers (the definitions, written out for these checks)
-
-  /// BLOOM's slopes for `heads` heads: with `P = 2^⌊log₂ H⌋`, `b^k` for `k = 1...P`,
-  /// `b = 2^(−2^−(log₂P − 3))`, then `e^k` for `k = 1, 3, 5, ...` (`H − P` values),
-  /// `e = 2^(−2^−(log₂2P − 3))`; each power in Double from the Float base, rounded to Float.
-  static func bloomSlopes(heads: Int) -> [Float] {
-    var closest = 1
-    while closest * 2 <= heads { closest *= 2 }
-    func powers(_ exponent: Double, _ ks: some Sequence<Int>) -> [Float] {
-      let base = Double(Float(pow(2, -pow(2, -exponent))))
-      return ks.map { Float(pow(base, Double($0))) }
-    }
-    var slopes = powers(log2(Double(closest)) - 3, 1...closest)
-    if closest != heads {
-      let extra = min(closest, heads - closest)
-      slopes += powers(log2(Double(2 * closest)) - 3, stride(from: 1, to: 1 + 2 * extra, by: 2))
-    }
-    return slopes
-  }
-
-  /// T5's bucket (transformers' `_relative_position_bucket`) in Float arithmetic with Foundation's
-  /// `log(Float)`; the semantics script checks that glibc's logf gives the fixtures' buckets.
-  static func t5Bucket(relative: Int, bidirectional: Bool, numBuckets: Int, maxDistance: Int)
-    -> Int
-  {
-    var n = numBuckets
-    var bucket = 0
-    let a: Int
-    if bidirectional {
-      n /= 2
-      bucket = relative > 0 ? n : 0
-      a = abs(relative)
-    } else {
-      a = -min(relative, 0)
-    }
-    let maxExact = n / 2
-    if a < maxExact { return bucket + a }
-    let x = log(Float(a) / Float(maxExact))
-    let y = x / Float(log(Double(maxDistance) / Double(maxExact))) * Float(n - maxExact)
-    return bucket + min(n - 1, maxExact + Int(y))
-  }
+  // MARK: - Helpers
 
   /// Whether `shape` broadcasts (numpy, right-aligned) to `target`.
   static func broadcasts(_ shape: [Int], to target: [Int]) -> Bool {

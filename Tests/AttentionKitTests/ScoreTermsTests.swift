@@ -55,23 +55,27 @@ struct ScoreTermsTests {
     Case(name: "softcap 5", terms: { _ in ScoreTerms(softcap: 5) }, mask: .none),
     Case(
       name: "ALiBi, causal bottom-right",
-      terms: { ScoreTerms(positionBias: .alibi(slopes: PositionBias.bloomSlopes(heads: $0))) },
+      terms: { ScoreTerms(positionBiases: [.alibi(slopes: PositionBias.bloomSlopes(heads: $0))]) },
       mask: AttentionMask(isCausal: true, causalAlignment: .bottomRight)),
     Case(
       name: "T5 bidirectional",
       terms: { heads in
         ScoreTerms(
-          positionBias: .t5(
-            table: try Tensor.randomNormal(shape: [32, heads], seed: 4, stream: 9),
-            maxDistance: 20, bidirectional: true))
+          positionBiases: [
+            .t5(
+              table: try Tensor.randomNormal(shape: [32, heads], seed: 4, stream: 9),
+              maxDistance: 20, bidirectional: true)
+          ])
       }, mask: .none),
     Case(
       name: "T5 causal, window 9",
       terms: { heads in
         ScoreTerms(
-          positionBias: .t5(
-            table: try Tensor.randomNormal(shape: [16, heads], seed: 5, stream: 9),
-            maxDistance: 24, bidirectional: false))
+          positionBiases: [
+            .t5(
+              table: try Tensor.randomNormal(shape: [16, heads], seed: 5, stream: 9),
+              maxDistance: 24, bidirectional: false)
+          ])
       }, mask: AttentionMask(isCausal: true, window: 9)),
     Case(
       name: "sinks",
@@ -80,7 +84,7 @@ struct ScoreTermsTests {
       name: "all four, causal",
       terms: { heads in
         ScoreTerms(
-          softcap: 3, positionBias: .alibi(slopes: PositionBias.bloomSlopes(heads: heads)),
+          softcap: 3, positionBiases: [.alibi(slopes: PositionBias.bloomSlopes(heads: heads))],
           sinks: (0..<heads).map { 2 - Float($0) })
       }, mask: .causal),
   ]
@@ -111,6 +115,62 @@ struct ScoreTermsTests {
       for check in checks {
         #expect(check.passed, "\(spec.name), \(name): \(check.title): \(check.detail)")
       }
+    }
+  }
+
+  /// The case's terms as the library takes them.
+  static func terms(_ c: LoadedScoreTermsCase) -> ScoreTerms {
+    var terms = ScoreTerms(softcap: c.softcap, sinks: c.sinks)
+    if let alibi = c.alibi { terms.positionBiases.append(.alibi(slopes: alibi.slopes)) }
+    if let t5 = c.t5 {
+      terms.positionBiases.append(
+        .t5(table: t5.table, maxDistance: t5.maxDistance, bidirectional: t5.bidirectional))
+    }
+    return terms
+  }
+
+  /// Each kernel's output and weights against numpy's float64 (`make_score_terms_fixtures.py`),
+  /// element by element. Tolerance: the float32 bound of `ReferenceAttention.row` around the
+  /// exact value (numpy's float64 is exact to ~1e-15, far below it) — so a term applied with
+  /// other semantics than the fixtures' (a bucket off, a slope's sign, the sink's place, the
+  /// alignment of `i`) fails, while float32 rounding passes.
+  @Test(
+    "every kernel matches numpy's float64 on the fixtures",
+    arguments: try ScoreTermsFixtures.cases())
+  func kernelsMatchFixtures(spec: ScoreTermsCase) throws {
+    let c = try LoadedScoreTermsCase(spec)
+    let terms = Self.terms(c)
+    let reference = try ReferenceAttention(
+      queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: c.scale,
+      terms: terms)
+    let shape = reference.shape
+    let (tq, tk, dv) = (shape.queries, shape.keys, shape.valueDim)
+    let rows = (0..<(shape.batchCount * tq)).map { reference.row(batch: $0 / tq, query: $0 % tq) }
+    for kernel: Attention.Kernel in [
+      .reference, .materialized, .tiled(.default), .tiled(.init(queryBlock: 3, keyBlock: 7)),
+    ] {
+      let result = try Attention.scaledDotProduct(
+        queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: c.scale,
+        terms: terms, kernel: kernel, needWeights: !kernel.isTiled, threads: 2)
+      var worst = 0.0
+      for (row, bounds) in rows.enumerated() {
+        for e in 0..<dv {
+          let difference = abs(
+            Double(result.output.scalars[row * dv + e]) - c.expectedOutput[row * dv + e])
+          worst = max(worst, difference / (bounds.outputBounds[e] + 1e-12))
+        }
+        if let weights = result.weights {
+          for j in 0..<tk {
+            let expected = c.expectedWeights[row * tk + j]
+            let difference = abs(Double(weights.scalars[row * tk + j]) - expected)
+            if expected == 0 {
+              #expect(difference == 0, "\(spec.name), \(kernel.name): masked weight [\(row), \(j)]")
+            }
+            worst = max(worst, difference / (bounds.weightBounds[j] + 1e-12))
+          }
+        }
+      }
+      #expect(worst <= 1, "\(spec.name), \(kernel.name): worst |kernel − numpy| / bound = \(worst)")
     }
   }
 
@@ -165,7 +225,7 @@ struct ScoreTermsTests {
     }
     #expect(throws: AttentionError.self) {
       try Attention.scaledDotProduct(
-        queries: q, keys: q, values: q, terms: ScoreTerms(positionBias: .alibi(slopes: [1])))
+        queries: q, keys: q, values: q, terms: ScoreTerms(positionBiases: [.alibi(slopes: [1])]))
     }
     #expect(throws: AttentionError.self) {
       try Attention.scaledDotProduct(queries: q, keys: q, values: q, terms: ScoreTerms(softcap: 0))
@@ -174,8 +234,10 @@ struct ScoreTermsTests {
       try Attention.scaledDotProduct(
         queries: q, keys: q, values: q,
         terms: ScoreTerms(
-          positionBias: .t5(
-            table: try Tensor(shape: [32, 3]), maxDistance: 128, bidirectional: true)))
+          positionBiases: [
+            .t5(
+              table: try Tensor(shape: [32, 3]), maxDistance: 128, bidirectional: true)
+          ]))
     }
   }
 }

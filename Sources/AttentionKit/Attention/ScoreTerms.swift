@@ -18,8 +18,9 @@ import Tensors
 public struct ScoreTerms: Sendable {
   /// `c > 0` of `c·tanh(x / c)`, applied to `scale·q·k` before every other term; `nil`: none.
   public var softcap: Float?
-  /// A per-head bias by the distance `j − i_abs`; `nil`: none.
-  public var positionBias: PositionBias?
+  /// Per-head biases by the distance `j − i_abs`, summed (ALiBi and T5 may be combined); empty:
+  /// none.
+  public var positionBiases: [PositionBias]
   /// `σ_h` for each query head `h` (`[H]`); `nil`: no sink.
   public var sinks: [Float]?
   /// The notebook's relative-position term (Shaw et al.): `+ scale·q_i·E[clip(j − i, −M, M) + M]`,
@@ -27,11 +28,11 @@ public struct ScoreTerms: Sendable {
   public var relativePosition: RelativePositionBias?
 
   public init(
-    softcap: Float? = nil, positionBias: PositionBias? = nil, sinks: [Float]? = nil,
+    softcap: Float? = nil, positionBiases: [PositionBias] = [], sinks: [Float]? = nil,
     relativePosition: RelativePositionBias? = nil
   ) {
     self.softcap = softcap
-    self.positionBias = positionBias
+    self.positionBiases = positionBiases
     self.sinks = sinks
     self.relativePosition = relativePosition
   }
@@ -40,7 +41,7 @@ public struct ScoreTerms: Sendable {
   public static let none = ScoreTerms()
 
   public var isEmpty: Bool {
-    softcap == nil && positionBias == nil && sinks == nil && relativePosition == nil
+    softcap == nil && positionBiases.isEmpty && sinks == nil && relativePosition == nil
   }
 }
 
@@ -129,38 +130,39 @@ struct ResolvedScoreTerms: Sendable {
     // Distances d = j − i_abs over i < Tq, j < Tk.
     lowest = -(max(shape.queries - 1, 0) + alignment)
     width = max(shape.queries + shape.keys - 1, 1)
-    switch terms.positionBias {
-    case nil: table = nil
-    case .alibi(let slopes):
-      guard slopes.count == heads else {
-        throw AttentionError.shapeMismatch(
-          "ALiBi has \(slopes.count) slopes; the queries have \(heads) heads (one slope per head)")
+    var table: [Float]? =
+      terms.positionBiases.isEmpty ? nil : [Float](repeating: 0, count: heads * width)
+    for bias in terms.positionBiases {
+      switch bias {
+      case .alibi(let slopes):
+        guard slopes.count == heads else {
+          throw AttentionError.shapeMismatch(
+            "ALiBi has \(slopes.count) slopes; the queries have \(heads) heads (one slope per head)"
+          )
+        }
+        for h in 0..<heads {
+          for k in 0..<width { table![h * width + k] += slopes[h] * Float(lowest + k) }
+        }
+      case .t5(let bias, let maxDistance, let bidirectional):
+        guard bias.rank == 2, bias.shape[1] == heads, bias.shape[0] >= 2 else {
+          throw AttentionError.shapeMismatch(
+            "a T5 bias table is [buckets, H] with H = \(heads) and at least 2 buckets, got "
+              + shapeForMessage(bias.shape))
+        }
+        let exact = bias.shape[0] / (bidirectional ? 4 : 2)
+        guard maxDistance > exact else {
+          throw AttentionError.invalidArgument(
+            "the T5 max distance must exceed the exact buckets (\(exact)), got \(maxDistance)")
+        }
+        for k in 0..<width {
+          let bucket = PositionBias.t5Bucket(
+            relativePosition: lowest + k, bidirectional: bidirectional, buckets: bias.shape[0],
+            maxDistance: maxDistance)
+          for h in 0..<heads { table![h * width + k] += bias.scalars[bucket * heads + h] }
+        }
       }
-      var table = [Float](repeating: 0, count: heads * width)
-      for h in 0..<heads {
-        for k in 0..<width { table[h * width + k] = slopes[h] * Float(lowest + k) }
-      }
-      self.table = table
-    case .t5(let bias, let maxDistance, let bidirectional):
-      guard bias.rank == 2, bias.shape[1] == heads, bias.shape[0] >= 2 else {
-        throw AttentionError.shapeMismatch(
-          "a T5 bias table is [buckets, H] with H = \(heads) and at least 2 buckets, got "
-            + shapeForMessage(bias.shape))
-      }
-      guard maxDistance > bias.shape[0] / (bidirectional ? 4 : 2) else {
-        throw AttentionError.invalidArgument(
-          "the T5 max distance must exceed the exact buckets (\(bias.shape[0] / (bidirectional ? 4 : 2))), got \(maxDistance)"
-        )
-      }
-      var table = [Float](repeating: 0, count: heads * width)
-      for k in 0..<width {
-        let bucket = PositionBias.t5Bucket(
-          relativePosition: lowest + k, bidirectional: bidirectional, buckets: bias.shape[0],
-          maxDistance: maxDistance)
-        for h in 0..<heads { table[h * width + k] = bias.scalars[bucket * heads + h] }
-      }
-      self.table = table
     }
+    self.table = table
   }
 
   /// The query head of flat batch `b`.

@@ -135,13 +135,19 @@ public struct ReferenceAttention: Sendable {
   /// `slope_h·(j − i_abs)` in float64, T5's table entry as stored.
   package func positionBias(batch: Int, query i: Int, key j: Int) -> Double {
     let distance = j - (i + resolvedTerms.alignment)
-    switch terms.positionBias {
-    case nil: return 0
-    case .alibi(let slopes): return Double(slopes[resolvedTerms.head(batch)]) * Double(distance)
-    case .t5:
-      let t = resolvedTerms
-      return Double(t.table![t.head(batch) * t.width + distance - t.lowest])
+    let h = resolvedTerms.head(batch)
+    var total = 0.0
+    for bias in terms.positionBiases {
+      switch bias {
+      case .alibi(let slopes): total += Double(slopes[h]) * Double(distance)
+      case .t5(let table, let maxDistance, let bidirectional):
+        let bucket = PositionBias.t5Bucket(
+          relativePosition: distance, bidirectional: bidirectional, buckets: table.shape[0],
+          maxDistance: maxDistance)
+        total += Double(table.scalars[bucket * resolvedTerms.heads + h])
+      }
     }
+    return total
   }
 
   /// Whether every key is masked for this query (its weights and output are then zero).

@@ -37,11 +37,13 @@ struct BenchCase {
     func terms(heads: Int, causal: Bool, seed: UInt64) throws -> ScoreTerms {
       switch self {
       case .alibi:
-        return ScoreTerms(positionBias: .alibi(slopes: PositionBias.bloomSlopes(heads: heads)))
+        return ScoreTerms(positionBiases: [.alibi(slopes: PositionBias.bloomSlopes(heads: heads))])
       case .t5:
         let table = try Tensor.randomNormal(
           shape: [32, heads], seed: seed, stream: RandomStream.parameters)
-        return ScoreTerms(positionBias: .t5(table: table, maxDistance: 128, bidirectional: !causal))
+        return ScoreTerms(positionBiases: [
+          .t5(table: table, maxDistance: 128, bidirectional: !causal)
+        ])
       case .softcap: return ScoreTerms(softcap: 50)
       case .sinks:
         return ScoreTerms(

@@ -47,9 +47,8 @@ struct ScoreTermOptions: ParsableArguments {
     if let softcap, !(softcap.isFinite && softcap > 0) {
       throw ValidationError("--softcap must be a positive number, got \(softcap)")
     }
-    let biases = [alibi, alibiSlopes != nil, t5Bias != nil].filter { $0 }.count
-    if biases > 1 {
-      throw ValidationError("--alibi, --alibi-slopes and --t5-bias are position biases: give one")
+    if alibi && alibiSlopes != nil {
+      throw ValidationError("--alibi uses BLOOM's slopes, --alibi-slopes yours: give one")
     }
     if t5Bias == nil && (t5Bidirectional || t5MaxDistance != 128) {
       throw ValidationError("--t5-max-distance and --t5-bidirectional go with --t5-bias")
@@ -70,9 +69,9 @@ struct ScoreTermOptions: ParsableArguments {
       return tensor.scalars
     }
     var terms = ScoreTerms(softcap: softcap)
-    if alibi { terms.positionBias = .alibi(slopes: PositionBias.bloomSlopes(heads: heads)) }
+    if alibi { terms.positionBiases.append(.alibi(slopes: PositionBias.bloomSlopes(heads: heads))) }
     if let alibiSlopes {
-      terms.positionBias = .alibi(slopes: try vector(alibiSlopes, "ALiBi slopes"))
+      terms.positionBiases.append(.alibi(slopes: try vector(alibiSlopes, "ALiBi slopes")))
     }
     if let t5Bias {
       let table = try files.input(t5Bias).tensor
@@ -87,8 +86,8 @@ struct ScoreTermOptions: ParsableArguments {
         throw ValidationError(
           "--t5-max-distance \(t5MaxDistance) must exceed the \(exact) exact buckets of \(t5Bias)")
       }
-      terms.positionBias = .t5(
-        table: table, maxDistance: t5MaxDistance, bidirectional: t5Bidirectional)
+      terms.positionBiases.append(
+        .t5(table: table, maxDistance: t5MaxDistance, bidirectional: t5Bidirectional))
     }
     if let sinks { terms.sinks = try vector(sinks, "sinks") }
     return terms
@@ -98,13 +97,14 @@ struct ScoreTermOptions: ParsableArguments {
   func description(_ terms: ScoreTerms) -> String? {
     var parts: [String] = []
     if let softcap { parts.append("soft-cap \(softcap)") }
-    switch terms.positionBias {
-    case .alibi: parts.append(alibi ? "ALiBi (BLOOM's slopes)" : "ALiBi (given slopes)")
-    case .t5(let table, let distance, let bidirectional):
-      parts.append(
-        "T5 bias (\(table.shape[0]) buckets, max distance \(distance)"
-          + (bidirectional ? ", bidirectional)" : ")"))
-    case nil: break
+    for bias in terms.positionBiases {
+      switch bias {
+      case .alibi: parts.append(alibi ? "ALiBi (BLOOM's slopes)" : "ALiBi (given slopes)")
+      case .t5(let table, let distance, let bidirectional):
+        parts.append(
+          "T5 bias (\(table.shape[0]) buckets, max distance \(distance)"
+            + (bidirectional ? ", bidirectional)" : ")"))
+      }
     }
     if terms.sinks != nil { parts.append("sinks") }
     return parts.isEmpty ? nil : parts.joined(separator: ", ")
