@@ -70,6 +70,17 @@ struct BadInputTests {
     usage(["bench", "--p", "1"], "--p"),
     usage(["bench", "--cases", "nope"], "nope"),
     usage(["bench", "--query-block", "0"], "--query-block must be in 1…"),
+    // #23 items 5 and 10: limits that keep derived sizes in range are usage errors.
+    usage(["bench", "--cases", ""], "--cases names no case"),
+    usage(["bench", "--heads", "65537"], "--heads must be in 1…65536"),
+    usage(["bench", "--seq-len", "64", "--causal-align", "bottom-right"], "--causal-align"),
+    usage(["dropout", "--d-k", "65537"], "--d-k must be in 1…65536"),
+    usage(["backward", "--seq-len", "1048577"], "--seq-len must be in 1…1048576"),
+    usage(["relpos", "--batch", "1048577"], "--batch must be in 1…1048576"),
+    usage(["dropout", "--seed", "-1"], "--seed"),
+    // #23 item 9: a .npy-only flag named FILE.safetensors:NAME says what it reads.
+    runtime(
+      ["dropout", "--q", "w.safetensors:x", "--k", "k.npy", "--v", "v.npy"], "reads a .npy file"),
     usage(["complexity", "--min-len", "0"], "--min-len"),
     usage(["complexity", "--threads", "0"], "--threads"),
     usage(["complexity", "--max-memory", "lots"], "--max-memory"),
