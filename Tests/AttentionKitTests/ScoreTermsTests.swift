@@ -194,6 +194,52 @@ struct ScoreTermsTests {
     #expect(outputs.allSatisfy { $0 == outputs[0] }, "bit-identical for 1, 2, 5, 8 threads")
   }
 
+  @Test(
+    "a tiled run at T = 16,384 with each term, windowed: sampled rows verify, tiles outside the window skipped, workspace independent of T"
+  )
+  func longTiledRun() throws {
+    // A causal window of 512 keys: the tiles outside it are skipped, so this runs in seconds
+    // even unoptimized, and shows the terms keep the skipping.
+    let (t, window) = (16_384, 512)
+    let mask = AttentionMask(isCausal: true, window: window)
+    let q = try Tensor.randomNormal(shape: [1, 2, t, 16], seed: 6, stream: RandomStream.queries)
+    let k = try Tensor.randomNormal(shape: [1, 2, t, 16], seed: 6, stream: RandomStream.keys)
+    let v = try Tensor.randomNormal(shape: [1, 2, t, 16], seed: 6, stream: RandomStream.values)
+    let table = try Tensor.randomNormal(shape: [32, 2], seed: 6, stream: 9)
+    let all: [(String, ScoreTerms)] = [
+      ("softcap", ScoreTerms(softcap: 2)),
+      ("ALiBi", ScoreTerms(positionBiases: [.alibi(slopes: PositionBias.bloomSlopes(heads: 2))])),
+      (
+        "T5",
+        ScoreTerms(positionBiases: [.t5(table: table, maxDistance: 128, bidirectional: false)])
+      ),
+      ("sinks", ScoreTerms(sinks: [1, -2])),
+    ]
+    // The tiled kernel's workspace for this shape (per-thread tiles): no [T, T] term anywhere.
+    let workspace = TiledAttention.workspaceBytes(
+      queries: t, keys: t, headDim: 16, valueDim: 16, batchCount: 2, window: window, threads: 2)
+    for (name, terms) in all {
+      let result = try Attention.scaledDotProduct(
+        queries: q, keys: k, values: v, mask: mask, terms: terms, kernel: .tiled(.default),
+        threads: 2)
+      #expect(result.workspaceBytes == workspace, "\(name): \(result.workspaceBytes) bytes")
+      // The band holds T·W of the T² pairs: far fewer than all the tiles.
+      let tile = TiledAttention.tile(
+        queries: t, keys: t, headDim: 16, batchCount: 2, window: window)
+      let allTiles = 2 * ((t + tile.rows - 1) / tile.rows) * ((t + tile.keys - 1) / tile.keys)
+      #expect(
+        (result.tilesComputed ?? .max) * 4 < allTiles,
+        "\(name): \(result.tilesComputed ?? -1) tiles")
+      let reference = try ReferenceAttention(
+        queries: q, keys: k, values: v, mask: mask, terms: terms)
+      let checks = ForwardChecks(
+        reference: reference, dropout: nil,
+        sampledRows: RowSample.rows(shape: reference.shape, seed: 3, count: 24)
+      ).run(result: result, preDropout: nil)
+      for check in checks { #expect(check.passed, "\(name): \(check.detail)") }
+    }
+  }
+
   @Test("a fully masked row is zero with a sink; a sink far above the scores takes the row")
   func sinkEdges() throws {
     let q = try Tensor.randomNormal(shape: [1, 2, 3, 4], seed: 3, stream: RandomStream.queries)
