@@ -16,8 +16,11 @@ struct SdpaCommand: ParsableCommand {
       enable_gqa) on .npy files (<f4, <f8, <f2) or tensors of safetensors files \
       (FILE.safetensors:NAME; F32, F16, BF16, F64), computed in float32 on the chosen kernel and \
       verified against a float64 reference on sampled rows.
-      Masks as PyTorch: a boolean --attn-mask is True = attend; a float one is added to the \
-      scores (-inf masks). --is-causal aligns the diagonal at the top left (PyTorch's is_causal) \
+      Score terms PyTorch's SDPA has no argument for: --softcap C (Gemma 2), --alibi or \
+      --alibi-slopes S (BLOOM, MPT), --t5-bias T (T5), --sinks S (gpt-oss); docs/conventions.md \
+      defines them.
+      Masks as PyTorch: a boolean --attn-mask (|b1, or BOOL in safetensors) is True = attend; \
+      a float one is added to the scores (-inf masks). --is-causal aligns the diagonal at the top left (PyTorch's is_causal) \
       or, with --causal-align bottom-right, at the bottom right (causal_lower_right: the last \
       query sees every key, as new tokens against a KV cache). --window W (Mistral's sliding \
       window) keeps the W most recent keys the causal alignment allows. K and V may have fewer \
