@@ -40,10 +40,40 @@ Cases (shapes from the performance issue):
               --torch-ops, the same step in torch ops (F.linear, rotate_half RoPE, the new K/V
               written into a preallocated cache, F.scaled_dot_product_attention(...,
               enable_gqa=True), F.linear). No target: the speedup is reported.
+  alibi, t5, softcap, sinks (each also -causal)   B1 H8 T2048 D64, the score terms of `attn bench`
+              (BLOOM's ALiBi slopes; a random T5 table of 32 buckets, max distance 128,
+              bidirectional unless causal; soft-cap 50; one random sink per head) against PyTorch
+              as its users run them today:                      target ≥ 3× torch, and attn's own
+              time over plain attention (`attn bench`'s over_plain, same run) ≤ 8 % ALiBi,
+              ≤ 12 % T5, ≤ 20 % soft-capping, ≤ 3 % sinks
+              alibi   SDPA with ALiBi materialized as a float attn_mask [1, H, T, T]:
+                      slope_h·(j − i) (the issue's definition; BLOOM's slope_h·j differs from it
+                      by a per-row constant)
+              t5      SDPA with T5's position bias as the float attn_mask [1, H, T, T]:
+                      transformers' T5Attention.compute_bias (a T5Attention with the table as its
+                      relative_attention_bias), or without transformers the same bucket formula
+                      and embedding lookup in torch
+              softcap transformers' Gemma 2 eager_attention_forward(..., softcap=50) (float32
+                      softmax), or without transformers the same eager code written out
+              sinks   transformers' gpt-oss eager_attention_forward with the sinks as the
+                      module's `sinks`, or without transformers the same eager code written out
+              -causal: SDPA forbids attn_mask with is_causal, so the causal mask is folded into
+              the same float mask (alibi: masked_fill of the upper triangle with −inf; t5: the
+              bias plus transformers' float causal mask, finfo.min above the diagonal, as T5
+              adds it); the eager cases get that float causal mask [1, 1, T, T] as
+              attention_mask.
+              The mask is built INSIDE the timed region: a model builds it once per call, and
+              that cost is part of what its users pay (BLOOM/T5 share it over the layers: one
+              call's mask against one layer's attention is the worst case for PyTorch). Each
+              slot also times building the mask alone, printed below the table, so the ratio
+              without it can be read off. q, k, v (and the T5 table, slopes, sinks) are made
+              once, outside the timing.
 
 The performance issue's table is one run of
     "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases attention,causal,batched,efficiency,dropout-overhead,npy-read --json perf.json
-(`--json` also writes every slot's figures and the probe's readings, for quoting).
+(`--json` also writes every slot's figures and the probe's readings, for quoting); the score
+terms' (issue #24), of
+    "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases alibi,alibi-causal,t5,t5-causal,softcap,softcap-causal,sinks,sinks-causal
 
 numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
 dropout shapes. Without torch (another python than the reference environment's) the script
@@ -95,11 +125,21 @@ CASES = {
     "step-dropout": dict(batch=4, heads=8, seq_len=1024, d=64, p=0.1, backward=True,
                          bench="dropout", step=True),
 }
+# The score terms of `attn bench` (BenchCase.Term), causal and not: attn bench --cases <case>.
+for _term in ("alibi", "t5", "softcap", "sinks"):
+    for _causal in (False, True):
+        CASES[_term + ("-causal" if _causal else "")] = dict(
+            batch=1, heads=8, seq_len=2048, d=64, causal=_causal, term=_term)
+# The terms' settings, as BenchCase.Term has them.
+T5_BUCKETS, T5_MAX_DISTANCE, SOFTCAP = 32, 128, 50.0
+# The most a term's time may exceed plain attention's (attn bench's over_plain − 1).
+TERM_OVERHEAD = {"sinks": 0.03, "alibi": 0.08, "t5": 0.12, "softcap": 0.20}
 # The cases PyTorch runs, with the speedup they must reach (None: reported, no target).
 TORCH_TARGET = {
     "attention": 1.25, "causal": 1.4, "batched": 1.5, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
     "decode-layer": None, "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
     "step-dropout": 3.0,
+    **{case: 3.0 for case, c in CASES.items() if c.get("term")},
 }
 
 
@@ -128,7 +168,7 @@ SLOT = 3  # runs per interleaved slot, on every side
 
 # The cases `attn bench --cases` knows by name; the others run as its custom case.
 STANDARD_BENCH = {"attention", "causal", "dropout", "relpos", "efficiency", "long", "decode",
-                  "gqa", "decode-layer"}
+                  "gqa", "decode-layer", *(case for case, c in CASES.items() if c.get("term"))}
 
 
 def attn_once(case, threads, p=None):
@@ -187,6 +227,8 @@ def torch_runner(torch, case, torch_ops=False):
     c = CASES[case]
     if case == "decode-layer":
         return decode_layer_runner(torch, c, torch_ops)
+    if c.get("term"):
+        return term_runner(torch, c)
     if case == "relpos":
         module = notebook_module(torch)(c["d"], c["max_rel"])
         x = torch.randn(c["batch"], c["seq_len"], c["d"])
@@ -300,6 +342,183 @@ def decode_layer_runner(torch, c, torch_ops):
     return run
 
 
+def bloom_slopes(torch, heads):
+    """BLOOM's ALiBi slopes for `heads` heads (build_alibi_tensor's rule, non-powers of two
+    included), float32 [heads]."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** k for k in range(1, closest + 1)]
+    if closest != heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** k for k in range(1, 2 * (heads - closest) + 1, 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def t5_bucket(torch, relative, bidirectional, num_buckets, max_distance):
+    """T5's _relative_position_bucket, as transformers computes it (float32 logarithm)."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0).to(torch.long) * num_buckets
+        relative = torch.abs(relative)
+    else:
+        relative = -torch.min(relative, torch.zeros_like(relative))
+    max_exact = num_buckets // 2
+    is_small = relative < max_exact
+    large = max_exact + (torch.log(relative.float() / max_exact)
+                         / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(is_small, relative, large)
+
+
+def term_runner(torch, c):
+    """One forward of a score-term case the way PyTorch users run it today (the module
+    docstring says which code, and that the mask is built inside the timing). The returned
+    function has a `label`, and a `mask_only` building the mask alone when the case has one."""
+    import types
+    import torch.nn.functional as F
+    b, h, t, d = c["batch"], c["heads"], c["seq_len"], c["d"]
+    causal, term = c["causal"], c["term"]
+    q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    scale = d ** -0.5
+    transformers = None
+    try:
+        import transformers
+    except ImportError:
+        pass
+    source = f"transformers {transformers.__version__}" if transformers else "torch"
+
+    if term == "alibi":
+        slopes = bloom_slopes(torch, h)
+
+        def mask():
+            i = torch.arange(t)
+            bias = slopes.view(1, h, 1, 1) * (i[None, :] - i[:, None]).float()  # [1, H, T, T]
+            if causal:
+                bias = bias.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -math.inf)
+            return bias
+        label = ("SDPA, attn_mask = BLOOM slopes·(j − i) [1, H, T, T] float32"
+                 + (" with −inf above the diagonal" if causal else ""))
+    elif term == "t5":
+        table = torch.randn(T5_BUCKETS, h)
+        bias_of = None
+        if transformers:
+            try:
+                from transformers import T5Config
+                from transformers.models.t5.modeling_t5 import T5Attention
+                config = T5Config(d_model=h * d, d_kv=d, num_heads=h,
+                                  relative_attention_num_buckets=T5_BUCKETS,
+                                  relative_attention_max_distance=T5_MAX_DISTANCE,
+                                  is_decoder=causal)
+                module = T5Attention(config, has_relative_attention_bias=True,
+                                     layer_idx=0).eval()
+                with torch.no_grad():
+                    module.relative_attention_bias.weight.copy_(table)
+                bias_of = lambda: module.compute_bias(t, t)
+                source += " T5Attention.compute_bias"
+            except ImportError:
+                source = "torch (transformers without T5)"
+        if bias_of is None:
+            def bias_of():
+                i = torch.arange(t)
+                buckets = t5_bucket(torch, i[None, :] - i[:, None], not causal, T5_BUCKETS,
+                                    T5_MAX_DISTANCE)
+                return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
+            source += " bucket formula + embedding"
+
+        def mask():
+            bias = bias_of()  # [1, H, T, T]
+            if causal:
+                bias = bias + causal_float_mask(torch, t)
+            return bias
+        label = (f"SDPA, attn_mask = T5 bias [1, H, T, T] float32 from {source}"
+                 + (", unidirectional, + float causal mask" if causal else ", bidirectional"))
+    else:
+        mask = (lambda: causal_float_mask(torch, t)) if causal else None
+        module = types.SimpleNamespace(head_dim=d, num_key_value_groups=1, training=False)
+        eager = None
+        name = "modeling_gemma2" if term == "softcap" else "modeling_gpt_oss"
+        if transformers:
+            try:
+                if term == "softcap":
+                    from transformers.models.gemma2.modeling_gemma2 import \
+                        eager_attention_forward as eager
+                else:
+                    from transformers.models.gpt_oss.modeling_gpt_oss import \
+                        eager_attention_forward as eager
+            except ImportError:
+                eager = None
+        if term == "sinks":
+            module.sinks = torch.randn(h)
+        if eager is None:
+            eager = eager_softcap if term == "softcap" else eager_sinks
+            source = f"torch (the eager code of transformers' {name}, written out)"
+        else:
+            source += f" {name}.eager_attention_forward"
+        extra = dict(softcap=SOFTCAP) if term == "softcap" else {}
+        attention = eager
+        label = (f"{source}" + (f", softcap={SOFTCAP:g}" if term == "softcap" else ", sinks [H]")
+                 + (", attention_mask = float causal mask [1, 1, T, T]" if causal else
+                    ", attention_mask=None"))
+
+    if term in ("alibi", "t5"):
+        def run():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask(), scale=scale)
+    else:
+        def run():
+            with torch.no_grad():
+                attention(module, q, k, v, mask() if mask else None, dropout=0.0,
+                          scaling=scale, **extra)
+
+    if mask is not None:
+        def mask_only():
+            with torch.no_grad():
+                mask()
+        run.mask_only = mask_only
+    run.label = label + "; mask built inside the timing" * (mask is not None)
+    return run
+
+
+def causal_float_mask(torch, t):
+    """transformers' eager causal mask, [1, 1, T, T]: 0 on and below the diagonal, finfo.min
+    above."""
+    return torch.zeros(1, 1, t, t).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1),
+                                               torch.finfo(torch.float32).min)
+
+
+def eager_softcap(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                  softcap=None, **kwargs):
+    """transformers' Gemma 2 eager_attention_forward, written out (no K/V groups, no dropout)."""
+    import torch
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        weights = weights / softcap
+        weights = torch.tanh(weights)
+        weights = weights * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def eager_sinks(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' gpt-oss eager_attention_forward, written out (no K/V groups, no dropout)."""
+    import torch
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    sinks = module.sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[-2], -1)
+    combined = torch.cat([weights, sinks], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)
+    weights = probs[..., :-1].to(value.dtype)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
 def notebook_module(torch):
     """The notebook's RelativePositionAttention, as the torch fixtures script defines it."""
     sys.path.insert(0, str(ROOT / "Scripts" / "fixtures"))
@@ -371,11 +590,14 @@ def main():
         if t_run is not None and getattr(t_run, "label", None):
             labels[case] = t_run.label
         n_run = numpy_runner(np, case)
+        # The score terms' mask alone (built inside t_run's timing), timed beside it.
+        m_run = getattr(t_run, "mask_only", None)
         # Warm-up, outside the timing.
-        for fn in (t_run, n_run):
+        for fn in (t_run, n_run, m_run):
             if fn is not None:
                 fn()
         attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
+        overs, mask_ms = [], []
         slots = []
         wanted = 1 if CASES[case].get("bench", case) == "long" else args.repeats
         discarded = 0
@@ -410,10 +632,15 @@ def main():
                 peaks.append(figures.get("peak_rss_bytes"))
                 if figures.get("plain_median_ms") is not None:
                     plain_ms.append(figures["plain_median_ms"])
+                if figures.get("over_plain") is not None:
+                    overs.append(figures["over_plain"])
                 slot.update(attn=figures)
             if t_run is not None:
                 torch_ms.append(timed(t_run) * 1e3)
                 slot.update(torch_ms=torch_ms[-1])
+            if m_run is not None:
+                mask_ms.append(timed(m_run) * 1e3)
+                slot.update(torch_mask_ms=mask_ms[-1])
             if n_run is not None:
                 numpy_ms.append(timed(n_run) * 1e3)
                 slot.update(numpy_ms=numpy_ms[-1])
@@ -423,7 +650,12 @@ def main():
             print(f"{case}: every slot discarded (the threads never ran in parallel)",
                   file=sys.stderr)
             continue
-        rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks))
+        rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs))
+        if mask_ms:
+            row = rows[-1]
+            row["torch_mask"] = statistics.median(mask_ms)
+            labels[case] += (f" (building the mask alone: {row['torch_mask']:.1f} ms; without it "
+                             f"{(row['torch'] - row['torch_mask']) / row['attn']:.2f}× attn)")
         rows[-1]["slots"] = slots
     print_table(rows, args)
     print("slots discarded by the FMA probe (threads not running in parallel): "
@@ -493,7 +725,7 @@ def cpu_model():
     return None
 
 
-def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
+def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=()):
     med = lambda xs: statistics.median(xs) if xs else None
     row = dict(case=case, attn=med(attn_ms), torch=med(torch_ms), numpy=med(numpy_ms))
     target, measured, met = "", "", None
@@ -509,6 +741,13 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks):
             target += ", ≤ 1.5× plain"
             measured += f", {over:.2f}× plain"
             met = met and over <= 1.5
+        term = CASES[case].get("term")
+        if term and overs:
+            # attn bench's own ratio to plain attention of the same shape, per slot.
+            over = med(overs) - 1
+            target += f", ≤ {TERM_OVERHEAD[term] * 100:g} % over plain"
+            measured += f", {over * 100:+.1f} % over plain"
+            met = met and over <= TERM_OVERHEAD[term]
     elif case == "efficiency":
         ratio = med(eff)
         target, measured, met = "≥ 0.90 of sgemm", f"{ratio:.2f} of sgemm", ratio >= 0.90
