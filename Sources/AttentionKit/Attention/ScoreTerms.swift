@@ -100,14 +100,18 @@ public enum PositionBias: Sendable {
   }
 }
 
-/// `ScoreTerms` laid out for one call: each head's bias by distance as a table over the distances
-/// the call can see, the sinks by head. Built once per call; `O(H·(Tq + Tk))` floats.
+/// `ScoreTerms` laid out for one call: ALiBi's slopes by head (several ALiBi terms summed), T5's
+/// biases by head as a table over the distances `[−R, R]` (`R` the largest max distance: every
+/// bucket is constant beyond it, so farther distances read the ends), the sinks by head. Built
+/// once per call in `O(H·R)`, independent of the sequence length.
 struct ResolvedScoreTerms: Sendable {
   let softcap: Float?
-  /// `[H, distances]`: the bias of head `h` at distance `d` is `table[h·width + d − lowest]`.
-  let table: [Float]?
-  let lowest: Int
-  let width: Int
+  /// `[H]`: the summed ALiBi slope of each head; `nil` without ALiBi.
+  let slopes: [Float]?
+  /// `[H, 2R + 1]`: T5's summed bias of head `h` at distance `d` is `t5[h·(2R + 1) + clip(d) + R]`;
+  /// `nil` without T5.
+  let t5: [Float]?
+  let t5Reach: Int
   let sinks: [Float]?
   let heads: Int
   /// `i_abs − i`: `Tk − Tq` for a bottom-right causal alignment, else 0.
@@ -127,42 +131,49 @@ struct ResolvedScoreTerms: Sendable {
         "sinks hold \(sinks.count) values; the queries have \(heads) heads (one sink per head)")
     }
     sinks = terms.sinks
-    // Distances d = j − i_abs over i < Tq, j < Tk.
-    lowest = -(max(shape.queries - 1, 0) + alignment)
-    width = max(shape.queries + shape.keys - 1, 1)
-    var table: [Float]? =
-      terms.positionBiases.isEmpty ? nil : [Float](repeating: 0, count: heads * width)
+    var slopes: [Float]? = nil
+    var tables: [(table: Tensor, maxDistance: Int, bidirectional: Bool)] = []
     for bias in terms.positionBiases {
       switch bias {
-      case .alibi(let slopes):
-        guard slopes.count == heads else {
+      case .alibi(let given):
+        guard given.count == heads else {
           throw AttentionError.shapeMismatch(
-            "ALiBi has \(slopes.count) slopes; the queries have \(heads) heads (one slope per head)"
-          )
+            "ALiBi has \(given.count) slopes; the queries have \(heads) heads (one slope per head)")
         }
-        for h in 0..<heads {
-          for k in 0..<width { table![h * width + k] += slopes[h] * Float(lowest + k) }
-        }
-      case .t5(let bias, let maxDistance, let bidirectional):
-        guard bias.rank == 2, bias.shape[1] == heads, bias.shape[0] >= 2 else {
+        slopes = slopes.map { zip($0, given).map { $0 + $1 } } ?? given
+      case .t5(let table, let maxDistance, let bidirectional):
+        guard table.rank == 2, table.shape[1] == heads, table.shape[0] >= 2 else {
           throw AttentionError.shapeMismatch(
             "a T5 bias table is [buckets, H] with H = \(heads) and at least 2 buckets, got "
-              + shapeForMessage(bias.shape))
+              + shapeForMessage(table.shape))
         }
-        let exact = bias.shape[0] / (bidirectional ? 4 : 2)
-        guard maxDistance > exact else {
+        let exact = table.shape[0] / (bidirectional ? 4 : 2)
+        guard maxDistance > exact, maxDistance <= 1 << 24 else {
           throw AttentionError.invalidArgument(
-            "the T5 max distance must exceed the exact buckets (\(exact)), got \(maxDistance)")
+            "the T5 max distance must exceed the exact buckets (\(exact)) and be at most 2²⁴, got "
+              + "\(maxDistance)")
         }
-        for k in 0..<width {
-          let bucket = PositionBias.t5Bucket(
-            relativePosition: lowest + k, bidirectional: bidirectional, buckets: bias.shape[0],
-            maxDistance: maxDistance)
-          for h in 0..<heads { table![h * width + k] += bias.scalars[bucket * heads + h] }
-        }
+        tables.append((table, maxDistance, bidirectional))
       }
     }
-    self.table = table
+    self.slopes = slopes
+    let reach = tables.map(\.maxDistance).max() ?? 0
+    t5Reach = reach
+    if tables.isEmpty {
+      t5 = nil
+    } else {
+      let width = 2 * reach + 1
+      var t5 = [Float](repeating: 0, count: heads * width)
+      for (table, maxDistance, bidirectional) in tables {
+        for k in 0..<width {
+          let bucket = PositionBias.t5Bucket(
+            relativePosition: k - reach, bidirectional: bidirectional, buckets: table.shape[0],
+            maxDistance: maxDistance)
+          for h in 0..<heads { t5[h * width + k] += table.scalars[bucket * heads + h] }
+        }
+      }
+      self.t5 = t5
+    }
   }
 
   /// The query head of flat batch `b`.
@@ -206,27 +217,52 @@ struct ResolvedScoreTerms: Sendable {
     return magnitude.replacing(with: -magnitude, where: negative)
   }
 
-  /// Adds head `h`'s bias at `d = j − i_abs` to `row[0..<count]` (keys `firstKey …`).
+  /// Adds head `h`'s biases at `d = j − i_abs` to `row[0..<count]` (keys `firstKey …`): ALiBi's
+  /// `slope_h·d` (one float32 product, as BLOOM computes it), T5's table entry.
   @inline(__always)
   func addPositionBias(
     to row: UnsafeMutablePointer<Float>, batch b: Int, query i: Int, firstKey: Int, count: Int
   ) {
-    guard let table else { return }
-    let start = head(b) * width + firstKey - (i + alignment) - lowest
-    table.withUnsafeBufferPointer { t in
-      let source = t.baseAddress! + start
+    let h = head(b)
+    let first = firstKey - (i + alignment)
+    if let slopes {
+      let slope = slopes[h]
+      let steps = SIMD16<Float>((0..<16).map { Float($0) })
       var j = 0
       while j + 16 <= count {
+        let d = SIMD16<Float>(repeating: Float(first + j)) + steps
+        let sum = UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self) + slope * d
+        UnsafeMutableRawPointer(row + j).storeBytes(of: sum, as: SIMD16<Float>.self)
+        j += 16
+      }
+      while j < count {
+        row[j] += slope * Float(first + j)
+        j += 1
+      }
+    }
+    guard let t5 else { return }
+    let reach = t5Reach
+    let width = 2 * reach + 1
+    t5.withUnsafeBufferPointer { t in
+      let table = t.baseAddress! + h * width
+      // Keys with d < −R read table[0]; with d > R, table[2R]; between, table[d + R].
+      let leftEnd = min(max(-reach - first, 0), count)
+      let rightStart = min(max(reach + 1 - first, leftEnd), count)
+      for j in 0..<leftEnd { row[j] += table[0] }
+      let source = table + first + reach
+      var j = leftEnd
+      while j + 16 <= rightStart {
         let sum =
           UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self)
           + UnsafeRawPointer(source + j).loadUnaligned(as: SIMD16<Float>.self)
         UnsafeMutableRawPointer(row + j).storeBytes(of: sum, as: SIMD16<Float>.self)
         j += 16
       }
-      while j < count {
+      while j < rightStart {
         row[j] += source[j]
         j += 1
       }
+      for j in rightStart..<count { row[j] += table[2 * reach] }
     }
   }
 }
