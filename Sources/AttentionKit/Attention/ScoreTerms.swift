@@ -176,6 +176,9 @@ struct ResolvedScoreTerms: Sendable {
     }
   }
 
+  /// `0, 1, …, 15`: the distances of sixteen keys after the first of them.
+  static let steps = SIMD16<Float>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+
   /// The query head of flat batch `b`.
   @inline(__always)
   func head(_ b: Int) -> Int { b % heads }
@@ -227,9 +230,10 @@ struct ResolvedScoreTerms: Sendable {
     let first = firstKey - (i + alignment)
     if let slopes {
       let slope = slopes[h]
-      let steps = SIMD16<Float>((0..<16).map { Float($0) })
+      let steps = Self.steps
       var j = 0
       while j + 16 <= count {
+        // slope·d as one float32 product, d exact below 2²⁴.
         let d = SIMD16<Float>(repeating: Float(first + j)) + steps
         let sum = UnsafeRawPointer(row + j).loadUnaligned(as: SIMD16<Float>.self) + slope * d
         UnsafeMutableRawPointer(row + j).storeBytes(of: sum, as: SIMD16<Float>.self)
