@@ -43,6 +43,23 @@ public struct ScoreTerms: Sendable {
   public var isEmpty: Bool {
     softcap == nil && positionBiases.isEmpty && sinks == nil && relativePosition == nil
   }
+
+  /// The summed position biases of head `h` (of `heads`) at distance `d = j − i_abs`, in
+  /// float64: ALiBi's `slope_h·d` exactly, T5's table entry as stored. What the references add.
+  package func exactPositionBias(head h: Int, heads: Int, distance d: Int) -> Double {
+    var total = 0.0
+    for bias in positionBiases {
+      switch bias {
+      case .alibi(let slopes): total += Double(slopes[h]) * Double(d)
+      case .t5(let table, let maxDistance, let bidirectional):
+        let bucket = PositionBias.t5Bucket(
+          relativePosition: d, bidirectional: bidirectional, buckets: table.shape[0],
+          maxDistance: maxDistance)
+        total += Double(table.scalars[bucket * heads + h])
+      }
+    }
+    return total
+  }
 }
 
 /// A bias added to score `(i, j)` of query head `h` that depends only on `h` and the distance
@@ -112,6 +129,9 @@ struct ResolvedScoreTerms: Sendable {
   /// `nil` without T5.
   let t5: [Float]?
   let t5Reach: Int
+  /// Each T5 term's bucket rule, in `positionBiases` order: what its table's gradient is summed
+  /// by (`ScoreTermGradients`).
+  let t5Rules: [(buckets: Int, maxDistance: Int, bidirectional: Bool)]
   let sinks: [Float]?
   let heads: Int
   /// `i_abs − i`: `Tk − Tq` for a bottom-right causal alignment, else 0.
@@ -157,6 +177,7 @@ struct ResolvedScoreTerms: Sendable {
       }
     }
     self.slopes = slopes
+    t5Rules = tables.map { ($0.table.shape[0], $0.maxDistance, $0.bidirectional) }
     let reach = tables.map(\.maxDistance).max() ?? 0
     t5Reach = reach
     if tables.isEmpty {

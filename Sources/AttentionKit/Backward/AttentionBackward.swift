@@ -12,6 +12,9 @@ extension Attention {
   /// dS = P∘(dP − Δ),  Δ_i = Σ_j P_ij·dP_ij = Σ_c dO_ic·O_ic
   /// dQ = scale·dS·K           dK = scale·dSᵀ·Q           dBias = dS
   /// ```
+  /// With score terms (`ScoreTerms`), `S` is theirs and `P` shares its denominator with the
+  /// sinks; `dQ` and `dK` take `dS∘(1 − (t/c)²)` under a soft-cap `c` (`t` the capped score),
+  /// and the terms' parameters get `dSinks` and `dT5Tables` (see `ScoreTermGradients`).
   /// (`Δ` is the softmax's Jacobian at work: every row of `dS` sums to 0). A fully masked row has
   /// `P = 0`, so it gives zero gradients and contributes nothing to `dK`, `dV` or `dBias`. The
   /// dropout decisions are those of the forward pass with the same `Dropout` (they depend only
@@ -26,6 +29,9 @@ extension Attention {
   ///   - mask: as for `scaledDotProduct` (a keep mask, an additive bias, causal, a window).
   ///   - scale: the factor on `Q·Kᵀ`, `1/√D` when `nil`.
   ///   - dropout: the forward's dropout (the same seed drops the same weights), `nil` for none.
+  ///   - terms: the forward's score terms: soft-capping, ALiBi, T5, sinks (every kernel). The
+  ///     notebook's relative-position term has its gradients in
+  ///     `RelativePositionAttention.backward`; here it is refused.
   ///   - output: the forward's output `O`, `[…, Tq, Dv]`, from `scaledDotProduct` with the same
   ///     inputs, mask, scale and dropout; give it together with `logSumExp`, or neither.
   ///   - logSumExp: the forward's `AttentionResult.logSumExp`, `[…, Tq]` (`scaledDotProduct`
@@ -54,7 +60,7 @@ extension Attention {
   public static func backward(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    output: Tensor? = nil, logSumExp: Tensor? = nil,
+    terms: ScoreTerms = .none, output: Tensor? = nil, logSumExp: Tensor? = nil,
     kernel: Kernel = .automatic, needBiasGradient: Bool = false,
     threads: Int? = nil, memoryBudget: Int? = nil
   ) throws -> AttentionGradients {
@@ -64,7 +70,7 @@ extension Attention {
     let workers = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
     let problem = try BackwardProblem(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-      scale: scale, needBiasGradient: needBiasGradient)
+      scale: scale, terms: terms, needBiasGradient: needBiasGradient)
     let forward = try problem.forwardResults(output: output, logSumExp: logSumExp)
     switch kernel {
     case .reference:
@@ -109,12 +115,22 @@ package struct BackwardProblem: Sendable {
   package let requestedScale: Float?
   /// The bias whose gradient is asked for (laid over the scores), `nil` when not asked.
   package let biasGradient: BroadcastMatrix?
+  /// The score terms as given (for the forward pass and the references) and laid out.
+  package let scoreTerms: ScoreTerms
+  let terms: ResolvedScoreTerms
 
   package init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
-    scale: Float?, needBiasGradient: Bool
+    scale: Float?, terms: ScoreTerms = .none, needBiasGradient: Bool
   ) throws {
     shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    if terms.relativePosition != nil {
+      throw AttentionError.invalidArgument(
+        "the relative-position term's gradients come from RelativePositionAttention.backward, "
+          + "not Attention.backward")
+    }
+    scoreTerms = terms
+    self.terms = try ResolvedScoreTerms(terms, shape: shape, mask: mask)
     guard gradOutput.shape == shape.outputShape else {
       throw AttentionError.shapeMismatch(
         "gradOutput \(shapeForMessage(gradOutput.shape)) is not the output's shape \(shapeForMessage(shape.outputShape))"
@@ -199,6 +215,22 @@ package struct BackwardProblem: Sendable {
     let kvHeads = heads / group
     let first = (g / kvHeads) * heads + (g % kvHeads) * group
     return first..<(first + group)
+  }
+
+  /// The number of T5 terms among the score terms.
+  package var t5TermCount: Int { terms.t5Rules.count }
+
+  /// The entries of T5 term `k`'s table, `buckets·H`.
+  package func t5TableSize(term k: Int) -> Int { terms.t5Rules[k].buckets * terms.heads }
+
+  /// The entry `bucket·H + h` of T5 term `k`'s table (`[buckets, H]`, flat) that score
+  /// `(query i, key j)` of flat batch `b` reads.
+  package func t5Entry(term k: Int, batch b: Int, query i: Int, key j: Int) -> Int {
+    let rule = terms.t5Rules[k]
+    let bucket = PositionBias.t5Bucket(
+      relativePosition: j - (i + terms.alignment), bidirectional: rule.bidirectional,
+      buckets: rule.buckets, maxDistance: rule.maxDistance)
+    return bucket * terms.heads + terms.head(b)
   }
 
   /// The number of key/value batches, `B·Hkv`.

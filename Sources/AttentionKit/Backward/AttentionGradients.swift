@@ -15,6 +15,12 @@ public struct AttentionGradients: Sendable {
   /// `∂L/∂bias`, shaped as the mask's bias tensor as given (summed over the dimensions it is
   /// broadcast along); `nil` unless asked for.
   public var dBias: Tensor?
+  /// `∂L/∂σ`, `[H]`, of the score terms' sinks (summed over the batch and the rows); `nil`
+  /// without sinks.
+  public var dSinks: Tensor?
+  /// `∂L/∂table`, `[buckets, H]`, of each T5 position bias of the score terms, in
+  /// `ScoreTerms.positionBiases` order; empty without T5.
+  public var dT5Tables: [Tensor]
   /// The bytes of scratch memory the kernel allocated, beyond its inputs and its gradients.
   public var workspaceBytes: Int
   /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
@@ -25,9 +31,12 @@ public struct AttentionGradients: Sendable {
   public var tilesComputed: Int?
 
   public init(
-    dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?, workspaceBytes: Int,
-    kernel: Attention.Kernel, tilesComputed: Int? = nil
+    dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?, dSinks: Tensor? = nil,
+    dT5Tables: [Tensor] = [], workspaceBytes: Int, kernel: Attention.Kernel,
+    tilesComputed: Int? = nil
   ) {
+    self.dSinks = dSinks
+    self.dT5Tables = dT5Tables
     self.dQ = dQ
     self.dK = dK
     self.dV = dV

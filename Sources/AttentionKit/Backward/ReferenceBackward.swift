@@ -23,15 +23,16 @@ package enum ReferenceBackward {
   package static func workspaceBytes(_ problem: BackwardProblem, hasDropout: Bool) -> Int? {
     let shape = problem.shape
     guard let scores = try? Tensor.elementCount(of: shape.weightsShape) else { return nil }
-    let perScore = 17 + (problem.mask.bias == nil ? 0 : 8) + (hasDropout ? 1 : 0)
+    let positions = problem.scoreTerms.positionBiases.isEmpty ? 0 : 8
+    let perScore = 17 + (problem.mask.bias == nil ? 0 : 8) + (hasDropout ? 1 : 0) + positions
     let vectors =
       2 * problem.queries.count + 2 * problem.keys.count + 2 * problem.values.count
       + 2 * problem.gradOutput.count
     return byteCount([(scores, perScore), (vectors, 8)])
   }
 
-  /// The gradients as `Float` tensors, `dBias` summed over the bias's broadcast dimensions in
-  /// `Double` before rounding.
+  /// The gradients as `Float` tensors, `dBias`, `dSinks` and `dT5Tables` summed in `Double`
+  /// before rounding.
   package static func compute(
     _ problem: BackwardProblem, dropout: DropoutDecisions, memoryBudget: Int?
   ) throws -> AttentionGradients {
@@ -60,8 +61,55 @@ package enum ReferenceBackward {
       }
       dBias!.scalars = sums.map { Float($0) }
     }
+    let gradients = termGradients(problem, result)
     return AttentionGradients(
-      dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes ?? .max, kernel: .reference)
+      dQ: dQ, dK: dK, dV: dV, dBias: dBias, dSinks: gradients.sinks,
+      dT5Tables: gradients.t5Tables, workspaceBytes: bytes ?? .max, kernel: .reference)
+  }
+
+  /// `dSinks` and `dT5Tables` from the reference's `dS`, sink weights and `Δ`, summed in
+  /// `Double` in increasing (batch, query, key) order.
+  static func termGradients(_ problem: BackwardProblem, _ result: Backward64.Result)
+    -> (sinks: Tensor?, t5Tables: [Tensor])
+  {
+    let exact = exactTermGradients(problem, result)
+    let heads = problem.terms.heads
+    return (
+      exact.sinks.map { Tensor(validShape: [heads], scalars: $0.map { Float($0) }) },
+      exact.t5Tables.map {
+        Tensor(validShape: [$0.count / heads, heads], scalars: $0.map { Float($0) })
+      }
+    )
+  }
+
+  /// `dσ` `[H]` (`nil` without sinks) and each T5 table's gradient `[buckets·H]` in float64.
+  package static func exactTermGradients(_ problem: BackwardProblem, _ result: Backward64.Result)
+    -> (sinks: [Double]?, t5Tables: [[Double]])
+  {
+    let terms = problem.terms
+    let (tq, tk, _, _) = problem.sizes
+    var sinks: [Double]? = nil
+    if terms.sinks != nil {
+      var sums = [Double](repeating: 0, count: terms.heads)
+      for row in 0..<(problem.shape.batchCount * tq) {
+        sums[terms.head(row / tq)] -= result.sinkWeights[row] * result.deltas[row]
+      }
+      sinks = sums
+    }
+    var tables: [[Double]] = []
+    for (k, rule) in terms.t5Rules.enumerated() {
+      var sums = [Double](repeating: 0, count: rule.buckets * terms.heads)
+      for b in 0..<problem.shape.batchCount {
+        for i in 0..<tq {
+          for j in 0..<tk {
+            sums[problem.t5Entry(term: k, batch: b, query: i, key: j)] +=
+              result.dS[(b * tq + i) * tk + j]
+          }
+        }
+      }
+      tables.append(sums)
+    }
+    return (sinks, tables)
   }
 
   /// `problem` in `Double`, every mask laid out over `[B·H, Tq, Tk]`.
@@ -74,6 +122,9 @@ package enum ReferenceBackward {
     let mask = problem.resolved
     var visible = [Bool](repeating: false, count: bh * tq * tk)
     var bias: [Double]? = mask.bias == nil ? nil : [Double](repeating: 0, count: bh * tq * tk)
+    let terms = problem.terms
+    var positionBias: [Double]? =
+      problem.scoreTerms.positionBiases.isEmpty ? nil : [Double](repeating: 0, count: bh * tq * tk)
     var kept: [Bool]? = nil
     var keptScale = 1.0
     switch dropout {
@@ -104,6 +155,10 @@ package enum ReferenceBackward {
             seen.contains(j)
             && (mask.keep.map { $0.value(batch: b, row: i, column: j) != 0 } ?? true)
           if let m = mask.bias { bias![e] = Double(m.value(batch: b, row: i, column: j)) }
+          if positionBias != nil {
+            positionBias![e] = problem.scoreTerms.exactPositionBias(
+              head: terms.head(b), heads: terms.heads, distance: j - (i + terms.alignment))
+          }
           switch dropout {
           case .none: break
           case .counter(let d): kept![e] = d.keeps(row: b * tq + i, key: j)
@@ -119,7 +174,9 @@ package enum ReferenceBackward {
       q: problem.queries.scalars.map { Double($0) }, k: problem.keys.scalars.map { Double($0) },
       v: problem.values.scalars.map { Double($0) },
       dO: problem.gradOutput.scalars.map { Double($0) },
-      bias: bias, visible: visible, dropoutKept: kept, keptScale: keptScale)
+      bias: bias, visible: visible, dropoutKept: kept, keptScale: keptScale,
+      softcap: terms.softcap.map(Double.init), positionBias: positionBias,
+      sinks: terms.sinks.map { sinks in (0..<bh).map { Double(sinks[terms.head($0)]) } })
   }
 }
 
@@ -150,6 +207,34 @@ package struct Backward64: Sendable {
   /// The factor of kept weights, `1/(1 − p)` as the kernels round it (`Dropout.keptScale`) or as
   /// given with an explicit keep mask.
   package var keptScale: Double
+  /// The soft-cap `c` of `c·tanh(x/c)` on the scaled scores; `nil` for none.
+  package var softcap: Double?
+  /// `[B·H, Tq, Tk]`: the score terms' position biases (ALiBi, T5), added after the soft-cap;
+  /// `nil` for none.
+  package var positionBias: [Double]?
+  /// `[B·H]`: the sink logit of each flat batch's head; `nil` without sinks.
+  package var sinks: [Double]?
+
+  package init(
+    batchCount: Int, queries: Int, keys: Int, headDim: Int, valueDim: Int, keyValueBatch: [Int],
+    scale: Double, q: [Double], k: [Double], v: [Double], dO: [Double], bias: [Double]?,
+    visible: [Bool], dropoutKept: [Bool]?, keptScale: Double, softcap: Double? = nil,
+    positionBias: [Double]? = nil, sinks: [Double]? = nil
+  ) {
+    (self.batchCount, self.queries, self.keys, self.headDim, self.valueDim) = (
+      batchCount, queries, keys, headDim, valueDim
+    )
+    self.keyValueBatch = keyValueBatch
+    self.scale = scale
+    (self.q, self.k, self.v, self.dO) = (q, k, v, dO)
+    self.bias = bias
+    self.visible = visible
+    self.dropoutKept = dropoutKept
+    self.keptScale = keptScale
+    self.softcap = softcap
+    self.positionBias = positionBias
+    self.sinks = sinks
+  }
 
   /// Everything the reference computes, flat: the output `[B·H, Tq, Dv]`, the gradients shaped as
   /// `q`, `k`, `v`, and `dS` and `P` (before dropout) `[B·H, Tq, Tk]`.
@@ -163,6 +248,14 @@ package struct Backward64: Sendable {
     /// Per query row, `Σ_j P_ij·(|dP_ij| + |Δ_i|)`: what `Σ_j dS_ij`'s float64 rounding scales
     /// with (the terms cancel; their sum is 0 in exact arithmetic).
     package var dSRowMagnitude: [Double]
+    /// `[B·H·Tq]`: each row's sink weight `p_sink = exp(σ − L)` (0 without sinks, and for a row
+    /// that sees no key).
+    package var sinkWeights: [Double]
+    /// `[B·H·Tq]`: each row's `Δ_i = Σ_j P_ij·dP_ij`.
+    package var deltas: [Double]
+    /// `[B·H, Tq, Tk]`: the soft-cap's factor `1 − (t/c)²` on each score's gradient (1 without
+    /// a soft-cap, 0 where masked).
+    package var capFactors: [Double]
   }
 
   /// The forward pass and the gradients, query row by query row; `dK` and `dV` accumulate over
@@ -174,14 +267,17 @@ package struct Backward64: Sendable {
       dK: .init(repeating: 0, count: k.count), dV: .init(repeating: 0, count: v.count),
       dS: .init(repeating: 0, count: bh * tq * tk),
       probabilities: .init(repeating: 0, count: bh * tq * tk),
-      dSRowMagnitude: .init(repeating: 0, count: bh * tq))
+      dSRowMagnitude: .init(repeating: 0, count: bh * tq),
+      sinkWeights: .init(repeating: 0, count: bh * tq), deltas: .init(repeating: 0, count: bh * tq),
+      capFactors: .init(repeating: 0, count: bh * tq * tk))
     var scores = [Double](repeating: 0, count: tk)
     var dP = [Double](repeating: 0, count: tk)
     for b in 0..<bh {
       let g = keyValueBatch[b]
       for i in 0..<tq {
         let row = b * tq + i
-        // 1. Scores: scale·q·k + bias, −∞ where masked (D = 0: every score 0, as the forward).
+        // 1. Scores: softcap(scale·q·k) + position bias + bias, −∞ where masked (D = 0: every
+        //    scaled score 0, as the forward).
         for j in 0..<tk {
           let e = row * tk + j
           guard visible[e] else {
@@ -190,14 +286,24 @@ package struct Backward64: Sendable {
           }
           var dot = 0.0
           for c in 0..<d { dot += q[row * d + c] * k[(g * tk + j) * d + c] }
-          scores[j] = (d == 0 ? 0 : dot * scale) + (bias?[e] ?? 0)
+          var x = d == 0 ? 0 : dot * scale
+          r.capFactors[e] = 1
+          if let c = softcap {
+            x = c * tanh(x / c)
+            r.capFactors[e] = 1 - (x / c) * (x / c)
+          }
+          scores[j] = x + (positionBias?[e] ?? 0) + (bias?[e] ?? 0)
         }
-        // 2. P = softmax; a fully masked row keeps zeros everywhere.
-        let peak = scores.contains(where: \.isNaN) ? .nan : (scores.max() ?? -.infinity)
-        if peak == -.infinity { continue }
-        var sum = 0.0
+        // 2. P = softmax, the sink in the denominator; a fully masked row keeps zeros everywhere.
+        let visiblePeak = scores.contains(where: \.isNaN) ? .nan : (scores.max() ?? -.infinity)
+        if visiblePeak == -.infinity { continue }
+        let sink = sinks?[b]
+        let peak =
+          sink.map { visiblePeak.isNaN ? visiblePeak : max(visiblePeak, $0) } ?? visiblePeak
+        var sum = sink.map { exp($0 - peak) } ?? 0
         for j in 0..<tk { sum += exp(scores[j] - peak) }
         for j in 0..<tk { r.probabilities[row * tk + j] = exp(scores[j] - peak) / sum }
+        if let sink { r.sinkWeights[row] = exp(sink - peak) / sum }
         // 3. O = Pd·V with Pd = P·z, z = keptScale where kept, 0 where dropped.
         func z(_ j: Int) -> Double {
           guard let kept = dropoutKept else { return 1 }
@@ -215,16 +321,20 @@ package struct Backward64: Sendable {
           dP[j] = dot * z(j)
           delta += r.probabilities[row * tk + j] * dP[j]
         }
+        r.deltas[row] = delta
+        // With a sink, Σ_j dS_ij = p_sink·Δ: the sink takes the rest of the Jacobian's row.
+        r.dSRowMagnitude[row] += r.sinkWeights[row] * abs(delta)
         for j in 0..<tk {
           let p = r.probabilities[row * tk + j]
           let ds = p * (dP[j] - delta)
           r.dSRowMagnitude[row] += p * (abs(dP[j]) + abs(delta))
           r.dS[row * tk + j] = ds
-          // 5. dQ = scale·dS·K, dK += scale·dSᵀ·Q, dV += Pdᵀ·dO.
+          // 5. dQ = scale·dX·K, dK += scale·dXᵀ·Q with dX = dS∘(1 − (t/c)²), dV += Pdᵀ·dO.
+          let dx = ds * r.capFactors[row * tk + j]
           let pd = p * z(j)
           for c in 0..<d {
-            r.dQ[row * d + c] += scale * ds * k[(g * tk + j) * d + c]
-            r.dK[(g * tk + j) * d + c] += scale * ds * q[row * d + c]
+            r.dQ[row * d + c] += scale * dx * k[(g * tk + j) * d + c]
+            r.dK[(g * tk + j) * d + c] += scale * dx * q[row * d + c]
           }
           for c in 0..<dv { r.dV[(g * tk + j) * dv + c] += pd * dO[row * dv + c] }
         }

@@ -16,10 +16,16 @@ import Tensors
 ///    has about the same work), walked in increasing order. For each, for each query head of the
 ///    group and each block of `Bq` queries that can see the keys (causal and windowed blocks that
 ///    cannot are skipped), five sgemms:
-///    `P = exp(scale·Q_blk·K_blkᵀ + mask − L)` (sgemm, then the mask and `fastExp`),
+///    `P = exp(scale·Q_blk·K_blkᵀ + terms + mask − L)` (sgemm, then the score terms, the mask
+///    and `fastExp`),
 ///    `Pd = P∘Z/(1 − p)`, `dV_blk += Pdᵀ·dO_blk` (sgemm), `dP = (dO_blk·V_blkᵀ)∘Z/(1 − p)`
-///    (sgemm), `dS = P∘(dP − Δ)`, `dK_blk += scale·dSᵀ·Q_blk` (sgemm) and
-///    `dQ_c,blk += scale·dS·K_blk` (sgemm) into the chunk's own `dQ` buffer.
+///    (sgemm), `dS = P∘(dP − Δ)`, `dK_blk += scale·dXᵀ·Q_blk` (sgemm) and
+///    `dQ_c,blk += scale·dX·K_blk` (sgemm) into the chunk's own `dQ` buffer, `dX = dS` or, with
+///    a soft-cap, `dS∘(1 − (t/c)²)` (the factors kept in a third tile).
+/// The score terms' gradients (`ScoreTermGradients`): `dσ_h = −Σ_i exp(σ_h − L_i)·Δ_i` from
+/// pass 0's rows; T5's `dS` by distance summed per (query batch, key chunk) — per (query batch,
+/// query block) in the bias gradient's scheme — by the task that owns it, then over those in
+/// increasing order.
 /// 2. `dQ = dQ_0 + dQ_1 + … + dQ_{C−1}`, added in that order (chunk 0's buffer is `dQ` itself).
 ///
 /// Determinism: a task owns the `dK` and `dV` rows of its key blocks and its chunk's `dQ` buffer
@@ -128,7 +134,8 @@ public enum TiledBackward {
     queries: Int, keys: Int, headDim: Int? = nil, valueDim: Int, batchCount: Int,
     groupSize: Int = 1, window: Int? = nil,
     configuration: TiledAttention.Configuration = defaultConfiguration,
-    needBiasGradient: Bool = false, forwardGiven: Bool = false, threads: Int
+    needBiasGradient: Bool = false, forwardGiven: Bool = false, terms: ScoreTerms = .none,
+    threads: Int
   ) -> Int {
     let d = headDim ?? valueDim
     let partition = Partition(
@@ -146,7 +153,20 @@ public enum TiledBackward {
     let tiles = partition.workers(threads: threads) * 2 * partition.queryBlock * partition.keyBlock
     let chunks = (partition.dQChunks - 1) * batchCount * queries * d
     let flags = partition.dQChunks * batchCount * partition.queryBlocks
-    return forward + (rows + tiles + chunks) * MemoryLayout<Float>.stride + flags
+    // Score terms: a tile of soft-cap factors per worker; p_sink·Δ per row; T5's bins per slot.
+    let factors =
+      terms.softcap == nil
+      ? 0 : partition.workers(threads: threads) * partition.queryBlock * partition.keyBlock
+    let reach = terms.positionBiases.compactMap { bias -> Int? in
+      if case .t5(_, let distance, _) = bias { return distance }
+      return nil
+    }.max()
+    let units = needBiasGradient ? partition.queryBlocks : partition.dQChunks
+    let termDoubles =
+      (terms.sinks == nil ? 0 : batchCount * queries)
+      + (reach.map { batchCount * units * (2 * $0 + 1) } ?? 0)
+    return forward + (rows + tiles + chunks + factors) * MemoryLayout<Float>.stride + flags
+      + termDoubles * MemoryLayout<Double>.stride
   }
 
   /// Called through `Attention.backward`, which holds OpenBLAS at one thread meanwhile.
@@ -166,7 +186,8 @@ public enum TiledBackward {
     let bytes = workspaceBytes(
       queries: tq, keys: tk, headDim: d, valueDim: dv, batchCount: bh,
       groupSize: shape.groupSize, window: problem.mask.window, configuration: configuration,
-      needBiasGradient: biasGradient, forwardGiven: given != nil, threads: threads)
+      needBiasGradient: biasGradient, forwardGiven: given != nil, terms: problem.scoreTerms,
+      threads: threads)
     try checkBackwardBudget(
       bytes, memoryBudget, what: "the tiled backward's workspace",
       advice: .other("use smaller blocks or fewer threads"))
@@ -178,10 +199,14 @@ public enum TiledBackward {
       (dQ, dK, dV) = try problem.unfilledGradients()
       dBias = nil
     }
+    let terms = problem.terms
     guard bh > 0, tq > 0, tk > 0 else {
       return AttentionGradients(
-        dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: 0, kernel: .tiled(configuration),
-        tilesComputed: 0)
+        dQ: dQ, dK: dK, dV: dV, dBias: dBias,
+        dSinks: terms.sinkGradients(sinkTerms: [], queries: tq),
+        dT5Tables: terms.t5TableGradients { _ in
+          [Double](repeating: 0, count: terms.distanceBins)
+        }, workspaceBytes: 0, kernel: .tiled(configuration), tilesComputed: 0)
     }
     // Pass 0: L, and Δ = rowsum(dO∘O), from the forward's results or a rerun.
     let logSumExp = UnsafeMutablePointer<Float>.allocate(capacity: bh * tq)
@@ -199,7 +224,8 @@ public enum TiledBackward {
         let forward = try TiledAttention.compute(
           queries: problem.queries, keys: problem.keys, values: problem.values,
           mask: problem.mask, scale: problem.requestedScale, dropout: dropout,
-          relativePosition: nil, configuration: configuration, threads: threads,
+          relativePosition: nil, terms: problem.scoreTerms, configuration: configuration,
+          threads: threads,
           needLogSumExp: true)
         (output, lse) = (forward.output, forward.logSumExp!)
       }
@@ -218,10 +244,22 @@ public enum TiledBackward {
     let partition = Partition(
       queries: tq, keys: tk, headDim: d, batchCount: bh, groupSize: shape.groupSize,
       biasGradient: biasGradient, configuration: configuration)
+    // Each row's p_sink·Δ = exp(σ − L)·Δ, from pass 0; T5's bins per (query batch, unit).
+    let sums = TermSums(
+      rows: terms.sinks == nil ? 0 : bh * tq, batches: bh,
+      unitsPerBatch: biasGradient ? partition.queryBlocks : partition.dQChunks,
+      width: terms.distanceBins)
+    defer { sums.deallocate() }
+    if let sinks = terms.sinks {
+      for r in 0..<(bh * tq) where logSumExp[r] > -.infinity {
+        let sink = Double(sinks[terms.head(r / tq)])
+        sums.rows[r] = exp(sink - Double(logSumExp[r])) * Double(delta[r])
+      }
+    }
     let plan = BackwardTilePlan(
       problem: problem, dropout: dropout, queryBlock: partition.queryBlock,
       keyBlock: partition.keyBlock, queryBlocks: partition.queryBlocks,
-      keyBlocks: partition.keyBlocks, chunks: partition.dQChunks)
+      keyBlocks: partition.keyBlocks, chunks: partition.dQChunks, sums: sums)
     let rows = RowStatistics(logSumExp: logSumExp, delta: delta)
     let tiles = Atomic<Int>(0)
     let kvCount = problem.keyValueBatchCount
@@ -292,7 +330,10 @@ public enum TiledBackward {
       dBias!.scalars = biasScalars
     }
     return AttentionGradients(
-      dQ: dQ, dK: dK, dV: dV, dBias: dBias, workspaceBytes: bytes, kernel: .tiled(configuration),
+      dQ: dQ, dK: dK, dV: dV, dBias: dBias,
+      dSinks: terms.sinkGradients(sinkTerms: sums.rowArray, queries: tq),
+      dT5Tables: terms.t5TableGradients { h in sums.binsOfHead(h, terms: terms) },
+      workspaceBytes: bytes, kernel: .tiled(configuration),
       tilesComputed: tiles.load(ordering: .relaxed))
   }
 }
@@ -311,19 +352,24 @@ struct RowStatistics: @unchecked Sendable {
   let delta: UnsafeMutablePointer<Float>
 }
 
-/// One worker's two `[Bq, Bk]` tiles: `P`, and `Pd`, then `dP`, then `dS`.
+/// One worker's `[Bq, Bk]` tiles: `P`, and `Pd`, then `dP`, then `dS` (then `dX`); with a
+/// soft-cap, its factors `1 − (t/c)²`.
 final class BackwardScratch {
   let probabilities: UnsafeMutablePointer<Float>
   let gradient: UnsafeMutablePointer<Float>
+  let factors: UnsafeMutablePointer<Float>
 
   init(plan: BackwardTilePlan) {
     probabilities = .allocate(capacity: plan.queryBlock * plan.keyBlock)
     gradient = .allocate(capacity: plan.queryBlock * plan.keyBlock)
+    factors = .allocate(
+      capacity: plan.problem.terms.softcap == nil ? 1 : plan.queryBlock * plan.keyBlock)
   }
 
   deinit {
     probabilities.deallocate()
     gradient.deallocate()
+    factors.deallocate()
   }
 }
 
@@ -343,6 +389,8 @@ struct BackwardTilePlan: Sendable {
   let keyBlocks: Int
   /// `C`, the `dQ` buffers of the five-sgemm pass.
   let chunks: Int
+  /// The score terms' sums (`p_sink·Δ` by row, T5's `dS` by distance per slot).
+  let sums: TermSums
 
   var mask: ResolvedMask { problem.resolved }
 
@@ -377,13 +425,18 @@ struct BackwardTilePlan: Sendable {
     }
   }
 
-  /// `P = exp(S − L)` in place of the scores `row` of query `i` of batch `b` for keys
-  /// `j0 ..< j0 + count`, after the mask; zeros for a row that sees no key.
+  /// `P = exp(S − L)` in place of the scaled scores `row` of query `i` of batch `b` for keys
+  /// `j0 ..< j0 + count`, after the score terms (the soft-cap's factors into `factors`) and the
+  /// mask; zeros for a row that sees no key.
   @inline(__always)
   private func probabilities(
-    _ row: UnsafeMutablePointer<Float>, batch b: Int, query i: Int, firstKey j0: Int, count: Int,
-    rows: RowStatistics
+    _ row: UnsafeMutablePointer<Float>, factors: UnsafeMutablePointer<Float>, batch b: Int,
+    query i: Int, firstKey j0: Int, count: Int, rows: RowStatistics
   ) {
+    let terms = problem.terms
+    terms.capScores(row, count: count)
+    terms.capFactors(row, into: factors, count: count)
+    terms.addPositionBias(to: row, batch: b, query: i, firstKey: j0, count: count)
     mask.apply(to: row, batch: b, query: i, firstKey: j0, count: count)
     let l = rows.logSumExp[b * problem.shape.queries + i]
     if l == -.infinity {
@@ -395,14 +448,16 @@ struct BackwardTilePlan: Sendable {
     }
   }
 
-  /// `P` (in `scratch.probabilities`) and `dS` (in `scratch.gradient`) of the tile of query
-  /// rows `i0 ..< i0 + rowCount` of batch `b` and keys `j0 ..< j0 + cols`; with `valueGradient`,
-  /// also `dV_blk += Pdᵀ·dO_blk` on the way.
+  /// `P` (in `scratch.probabilities`) and `dX` (in `scratch.gradient`: `dS`, times the
+  /// soft-cap's factors) of the tile of query rows `i0 ..< i0 + rowCount` of batch `b` and keys
+  /// `j0 ..< j0 + cols`; with `valueGradient`, also `dV_blk += Pdᵀ·dO_blk` on the way. `dS`
+  /// itself goes to T5's `bins` and, with `biasGradient`, into the bias gradient.
   @inline(__always)
   private func tile(
     batch b: Int, keyValueBatch g: Int, firstQuery i0: Int, rowCount: Int, firstKey j0: Int,
     cols: Int, buffers: BackwardBuffers, rows: RowStatistics, scratch: BackwardScratch,
-    valueGradient: Bool, valueBeta: Float = 1
+    valueGradient: Bool, valueBeta: Float = 1, bins: UnsafeMutablePointer<Double>? = nil,
+    biasGradient: Bool = false
   ) {
     let (tq, tk, d, dv) = problem.sizes
     let bk = keyBlock
@@ -418,8 +473,11 @@ struct BackwardTilePlan: Sendable {
     } else {
       for r in 0..<rowCount { (p + r * bk).update(repeating: 0, count: cols) }
     }
+    let capped = problem.terms.softcap != nil
     for r in 0..<rowCount {
-      probabilities(p + r * bk, batch: b, query: i0 + r, firstKey: j0, count: cols, rows: rows)
+      probabilities(
+        p + r * bk, factors: scratch.factors + (capped ? r * bk : 0), batch: b, query: i0 + r,
+        firstKey: j0, count: cols, rows: rows)
     }
     // dV_blk += Pdᵀ·dO_blk, Pd = P∘Z/(1 − p) (in the second tile, which dP then overwrites).
     if valueGradient && dv > 0 {
@@ -444,10 +502,17 @@ struct BackwardTilePlan: Sendable {
       for r in 0..<rowCount { (s + r * bk).update(repeating: 0, count: cols) }
     }
     for r in 0..<rowCount {
-      dropout?.apply(to: s + r * bk, row: b * tq + i0 + r, firstKey: j0, count: cols)
+      let row = s + r * bk
+      dropout?.apply(to: row, row: b * tq + i0 + r, firstKey: j0, count: cols)
       BackwardRows.softmaxGradient(
-        probabilities: p + r * bk, gradient: s + r * bk, count: cols,
-        delta: rows.delta[b * tq + i0 + r])
+        probabilities: p + r * bk, gradient: row, count: cols, delta: rows.delta[b * tq + i0 + r])
+      if let bins {
+        problem.terms.binByDistance(row, into: bins, query: i0 + r, firstKey: j0, count: cols)
+      }
+      if biasGradient, let bias = problem.biasGradient, let out = buffers.kept {
+        for j in 0..<cols { out[bias.index(batch: b, row: i0 + r, column: j0 + j)] += row[j] }
+      }
+      if capped { BackwardRows.multiply(row, by: scratch.factors + r * bk, into: row, count: cols) }
     }
   }
 
@@ -474,7 +539,8 @@ struct BackwardTilePlan: Sendable {
         tile(
           batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
           cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true,
-          valueBeta: keyBeta)
+          valueBeta: keyBeta,
+          bins: sums.width == 0 ? nil : sums.bins(batch: b, unit: chunk))
         guard d > 0 else { continue }
         // dK_blk += scale·dSᵀ·Q_blk.
         let q = buffers.q + (b * tq + i0) * d
@@ -607,7 +673,9 @@ struct BackwardTilePlan: Sendable {
         tiles += 1
         tile(
           batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
-          cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: false)
+          cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: false,
+          bins: sums.width == 0 ? nil : sums.bins(batch: b, unit: unit.block),
+          biasGradient: true)
         let s = scratch.gradient
         // dQ_blk += scale·dS·K_blk.
         if d > 0 {
@@ -615,13 +683,6 @@ struct BackwardTilePlan: Sendable {
             m: rowCount, n: d, k: cols, alpha: problem.scale, a: s, lda: keyBlock,
             b: buffers.k + (g * tk + j0) * d, ldb: d, beta: 1,
             c: buffers.dQ + (b * tq + i0) * d, ldc: d)
-        }
-        if let bias = problem.biasGradient, let out = buffers.kept {
-          for r in 0..<rowCount {
-            for j in 0..<cols {
-              out[bias.index(batch: b, row: i0 + r, column: j0 + j)] += s[r * keyBlock + j]
-            }
-          }
         }
         j0 += cols
       }

@@ -134,20 +134,9 @@ public struct ReferenceAttention: Sendable {
   /// `ScoreTerms.positionBias` at `(i, j)` of flat batch `batch`'s head, exactly: ALiBi's
   /// `slope_h·(j − i_abs)` in float64, T5's table entry as stored.
   package func positionBias(batch: Int, query i: Int, key j: Int) -> Double {
-    let distance = j - (i + resolvedTerms.alignment)
-    let h = resolvedTerms.head(batch)
-    var total = 0.0
-    for bias in terms.positionBiases {
-      switch bias {
-      case .alibi(let slopes): total += Double(slopes[h]) * Double(distance)
-      case .t5(let table, let maxDistance, let bidirectional):
-        let bucket = PositionBias.t5Bucket(
-          relativePosition: distance, bidirectional: bidirectional, buckets: table.shape[0],
-          maxDistance: maxDistance)
-        total += Double(table.scalars[bucket * resolvedTerms.heads + h])
-      }
-    }
-    return total
+    terms.exactPositionBias(
+      head: resolvedTerms.head(batch), heads: resolvedTerms.heads,
+      distance: j - (i + resolvedTerms.alignment))
   }
 
   /// Whether every key is masked for this query (its weights and output are then zero).

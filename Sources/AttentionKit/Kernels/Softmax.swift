@@ -184,18 +184,24 @@ enum RowSoftmax {
   }
 
   /// Softmax of `row[0..<count]` in place; a fully masked row becomes zeros. A `sink` logit
-  /// joins the denominator (`ScoreTerms.sinks`), so the row then sums to less than 1.
+  /// joins the denominator (`ScoreTerms.sinks`), so the row then sums to less than 1; returns
+  /// the sink's own weight (0 without a sink or when every key is masked).
   @inline(__always)
-  static func normalize(_ row: UnsafeMutablePointer<Float>, count: Int, sink: Float? = nil) {
+  @discardableResult
+  static func normalize(_ row: UnsafeMutablePointer<Float>, count: Int, sink: Float? = nil)
+    -> Float
+  {
     let visible = maximum(row, count: count)
     if visible == -.infinity {
       row.update(repeating: 0, count: count)
-      return
+      return 0
     }
     // A sink σ is one more key with no value: it shares the shift and the denominator.
     let peak = sink.map { max(visible, $0) } ?? visible
     var sum = exponentiate(row, count: count, shift: peak)
-    if let sink { sum += fastExp(sink - peak) }
+    let sinkTerm = sink.map { fastExp($0 - peak) } ?? 0
+    sum += sinkTerm
     scale(row, count: count, by: 1 / sum)
+    return sinkTerm / sum
   }
 }

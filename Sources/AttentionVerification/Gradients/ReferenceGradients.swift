@@ -23,6 +23,13 @@ import Tensors
 ///    `Σ_i (ρ_ij + γ_{G·Tq+2})·P_ij·z_ij·|dO_ic|`, `dBias_e` within `Σ (E_ij + γₙ|dS_ij|)` over
 ///    its `n` contributions;
 /// 5. plus `10⁶·λ` (λ = `Float.leastNormalMagnitude`) for probabilities `fastExp` flushes to 0.
+/// With score terms, step 1 adds the soft-cap's own `6u·c` and `4u` of the largest |position
+/// bias| `Pb` (`S` is then the largest |capped score|), and `ρ` takes `γ_{Tk+9}` and the largest
+/// |sink| beside `S + B` (a sink is one more exponential); a soft-cap's factor
+/// `f = 1 − (t/c)²` (error `2|t|·δ/c² + 6u`) scales `dS` for `dQ` and `dK`:
+/// `E^x_ij = f_ij·E_ij + |dS_ij|·(2|t_ij|·δ/c² + 6u)` takes `E_ij`'s place there. `dσ_h` is within
+/// `Σ_i p_sink,i·((ρ_i + γ_n)|Δ_i| + N'_i)` (`ρ_i` with `|ln p_sink,i|`), a T5 table entry within
+/// `Σ (E_ij + γ₂|dS_ij|) + u·Σ|dS_ij|` over the scores of its bucket and head.
 /// They are about 10⁻⁵ of the sum of |terms| of each element: a dropped key, a missing `Δ`, a
 /// wrong scale or a misplaced mask exceeds them by far.
 ///
@@ -34,6 +41,10 @@ public struct ReferenceGradients: Sendable {
   public let dK: [Double]
   public let dV: [Double]
   public let dBias: [Double]?
+  /// `dσ` `[H]` with sinks, else `nil`; each T5 table's gradient `[buckets·H]`, in
+  /// `ScoreTerms.positionBiases` order.
+  public let dSinks: [Double]?
+  public let dT5Tables: [[Double]]
   /// The output `O` `[…, Tq, Dv]`, flat.
   public let output: [Double]
   /// The softmax `P` (before dropout) and `dS`, `[…, Tq, Tk]` (query heads), flat.
@@ -51,17 +62,18 @@ public struct ReferenceGradients: Sendable {
   /// `P` factor is orders of magnitude over.
   public let rowSumOfDSRatio: Double
   let problem: Backward64
+  let backwardProblem: BackwardProblem
 
   /// The reference of `Attention.backward` on these inputs; `dropout`'s decisions are the
   /// counters', as every kernel regenerates them.
   public init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor,
     mask: AttentionMask = .none, scale: Float? = nil, dropout: Dropout? = nil,
-    needBiasGradient: Bool = false, rounding: Rounding = .float32
+    terms: ScoreTerms = .none, needBiasGradient: Bool = false, rounding: Rounding = .float32
   ) throws {
     try self.init(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-      scale: scale, decisions: dropout.map { .counter($0) } ?? .none,
+      scale: scale, terms: terms, decisions: dropout.map { .counter($0) } ?? .none,
       needBiasGradient: needBiasGradient, rounding: rounding)
   }
 
@@ -70,25 +82,28 @@ public struct ReferenceGradients: Sendable {
   /// slice of a larger problem, whose counters depend on the flat rows of the whole.
   package init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
-    scale: Float?, dropoutKeep: Tensor, dropoutKeptScale: Double, needBiasGradient: Bool
+    scale: Float?, terms: ScoreTerms = .none, dropoutKeep: Tensor, dropoutKeptScale: Double,
+    needBiasGradient: Bool
   ) throws {
     try self.init(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-      scale: scale, decisions: .explicit(keep: dropoutKeep, keptScale: dropoutKeptScale),
+      scale: scale, terms: terms,
+      decisions: .explicit(keep: dropoutKeep, keptScale: dropoutKeptScale),
       needBiasGradient: needBiasGradient)
   }
 
   init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
-    scale: Float?, decisions: DropoutDecisions, needBiasGradient: Bool,
+    scale: Float?, terms: ScoreTerms, decisions: DropoutDecisions, needBiasGradient: Bool,
     rounding: Rounding = .float32
   ) throws {
     let backwardProblem = try BackwardProblem(
       queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-      scale: scale, needBiasGradient: needBiasGradient)
+      scale: scale, terms: terms, needBiasGradient: needBiasGradient)
     let expanded = try ReferenceBackward.expand(backwardProblem, dropout: decisions)
     let result = expanded.evaluate()
     problem = expanded
+    self.backwardProblem = backwardProblem
     dQ = result.dQ
     dK = result.dK
     dV = result.dV
@@ -96,6 +111,9 @@ public struct ReferenceGradients: Sendable {
     probabilities = result.probabilities
     dS = result.dS
     bounds = GradientBounds(expanded, result, problem: backwardProblem, rounding: rounding)
+    let termGradients = ReferenceBackward.exactTermGradients(backwardProblem, result)
+    dSinks = termGradients.sinks
+    dT5Tables = termGradients.t5Tables
     if let layout = backwardProblem.biasGradient, let bias = mask.bias {
       var sums = [Double](repeating: 0, count: bias.count)
       let (tq, tk) = (expanded.queries, expanded.keys)
@@ -114,7 +132,8 @@ public struct ReferenceGradients: Sendable {
     let (tk, dv) = (expanded.keys, expanded.valueDim)
     let allowed = 4 * Rounding.float64.gamma(2 * tk + dv + 8)
     for row in 0..<(expanded.batchCount * expanded.queries) {
-      var sum = 0.0
+      // The sink is one more key: its −p_sink·Δ completes the row.
+      var sum = -result.sinkWeights[row] * result.deltas[row]
       for j in 0..<tk { sum += result.dS[row * tk + j] }
       // Rows poisoned by non-finite inputs propagate NaN, which the gradients' check compares.
       guard sum.isFinite, sum != 0 else { continue }
@@ -154,6 +173,46 @@ public struct ReferenceGradients: Sendable {
       plus.v[index] += h
       minus.v[index] -= h
     }
+    return Self.centralDifference(plus, minus, step: h)
+  }
+
+  /// The central difference of `Σ dO∘O` along sink `σ_head` (every flat batch of that head).
+  public func finiteDifferenceOfSink(head: Int, step: Double = 1e-6) -> Double {
+    guard let sinks = problem.sinks else { return 0 }
+    var plus = problem
+    var minus = problem
+    let heads =
+      backwardProblem.shape.batchShape.count >= 2 ? backwardProblem.shape.batchShape.last! : 1
+    let h = step * max(1, abs(sinks[head]))
+    for b in 0..<problem.batchCount where b % heads == head {
+      plus.sinks![b] += h
+      minus.sinks![b] -= h
+    }
+    return Self.centralDifference(plus, minus, step: h)
+  }
+
+  /// The central difference of `Σ dO∘O` along entry `entry` (`bucket·H + h`) of T5 term
+  /// `term`'s table: every score that reads it moves.
+  public func finiteDifferenceOfT5(term: Int, entry: Int, step: Double = 1e-6) -> Double {
+    var plus = problem
+    var minus = problem
+    let h = step
+    let (tq, tk) = (problem.queries, problem.keys)
+    for b in 0..<problem.batchCount {
+      for i in 0..<tq {
+        for j in 0..<tk
+        where backwardProblem.t5Entry(term: term, batch: b, query: i, key: j) == entry {
+          plus.positionBias![(b * tq + i) * tk + j] += h
+          minus.positionBias![(b * tq + i) * tk + j] -= h
+        }
+      }
+    }
+    return Self.centralDifference(plus, minus, step: h)
+  }
+
+  private static func centralDifference(_ plus: Backward64, _ minus: Backward64, step h: Double)
+    -> Double
+  {
     func loss(_ p: Backward64) -> Double {
       zip(p.evaluate().output, p.dO).reduce(0) { $0 + $1.0 * $1.1 }
     }
@@ -169,6 +228,9 @@ public struct GradientBounds: Sendable {
   public var dV: [Double]
   /// Shaped as the bias as given; `nil` without a bias gradient.
   public var dBias: [Double]?
+  /// `[H]` with sinks, else `nil`; each T5 table's, `[buckets·H]`.
+  public var dSinks: [Double]?
+  public var dT5Tables: [[Double]]
 
   package init(
     _ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, rounding: Rounding
@@ -181,8 +243,8 @@ public struct GradientBounds: Sendable {
     // bfloat16's range (far below any gradient worth checking), λ itself for float16's.
     let floor =
       rounding.underflowFloor < 0x1p-100 ? 1e6 * rounding.underflowFloor : rounding.underflowFloor
-    // 1. A, S, B and the score error δ.
-    var (a, s, bias) = (0.0, 0.0, 0.0)
+    // 1. A, S, B, the position biases' Pb and the score error δ.
+    var (a, s, bias, positions) = (0.0, 0.0, 0.0, 0.0)
     for b in 0..<bh {
       let g = p.keyValueBatch[b]
       for i in 0..<tq {
@@ -197,21 +259,27 @@ public struct GradientBounds: Sendable {
           a = max(a, magnitude * abs(p.scale))
           let e = (b * tq + i) * tk + j
           if p.visible[e] {
-            s = max(s, abs(dot * p.scale))
+            let x = dot * p.scale
+            s = max(s, abs(p.softcap.map { $0 * tanh(x / $0) } ?? x))
             if let value = p.bias?[e], value.isFinite { bias = max(bias, abs(value)) }
+            if let value = p.positionBias?[e] { positions = max(positions, abs(value)) }
           }
         }
       }
     }
-    let delta = gamma(d + 1) * a + 4 * u * (s + bias)
+    let cap = p.softcap ?? 0
+    let delta = gamma(d + 1) * a + 6 * u * cap + 4 * u * (s + bias + positions)
+    let sinkMagnitude = p.sinks?.map(abs).max() ?? 0
     let rho0 =
-      2 * delta * (1 + 2 * delta) + gamma(tk + 8)
-      + u * (2 * (s + bias + log(Double(max(tk, 1)))) + 8) + (p.dropoutKept == nil ? 0 : 2 * u)
+      2 * delta * (1 + 2 * delta) + gamma(tk + (p.sinks == nil ? 8 : 9))
+      + u * (2 * (s + bias + positions + sinkMagnitude + log(Double(max(tk, 1)))) + 8)
+      + (p.dropoutKept == nil ? 0 : 2 * u)
     // 2–3. ρ_ij, z_ij, M_ij, N_i, N'_i and E_ij.
     var rho = [Double](repeating: 0, count: bh * tq * tk)
     var z = [Double](repeating: 1, count: bh * tq * tk)
     var e = [Double](repeating: 0, count: bh * tq * tk)
     var m = [Double](repeating: 0, count: tk)
+    var nPrimes = [Double](repeating: 0, count: bh * tq)
     for b in 0..<bh {
       let g = p.keyValueBatch[b]
       for i in 0..<tq {
@@ -228,12 +296,23 @@ public struct GradientBounds: Sendable {
           n += prob * z[x] * m[j]
           nPrime += (rho[x] + gamma(tk + dv + 2)) * prob * z[x] * m[j]
         }
+        nPrimes[row] = nPrime
         for j in 0..<tk {
           let x = row * tk + j
           e[x] =
             r.probabilities[x]
             * ((rho[x] + gamma(dv + 4)) * z[x] * m[j] + (rho[x] + 4 * u) * n + nPrime)
         }
+      }
+    }
+    // The soft-cap's factor f = 1 − (t/c)² on dS: dX within f·E + |dS|·(2|t|·δ/c² + 6u).
+    var ex = e
+    var dx = r.dS
+    if let c = p.softcap {
+      for x in 0..<(bh * tq * tk) {
+        let t = c * max(0, 1 - r.capFactors[x]).squareRoot()
+        ex[x] = r.capFactors[x] * e[x] + abs(r.dS[x]) * (2 * t * delta / (c * c) + 6 * u)
+        dx[x] = r.dS[x] * r.capFactors[x]
       }
     }
     // 4. The gradients' bounds.
@@ -246,12 +325,12 @@ public struct GradientBounds: Sendable {
         let row = b * tq + i
         for j in 0..<tk {
           let x = row * tk + j
-          let ds = abs(r.dS[x])
+          let ds = abs(dx[x])
           for c in 0..<d {
             dQ[row * d + c] +=
-              abs(p.scale) * (e[x] + gamma(tk + 2) * ds) * abs(p.k[(g * tk + j) * d + c])
+              abs(p.scale) * (ex[x] + gamma(tk + 2) * ds) * abs(p.k[(g * tk + j) * d + c])
             dK[(g * tk + j) * d + c] +=
-              abs(p.scale) * (e[x] + gamma(group * tq + 2) * ds) * abs(p.q[row * d + c])
+              abs(p.scale) * (ex[x] + gamma(group * tq + 2) * ds) * abs(p.q[row * d + c])
           }
           let pd = r.probabilities[x] * z[x]
           for c in 0..<dv {
@@ -281,6 +360,34 @@ public struct GradientBounds: Sendable {
       dBias = bounds
     } else {
       dBias = nil
+    }
+    // The score terms' parameters.
+    if p.sinks != nil {
+      let heads = problem.shape.batchShape.count >= 2 ? problem.shape.batchShape.last! : 1
+      var bounds = [Double](repeating: floor, count: heads)
+      for row in 0..<(bh * tq) where r.sinkWeights[row] > 0 {
+        let weight = r.sinkWeights[row]
+        let rhoSink = rho0 + u * abs(log(weight)) + gamma(bh * tq)
+        bounds[(row / tq) % heads] += weight * (rhoSink * abs(r.deltas[row]) + nPrimes[row])
+      }
+      dSinks = bounds
+    } else {
+      dSinks = nil
+    }
+    dT5Tables = (0..<problem.t5TermCount).map { k in
+      var bounds = [Double](repeating: floor, count: problem.t5TableSize(term: k))
+      var magnitudes = [Double](repeating: 0, count: bounds.count)
+      for b in 0..<bh {
+        for i in 0..<tq {
+          for j in 0..<tk {
+            let x = (b * tq + i) * tk + j
+            let entry = problem.t5Entry(term: k, batch: b, query: i, key: j)
+            bounds[entry] += e[x] + gamma(2) * abs(r.dS[x])
+            magnitudes[entry] += abs(r.dS[x])
+          }
+        }
+      }
+      return zip(bounds, magnitudes).map { $0 + u * $1 }
     }
   }
 }
