@@ -31,6 +31,14 @@ Needs torch, transformers and numpy.
       F.scaled_dot_product_attention (float64, enable_gqa) with the terms as a float mask, and
       for the ALiBi cases without sinks, BLOOM's own bias slope·j (build_alibi_tensor), which
       differs from slope·(j - i_abs) by a constant per row.
+  (e) every case's gradients (dq, dk, dv, dsinks, dt5_table, dbias, ds) against torch float64
+      autograd of L = Σ output∘grad_out through an eager forward written here: soft-cap by
+      tanh, ALiBi, T5 (T5Attention.compute_bias, its relative_attention_bias.weight the leaf
+      whose gradient is dt5_table) and the bias added, masked pairs -inf, sinks gpt-oss's way
+      (a sink column concatenated to the logits, row max subtracted, softmax, the column
+      dropped), fully masked rows zeroed; K and V repeated to H heads inside the graph (so dk
+      and dv are summed over the G query heads) and the bias a leaf of its stored shape.
+      Tolerance: max |Δ| <= 1e-10·max |torch's gradient| for each array.
 """
 from __future__ import annotations
 
@@ -117,6 +125,7 @@ def load_cases() -> list[dict]:
         c["out"] = load(e["expected"]["output"])
         c["weights"] = load(e["expected"]["weights"])
         c["sink_w"] = load(e["expected"]["sink_weights"])
+        c["grads"] = {key: load(ref) for key, ref in e["gradients"].items()}
         cases.append(c)
     return cases
 
@@ -422,6 +431,82 @@ def part_d(cases) -> None:
         print(line)
 
 
+GRADIENT_RTOL = 1e-10  # max |fixture - torch| <= GRADIENT_RTOL·max |torch|, per array
+
+
+def torch_gradients(c) -> dict:
+    """torch float64 autograd of L = Σ output∘grad_out: {"dq", "dk", "dv", "dsinks",
+    "dt5_table", "dbias", "ds"} (None for the terms the case lacks). The forward is written here
+    (not make_score_terms_fixtures'); the sinks as gpt-oss's eager attention adds them."""
+    with torch.enable_grad():
+        _, _, _, alibi, allowed, _, offset = pieces({**c, "t5": None, "bias": None})
+        if c["bias"] is not None:  # -inf bias entries are masked pairs too
+            allowed = allowed & torch.from_numpy(np.isfinite(c["bias"]))
+        q = torch.from_numpy(c["q"]).double().requires_grad_()
+        k = torch.from_numpy(c["k"]).double().requires_grad_()
+        v = torch.from_numpy(c["v"]).double().requires_grad_()
+        g = c["group_size"]
+        s = (q @ k.repeat_interleave(g, dim=1).transpose(-1, -2)) * c["scale_used"]
+        if c["softcap"] is not None:
+            s = c["softcap"] * torch.tanh(s / c["softcap"])
+        s = s + alibi
+        table = bias = sinks = None
+        if c["t5"] is not None:
+            module = t5_module(c)
+            table = module.relative_attention_bias.weight  # [NB, H], a leaf
+            s = s + module.compute_bias(s.shape[2], s.shape[3], past_seen_tokens=offset)
+        if c["bias"] is not None:
+            bias = torch.from_numpy(c["bias"]).double().requires_grad_()
+            s = s + bias
+        s = s.masked_fill(~allowed, -math.inf)
+        s.retain_grad()  # the final score: ds
+        dead = ~allowed.any(dim=-1, keepdim=True)
+        if c["sinks_v"] is not None:
+            sinks = torch.from_numpy(c["sinks_v"]).double().requires_grad_()
+            column = sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
+            logits = torch.cat([s, column], dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            w = torch.softmax(logits, dim=-1)[..., :-1]
+        else:
+            w = torch.softmax(s.masked_fill(dead, 0.0), dim=-1)
+        w = torch.where(dead, 0.0, w)
+        out = w @ v.repeat_interleave(g, dim=1)
+        grad_out = torch.from_numpy(c["grads"]["grad_out"]).double()
+        (out * grad_out).sum().backward()
+
+    def grad(t):
+        return None if t is None else t.grad.numpy()
+
+    return {"dq": grad(q), "dk": grad(k), "dv": grad(v), "dsinks": grad(sinks),
+            "dt5_table": grad(table), "dbias": grad(bias), "ds": grad(s)}
+
+
+def part_e(cases) -> None:
+    print("(e) every case's gradients vs torch float64 autograd of Σ output∘grad_out (max |Δ| / "
+          f"max |torch| per array; tolerance {GRADIENT_RTOL:.0e})")
+    worst_all = 0.0
+    for c in cases:
+        theirs = torch_gradients(c)
+        ours = c["grads"]
+        cells = []
+        worst = 0.0
+        for key, t in theirs.items():
+            if t is None or ours[key] is None:
+                ok = t is None and ours[key] is None
+                check(ok, f"gradients {c['name']} {key}: present in one only")
+                continue
+            ok = t.shape == ours[key].shape and ours[key].dtype == np.float64
+            check(ok, f"gradients {c['name']} {key}: shape {ours[key].shape} vs {t.shape}")
+            error = max_diff(ours[key], t) / max(float(np.abs(t).max()), 1e-300)
+            error = error if math.isfinite(error) else math.inf  # a NaN fails too
+            worst = max(worst, error)
+            cells.append(f"{key} {error:.0e}")
+        worst_all = max(worst_all, worst)
+        print(f"  {c['name']:<30} {'  '.join(cells)}  "
+              f"{check(worst <= GRADIENT_RTOL, 'gradients ' + c['name'])}")
+    print(f"  worst {worst_all:.1e}")
+
+
 def main() -> None:
     torch.set_grad_enabled(False)
     cases = load_cases()
@@ -429,6 +514,7 @@ def main() -> None:
     part_b()
     part_c(cases)
     part_d(cases)
+    part_e(cases)
     print("all checks passed" if not failures else f"FAILED: {failures}")
     sys.exit(1 if failures else 0)
 

@@ -18,10 +18,19 @@ import Testing
 /// `p = exp(s − m)/(exp(σ_h − m) + Σⱼ exp(sⱼ − m))`. A row with every key masked has zero
 /// weights, zero sink weight and zero output.
 ///
+/// Every case also has a backward reference: float64 gradients of `L = Σ output∘gradOut` (no
+/// dropout), with `t = c·tanh(x/c)` (`x = scale·q·k`) or `t = x`, `Δᵢ = dOᵢ·Oᵢ`,
+/// `dSᵢⱼ = pᵢⱼ(dOᵢ·vⱼ − Δᵢ)` (0 where masked), `dX = dS·(1 − (t/c)²)` with a soft-cap, else `dS`;
+/// `dq = scale·dX·K`, `dk = scale·dXᵀ·Q`, `dv = pᵀ·dO` (dk and dv summed over the `G` query heads
+/// of a key/value head), `dsinks_h = −Σ_(b,i) p_sink,i·Δᵢ`, `dt5Table[bucket, h] = Σ dS` over the
+/// pairs with that bucket, `dbias = dS` summed to the bias's stored shape.
+///
 /// Shape legend: `B` batch, `H` query heads, `Hkv` key/value heads (`G = H / Hkv`), `Tq` queries,
 /// `Tk` keys, `D` head dimension, `Dv` value dimension, `NB` T5 buckets. Q `[B, H, Tq, D]`,
 /// K `[B, Hkv, Tk, D]`, V `[B, Hkv, Tk, Dv]`; references (`<f8`) `[B, H, Tq, Dv]`,
-/// `[B, H, Tq, Tk]` and `[B, H, Tq]` (sink weights).
+/// `[B, H, Tq, Tk]` and `[B, H, Tq]` (sink weights); gradients (`<f8`) dq `[B, H, Tq, D]`,
+/// dk `[B, Hkv, Tk, D]`, dv `[B, Hkv, Tk, Dv]`, dsinks `[H]`, dt5Table `[NB, H]`, dbias the bias's
+/// shape, ds `[B, H, Tq, Tk]`, from the upstream gradient (`<f4`) `[B, H, Tq, Dv]`.
 package enum ScoreTermsFixtures: FixtureSet {
   /// `Tests/_TestSupport/Fixtures/score_terms`.
   package static let files = FixtureFolder<ScoreTermsManifest>(
@@ -86,6 +95,36 @@ package struct ScoreTermsCase: AttentionFixtureCase {
       case sinkWeights = "sink_weights"
     }
   }
+  /// The backward reference: the upstream gradient and the float64 gradients of
+  /// `L = Σ output∘gradOut` (the script's docstring gives the formulas).
+  package struct Gradients: Decodable, Sendable {
+    /// `<f4 [B, H, Tq, Dv]`, the upstream gradient `dO` (an input, the case generator's last
+    /// draw).
+    package var gradOut: FileRef
+    /// `<f8 [B, H, Tq, D]`.
+    package var dq: FileRef
+    /// `<f8 [B, Hkv, Tk, D]`, summed over the `G` query heads of each key/value head.
+    package var dk: FileRef
+    /// `<f8 [B, Hkv, Tk, Dv]`, summed over the `G` query heads of each key/value head.
+    package var dv: FileRef
+    /// `<f8 [H]`, summed over the batch and the rows; `nil` without sinks.
+    package var dsinks: FileRef?
+    /// `<f8 [NB, H]`, the layout of the table; `nil` without T5.
+    package var dt5Table: FileRef?
+    /// `<f8`, the float mask's own shape (summed over the axes it broadcasts along; 0 where it
+    /// is −∞); `nil` without a float mask. The gradient of the score `s`, not of the uncapped
+    /// product: the bias is added after the soft-cap.
+    package var dbias: FileRef?
+    /// `<f8 [B, H, Tq, Tk]`: dL/ds for the final score `s` (after the terms and the mask); 0
+    /// where masked and on fully masked rows.
+    package var ds: FileRef
+
+    package enum CodingKeys: String, CodingKey {
+      case dq, dk, dv, dsinks, dbias, ds
+      case gradOut = "grad_out"
+      case dt5Table = "dt5_table"
+    }
+  }
 
   package var name: String
   package var description: String
@@ -128,10 +167,11 @@ package struct ScoreTermsCase: AttentionFixtureCase {
   package var maxAbsSink: Double
   package var maxAbsValue: Double
   package var expected: Expected
+  package var gradients: Gradients
 
   package enum CodingKeys: String, CodingKey {
     case name, description, terms, q, k, v, heads, masks, causal, alignment, window, scale
-    case softcap, alibi, t5, sinks, expected
+    case softcap, alibi, t5, sinks, expected, gradients
     case kvHeads = "kv_heads"
     case groupSize = "group_size"
     case queryPositionOffset = "query_position_offset"
@@ -192,6 +232,24 @@ package struct LoadedScoreTermsCase: Sendable {
   package var expectedWeights: [Double]
   /// float64 `[B, H, Tq]` flattened: the sink's share of each row; `nil` without sinks.
   package var expectedSinkWeights: [Double]?
+  /// `[B, H, Tq, Dv]`, the upstream gradient `dO` of the backward reference.
+  package var gradOut: Tensor
+  /// float64 `[B, H, Tq, D]` flattened: the gradient of `L = Σ output∘gradOut` for the queries.
+  /// The gradients are kept at full float64 precision, like the other references; their shapes
+  /// are in `spec.gradients`.
+  package var expectedDQ: [Double]
+  /// float64 `[B, Hkv, Tk, D]` flattened, summed over the query heads of each key/value head.
+  package var expectedDK: [Double]
+  /// float64 `[B, Hkv, Tk, Dv]` flattened, summed over the query heads of each key/value head.
+  package var expectedDV: [Double]
+  /// float64 `[H]`; `nil` without sinks.
+  package var expectedDSinks: [Double]?
+  /// float64 `[NB, H]` flattened; `nil` without T5.
+  package var expectedDT5Table: [Double]?
+  /// float64, the float mask's own shape, flattened; `nil` without a float mask.
+  package var expectedDBias: [Double]?
+  /// float64 `[B, H, Tq, Tk]` flattened: dL/ds of the final (masked) score.
+  package var expectedDS: [Double]
 
   package init(_ spec: ScoreTermsCase) throws {
     self.spec = spec
@@ -215,6 +273,15 @@ package struct LoadedScoreTermsCase: Sendable {
     expectedOutput = try ScoreTermsFixtures.doubles(spec.expected.output)
     expectedWeights = try ScoreTermsFixtures.doubles(spec.expected.weights)
     expectedSinkWeights = try spec.expected.sinkWeights.map { try ScoreTermsFixtures.doubles($0) }
+    let gradients = spec.gradients
+    gradOut = try ScoreTermsFixtures.tensor(gradients.gradOut)
+    expectedDQ = try ScoreTermsFixtures.doubles(gradients.dq)
+    expectedDK = try ScoreTermsFixtures.doubles(gradients.dk)
+    expectedDV = try ScoreTermsFixtures.doubles(gradients.dv)
+    expectedDSinks = try gradients.dsinks.map { try ScoreTermsFixtures.doubles($0) }
+    expectedDT5Table = try gradients.dt5Table.map { try ScoreTermsFixtures.doubles($0) }
+    expectedDBias = try gradients.dbias.map { try ScoreTermsFixtures.doubles($0) }
+    expectedDS = try ScoreTermsFixtures.doubles(gradients.ds)
   }
 
   package var name: String { spec.name }
