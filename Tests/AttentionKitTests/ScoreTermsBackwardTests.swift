@@ -222,6 +222,63 @@ struct ScoreTermsBackwardTests {
     #expect(t5Ratio > 10, "dT5 shifted by one bucket: worst error/bound \(t5Ratio)")
   }
 
+  /// numpy's float64 gradients (`make_score_terms_fixtures.py`, cross-checked with torch's
+  /// float64 autograd) against every kernel, within the bounds our float64 reference derives
+  /// on the same inputs (numpy's rounding, ~10⁻¹⁵, is far below them); and our reference itself
+  /// against numpy to `10⁻¹⁰` of each array's largest magnitude.
+  @Test(
+    "Every kernel matches numpy's float64 gradients on the fixtures",
+    arguments: try ScoreTermsFixtures.cases())
+  func fixtures(spec: ScoreTermsCase) throws {
+    let c = try LoadedScoreTermsCase(spec)
+    let terms = ScoreTermsTests.terms(c)
+    let needBias = c.mask.bias != nil
+    let r = try ReferenceGradients(
+      queries: c.queries, keys: c.keys, values: c.values, gradOutput: c.gradOut, mask: c.mask,
+      scale: c.scale, terms: terms, needBiasGradient: needBias)
+    func nearNumpy(_ ours: [Double], _ numpy: [Double], _ what: String) {
+      let largest = numpy.map(abs).max() ?? 0
+      let worst = zip(ours, numpy).map { abs($0 - $1) }.max() ?? 0
+      #expect(
+        ours.count == numpy.count && worst <= 1e-10 * max(largest, 1e-300),
+        "\(c.name) reference \(what): worst |ours − numpy| \(worst), largest \(largest)")
+    }
+    nearNumpy(r.dQ, c.expectedDQ, "dQ")
+    nearNumpy(r.dK, c.expectedDK, "dK")
+    nearNumpy(r.dV, c.expectedDV, "dV")
+    if let expected = c.expectedDSinks { nearNumpy(r.dSinks ?? [], expected, "dSinks") }
+    if let expected = c.expectedDT5Table { nearNumpy(r.dT5Tables.first ?? [], expected, "dT5") }
+    if let expected = c.expectedDBias { nearNumpy(r.dBias ?? [], expected, "dBias") }
+    let b = r.bounds
+    for kernel in Self.kernels {
+      let g = try Attention.backward(
+        queries: c.queries, keys: c.keys, values: c.values, gradOutput: c.gradOut, mask: c.mask,
+        scale: c.scale, terms: terms, kernel: kernel, needBiasGradient: needBias, threads: 2)
+      let label = "\(c.name), \(kernel.name)"
+      expectClose(
+        g.dQ.scalars, c.expectedDQ, shape: g.dQ.shape, tolerance: { b.dQ[$0] }, "\(label) dQ")
+      expectClose(
+        g.dK.scalars, c.expectedDK, shape: g.dK.shape, tolerance: { b.dK[$0] }, "\(label) dK")
+      expectClose(
+        g.dV.scalars, c.expectedDV, shape: g.dV.shape, tolerance: { b.dV[$0] }, "\(label) dV")
+      if let expected = c.expectedDSinks, let bounds = b.dSinks {
+        expectClose(
+          g.dSinks?.scalars ?? [], expected, shape: [expected.count], tolerance: { bounds[$0] },
+          "\(label) dSinks")
+      }
+      if let expected = c.expectedDT5Table, let bounds = b.dT5Tables.first {
+        expectClose(
+          g.dT5Tables.first?.scalars ?? [], expected, shape: [expected.count],
+          tolerance: { bounds[$0] }, "\(label) dT5")
+      }
+      if let expected = c.expectedDBias, let bounds = b.dBias {
+        expectClose(
+          g.dBias?.scalars ?? [], expected, shape: [expected.count], tolerance: { bounds[$0] },
+          "\(label) dBias")
+      }
+    }
+  }
+
   @Test("The relative-position term is refused with a pointer to its own backward")
   func relativePositionRefused() throws {
     let x = try Self.inputs()
