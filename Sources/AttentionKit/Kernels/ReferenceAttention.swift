@@ -131,6 +131,24 @@ public struct ReferenceAttention: Sendable {
     return (s, magnitude)
   }
 
+  /// The soft-capped scaled product `t = c·tanh(scale·q_i·k_j / c)` in float64, before the
+  /// position terms and the mask; `nil` without a soft-cap. Its derivative `1 − (t/c)²` is the
+  /// soft-cap's factor on the score's gradient.
+  package func cappedProduct(batch: Int, query i: Int, key j: Int) -> Double? {
+    guard let c = terms.softcap.map(Double.init) else { return nil }
+    let (tq, d) = (shape.queries, shape.headDim)
+    let kv = shape.keyRowOffset(batch)
+    var dot = 0.0
+    for k in 0..<d {
+      dot +=
+        Double(queries.scalars[(batch * tq + i) * d + k]) * Double(keys.scalars[(kv + j) * d + k])
+    }
+    return c * tanh((d == 0 ? 0 : dot * scale) / c)
+  }
+
+  /// The head's sink `σ` of flat batch `batch` in float64, `nil` without sinks.
+  package func sink(batch: Int) -> Double? { resolvedTerms.sink(batch: batch).map(Double.init) }
+
   /// `ScoreTerms.positionBias` at `(i, j)` of flat batch `batch`'s head, exactly: ALiBi's
   /// `slope_h·(j − i_abs)` in float64, T5's table entry as stored.
   package func positionBias(batch: Int, query i: Int, key j: Int) -> Double {

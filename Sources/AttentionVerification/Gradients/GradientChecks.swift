@@ -44,7 +44,7 @@ public struct GradientChecks: Sendable {
   public init(
     queries: Tensor, keys: Tensor, values: Tensor, gradOutput: Tensor, mask: AttentionMask,
     dropout: Dropout?, needBiasGradient: Bool, seed: UInt64, scale: Float? = nil,
-    rounding: Rounding = .float32
+    terms: ScoreTerms = .none, rounding: Rounding = .float32
   ) throws {
     shape = try AttentionShape(queries: queries, keys: keys, values: values)
     let (tq, tk, d, dv) = (shape.queries, shape.keys, shape.headDim, shape.valueDim)
@@ -52,7 +52,8 @@ public struct GradientChecks: Sendable {
     if scores <= Self.referenceScoreLimit {
       reference = try ReferenceGradients(
         queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-        scale: scale, dropout: dropout, needBiasGradient: needBiasGradient, rounding: rounding)
+        scale: scale, dropout: dropout, terms: terms, needBiasGradient: needBiasGradient,
+        rounding: rounding)
       region = Region(
         queryBatches: 0..<shape.batchCount, keyValueBatch: nil, queryOffset: 0, keyOffset: 0,
         valueOffset: 0)
@@ -81,6 +82,8 @@ public struct GradientChecks: Sendable {
     let dO = chunk(
       gradOutput, offset: first * tq * dv, count: group * tq * dv, shape: [1, group, tq, dv])
     let sliced = try mask.slice(queryBatches: batches, shape: shape)
+    let heads = shape.batchShape.count >= 2 ? shape.batchShape.last! : 1
+    let slicedTerms = try terms.slice(heads: (first % heads)..<(first % heads + group), of: heads)
     if let dropout {
       // The decisions of the whole problem's rows: the counters depend on the flat row.
       var keep = [Float](repeating: 0, count: group * tq * tk)
@@ -93,12 +96,12 @@ public struct GradientChecks: Sendable {
       }
       reference = try ReferenceGradients(
         queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: scale,
-        dropoutKeep: Tensor(shape: [1, group, tq, tk], scalars: keep),
+        terms: slicedTerms, dropoutKeep: Tensor(shape: [1, group, tq, tk], scalars: keep),
         dropoutKeptScale: Double(dropout.keptScale), needBiasGradient: false)
     } else {
       reference = try ReferenceGradients(
         queries: q, keys: k, values: v, gradOutput: dO, mask: sliced, scale: scale,
-        rounding: rounding)
+        terms: slicedTerms, rounding: rounding)
     }
     region = Region(
       queryBatches: batches, keyValueBatch: pick, queryOffset: first * tq * d,
@@ -129,15 +132,24 @@ public struct GradientChecks: Sendable {
     return m
   }
 
-  /// Each gradient against the reference: `dQ`, `dK`, `dV` (and `dBias` on the whole problem).
+  /// Each gradient against the reference: `dQ`, `dK`, `dV` (and, on the whole problem, `dBias`
+  /// and the score terms' `dSinks` and `dT5Tables`).
   public func measure(_ gradients: AttentionGradients) -> [ErrorMeasurement] {
     var measurements = measure(dQ: gradients.dQ, dK: gradients.dK, dV: gradients.dV)
-    if region.isWhole, let dBias = gradients.dBias, let expected = reference.dBias,
-      let bounds = reference.bounds.dBias
-    {
+    guard region.isWhole else { return measurements }
+    let bounds = reference.bounds
+    if let dBias = gradients.dBias, let expected = reference.dBias, let b = bounds.dBias {
+      measurements.append(
+        Self.measure("dBias", dBias, offset: 0, expected, b, rowLength: dBias.shape.last ?? 1))
+    }
+    if let dSinks = gradients.dSinks, let expected = reference.dSinks, let b = bounds.dSinks {
+      measurements.append(Self.measure("dSinks", dSinks, offset: 0, expected, b, rowLength: 1))
+    }
+    for (k, table) in gradients.dT5Tables.enumerated() where k < reference.dT5Tables.count {
       measurements.append(
         Self.measure(
-          "dBias", dBias, offset: 0, expected, bounds, rowLength: dBias.shape.last ?? 1))
+          "dT5", table, offset: 0, reference.dT5Tables[k], bounds.dT5Tables[k],
+          rowLength: table.shape.last ?? 1))
     }
     return measurements
   }

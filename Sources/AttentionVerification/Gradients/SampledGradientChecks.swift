@@ -20,7 +20,13 @@ import Foundation
 ///    (`M_ij = Σ_c |dO_ic|·|v_jc|`), so `dS_ij` by
 ///    `E_ij = P_ij·((ρ_ij + 2u)(z_ij·M_ij + |Δ_i|) + γ_{Dv+2}·z_ij·M_ij + γ_{Dv}·Σ_c |dO_ic·O_ic|)`,
 ///    and the sums by `|scale|·Σ (E + γ_{n+2}|dS|)·|k or q|` and `Σ (ρ + γ_{n+2})·P·z·|dO|`.
-/// `d(bias)` is not checked here (its broadcast sums need every row); the report says so.
+/// With score terms, `s_ij` is theirs (`ReferenceAttention.exactScore`) and `L` includes the
+/// sink; under a soft-cap `c`, `dQ` and `dK` sum `dX = dS·f`, `f = 1 − (t/c)²` (`t` the capped
+/// product), within `f·E + |dS|·(2|t|·δ/c² + 6u)`. `dσ_h = −Σ_i exp(σ_h − L_i)·Δ_i` is checked
+/// over every row (it needs only `L` and `Δ`), within `Σ_i p_sink,i·((ρ_i + γ_n)|Δ_i| + ε_i)`
+/// (`ρ_i = u·(|σ| + |L_i| + 8)`, `ε_i` the error of `Δ_i`).
+/// `d(bias)` and T5's table gradient are not checked here (their sums need every score); the
+/// report says so.
 /// Cost: `O((rows·Tk + keys·G·Tq)·(D + Dv))` float64 operations, `O(B·H·Tq)` memory.
 public struct SampledGradientChecks: Sendable {
   public let reference: ReferenceAttention
@@ -87,7 +93,9 @@ public struct SampledGradientChecks: Sendable {
     var p = 0.0
     var pz = 0.0
     var dS = 0.0
-    /// `ρ_ij` and `E_ij`.
+    /// `dS`, times the soft-cap's factor when there is one: what `dQ` and `dK` sum.
+    var dX = 0.0
+    /// `ρ_ij` and `E_ij` (of `dX`).
     var rho = 0.0
     var error = 0.0
   }
@@ -119,11 +127,48 @@ public struct SampledGradientChecks: Sendable {
       2 * delta0 * (1 + 2 * delta0) + u * (abs(s) + abs(l) + 8)
       + (dropout == nil ? 0 : 2 * u)
     let gammaP = Rounding.float32.gamma(dv + 2)
-    let error =
+    var error =
       p
       * ((rho + 2 * u) * (z * magnitude + abs(delta[row])) + gammaP * z * magnitude
         + deltaError[row])
-    return Term(p: p, pz: p * z, dS: p * (dP - delta[row]), rho: rho, error: error)
+    let dS = p * (dP - delta[row])
+    var dX = dS
+    if let t = reference.cappedProduct(batch: b, query: i, key: j),
+      let c = reference.terms.softcap.map(Double.init)
+    {
+      // dQ and dK take dX = dS·(1 − (t/c)²).
+      let factor = 1 - (t / c) * (t / c)
+      error = factor * error + abs(dS) * (2 * abs(t) * delta0 / (c * c) + 6 * u)
+      dX = dS * factor
+    }
+    return Term(p: p, pz: p * z, dS: dS, dX: dX, rho: rho, error: error)
+  }
+
+  /// `dσ_h` over every row from `L` and `Δ` against the kernel's, when there are sinks.
+  func sinkMeasurement(_ gradients: AttentionGradients) -> ErrorMeasurement? {
+    guard let dSinks = gradients.dSinks, reference.sink(batch: 0) != nil else { return nil }
+    let shape = reference.shape
+    let heads = dSinks.count
+    let u = Rounding.float32.unit
+    let n = shape.batchCount * shape.queries
+    var expected = [Double](repeating: 0, count: heads)
+    var bounds = [Double](repeating: 1e6 * Double(Float.leastNormalMagnitude), count: heads)
+    for row in 0..<n {
+      let l = Double(logSumExp.scalars[row])
+      guard l > -.infinity, let sink = reference.sink(batch: row / shape.queries) else { continue }
+      let weight = exp(sink - l)
+      let h = (row / shape.queries) % heads
+      expected[h] -= weight * delta[row]
+      let rho = u * (abs(sink) + abs(l) + 8) + Rounding.float32.gamma(n)
+      bounds[h] += weight * (rho * abs(delta[row]) + deltaError[row])
+    }
+    var m = ErrorMeasurement(tensor: "dSinks", shape: dSinks.shape)
+    m.rowsChecked = heads
+    for h in 0..<heads {
+      m.record(
+        actual: Double(dSinks.scalars[h]), expected: expected[h], bound: bounds[h], at: h)
+    }
+    return m
   }
 
   /// The forward's `O` and `L` on the sampled rows against the float64 reference.
@@ -152,12 +197,16 @@ public struct SampledGradientChecks: Sendable {
         if s.isFinite { worst = max(worst, bound) }
       }
       var lse = peak
+      let sink = reference.sink(batch: b)
       if peak.isFinite {
-        var sum = 0.0
-        for s in scores { sum += exp(s - peak) }
-        lse = peak + log(sum)
+        // A sink is one more key in the denominator (a row that sees no key keeps −∞).
+        let top = max(peak, sink ?? peak)
+        var sum = sink.map { exp($0 - top) } ?? 0
+        for s in scores { sum += exp(s - top) }
+        lse = top + log(sum)
       }
-      let bound = 2 * worst + Rounding.float32.gamma(tk + 8) + 2 * u * abs(lse) + u
+      let bound =
+        2 * worst + Rounding.float32.gamma(tk + (sink == nil ? 8 : 9)) + 2 * u * abs(lse) + u
       l.record(actual: Double(logSumExp.scalars[row]), expected: lse, bound: bound, at: row)
     }
     o.merge(l)
@@ -187,8 +236,8 @@ public struct SampledGradientChecks: Sendable {
         guard let t = term(batch: b, query: i, key: j) else { continue }
         for c in 0..<d {
           let key = Double(k[(kv + j) * d + c])
-          value[c] += scale * t.dS * key
-          bound[c] += abs(scale) * (t.error + gammaRows * abs(t.dS)) * abs(key)
+          value[c] += scale * t.dX * key
+          bound[c] += abs(scale) * (t.error + gammaRows * abs(t.dX)) * abs(key)
         }
       }
       mQ.rowsChecked += 1
@@ -212,8 +261,8 @@ public struct SampledGradientChecks: Sendable {
           let row = b * tq + i
           for c in 0..<d {
             let query = Double(q[row * d + c])
-            dK[c] += scale * t.dS * query
-            dKBound[c] += abs(scale) * (t.error + gammaKeys * abs(t.dS)) * abs(query)
+            dK[c] += scale * t.dX * query
+            dKBound[c] += abs(scale) * (t.error + gammaKeys * abs(t.dX)) * abs(query)
           }
           for c in 0..<dv {
             let upstream = Double(dO[row * dv + c])
@@ -236,7 +285,7 @@ public struct SampledGradientChecks: Sendable {
           at: key * dv + c)
       }
     }
-    return [mQ, mK, mV]
+    return [mQ, mK, mV] + [sinkMeasurement(gradients)].compactMap { $0 }
   }
 
   public func run(_ gradients: AttentionGradients) -> [Check] {
@@ -252,7 +301,9 @@ public struct SampledGradientChecks: Sendable {
           .joined(separator: ", ")
           + " (error / bound; \(rows.count) sampled rows of dQ, \(keys.count) sampled keys of "
           + "dK and dV, through the forward's log-sum-exp"
-          + (gradients.dBias == nil ? ")" : "; d(bias) is not checked on samples)"),
+          + (gradients.dSinks == nil ? "" : "; dSinks over every row")
+          + (gradients.dBias == nil && gradients.dT5Tables.isEmpty
+            ? ")" : "; d(bias) and T5's table are not checked on samples)"),
         measurement: worst),
     ]
   }

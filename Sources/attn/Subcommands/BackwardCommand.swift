@@ -68,16 +68,8 @@ struct BackwardCommand: ParsableCommand {
     let gradOutput = try loadGradOutput(files, shape: shape)
     try explanation.checkBatch(batchCount: shape.batchCount)
     let dropout = try inputs.dropout()
-    // How the gradients will be checked is settled before any work: the float64 reference on
-    // the problem (or one key/value group), else sampled rows and keys through the tiled
-    // forward's log-sum-exp, which only the tiled kernel provides.
-    let sampled = !GradientChecks.canCheck(shape)
-    if sampled && !kernelOptions.kernel.isTiled {
-      throw ValidationError(
-        "the float64 reference cannot hold \(shape.groupSize) × \(shape.queries) × "
-          + "\(shape.keys) scores; run --kernel tiled, whose gradients are checked on sampled "
-          + "rows and keys through the forward's log-sum-exp")
-    }
+    // How the gradients will be checked is settled before any work.
+    let sampled = try GradientVerification.needsSampling(shape, kernel: kernelOptions.kernel)
     if explanation.explain && sampled {
       throw ValidationError(
         "--explain shows the float64 reference of the whole problem, which is over its limit "
@@ -114,26 +106,10 @@ struct BackwardCommand: ParsableCommand {
 
     let problem = AttentionProblem(
       queries: queries, keys: keys, values: values, mask: mask, dropout: dropout)
-    var checker: GradientChecks?
-    let checks: [Check]
-    if let forward, let logSumExp = forward.logSumExp {
-      let sampledChecks = try SampledGradientChecks(
-        problem: problem, gradOutput: gradOutput, output: forward.output, logSumExp: logSumExp,
-        seed: inputs.seed)
-      checks = Progress().during("checking sampled rows and keys of the gradients") {
-        sampledChecks.run(gradients)
-      }
-    } else {
-      let whole = try Progress().during("computing the float64 reference backward") {
-        try GradientChecks(
-          queries: queries, keys: keys, values: values, gradOutput: gradOutput, mask: mask,
-          dropout: dropout, needBiasGradient: biasTensor != nil, seed: inputs.seed)
-      }
-      checker = whole
-      checks = Progress().during("checking the gradients") {
-        whole.run(gradients, seed: inputs.seed, finiteDifferences: true)
-      }
-    }
+    let (checks, checker) = try GradientVerification.check(
+      gradients, problem: problem, gradOutput: gradOutput,
+      forward: forward.flatMap { f in f.logSumExp.map { (f.output, $0) } },
+      needBiasGradient: biasTensor != nil, seed: inputs.seed)
     let steps =
       explanation.explain
       ? checker.map {

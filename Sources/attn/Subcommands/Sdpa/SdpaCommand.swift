@@ -49,6 +49,8 @@ struct SdpaCommand: ParsableCommand {
       """)
   var outDtype: OutputDtype = .float32
 
+  @OptionGroup var gradient: SdpaGradientOptions
+
   @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
@@ -66,7 +68,9 @@ struct SdpaCommand: ParsableCommand {
       throw ValidationError(
         "--weights-out needs --kernel materialized or auto: the tiled kernel never holds them")
     }
-    try checkOutputs([out, weightsOut], against: problem.paths)
+    try gradient.validate(with: problem)
+    try checkOutputs(
+      [out, weightsOut] + gradient.outputs, against: problem.paths + [gradient.gradOut])
   }
 
   func run() throws {
@@ -75,6 +79,16 @@ struct SdpaCommand: ParsableCommand {
       files, safety: inputSafety)
     let scale = problem.scale
     let dropout = dropoutP > 0 ? try Dropout(probability: dropoutP, seed: seed) : nil
+    let shape = try AttentionShape(queries: queries, keys: keys, values: values)
+    let gradOutput = try gradient.gradOutput(files, shape: shape, safety: inputSafety)
+    if gradOutput != nil {
+      // How the gradients can be checked is settled before any work.
+      _ = try GradientVerification.needsSampling(
+        shape,
+        kernel: Attention.resolve(
+          kernelOptions.kernel, shape: shape, needWeights: weightsOut != nil,
+          memoryBudget: kernelOptions.memoryBudget))
+    }
 
     let result = try explainingMemoryBudget {
       try Progress().during("running the \(kernelOptions.kernel.flagName) kernel") {
@@ -82,16 +96,17 @@ struct SdpaCommand: ParsableCommand {
           queries: queries, keys: keys, values: values, mask: mask, scale: scale,
           dropout: dropout, terms: terms, kernel: kernelOptions.kernel,
           needWeights: weightsOut != nil, threads: kernelOptions.threads,
-          memoryBudget: kernelOptions.memoryBudget)
+          memoryBudget: kernelOptions.memoryBudget,
+          // The backward reuses the tiled forward's output and log-sum-exp.
+          needLogSumExp: gradOutput != nil && kernelOptions.kernel != .materialized
+            && kernelOptions.kernel != .reference && weightsOut == nil)
       }
     }
     if let weightsOut, result.weights == nil {
       throw AttentionError.memoryBudget(
         MemoryBudgetExceeded(
           what: "the weights for \(weightsOut)",
-          neededBytes: MemoryGuard.floatBytes([
-            try AttentionShape(queries: queries, keys: keys, values: values).weightsShape
-          ]),
+          neededBytes: MemoryGuard.floatBytes([shape.weightsShape]),
           budgetBytes: kernelOptions.memoryBudget, budgetSource: kernelOptions.memoryBudgetSource,
           advice: .other("raise --max-memory, or drop --weights-out")))
     }
@@ -108,6 +123,14 @@ struct SdpaCommand: ParsableCommand {
     let checks = Progress().during("checking against the float64 reference") {
       checker.run(result: result, preDropout: dropout == nil ? result.weights : nil)
     }
+    let backward = try gradOutput.map {
+      try SdpaBackward(
+        problem: AttentionProblem(
+          queries: queries, keys: keys, values: values, mask: mask, scale: scale,
+          dropout: dropout, terms: terms),
+        gradOutput: $0, forward: result, needMaskGradient: gradient.dmaskOut != nil,
+        kernel: kernelOptions, seed: seed)
+    }
     let dtype = outDtype == .input ? storage : (outDtype == .float16 ? .float16 : .float32)
     var outputs: [(path: String?, bytes: () throws -> [UInt8])] = [
       (out, { try Self.encode(result.output, named: "output", as: dtype, path: out ?? "") })
@@ -120,8 +143,12 @@ struct SdpaCommand: ParsableCommand {
         )
       )
     }
-    let run = CheckedRun(checks: checks, outputs: outputs)
-    let shape = reference.shape
+    for file in backward?.outputs(gradient) ?? [] {
+      guard let path = file.path, let tensor = file.tensor else { continue }
+      outputs.append((path, { try Self.encode(tensor, named: file.name, as: dtype, path: path) }))
+    }
+    let run = CheckedRun(
+      groups: [("Checks", checks), ("Gradient checks", backward?.checks ?? [])], outputs: outputs)
     try run.finish(
       format: report.format,
       json: {
@@ -133,31 +160,20 @@ struct SdpaCommand: ParsableCommand {
           causalAlign: mask.causalAlignment.rawValue, window: mask.window,
           scale: NullableNumber(SdpaInputOptions.reportedScale(shape, problem.scale)),
           dropoutP: Double(dropoutP), scoreTerms: problem.scoreTerms.description(terms),
-          checks: checks.dictionary, verified: run.verified)
+          checks: checks.dictionary, gradients: backward.map(SdpaGradientReport.init),
+          verified: run.verified)
       },
-      text: { printText(result: result, shape: shape, mask: mask, terms: terms) })
-  }
-
-  /// The bytes of `tensor` for `path`: `.safetensors` (one tensor, `name`) or `.npy`.
-  static func encode(
-    _ tensor: Tensor, named name: String, as storage: InputFiles.Storage, path: String
-  ) throws -> [UInt8] {
-    try storage.checkRepresentable(tensor, named: "the \(name)", path: path)
-    if path.hasSuffix(".safetensors") {
-      let dtype: SafeTensorsDType =
-        storage == .float16
-        ? .f16 : storage == .bfloat16 ? .bf16 : storage == .float64 ? .f64 : .f32
-      return try SafeTensors.encode([name: tensor], dtype: dtype)
-    }
-    switch storage {
-    case .float16: return NPY.encode(tensor, dtype: .float16)
-    case .float64: return NPY.encode(tensor, dtype: .float64)
-    case .bfloat16:
-      throw AttentionError.file(
-        path: path,
-        message: "numpy has no bfloat16: write a .safetensors file, or pass --out-dtype float32")
-    default: return NPY.encode(tensor)
-    }
+      text: {
+        printText(result: result, shape: shape, mask: mask, terms: terms)
+        if let g = backward?.gradients {
+          print(
+            "backward (\(g.kernel.flagName)): dQ \(shapeForMessage(g.dQ.shape)), dK "
+              + "\(shapeForMessage(g.dK.shape)), dV \(shapeForMessage(g.dV.shape))"
+              + (g.dSinks.map { ", d(sinks) \(shapeForMessage($0.shape))" } ?? "")
+              + (g.dT5Tables.first.map { ", d(T5 table) \(shapeForMessage($0.shape))" } ?? "")
+              + (g.dBias.map { ", d(attn_mask) \(shapeForMessage($0.shape))" } ?? ""))
+        }
+      })
   }
 
   private func printText(
@@ -183,22 +199,3 @@ struct SdpaCommand: ParsableCommand {
 }
 
 extension CausalAlignment: ExpressibleByArgument {}
-
-/// `attn sdpa --format json`.
-private struct SdpaReport: Encodable {
-  var outputShape: [Int]
-  var weightsShape: [Int]?
-  var kernel: String
-  var tilesComputed: Int?
-  var groupSize: Int
-  var isCausal: Bool
-  var causalAlign: String
-  var window: Int?
-  /// `null` for D = 0 (see `SdpaInputOptions.reportedScale`).
-  var scale: NullableNumber
-  var dropoutP: Double
-  /// "soft-cap 30, ALiBi (BLOOM's slopes), sinks"; absent without score terms.
-  var scoreTerms: String?
-  var checks: [String: Bool]
-  var verified: Bool
-}
