@@ -1,0 +1,85 @@
+import AttentionKit
+import AttentionVerification
+import Foundation
+import TensorIO
+import Testing
+import _TestSupport
+
+/// `attn sdpa --grad-out` on the score-term fixtures: the gradients it writes — dQ, dK, dV,
+/// d(sinks), d(T5 table), d(attn_mask) — against numpy's float64 (`make_score_terms_fixtures.py`,
+/// cross-checked with torch's autograd), within the bounds our float64 reference derives on the
+/// same inputs (`GradientBounds`; numpy's own rounding, ~10⁻¹⁵, is far below them), on both
+/// kernels; and the flags' misuse refused with one line.
+@Suite("attn sdpa --grad-out (the executable)")
+struct SdpaGradientsTests {
+  static func cases() throws -> [ScoreTermsCase] { try SdpaScoreTermsTests.expressible() }
+
+  @Test("each expressible case writes numpy's gradients", arguments: try cases())
+  func matchesNumpy(spec: ScoreTermsCase) throws {
+    let c = try LoadedScoreTermsCase(spec)
+    var terms = ScoreTerms(softcap: c.softcap, sinks: c.sinks)
+    if let alibi = c.alibi { terms.positionBiases.append(.alibi(slopes: alibi.slopes)) }
+    if let t5 = c.t5 {
+      terms.positionBiases.append(
+        .t5(table: t5.table, maxDistance: t5.maxDistance, bidirectional: t5.bidirectional))
+    }
+    let floatMask = c.mask.bias != nil
+    let reference = try ReferenceGradients(
+      queries: c.queries, keys: c.keys, values: c.values, gradOutput: c.gradOut, mask: c.mask,
+      scale: c.scale, terms: terms, needBiasGradient: floatMask)
+    let b = reference.bounds
+    var expected: [(String, [Double]?, [Double]?)] = [
+      ("dq", c.expectedDQ, b.dQ), ("dk", c.expectedDK, b.dK), ("dv", c.expectedDV, b.dV),
+      ("dsinks", c.expectedDSinks, b.dSinks), ("dt5", c.expectedDT5Table, b.dT5Tables.first),
+    ]
+    if floatMask { expected.append(("dmask", c.expectedDBias, b.dBias)) }
+    for kernel in ["materialized", "tiled"] {
+      try AttnCLI.withTemporaryFolder { folder in
+        var arguments =
+          try SdpaScoreTermsTests.arguments(spec) + [
+            "--kernel", kernel, "--grad-out", ScoreTermsFixtures.path(spec.gradients.gradOut.file),
+          ]
+        for (name, values, _) in expected where values != nil {
+          arguments += ["--\(name)-out", "\(name).npy"]
+        }
+        let run = try AttnCLI.run(arguments, in: folder)
+        try #require(run.status == 0, "\(spec.name), \(kernel): \(run.stderr)")
+        #expect(run.stdout.contains("\"verified\" : true"), "\(spec.name), \(kernel)")
+        for (name, values, bounds) in expected {
+          guard let values, let bounds else { continue }
+          let written = try NPY.read(
+            contentsOf: folder.appendingPathComponent("\(name).npy").path
+          ).tensor
+          expectClose(
+            written.scalars, values, shape: written.shape, tolerance: { bounds[$0] },
+            "\(spec.name), \(kernel), \(name)")
+        }
+      }
+    }
+  }
+
+  @Test("misused gradient flags get one line and a non-zero exit")
+  func misuse() throws {
+    let spec = try #require(try Self.cases().first { $0.name == "alibi_bloom_h8" })
+    let path = ScoreTermsFixtures.path
+    let base = try SdpaScoreTermsTests.arguments(spec)
+    let wrongShape = path(spec.q.file)  // [B, H, Tq, D] with D ≠ Dv.
+    let cases: [([String], String)] = [
+      (["--dq-out", "dq.npy"], "needs --grad-out"),
+      (["--grad-out", path(spec.gradients.gradOut.file), "--dsinks-out", "s.npy"], "--sinks"),
+      (["--grad-out", path(spec.gradients.gradOut.file), "--dt5-out", "t.npy"], "--t5-bias"),
+      (["--grad-out", path(spec.gradients.gradOut.file), "--dmask-out", "m.npy"], "float"),
+      (["--grad-out", wrongShape], "output's shape"),
+    ]
+    for (extra, message) in cases {
+      try AttnCLI.withTemporaryFolder { folder in
+        let run = try AttnCLI.run(base + extra, in: folder)
+        #expect(run.status != 0, "\(extra)")
+        #expect(run.stderr.contains(message), "\(extra): \(run.stderr)")
+        #expect(
+          !FileManager.default.fileExists(atPath: folder.appendingPathComponent("o.npy").path),
+          "\(extra): an output was written")
+      }
+    }
+  }
+}
