@@ -76,7 +76,26 @@ struct ScoreTermsBackwardTests {
             .t5(table: t5Table(buckets: 32, seed: 3), maxDistance: 20, bidirectional: true)
           ], sinks: sinks)
       }, mask: fullyMaskedRow, dropout: 0.2),
+    Case(name: "relative positions M 4", terms: { _ in ScoreTerms(relativePosition: shaw(4)) }),
+    Case(
+      name: "relative positions M 30 (wider than the sequence) + soft-cap + causal",
+      terms: { _ in ScoreTerms(softcap: 2, relativePosition: shaw(30)) }, mask: .causal),
+    Case(
+      name: "relative positions M 3 + sinks + T5 + dropout",
+      terms: { _ in
+        ScoreTerms(
+          positionBiases: [
+            .t5(table: t5Table(buckets: 8, seed: 4), maxDistance: 9, bidirectional: false)
+          ], sinks: sinks, relativePosition: shaw(3))
+      }, mask: fullyMaskedRow, dropout: 0.1),
   ]
+
+  /// The notebook's relative-position term with `E` `[2M + 1, 16]`.
+  static func shaw(_ m: Int) -> RelativePositionBias {
+    try! RelativePositionBias(
+      embeddings: Tensor.randomNormal(shape: [2 * m + 1, 16], seed: UInt64(m), stream: 10),
+      maxDistance: m)
+  }
 
   static let kernels: [Attention.Kernel] = [
     .materialized, .tiled(TiledAttention.Configuration(queryBlock: 8, keyBlock: 16)), .automatic,
@@ -131,6 +150,15 @@ struct ScoreTermsBackwardTests {
         observed.scalars, expected, shape: observed.shape, tolerance: { bounds[$0] },
         "\(label) dSinks")
     }
+    #expect(
+      (g.dRelativeEmbeddings == nil) == (r.dRelativeEmbeddings == nil), "\(label): dE presence")
+    if let expected = r.dRelativeEmbeddings, let observed = g.dRelativeEmbeddings,
+      let bounds = b.dRelativeEmbeddings
+    {
+      expectClose(
+        observed.scalars, expected, shape: observed.shape, tolerance: { bounds[$0] },
+        "\(label) dE")
+    }
     #expect(g.dT5Tables.count == r.dT5Tables.count, "\(label): T5 gradients")
     for (k, (observed, expected)) in zip(g.dT5Tables, r.dT5Tables).enumerated() {
       expectClose(
@@ -159,6 +187,9 @@ struct ScoreTermsBackwardTests {
       #expect(one.dK.scalars == three.dK.scalars, "\(c.name) \(kernel.name) dK")
       #expect(one.dSinks?.scalars == three.dSinks?.scalars, "\(c.name) \(kernel.name) dSinks")
       #expect(
+        one.dRelativeEmbeddings?.scalars == three.dRelativeEmbeddings?.scalars,
+        "\(c.name) \(kernel.name) dE")
+      #expect(
         one.dT5Tables.map(\.scalars) == three.dT5Tables.map(\.scalars),
         "\(c.name) \(kernel.name) dT5")
     }
@@ -182,6 +213,11 @@ struct ScoreTermsBackwardTests {
     if let dSinks = r.dSinks {
       for h in 0..<Self.heads {
         agree(dSinks[h], r.finiteDifferenceOfSink(head: h), "dSinks[\(h)]")
+      }
+    }
+    if let dE = r.dRelativeEmbeddings {
+      for index in [0, 17, dE.count / 2, dE.count - 1] {
+        agree(dE[index], r.finiteDifferenceOfRelativeEmbedding(index: index), "dE[\(index)]")
       }
     }
     for (term, table) in r.dT5Tables.enumerated() {
@@ -279,15 +315,4 @@ struct ScoreTermsBackwardTests {
     }
   }
 
-  @Test("The relative-position term is refused with a pointer to its own backward")
-  func relativePositionRefused() throws {
-    let x = try Self.inputs()
-    let embeddings = try Tensor.randomNormal(shape: [5, 16], seed: 1, stream: 1)
-    let terms = ScoreTerms(
-      relativePosition: try RelativePositionBias(embeddings: embeddings, maxDistance: 2))
-    #expect(throws: AttentionError.self) {
-      try Attention.backward(
-        queries: x.q, keys: x.k, values: x.v, gradOutput: x.dO, terms: terms)
-    }
-  }
 }

@@ -29,9 +29,9 @@ extension Attention {
   ///   - mask: as for `scaledDotProduct` (a keep mask, an additive bias, causal, a window).
   ///   - scale: the factor on `Q·Kᵀ`, `1/√D` when `nil`.
   ///   - dropout: the forward's dropout (the same seed drops the same weights), `nil` for none.
-  ///   - terms: the forward's score terms: soft-capping, ALiBi, T5, sinks (every kernel). The
-  ///     notebook's relative-position term has its gradients in
-  ///     `RelativePositionAttention.backward`; here it is refused.
+  ///   - terms: the forward's score terms: soft-capping, ALiBi, T5, sinks and the notebook's
+  ///     relative-position term (every kernel); their parameters' gradients come back as
+  ///     `dSinks`, `dT5Tables` and `dRelativeEmbeddings`.
   ///   - output: the forward's output `O`, `[…, Tq, Dv]`, from `scaledDotProduct` with the same
   ///     inputs, mask, scale and dropout; give it together with `logSumExp`, or neither.
   ///   - logSumExp: the forward's `AttentionResult.logSumExp`, `[…, Tq]` (`scaledDotProduct`
@@ -124,11 +124,7 @@ package struct BackwardProblem: Sendable {
     scale: Float?, terms: ScoreTerms = .none, needBiasGradient: Bool
   ) throws {
     shape = try AttentionShape(queries: queries, keys: keys, values: values)
-    if terms.relativePosition != nil {
-      throw AttentionError.invalidArgument(
-        "the relative-position term's gradients come from RelativePositionAttention.backward, "
-          + "not Attention.backward")
-    }
+    try terms.relativePosition?.checkHeadDim(shape.headDim)
     scoreTerms = terms
     self.terms = try ResolvedScoreTerms(terms, shape: shape, mask: mask)
     guard gradOutput.shape == shape.outputShape else {

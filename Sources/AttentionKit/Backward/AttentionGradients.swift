@@ -21,6 +21,9 @@ public struct AttentionGradients: Sendable {
   /// `∂L/∂table`, `[buckets, H]`, of each T5 position bias of the score terms, in
   /// `ScoreTerms.positionBiases` order; empty without T5.
   public var dT5Tables: [Tensor]
+  /// `∂L/∂E`, `[2M + 1, D]`, of the relative-position term (`ScoreTerms.relativePosition`);
+  /// `nil` without it.
+  public var dRelativeEmbeddings: Tensor?
   /// The bytes of scratch memory the kernel allocated, beyond its inputs and its gradients.
   public var workspaceBytes: Int
   /// The kernel that ran (`Attention.Kernel.automatic` resolved to one of the others).
@@ -32,9 +35,10 @@ public struct AttentionGradients: Sendable {
 
   public init(
     dQ: Tensor, dK: Tensor, dV: Tensor, dBias: Tensor?, dSinks: Tensor? = nil,
-    dT5Tables: [Tensor] = [], workspaceBytes: Int, kernel: Attention.Kernel,
-    tilesComputed: Int? = nil
+    dT5Tables: [Tensor] = [], dRelativeEmbeddings: Tensor? = nil, workspaceBytes: Int,
+    kernel: Attention.Kernel, tilesComputed: Int? = nil
   ) {
+    self.dRelativeEmbeddings = dRelativeEmbeddings
     self.dSinks = dSinks
     self.dT5Tables = dT5Tables
     self.dQ = dQ

@@ -28,7 +28,7 @@ enum MaterializedBackward {
   /// The bytes `compute` allocates (see the type's comment), `nil` on overflow.
   static func workspaceBytes(
     queries tq: Int, keys tk: Int, batchCount: Int, groupSize: Int, biasGradient: Bool,
-    threads: Int, softcap: Bool = false, termRows: Int = 0
+    threads: Int, softcap: Bool = false, termRows: Int = 0, relativeFloats: Int = 0
   ) -> Int? {
     let tasks = batchCount / max(groupSize, 1)
     let workers = min(max(threads, 1), max(tasks, 1))
@@ -37,9 +37,10 @@ enum MaterializedBackward {
     let float = MemoryLayout<Float>.stride
     let factors = softcap ? workers * float : 0
     let terms = (batchCount * termRows, MemoryLayout<Double>.stride)
+    let relative = (relativeFloats, float)
     return biasGradient
-      ? byteCount([(tile, workers * float + factors), (tile, batchCount * float), terms])
-      : byteCount([(tile, 2 * workers * float + factors), terms])
+      ? byteCount([(tile, workers * float + factors), (tile, batchCount * float), terms, relative])
+      : byteCount([(tile, 2 * workers * float + factors), terms, relative])
   }
 
   static func compute(
@@ -53,10 +54,14 @@ enum MaterializedBackward {
     let terms = problem.terms
     let width = terms.distanceBins
     let termRows = (terms.sinks == nil ? 0 : tq) + width
+    let relativeWidth =
+      problem.scoreTerms.relativePosition?.columns(queries: tq, keys: tk).count ?? 0
     let bytes = workspaceBytes(
       queries: tq, keys: tk, batchCount: shape.batchCount, groupSize: shape.groupSize,
       biasGradient: keepScores, threads: threads, softcap: terms.softcap != nil,
-      termRows: termRows)
+      termRows: termRows,
+      relativeFloats: RelativePositionPass.slotFloats(problem, slots: shape.batchCount)
+        + 2 * min(threads, max(tasks, 1)) * tq * relativeWidth)
     try checkBackwardBudget(
       bytes, memoryBudget,
       what: "the materialized backward's \(shapeForMessage([tq, tk])) probabilities",
@@ -67,8 +72,12 @@ enum MaterializedBackward {
         dQ: dQ, dK: dK, dV: dV, dBias: dBias,
         dSinks: terms.sinkGradients(sinkTerms: [], queries: tq),
         dT5Tables: terms.t5TableGradients { _ in [Double](repeating: 0, count: width) },
-        workspaceBytes: bytes ?? 0, kernel: .materialized)
+        dRelativeEmbeddings: try problem.scoreTerms.relativePosition.map {
+          try Tensor(shape: $0.embeddings.shape)
+        }, workspaceBytes: bytes ?? 0, kernel: .materialized)
     }
+    // The relative-position term: dE per flat batch.
+    let relative = RelativePositionPass(problem, slots: shape.batchCount)
     // [B·H, Tq, Tk]: every head's dS, for the bias gradient.
     var kept = [Float](repeating: 0, count: keepScores ? shape.batchCount * tq * tk : 0)
     // Each row's p_sink·Δ ([B·H·Tq]) and each flat batch's dS by distance ([B·H, 2R + 1]).
@@ -83,17 +92,21 @@ enum MaterializedBackward {
         let second = UnsafeMutablePointer<Float>.allocate(capacity: keepScores ? 1 : tq * tk)
         let factors = UnsafeMutablePointer<Float>.allocate(
           capacity: terms.softcap == nil ? 1 : tq * tk)
+        // The position table R and G, [Tq, W] each.
+        let table = UnsafeMutablePointer<Float>.allocate(capacity: max(2 * tq * relativeWidth, 1))
         defer {
           first.deallocate()
           second.deallocate()
           factors.deallocate()
+          table.deallocate()
         }
         while case let g = queue.take(), g < tasks {
           for b in problem.queryBatches(ofKeyValueBatch: g) {
             run(
               problem, dropout: dropout, batch: b, keyValueBatch: g, buffers: buffers,
               probabilities: first, scores: keepScores ? buffers.kept! + b * tq * tk : second,
-              factors: factors, sums: sums)
+              factors: factors, sums: sums,
+              relative: relative.map { ($0, table, table + tq * relativeWidth) })
           }
         }
       }
@@ -113,7 +126,8 @@ enum MaterializedBackward {
       dQ: dQ, dK: dK, dV: dV, dBias: dBias,
       dSinks: terms.sinkGradients(sinkTerms: sums.rowArray, queries: tq),
       dT5Tables: terms.t5TableGradients { h in sums.binsOfHead(h, terms: terms) },
-      workspaceBytes: bytes ?? .max, kernel: .materialized)
+      dRelativeEmbeddings: relative?.embeddingGradient(), workspaceBytes: bytes ?? .max,
+      kernel: .materialized)
   }
 
   /// Steps 1–4 for query head `b` of key/value batch `g`; `probabilities` and `scores` are
@@ -121,7 +135,11 @@ enum MaterializedBackward {
   private static func run(
     _ problem: BackwardProblem, dropout: Dropout?, batch b: Int, keyValueBatch g: Int,
     buffers: BackwardBuffers, probabilities p: UnsafeMutablePointer<Float>,
-    scores s: UnsafeMutablePointer<Float>, factors f: UnsafeMutablePointer<Float>, sums: TermSums
+    scores s: UnsafeMutablePointer<Float>, factors f: UnsafeMutablePointer<Float>, sums: TermSums,
+    relative: (
+      pass: RelativePositionPass, table: UnsafeMutablePointer<Float>,
+      g: UnsafeMutablePointer<Float>
+    )?
   ) {
     let (tq, tk, d, dv) = problem.sizes
     let terms = problem.terms
@@ -139,10 +157,21 @@ enum MaterializedBackward {
       p.update(repeating: 0, count: tq * tk)
     }
     var sinkWeights = [Float](repeating: 0, count: terms.sinks == nil ? 0 : tq)
+    let columns = relative?.pass.columns ?? 0...0
+    let width = columns.count
+    if let relative {
+      relative.pass.table(
+        queries: q, rows: tq, columns: columns, into: relative.table, stride: width)
+    }
     for i in 0..<tq {
       let row = p + i * tk
       terms.capScores(row, count: tk)
       terms.capFactors(row, into: f + i * tk, count: tk)
+      if let relative {
+        relative.pass.bias.add(
+          table: relative.table + i * width - columns.lowerBound, to: row, query: i, firstKey: 0,
+          count: tk)
+      }
       terms.addPositionBias(to: row, batch: b, query: i, firstKey: 0, count: tk)
       problem.resolved.apply(to: row, batch: b, query: i, firstKey: 0, count: tk)
       let sinkWeight = RowSoftmax.normalize(row, count: tk, sink: terms.sink(batch: b))
@@ -176,6 +205,12 @@ enum MaterializedBackward {
         terms.binByDistance(
           row, into: sums.bins(batch: b, unit: 0), query: i, firstKey: 0, count: tk)
       }
+      if let relative {
+        let gRow = relative.g + i * width
+        gRow.update(repeating: 0, count: width)
+        relative.pass.bias.accumulate(
+          row: row, into: gRow - columns.lowerBound, query: i, firstKey: 0, count: tk)
+      }
       // dX = dS∘(1 − (t/c)²) over P's row, which is no longer needed.
       if terms.softcap != nil {
         BackwardRows.multiply(row, by: f + i * tk, into: p + i * tk, count: tk)
@@ -190,6 +225,13 @@ enum MaterializedBackward {
       BLAS.sgemm(
         transposeA: true, m: tk, n: d, k: tq, alpha: scale, a: dx, lda: tk, b: q, ldb: d,
         beta: 1, c: buffers.dK + g * tk * d, ldc: d)
+    }
+    // The position term: dQ += scale·G·E, dE_b = scale·Gᵀ·Q.
+    if let relative {
+      relative.pass.addQueryGradient(
+        relative.g, rows: tq, columns: columns, stride: width, into: buffers.dQ + b * tq * d)
+      relative.pass.addEmbeddingGradient(
+        relative.g, rows: tq, columns: columns, stride: width, queries: q, slot: b)
     }
   }
 }

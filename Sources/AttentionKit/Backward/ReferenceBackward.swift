@@ -64,7 +64,11 @@ package enum ReferenceBackward {
     let gradients = termGradients(problem, result)
     return AttentionGradients(
       dQ: dQ, dK: dK, dV: dV, dBias: dBias, dSinks: gradients.sinks,
-      dT5Tables: gradients.t5Tables, workspaceBytes: bytes ?? .max, kernel: .reference)
+      dT5Tables: gradients.t5Tables,
+      dRelativeEmbeddings: problem.scoreTerms.relativePosition.map {
+        Tensor(
+          validShape: $0.embeddings.shape, scalars: result.dRelativeEmbeddings.map { Float($0) })
+      }, workspaceBytes: bytes ?? .max, kernel: .reference)
   }
 
   /// `dSinks` and `dT5Tables` from the reference's `dS`, sink weights and `Δ`, summed in
@@ -176,7 +180,10 @@ package enum ReferenceBackward {
       dO: problem.gradOutput.scalars.map { Double($0) },
       bias: bias, visible: visible, dropoutKept: kept, keptScale: keptScale,
       softcap: terms.softcap.map(Double.init), positionBias: positionBias,
-      sinks: terms.sinks.map { sinks in (0..<bh).map { Double(sinks[terms.head($0)]) } })
+      sinks: terms.sinks.map { sinks in (0..<bh).map { Double(sinks[terms.head($0)]) } },
+      relative: problem.scoreTerms.relativePosition.map {
+        ($0.embeddings.scalars.map { Double($0) }, $0.maxDistance)
+      })
   }
 }
 
@@ -214,13 +221,20 @@ package struct Backward64: Sendable {
   package var positionBias: [Double]?
   /// `[B·H]`: the sink logit of each flat batch's head; `nil` without sinks.
   package var sinks: [Double]?
+  /// The notebook's relative-position term: `E` `[2M + 1, D]` flat, and `M`; the score gains
+  /// `scale·q_i·E[clip(j − i, −M, M) + M]` after the soft-cap. `nil` for none.
+  package var relativeEmbeddings: [Double]?
+  package var relativeMaxDistance = 0
 
   package init(
     batchCount: Int, queries: Int, keys: Int, headDim: Int, valueDim: Int, keyValueBatch: [Int],
     scale: Double, q: [Double], k: [Double], v: [Double], dO: [Double], bias: [Double]?,
     visible: [Bool], dropoutKept: [Bool]?, keptScale: Double, softcap: Double? = nil,
-    positionBias: [Double]? = nil, sinks: [Double]? = nil
+    positionBias: [Double]? = nil, sinks: [Double]? = nil,
+    relative: (embeddings: [Double], maxDistance: Int)? = nil
   ) {
+    relativeEmbeddings = relative?.embeddings
+    relativeMaxDistance = relative?.maxDistance ?? 0
     (self.batchCount, self.queries, self.keys, self.headDim, self.valueDim) = (
       batchCount, queries, keys, headDim, valueDim
     )
@@ -256,6 +270,14 @@ package struct Backward64: Sendable {
     /// `[B·H, Tq, Tk]`: the soft-cap's factor `1 − (t/c)²` on each score's gradient (1 without
     /// a soft-cap, 0 where masked).
     package var capFactors: [Double]
+    /// `dE`, `[2M + 1, D]`, with the relative-position term; empty without it.
+    package var dRelativeEmbeddings: [Double]
+  }
+
+  /// `clip(j − i, −M, M) + M`, the row of `E` score `(i, j)` reads.
+  package func relativeIndex(query i: Int, key j: Int) -> Int {
+    let m = relativeMaxDistance
+    return min(max(j - i, -m), m) + m
   }
 
   /// The forward pass and the gradients, query row by query row; `dK` and `dV` accumulate over
@@ -269,7 +291,8 @@ package struct Backward64: Sendable {
       probabilities: .init(repeating: 0, count: bh * tq * tk),
       dSRowMagnitude: .init(repeating: 0, count: bh * tq),
       sinkWeights: .init(repeating: 0, count: bh * tq), deltas: .init(repeating: 0, count: bh * tq),
-      capFactors: .init(repeating: 0, count: bh * tq * tk))
+      capFactors: .init(repeating: 0, count: bh * tq * tk),
+      dRelativeEmbeddings: .init(repeating: 0, count: relativeEmbeddings?.count ?? 0))
     var scores = [Double](repeating: 0, count: tk)
     var dP = [Double](repeating: 0, count: tk)
     for b in 0..<bh {
@@ -291,6 +314,12 @@ package struct Backward64: Sendable {
           if let c = softcap {
             x = c * tanh(x / c)
             r.capFactors[e] = 1 - (x / c) * (x / c)
+          }
+          if let embeddings = relativeEmbeddings, d > 0 {
+            let r = relativeIndex(query: i, key: j)
+            var position = 0.0
+            for c in 0..<d { position += q[row * d + c] * embeddings[r * d + c] }
+            x += position * scale
           }
           scores[j] = x + (positionBias?[e] ?? 0) + (bias?[e] ?? 0)
         }
@@ -337,6 +366,14 @@ package struct Backward64: Sendable {
             r.dK[(g * tk + j) * d + c] += scale * dx * q[row * d + c]
           }
           for c in 0..<dv { r.dV[(g * tk + j) * dv + c] += pd * dO[row * dv + c] }
+          // The position term: dQ_i += scale·dS·E[r], dE[r] += scale·dS·q_i.
+          if let embeddings = relativeEmbeddings {
+            let index = relativeIndex(query: i, key: j)
+            for c in 0..<d {
+              r.dQ[row * d + c] += scale * ds * embeddings[index * d + c]
+              r.dRelativeEmbeddings[index * d + c] += scale * ds * q[row * d + c]
+            }
+          }
         }
       }
     }

@@ -165,8 +165,15 @@ public enum TiledBackward {
     let termDoubles =
       (terms.sinks == nil ? 0 : batchCount * queries)
       + (reach.map { batchCount * units * (2 * $0 + 1) } ?? 0)
-    return forward + (rows + tiles + chunks + factors) * MemoryLayout<Float>.stride + flags
-      + termDoubles * MemoryLayout<Double>.stride
+    // The relative-position term: R and G per worker, dE per slot.
+    let relative =
+      terms.relativePosition.map { bias in
+        let width = min(bias.tableWidth, partition.queryBlock + partition.keyBlock - 1)
+        return partition.workers(threads: threads) * 2 * partition.queryBlock * width
+          + batchCount * units * bias.columns(queries: queries, keys: keys).count * d
+      } ?? 0
+    return forward + (rows + tiles + chunks + factors + relative) * MemoryLayout<Float>.stride
+      + flags + termDoubles * MemoryLayout<Double>.stride
   }
 
   /// Called through `Attention.backward`, which holds OpenBLAS at one thread meanwhile.
@@ -206,6 +213,9 @@ public enum TiledBackward {
         dSinks: terms.sinkGradients(sinkTerms: [], queries: tq),
         dT5Tables: terms.t5TableGradients { _ in
           [Double](repeating: 0, count: terms.distanceBins)
+        },
+        dRelativeEmbeddings: try problem.scoreTerms.relativePosition.map {
+          try Tensor(shape: $0.embeddings.shape)
         }, workspaceBytes: 0, kernel: .tiled(configuration), tilesComputed: 0)
     }
     // Pass 0: L, and Δ = rowsum(dO∘O), from the forward's results or a rerun.
@@ -224,7 +234,8 @@ public enum TiledBackward {
         let forward = try TiledAttention.compute(
           queries: problem.queries, keys: problem.keys, values: problem.values,
           mask: problem.mask, scale: problem.requestedScale, dropout: dropout,
-          relativePosition: nil, terms: problem.scoreTerms, configuration: configuration,
+          relativePosition: problem.scoreTerms.relativePosition, terms: problem.scoreTerms,
+          configuration: configuration,
           threads: threads,
           needLogSumExp: true)
         (output, lse) = (forward.output, forward.logSumExp!)
@@ -250,6 +261,7 @@ public enum TiledBackward {
       unitsPerBatch: biasGradient ? partition.queryBlocks : partition.dQChunks,
       width: terms.distanceBins)
     defer { sums.deallocate() }
+    let relative = RelativePositionPass(problem, slots: bh * sums.unitsPerBatch)
     if let sinks = terms.sinks {
       for r in 0..<(bh * tq) where logSumExp[r] > -.infinity {
         let sink = Double(sinks[terms.head(r / tq)])
@@ -259,7 +271,8 @@ public enum TiledBackward {
     let plan = BackwardTilePlan(
       problem: problem, dropout: dropout, queryBlock: partition.queryBlock,
       keyBlock: partition.keyBlock, queryBlocks: partition.queryBlocks,
-      keyBlocks: partition.keyBlocks, chunks: partition.dQChunks, sums: sums)
+      keyBlocks: partition.keyBlocks, chunks: partition.dQChunks, sums: sums,
+      relative: relative)
     let rows = RowStatistics(logSumExp: logSumExp, delta: delta)
     let tiles = Atomic<Int>(0)
     let kvCount = problem.keyValueBatchCount
@@ -333,7 +346,8 @@ public enum TiledBackward {
       dQ: dQ, dK: dK, dV: dV, dBias: dBias,
       dSinks: terms.sinkGradients(sinkTerms: sums.rowArray, queries: tq),
       dT5Tables: terms.t5TableGradients { h in sums.binsOfHead(h, terms: terms) },
-      workspaceBytes: bytes, kernel: .tiled(configuration),
+      dRelativeEmbeddings: relative?.embeddingGradient(), workspaceBytes: bytes,
+      kernel: .tiled(configuration),
       tilesComputed: tiles.load(ordering: .relaxed))
   }
 }
@@ -358,18 +372,29 @@ final class BackwardScratch {
   let probabilities: UnsafeMutablePointer<Float>
   let gradient: UnsafeMutablePointer<Float>
   let factors: UnsafeMutablePointer<Float>
+  /// With the relative-position term, its table `R` and `G`, `[Bq, W]` each (row stride
+  /// `relativeStride`).
+  let table: UnsafeMutablePointer<Float>
+  let g: UnsafeMutablePointer<Float>
+  let relativeStride: Int
 
   init(plan: BackwardTilePlan) {
     probabilities = .allocate(capacity: plan.queryBlock * plan.keyBlock)
     gradient = .allocate(capacity: plan.queryBlock * plan.keyBlock)
     factors = .allocate(
       capacity: plan.problem.terms.softcap == nil ? 1 : plan.queryBlock * plan.keyBlock)
+    relativeStride =
+      plan.relative?.tableWidth(queries: plan.queryBlock, keys: plan.keyBlock) ?? 0
+    table = .allocate(capacity: max(plan.queryBlock * relativeStride, 1))
+    g = .allocate(capacity: max(plan.queryBlock * relativeStride, 1))
   }
 
   deinit {
     probabilities.deallocate()
     gradient.deallocate()
     factors.deallocate()
+    table.deallocate()
+    g.deallocate()
   }
 }
 
@@ -391,6 +416,9 @@ struct BackwardTilePlan: Sendable {
   let chunks: Int
   /// The score terms' sums (`p_sink·Δ` by row, T5's `dS` by distance per slot).
   let sums: TermSums
+  /// The relative-position term's table, `G` and `dE` slots (per slot as `sums`); `nil`
+  /// without it.
+  let relative: RelativePositionPass?
 
   var mask: ResolvedMask { problem.resolved }
 
@@ -430,12 +458,16 @@ struct BackwardTilePlan: Sendable {
   /// mask; zeros for a row that sees no key.
   @inline(__always)
   private func probabilities(
-    _ row: UnsafeMutablePointer<Float>, factors: UnsafeMutablePointer<Float>, batch b: Int,
-    query i: Int, firstKey j0: Int, count: Int, rows: RowStatistics
+    _ row: UnsafeMutablePointer<Float>, factors: UnsafeMutablePointer<Float>,
+    positions: UnsafePointer<Float>?, batch b: Int, query i: Int, firstKey j0: Int, count: Int,
+    rows: RowStatistics
   ) {
     let terms = problem.terms
     terms.capScores(row, count: count)
     terms.capFactors(row, into: factors, count: count)
+    if let positions, let relative {
+      relative.bias.add(table: positions, to: row, query: i, firstKey: j0, count: count)
+    }
     terms.addPositionBias(to: row, batch: b, query: i, firstKey: j0, count: count)
     mask.apply(to: row, batch: b, query: i, firstKey: j0, count: count)
     let l = rows.logSumExp[b * problem.shape.queries + i]
@@ -457,8 +489,8 @@ struct BackwardTilePlan: Sendable {
     batch b: Int, keyValueBatch g: Int, firstQuery i0: Int, rowCount: Int, firstKey j0: Int,
     cols: Int, buffers: BackwardBuffers, rows: RowStatistics, scratch: BackwardScratch,
     valueGradient: Bool, valueBeta: Float = 1, bins: UnsafeMutablePointer<Double>? = nil,
-    biasGradient: Bool = false
-  ) {
+    biasGradient: Bool = false, relativeGradient: Bool = false
+  ) -> ClosedRange<Int> {
     let (tq, tk, d, dv) = problem.sizes
     let bk = keyBlock
     let p = scratch.probabilities
@@ -474,10 +506,17 @@ struct BackwardTilePlan: Sendable {
       for r in 0..<rowCount { (p + r * bk).update(repeating: 0, count: cols) }
     }
     let capped = problem.terms.softcap != nil
+    // The relative-position term's table for the tile's columns.
+    let columns =
+      relative?.columns(firstQuery: i0, queries: rowCount, firstKey: j0, keys: cols) ?? 0...0
+    let stride = scratch.relativeStride
+    relative?.table(
+      queries: q, rows: rowCount, columns: columns, into: scratch.table, stride: stride)
     for r in 0..<rowCount {
       probabilities(
-        p + r * bk, factors: scratch.factors + (capped ? r * bk : 0), batch: b, query: i0 + r,
-        firstKey: j0, count: cols, rows: rows)
+        p + r * bk, factors: scratch.factors + (capped ? r * bk : 0),
+        positions: relative == nil ? nil : scratch.table + r * stride - columns.lowerBound,
+        batch: b, query: i0 + r, firstKey: j0, count: cols, rows: rows)
     }
     // dV_blk += Pdᵀ·dO_blk, Pd = P∘Z/(1 − p) (in the second tile, which dP then overwrites).
     if valueGradient && dv > 0 {
@@ -512,8 +551,15 @@ struct BackwardTilePlan: Sendable {
       if biasGradient, let bias = problem.biasGradient, let out = buffers.kept {
         for j in 0..<cols { out[bias.index(batch: b, row: i0 + r, column: j0 + j)] += row[j] }
       }
+      if relativeGradient, let relative {
+        let gRow = scratch.g + r * stride
+        gRow.update(repeating: 0, count: columns.count)
+        relative.bias.accumulate(
+          row: row, into: gRow - columns.lowerBound, query: i0 + r, firstKey: j0, count: cols)
+      }
       if capped { BackwardRows.multiply(row, by: scratch.factors + r * bk, into: row, count: cols) }
     }
+    return columns
   }
 
   /// The five-sgemm pass for key chunk `chunk` of key/value batch `g`: for its key blocks
@@ -536,11 +582,12 @@ struct BackwardTilePlan: Sendable {
         tiles += 1
         let keyBeta: Float = first ? 0 : 1
         first = false
-        tile(
+        let columns = tile(
           batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
           cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true,
           valueBeta: keyBeta,
-          bins: sums.width == 0 ? nil : sums.bins(batch: b, unit: chunk))
+          bins: sums.width == 0 ? nil : sums.bins(batch: b, unit: chunk),
+          relativeGradient: relative != nil)
         guard d > 0 else { continue }
         // dK_blk += scale·dSᵀ·Q_blk.
         let q = buffers.q + (b * tq + i0) * d
@@ -561,6 +608,14 @@ struct BackwardTilePlan: Sendable {
           m: rowCount, n: d, k: cols, alpha: problem.scale, a: scratch.gradient,
           lda: keyBlock, b: buffers.k + (g * tk + j0) * d, ldb: d, beta: beta, c: target,
           ldc: d)
+        if let relative {
+          relative.addQueryGradient(
+            scratch.g, rows: rowCount, columns: columns, stride: scratch.relativeStride,
+            into: target)
+          relative.addEmbeddingGradient(
+            scratch.g, rows: rowCount, columns: columns, stride: scratch.relativeStride,
+            queries: q, slot: b * sums.unitsPerBatch + chunk)
+        }
       }
       if first {
         // No query sees these keys: their gradients are zero.
@@ -619,7 +674,7 @@ struct BackwardTilePlan: Sendable {
     var tiles = 0
     for (b, _, i0, rowCount) in visibleQueryBlocks(keyValueBatch: g, firstKey: j0, cols: cols) {
       tiles += 1
-      tile(
+      _ = tile(
         batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
         cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: true)
       // dK_blk += scale·dSᵀ·Q_blk.
@@ -671,11 +726,11 @@ struct BackwardTilePlan: Sendable {
       while j0 < keyEnd {
         let cols = min(keyBlock, keyEnd - j0)
         tiles += 1
-        tile(
+        let columns = tile(
           batch: b, keyValueBatch: g, firstQuery: i0, rowCount: rowCount, firstKey: j0,
           cols: cols, buffers: buffers, rows: rows, scratch: scratch, valueGradient: false,
           bins: sums.width == 0 ? nil : sums.bins(batch: b, unit: unit.block),
-          biasGradient: true)
+          biasGradient: true, relativeGradient: relative != nil)
         let s = scratch.gradient
         // dQ_blk += scale·dS·K_blk.
         if d > 0 {
@@ -683,6 +738,14 @@ struct BackwardTilePlan: Sendable {
             m: rowCount, n: d, k: cols, alpha: problem.scale, a: s, lda: keyBlock,
             b: buffers.k + (g * tk + j0) * d, ldb: d, beta: 1,
             c: buffers.dQ + (b * tq + i0) * d, ldc: d)
+        }
+        if let relative {
+          relative.addQueryGradient(
+            scratch.g, rows: rowCount, columns: columns, stride: scratch.relativeStride,
+            into: buffers.dQ + (b * tq + i0) * d)
+          relative.addEmbeddingGradient(
+            scratch.g, rows: rowCount, columns: columns, stride: scratch.relativeStride,
+            queries: buffers.q + (b * tq + i0) * d, slot: b * sums.unitsPerBatch + unit.block)
         }
         j0 += cols
       }

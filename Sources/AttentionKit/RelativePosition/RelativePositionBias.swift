@@ -43,9 +43,17 @@ public struct RelativePositionBias: Sendable {
   /// `clip(j − i) + M` for `j − i ∈ [−(Tq − 1), Tk − 1]`. The kernels compute only these, so a
   /// table far wider than the sequence (M ≫ T) costs nothing.
   public func columns(queries: Int, keys: Int) -> ClosedRange<Int> {
+    columns(firstQuery: 0, queries: queries, firstKey: 0, keys: keys)
+  }
+
+  /// The columns of `R` that queries `firstQuery ..< firstQuery + queries` and keys
+  /// `firstKey ..< firstKey + keys` can read (a tile's).
+  public func columns(firstQuery i0: Int, queries: Int, firstKey j0: Int, keys: Int)
+    -> ClosedRange<Int>
+  {
     let m = maxDistance
-    let low = max(0, m - max(queries - 1, 0))
-    let high = min(2 * m, m + max(keys - 1, 0))
+    let low = min(max(j0 - (i0 + max(queries - 1, 0)), -m), m) + m
+    let high = min(max(j0 + max(keys - 1, 0) - i0, -m), m) + m
     return low...max(low, high)
   }
 
@@ -75,5 +83,27 @@ public struct RelativePositionBias: Sendable {
     for j in leftEnd..<rightStart { row[j] += table[j + offset] }
     let farRight = table[2 * m]
     for j in rightStart..<count { row[j] += farRight }
+  }
+
+  /// The adjoint of `add`: `table[clip(j − i) + M] += row[j]` for keys
+  /// `firstKey ..< firstKey + count` of query `i`, so that `table` (indexed by full column
+  /// number) gets `G_i`, the sums of `dS_ij` over the keys that read each embedding. Keys beyond
+  /// `±M` all land in the end columns; each column is summed in increasing `j`.
+  @inline(__always)
+  func accumulate(
+    row: UnsafePointer<Float>, into table: UnsafeMutablePointer<Float>, query i: Int,
+    firstKey: Int, count: Int
+  ) {
+    let m = maxDistance
+    let leftEnd = min(max(i - m - firstKey, 0), count)
+    let rightStart = min(max(i + m + 1 - firstKey, leftEnd), count)
+    var far: Float = 0
+    for j in 0..<leftEnd { far += row[j] }
+    if leftEnd > 0 { table[0] += far }
+    let offset = firstKey - i + m
+    for j in leftEnd..<rightStart { table[j + offset] += row[j] }
+    var farRight: Float = 0
+    for j in rightStart..<count { farRight += row[j] }
+    if rightStart < count { table[2 * m] += farRight }
   }
 }

@@ -45,6 +45,8 @@ public struct ReferenceGradients: Sendable {
   /// `ScoreTerms.positionBiases` order.
   public let dSinks: [Double]?
   public let dT5Tables: [[Double]]
+  /// `dE` `[(2M + 1)·D]` of the relative-position term, `nil` without it.
+  public let dRelativeEmbeddings: [Double]?
   /// The output `O` `[…, Tq, Dv]`, flat.
   public let output: [Double]
   /// The softmax `P` (before dropout) and `dS`, `[…, Tq, Tk]` (query heads), flat.
@@ -114,6 +116,7 @@ public struct ReferenceGradients: Sendable {
     let termGradients = ReferenceBackward.exactTermGradients(backwardProblem, result)
     dSinks = termGradients.sinks
     dT5Tables = termGradients.t5Tables
+    dRelativeEmbeddings = expanded.relativeEmbeddings == nil ? nil : result.dRelativeEmbeddings
     if let layout = backwardProblem.biasGradient, let bias = mask.bias {
       var sums = [Double](repeating: 0, count: bias.count)
       let (tq, tk) = (expanded.queries, expanded.keys)
@@ -210,6 +213,18 @@ public struct ReferenceGradients: Sendable {
     return Self.centralDifference(plus, minus, step: h)
   }
 
+  /// The central difference of `Σ dO∘O` along element `index` of the relative-position
+  /// embeddings `E` (`[(2M + 1)·D]`, flat).
+  public func finiteDifferenceOfRelativeEmbedding(index: Int, step: Double = 1e-6) -> Double {
+    guard let embeddings = problem.relativeEmbeddings else { return 0 }
+    var plus = problem
+    var minus = problem
+    let h = step * max(1, abs(embeddings[index]))
+    plus.relativeEmbeddings![index] += h
+    minus.relativeEmbeddings![index] -= h
+    return Self.centralDifference(plus, minus, step: h)
+  }
+
   private static func centralDifference(_ plus: Backward64, _ minus: Backward64, step h: Double)
     -> Double
   {
@@ -231,6 +246,8 @@ public struct GradientBounds: Sendable {
   /// `[H]` with sinks, else `nil`; each T5 table's, `[buckets·H]`.
   public var dSinks: [Double]?
   public var dT5Tables: [[Double]]
+  /// `[(2M + 1)·D]` with the relative-position term, else `nil`.
+  public var dRelativeEmbeddings: [Double]?
 
   package init(
     _ p: Backward64, _ r: Backward64.Result, problem: BackwardProblem, rounding: Rounding
@@ -256,11 +273,21 @@ public struct GradientBounds: Sendable {
             dot += x
             magnitude += abs(x)
           }
+          var position = 0.0
+          if let embeddings = p.relativeEmbeddings {
+            // The position term's products, summed as the kernels' R = scale·Q·Eᵀ.
+            let r = p.relativeIndex(query: i, key: j)
+            for c in 0..<d {
+              let x = p.q[(b * tq + i) * d + c] * embeddings[r * d + c]
+              position += x
+              magnitude += abs(x)
+            }
+          }
           a = max(a, magnitude * abs(p.scale))
           let e = (b * tq + i) * tk + j
           if p.visible[e] {
             let x = dot * p.scale
-            s = max(s, abs(p.softcap.map { $0 * tanh(x / $0) } ?? x))
+            s = max(s, abs((p.softcap.map { $0 * tanh(x / $0) } ?? x) + position * p.scale))
             if let value = p.bias?[e], value.isFinite { bias = max(bias, abs(value)) }
             if let value = p.positionBias?[e] { positions = max(positions, abs(value)) }
           }
@@ -319,6 +346,7 @@ public struct GradientBounds: Sendable {
     dQ = [Double](repeating: floor, count: r.dQ.count)
     dK = [Double](repeating: floor, count: r.dK.count)
     dV = [Double](repeating: floor, count: r.dV.count)
+    var relativeBounds = p.relativeEmbeddings.map { [Double](repeating: floor, count: $0.count) }
     for b in 0..<bh {
       let g = p.keyValueBatch[b]
       for i in 0..<tq {
@@ -336,6 +364,17 @@ public struct GradientBounds: Sendable {
           for c in 0..<dv {
             dV[(g * tk + j) * dv + c] +=
               (rho[x] + gamma(group * tq + 2)) * pd * abs(p.dO[row * dv + c])
+          }
+          if let embeddings = p.relativeEmbeddings {
+            // dQ += scale·G·E and dE += scale·Gᵀ·Q, G summing dS (not dX) over keys.
+            let index = p.relativeIndex(query: i, key: j)
+            let ds = abs(r.dS[x])
+            for c in 0..<d {
+              dQ[row * d + c] +=
+                abs(p.scale) * (e[x] + gamma(2 * tk + 2) * ds) * abs(embeddings[index * d + c])
+              relativeBounds![index * d + c] +=
+                abs(p.scale) * (e[x] + gamma(tk + bh * tq + 2) * ds) * abs(p.q[row * d + c])
+            }
           }
         }
       }
@@ -361,6 +400,7 @@ public struct GradientBounds: Sendable {
     } else {
       dBias = nil
     }
+    dRelativeEmbeddings = relativeBounds
     // The score terms' parameters.
     if p.sinks != nil {
       let heads = problem.shape.batchShape.count >= 2 ? problem.shape.batchShape.last! : 1
