@@ -42,7 +42,6 @@ struct RelposGradientsCommandTests {
       #expect(run.stdout.contains("Gradient checks:"))
       for title in [
         "gradients equal the float64 reference", "float64 central differences",
-        "every row of dS sums to 0",
       ] {
         #expect(run.stdout.contains("✓ \(title)"), "no passed check '\(title)' in\n\(run.stdout)")
       }
@@ -83,7 +82,6 @@ struct RelposGradientsCommandTests {
       #expect(
         checks == [
           "gradients_match_reference": true, "finite_differences": true,
-          "score_gradient_rows_sum_to_zero": true,
         ])
       #expect(json?["verified"] as? Bool == true)
       let shapes = json?["gradient_shapes"] as? [String: [Int]] ?? [:]
@@ -131,7 +129,8 @@ struct RelposGradientsCommandTests {
     try AttnCLI.withTemporaryFolder { folder in
       let dY = try Tensor.randomNormal(shape: [2, 20, 64], seed: 1, stream: 1)
       try Data(NPY.encode(dY)).write(to: folder.appendingPathComponent("dy.npy"))
-      // The forward fits in 70 KB; the backward's P and dS per worker, 76.56 KiB, do not.
+      // The forward fits in 70 KB; the backward's Q, K, V and their gradients, 60 KiB, and
+      // the attention kernel's workspace do not.
       let run = try AttnCLI.run(
         [
           "relpos", "--grad-out", "dy.npy", "--dx-out", "dx.npy", "--out", "y.npy",

@@ -17,15 +17,8 @@ public struct RelativePositionGradients: Sendable {
   public var dQ: Tensor
   public var dK: Tensor
   public var dV: Tensor
-  /// `Σ_j dS_ij` for every row `(b, i)`, `[B·T]`, summed in `Double` from the kernel's own `dS`:
-  /// exactly 0 in exact arithmetic (the softmax's Jacobian), so a check of the kernel.
-  public var scoreGradientRowSums: [Double]
-  /// For each row, `Σ_j P_ij·|dP_ij| + |Δ_i|` from the kernel's own `P`, `dP` and
-  /// `Δ_i = Σ_j P_ij·dP_ij`: the magnitude a row sum's rounding scales with, since
-  /// `Σ_j dS_ij = Δ_i(1 − Σ_j P_ij) − (Δ̂_i − Δ_i)` (the bound is `AttentionVerification`'s
-  /// `RelposGradientChecks.rowSumBound`).
-  public var scoreGradientRowMagnitudes: [Double]
-  /// Bytes of scratch memory the kernel allocated beyond its inputs and these gradients.
+  /// Bytes of scratch memory allocated beyond the inputs and these gradients: the attention
+  /// kernel's workspace and the module's `Q`, `K`, `V` and their gradients.
   public var workspaceBytes: Int
   /// The kernel that ran.
   public var kernel: Attention.Kernel

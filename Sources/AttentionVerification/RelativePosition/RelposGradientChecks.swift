@@ -1,8 +1,10 @@
 import AttentionKit
 import Foundation
 
-/// The checks `attn relpos --grad-out` runs on the materialized kernel's gradients. Each recomputes what
-/// it checks in `Double`, from the inputs, independently of the materialized kernel.
+/// The checks `attn relpos --grad-out` runs on the module's gradients (any kernel of
+/// `Attention.backward`). Each recomputes what it checks in `Double`, from the inputs,
+/// independently of the kernels: the module's own float64 forward and backward
+/// (`RelativePosition64`), projections included.
 ///
 /// Shape legend: `B` batch, `T` sequence length, `D` = d_model, `M` largest relative distance.
 /// 1. `gradients_match_reference`: every element of `dx`, `dQ`, `dK`, `dV` and of each parameter
@@ -17,9 +19,6 @@ import Foundation
 ///    first order) `+ (D + T + 8)·ε·|L|₁/h` (the losses' rounding, `|L|₁ = Σ|dY∘Y|`) `+ 10⁻⁹·|g|`:
 ///    a few 10⁻⁶ for the default sizes (gradients of order 1), while a wrong formula errs by
 ///    10⁻³ of the gradient or more. Observed errors are below 1% of it.
-/// 3. `score_gradient_rows_sum_to_zero`: `|Σ_j dS_ij|` of the materialized kernel's own `dS` within
-///    `rowSumBound` of the magnitude it reports
-///    (`RelativePositionGradients.scoreGradientRowMagnitudes`).
 public struct RelposGradientChecks {
   /// The largest `B·T·(T + D)·D` the checks take: the multiply-adds of one float64 forward,
   /// which the finite differences run `4·8·samplesPerTensor` times.
@@ -59,7 +58,6 @@ public struct RelposGradientChecks {
     return [
       try referenceCheck(fast, reference),
       finiteDifferenceCheck(problem, reference, dY: dY, seed: seed),
-      rowSumCheck(fast),
     ]
   }
 
@@ -174,34 +172,5 @@ public struct RelposGradientChecks {
       }
     }
     return entries
-  }
-
-  /// How far from 0 a row sum of `dS` may be in `rounding`'s arithmetic, for a row of `length`
-  /// keys whose magnitude (`RelativePositionGradients.scoreGradientRowMagnitudes`) is `M`:
-  /// `(γ_{T+6} + 2u)·M`, since `Σ_j dS_j = Δ(1 − Σ_j P_j) − (Δ̂ − Δ)`, `Σ_j P_j` is 1 within
-  /// `γ_{T+6}` and `Δ̂` is `Σ_j P_j·dP_j` summed in `T + 1` roundings.
-  public static func rowSumBound(magnitude: Double, length: Int, rounding: Rounding = .float32)
-    -> Double
-  {
-    (rounding.gamma(length + 6) + 2 * rounding.unit) * magnitude
-  }
-
-  private func rowSumCheck(_ fast: RelativePositionGradients) -> Check {
-    var worst = 0.0
-    var largest = 0.0
-    let length = fast.dQ.shape.count > 1 ? fast.dQ.shape[fast.dQ.shape.count - 2] : 1
-    for (sum, magnitude) in zip(fast.scoreGradientRowSums, fast.scoreGradientRowMagnitudes) {
-      let bound = Self.rowSumBound(magnitude: magnitude, length: length)
-      largest = max(largest, abs(sum))
-      let ratio = sum == 0 ? 0 : (bound > 0 ? abs(sum) / bound : .infinity)
-      worst = max(worst, ratio.isNaN ? .infinity : ratio)
-    }
-    return Check(
-      name: "score_gradient_rows_sum_to_zero",
-      title: "every row of dS sums to 0",
-      passed: worst <= 1,
-      detail:
-        "\(fast.scoreGradientRowSums.count) rows, largest |Σ_j dS_ij| = \(scientific(largest)), "
-        + "worst / bound = \(String(format: "%.3g", worst))")
   }
 }

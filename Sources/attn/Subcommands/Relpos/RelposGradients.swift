@@ -3,7 +3,7 @@ import AttentionVerification
 
 /// `attn relpos --grad-out`: the module's backward pass on `dY` and its float64 checks.
 extension RelposCommand {
-  /// The materialized backward kernel on `gradient` (`dY`), then its checks.
+  /// The backward pass on `gradient` (`dY`) with `--kernel`'s kernel, then its checks.
   func runBackward(
     module: RelativePositionAttention, inputs: Tensor, mask: AttentionMask, gradient: Tensor
   ) throws -> (gradients: RelativePositionGradients, checks: [Check]) {
@@ -11,7 +11,7 @@ extension RelposCommand {
     do {
       gradients = try Progress().during("running the backward pass") {
         try module.backward(
-          inputs, mask: mask, gradOutput: gradient, kernel: .materialized,
+          inputs, mask: mask, gradOutput: gradient, kernel: kernelOptions.kernel,
           threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
       }
     } catch AttentionError.memoryBudget(var exceeded) {
