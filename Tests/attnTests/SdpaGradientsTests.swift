@@ -82,4 +82,55 @@ struct SdpaGradientsTests {
       }
     }
   }
+
+  @Test("attn check verifies sdpa's gradients with the terms, and refuses them without sinks")
+  func checkWithTerms() throws {
+    let spec = try #require(try Self.cases().first { $0.name == "all_four_causal" })
+    let path = ScoreTermsFixtures.path
+    try AttnCLI.withTemporaryFolder { folder in
+      let sdpa =
+        try SdpaScoreTermsTests.arguments(spec) + [
+          "--grad-out", path(spec.gradients.gradOut.file), "--dq-out", "dq.npy", "--dk-out",
+          "dk.npy", "--dv-out", "dv.npy",
+        ]
+      let written = try AttnCLI.run(sdpa, in: folder)
+      try #require(written.status == 0, "\(written.stderr)")
+      // attn check takes the problem's flags (sdpa's, without its outputs) and the candidates.
+      var problem: [String] = []
+      var skip = false
+      for argument in try SdpaScoreTermsTests.arguments(spec).dropFirst() {
+        if skip {
+          skip = false
+          continue
+        }
+        if ["--out", "--format"].contains(argument) {
+          skip = true
+          continue
+        }
+        problem.append(argument)
+      }
+      let candidates = [
+        "--output", "o.npy", "--grad-out", path(spec.gradients.gradOut.file), "--dq", "dq.npy",
+        "--dk", "dk.npy", "--dv", "dv.npy",
+      ]
+      let check = try AttnCLI.run(["check"] + problem + candidates, in: folder)
+      #expect(check.status == 0, "\(check.stdout)\n\(check.stderr)")
+      var withoutSinks: [String] = []
+      var dropNext = false
+      for argument in problem {
+        if dropNext {
+          dropNext = false
+          continue
+        }
+        if argument == "--sinks" {
+          dropNext = true
+          continue
+        }
+        withoutSinks.append(argument)
+      }
+      let wrong = try AttnCLI.run(["check"] + withoutSinks + candidates, in: folder)
+      #expect(wrong.status != 0)
+      #expect(wrong.stdout.contains("NOT verified"))
+    }
+  }
 }
