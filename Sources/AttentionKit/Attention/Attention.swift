@@ -59,8 +59,8 @@ public enum Attention {
   ///     kernel and thread count drops the same weights.
   ///   - terms: soft-capping, ALiBi or T5 biases, attention sinks and the notebook's
   ///     relative-position term `q_i·E[clip(j − i, −M, M) + M]·scale` (`ScoreTerms`), in every
-  ///     kernel. (Their gradients are not in `Attention.backward` yet; with sinks, `logSumExp`
-  ///     includes the sink's term.)
+  ///     kernel; `Attention.backward(terms:)` gives their gradients. With sinks, `logSumExp`
+  ///     includes the sink's term.
   ///   - kernel: see `Kernel`; `.automatic` by default.
   ///   - needWeights: whether the `[…, Tq, Tk]` weights should come back (`.automatic` then
   ///     picks the materialized kernel when they fit `memoryBudget`).
