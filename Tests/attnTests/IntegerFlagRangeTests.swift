@@ -131,7 +131,8 @@ struct IntegerFlagRangeTests {
     "sdpa": [
       "--query", "--key", "--value", "--attn-mask", "--causal-align", "--scale", "--dropout-p",
       "--out", "--weights-out", "--out-dtype", "--format", "--kernel", "--softcap",
-      "--alibi-slopes", "--t5-bias", "--sinks",
+      "--alibi-slopes", "--t5-bias", "--sinks", "--grad-out", "--dq-out", "--dk-out", "--dv-out",
+      "--dsinks-out", "--dt5-out", "--dmask-out",
     ],
     "check": [
       "--query", "--key", "--value", "--attn-mask", "--causal-align", "--scale", "--output",
