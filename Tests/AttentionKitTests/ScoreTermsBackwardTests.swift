@@ -267,7 +267,7 @@ struct ScoreTermsBackwardTests {
     arguments: try ScoreTermsFixtures.cases())
   func fixtures(spec: ScoreTermsCase) throws {
     let c = try LoadedScoreTermsCase(spec)
-    let terms = ScoreTermsTests.terms(c)
+    let terms = c.scoreTerms
     let needBias = c.mask.bias != nil
     let r = try ReferenceGradients(
       queries: c.queries, keys: c.keys, values: c.values, gradOutput: c.gradOut, mask: c.mask,

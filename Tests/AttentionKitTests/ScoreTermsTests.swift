@@ -118,17 +118,6 @@ struct ScoreTermsTests {
     }
   }
 
-  /// The case's terms as the library takes them.
-  static func terms(_ c: LoadedScoreTermsCase) -> ScoreTerms {
-    var terms = ScoreTerms(softcap: c.softcap, sinks: c.sinks)
-    if let alibi = c.alibi { terms.positionBiases.append(.alibi(slopes: alibi.slopes)) }
-    if let t5 = c.t5 {
-      terms.positionBiases.append(
-        .t5(table: t5.table, maxDistance: t5.maxDistance, bidirectional: t5.bidirectional))
-    }
-    return terms
-  }
-
   /// Each kernel's output and weights against numpy's float64 (`make_score_terms_fixtures.py`),
   /// element by element. Tolerance: the float32 bound of `ReferenceAttention.row` around the
   /// exact value (numpy's float64 is exact to ~1e-15, far below it) — so a term applied with
@@ -139,7 +128,7 @@ struct ScoreTermsTests {
     arguments: try ScoreTermsFixtures.cases())
   func kernelsMatchFixtures(spec: ScoreTermsCase) throws {
     let c = try LoadedScoreTermsCase(spec)
-    let terms = Self.terms(c)
+    let terms = c.scoreTerms
     let reference = try ReferenceAttention(
       queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: c.scale,
       terms: terms)

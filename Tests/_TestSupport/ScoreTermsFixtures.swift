@@ -285,6 +285,17 @@ package struct LoadedScoreTermsCase: Sendable {
   }
 
   package var name: String { spec.name }
+
+  /// The case's terms as the library takes them.
+  package var scoreTerms: ScoreTerms {
+    var terms = ScoreTerms(softcap: softcap, sinks: sinks)
+    if let alibi { terms.positionBiases.append(.alibi(slopes: alibi.slopes)) }
+    if let t5 {
+      terms.positionBiases.append(
+        .t5(table: t5.table, maxDistance: t5.maxDistance, bidirectional: t5.bidirectional))
+    }
+    return terms
+  }
   package var isCausal: Bool { mask.isCausal }
   package var causalAlignment: CausalAlignment { mask.causalAlignment }
   package var window: Int? { mask.window }

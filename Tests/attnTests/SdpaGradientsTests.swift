@@ -17,12 +17,7 @@ struct SdpaGradientsTests {
   @Test("each expressible case writes numpy's gradients", arguments: try cases())
   func matchesNumpy(spec: ScoreTermsCase) throws {
     let c = try LoadedScoreTermsCase(spec)
-    var terms = ScoreTerms(softcap: c.softcap, sinks: c.sinks)
-    if let alibi = c.alibi { terms.positionBiases.append(.alibi(slopes: alibi.slopes)) }
-    if let t5 = c.t5 {
-      terms.positionBiases.append(
-        .t5(table: t5.table, maxDistance: t5.maxDistance, bidirectional: t5.bidirectional))
-    }
+    let terms = c.scoreTerms
     let floatMask = c.mask.bias != nil
     let reference = try ReferenceGradients(
       queries: c.queries, keys: c.keys, values: c.values, gradOutput: c.gradOut, mask: c.mask,

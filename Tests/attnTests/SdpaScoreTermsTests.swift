@@ -44,12 +44,7 @@ struct SdpaScoreTermsTests {
   @Test("each expressible case verifies and writes numpy's output", arguments: try expressible())
   func matchesNumpy(spec: ScoreTermsCase) throws {
     let c = try LoadedScoreTermsCase(spec)
-    var terms = ScoreTerms(softcap: c.softcap, sinks: c.sinks)
-    if let alibi = c.alibi { terms.positionBiases.append(.alibi(slopes: alibi.slopes)) }
-    if let t5 = c.t5 {
-      terms.positionBiases.append(
-        .t5(table: t5.table, maxDistance: t5.maxDistance, bidirectional: t5.bidirectional))
-    }
+    let terms = c.scoreTerms
     let reference = try ReferenceAttention(
       queries: c.queries, keys: c.keys, values: c.values, mask: c.mask, scale: c.scale,
       terms: terms)
