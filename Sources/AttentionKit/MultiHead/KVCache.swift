@@ -139,7 +139,7 @@ extension MultiHeadAttention {
     do {
       attention = try Attention.scaledDotProduct(
         queries: projected.queries, keys: cache.keys, values: cache.values, mask: mask,
-        scale: scale, kernel: kernel, needWeights: needWeights, threads: threads,
+        scale: scale, terms: terms, kernel: kernel, needWeights: needWeights, threads: threads,
         memoryBudget: memoryBudget, keyCount: cache.count)
     } catch {
       // A step that fails leaves the cache as it found it.

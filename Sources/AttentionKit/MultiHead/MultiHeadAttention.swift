@@ -10,9 +10,11 @@ import Tensors
 /// 1. `Q = x·W_qᵀ + b_q` `[B, T, H·D]`, `K = x·W_kᵀ + b_k` and `V = x·W_vᵀ + b_v` `[B, T, Hkv·D]`
 ///    — one sgemm for the three (their weights are stacked once, at construction) — then split
 ///    into heads: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`;
-/// 2. optionally, rotary position embeddings on `Q` and `K` (`RotaryEmbedding`), token `t` at
+/// 2. optionally, an RMS norm on each head's query and key (`queryNorm`, `keyNorm`: Qwen3,
+///    Gemma 3), then rotary position embeddings on `Q` and `K` (`RotaryEmbedding`), token `t` at
 ///    position `positionOffset + t`;
-/// 3. `Attention.scaledDotProduct` with scale `1/√D` and the masks (`MultiHeadMasks`: a
+/// 3. `Attention.scaledDotProduct` with the layer's scale (`1/√D` unless given) and score terms
+///    (`terms`: soft-capping, sinks, ALiBi, T5's bias) and the masks (`MultiHeadMasks`: a
 ///    key-padding mask `[B, Tk]`, True = padding, and an SDPA attention mask), with a zero
 ///    output row for a query that sees no key (PyTorch's `nn.MultiheadAttention` gives NaN);
 /// 4. heads merged, `[B, T, H·D]`, and `y = ctx·W_oᵀ + b_o` `[B, T, E]`;
@@ -34,20 +36,30 @@ public struct MultiHeadAttention: Sendable {
   public let rotary: RotaryEmbedding?
   /// `LayerNorm(y + x)` after the output projection (BERT), or `nil`.
   public let residualNorm: LayerNorm?
+  /// RMS norms of each head's query and key (`[D]` weights), before the rotary embedding.
+  public let queryNorm: RMSNorm?
+  public let keyNorm: RMSNorm?
+  /// The factor on `q·k` in float64 as the model states it (`1/√D` unless given, e.g. Gemma 2's
+  /// `query_pre_attn_scalar^(−1/2)` or T5's 1); the kernels take it rounded to float32 (`scale`).
+  public let exactScale: Double
+  /// Score terms of every call (`ScoreTerms`: per query head, `[H]` sinks and slopes, T5's
+  /// `[buckets, H]` table).
+  public let terms: ScoreTerms
   /// `W_q`, `W_k`, `W_v` stacked: `[(H + 2·Hkv)·D, E]`, so that one sgemm projects all three.
   let stackedProjection: Linear
 
   /// `E`, the width of inputs and outputs.
   public var embedDim: Int { queryProjection.inputFeatures }
-  /// `1/√D`, as float32 (PyTorch's default SDPA scale).
-  public var scale: Float { 1 / Float(headDim).squareRoot() }
+  /// `exactScale` as float32, what the kernels multiply by.
+  public var scale: Float { Float(exactScale) }
 
   /// A layer from its parts; throws `AttentionError.shapeMismatch` naming the projection whose
   /// shape does not fit `H`, `Hkv` and `D`, or `invalidArgument` when `Hkv` does not divide `H`.
   public init(
     queryProjection: Linear, keyProjection: Linear, valueProjection: Linear,
     outputProjection: Linear, heads: Int, keyValueHeads: Int? = nil,
-    rotary: RotaryEmbedding? = nil, residualNorm: LayerNorm? = nil
+    rotary: RotaryEmbedding? = nil, residualNorm: LayerNorm? = nil, queryNorm: RMSNorm? = nil,
+    keyNorm: RMSNorm? = nil, scale: Double? = nil, terms: ScoreTerms = .none
   ) throws {
     let kvHeads = keyValueHeads ?? heads
     guard heads > 0, kvHeads > 0 else {
@@ -84,6 +96,15 @@ public struct MultiHeadAttention: Sendable {
       throw AttentionError.shapeMismatch(
         "the layer norm normalizes \(residualNorm.features) features, the layer's width is \(e)")
     }
+    for (norm, name) in [(queryNorm, "query"), (keyNorm, "key")] {
+      if let norm, norm.features != d {
+        throw AttentionError.shapeMismatch(
+          "the \(name) norm normalizes \(norm.features) features, the head dimension is \(d)")
+      }
+    }
+    if let scale, !scale.isFinite {
+      throw AttentionError.invalidArgument("the layer's scale must be finite, got \(scale)")
+    }
     self.queryProjection = queryProjection
     self.keyProjection = keyProjection
     self.valueProjection = valueProjection
@@ -93,6 +114,10 @@ public struct MultiHeadAttention: Sendable {
     self.headDim = d
     self.rotary = rotary
     self.residualNorm = residualNorm
+    self.queryNorm = queryNorm
+    self.keyNorm = keyNorm
+    exactScale = scale ?? 1 / Double(d).squareRoot()
+    self.terms = terms
     stackedProjection = try Self.stack([queryProjection, keyProjection, valueProjection])
   }
 
@@ -140,7 +165,8 @@ public struct MultiHeadAttention: Sendable {
       attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: length)
     let attention = try Attention.scaledDotProduct(
       queries: heads.queries, keys: heads.keys, values: heads.values, mask: mask, scale: scale,
-      kernel: kernel, needWeights: needWeights, threads: threads, memoryBudget: memoryBudget)
+      terms: terms, kernel: kernel, needWeights: needWeights, threads: threads,
+      memoryBudget: memoryBudget)
     return MultiHeadResult(output: try finish(attention.output, input: x), attention: attention)
   }
 
@@ -153,13 +179,15 @@ public struct MultiHeadAttention: Sendable {
       attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: keys)
   }
 
-  /// Steps 1–2: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`, rotated when the layer has
-  /// rotary embeddings.
+  /// Steps 1–2: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`, normalized and rotated when the
+  /// layer has query and key norms and rotary embeddings.
   public func project(_ x: Tensor, positionOffset: Int = 0) throws -> ProjectedHeads {
     _ = try checkInput(x)
     let stacked = try stackedProjection(x)
     var split = try HeadLayout.split(
       stacked, headCounts: [heads, keyValueHeads, keyValueHeads], headDim: headDim)
+    try queryNorm?.apply(to: &split[0])
+    try keyNorm?.apply(to: &split[1])
     if let rotary {
       try rotary.apply(to: &split[0], positionOffset: positionOffset)
       try rotary.apply(to: &split[1], positionOffset: positionOffset)

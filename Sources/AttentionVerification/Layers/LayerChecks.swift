@@ -160,7 +160,7 @@ public struct LayerStageChecks {
     // 2. The attention of the float32 Q, K, V, every head of the sampled rows.
     let attentionReference = try ReferenceAttention(
       queries: heads.queries, keys: heads.keys, values: heads.values, mask: mask,
-      scale: layer.scale)
+      scale: layer.scale, terms: layer.terms)
     var kernel = 0.0
     for (b, token) in rows {
       for head in 0..<h {

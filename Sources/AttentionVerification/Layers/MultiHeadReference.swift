@@ -10,11 +10,17 @@ import Tensors
 /// Stability of Numerical Algorithms*, §3.1; `u = 2⁻²⁴`, `γₙ = n·u/(1 − n·u)`), carrying an
 /// absolute error `e` beside every value:
 /// - a projection `p = b + Σ_e x_e·W_e` (one sgemm over `E`): `e_p = γ_{E+1}·(|b| + Σ|x_e·W_e|)`;
+/// - an RMS norm of a head's `D` values (`queryNorm`, `keyNorm`): output `c` within
+///   `|w_c|·r·(1 + |x̂_c|)·max_k e_k + γ₅·|y_c|` (`r = 1/rms`, `x̂ = x·r`: the norm's Jacobian
+///   has row sums `≤ |w_c|·r·(1 + |x̂_c|)`; the scaling's own roundings);
 /// - a rotated pair: `e' = |cos θ|·e₀ + |sin θ|·e₁ + γ₄·(|x₀| + |x₁|)` (the products, the sum,
 ///   and the rounding of `cos θ`, `sin θ`);
 /// - a score `s_j = scale·Σ_c q_c·k_jc`: `δ_j = γ_{D+3}·scale·Σ|q_c·k_jc| + scale·Σ(e_q·|k| + |q|·e_k)`
-///   (the sum, the scale's own rounding, and the projections' errors);
-/// - the weights, relatively: `ρ = 2·max_j δ_j + γ_{Tk+8}`, so `|Δw_j| ≤ w_j·ρ` (as `ReferenceRow`);
+///   (the sum, the scale's own rounding, and the projections' errors); with the layer's score
+///   terms, a soft-cap `c` adds `γ₆·c` (`c·tanh(x/c)` has slope at most 1), a position bias
+///   `γ₂·|bias|`;
+/// - the weights, relatively: `ρ = 2·max_j δ_j + γ_{Tk+8}` (`γ_{Tk+9}` with a sink, which joins
+///   the denominator), so `|Δw_j| ≤ w_j·ρ` (as `ReferenceRow`);
 /// - the context `c = Σ_j w_j·v_j`: `Σ_j w_j·((ρ + γ_{Tk})·|v_j| + e_v)`;
 /// - the output projection: `γ_{H·D+1}·(|b| + Σ|c_k·W_k|) + Σ e_c·|W_k|`;
 /// - with a layer norm on `z = y + x`: `e_z = e_y + u·|z|`, and output feature `i` is off by at
@@ -128,7 +134,7 @@ public struct MultiHeadReference: Sendable {
       let base = head * d
       for i in 0..<(d / 2) {
         let angle = Double(position) * rotary.frequency(i)
-        let (c, s) = (cos(angle), sin(angle))
+        let (c, s) = (cos(angle) * rotary.attentionFactor, sin(angle) * rotary.attentionFactor)
         let (a, b) = rotary.pair(i)
         let (x0, x1) = (v.value[base + a], v.value[base + b])
         let (e0, e1) = (v.error[base + a], v.error[base + b])
@@ -141,10 +147,29 @@ public struct MultiHeadReference: Sendable {
     }
   }
 
+  /// Each head's `D` values of `v` (heads side by side) through `norm`, with the bound.
+  func normalize(_ v: inout Bounded, _ norm: RMSNorm?) {
+    guard let norm else { return }
+    let d = layer.headDim
+    let gamma = Float32Rounding.gamma(5)
+    for head in 0..<(v.value.count / d) {
+      let base = head * d
+      let r = norm.inverseRMS(d) { v.value[base + $0] }
+      let worst = v.error[base..<(base + d)].max() ?? 0
+      for c in 0..<d {
+        let normalized = v.value[base + c] * r
+        let y = normalized * norm.scale(c)
+        v.value[base + c] = y
+        v.error[base + c] = abs(norm.scale(c)) * r * (1 + abs(normalized)) * worst + gamma * abs(y)
+      }
+    }
+  }
+
   func keyValues(batch b: Int) -> KeyValues {
     var result = KeyValues(keys: [], values: [])
     for t in 0..<length {
       var k = project(layer.keyProjection, batch: b, token: t)
+      normalize(&k, layer.keyNorm)
       rotate(&k, position: positionOffset + t)
       result.keys.append(k)
       result.values.append(project(layer.valueProjection, batch: b, token: t))
@@ -155,9 +180,12 @@ public struct MultiHeadReference: Sendable {
   func row(batch b: Int, token i: Int, keyValues kv: KeyValues) -> MultiHeadReferenceRow {
     let (h, d, tk) = (layer.heads, layer.headDim, length)
     let group = h / layer.keyValueHeads
-    // The exact 1/√D: the float32 layer's rounded scale is one of the errors the bound covers.
-    let scale = 1 / Double(d).squareRoot()
+    // The exact scale (1/√D unless the model gives one): the float32 layer's rounded scale is
+    // one of the errors the bound covers.
+    let scale = layer.exactScale
+    let terms = layer.terms
     var q = project(layer.queryProjection, batch: b, token: i)
+    normalize(&q, layer.queryNorm)
     rotate(&q, position: positionOffset + i)
     var context = Bounded(
       value: [Double](repeating: 0, count: h * d), error: [Double](repeating: 0, count: h * d))
@@ -180,7 +208,17 @@ public struct MultiHeadReference: Sendable {
           carried += q.error[qBase + c] * abs(kc) + abs(qc) * kv.keys[j].error[kvBase + c]
         }
         var s = dot * scale
-        var error = scoreGamma * scale * magnitude + scale * carried
+        var error = scoreGamma * abs(scale) * magnitude + abs(scale) * carried
+        if let c = terms.softcap.map(Double.init) {
+          s = c * tanh(s / c)
+          error += Float32Rounding.gamma(6) * c
+        }
+        if !terms.positionBiases.isEmpty {
+          // Distances as the kernels see them: j − i (the layer's full pass, top-left).
+          let bias = terms.exactPositionBias(head: head, heads: h, distance: j - i)
+          s += bias
+          error += Float32Rounding.gamma(2) * abs(bias)
+        }
         if let bias = mask.bias {
           s += Double(bias.value(batch: flat, row: i, column: j))
           error += Float32Rounding.gamma(1) * abs(s)
@@ -189,13 +227,16 @@ public struct MultiHeadReference: Sendable {
         scores[j] = s
         worst = max(worst, error)
       }
-      let peak = scores.max() ?? -.infinity
+      let visiblePeak = scores.max() ?? -.infinity
+      let sink = terms.sinks.map { Double($0[head]) }
       var w = [Double](repeating: 0, count: tk)
       var bound = [Double](repeating: 0, count: tk)
-      if peak > -.infinity {
+      if visiblePeak > -.infinity {
+        // A sink is one more key with no value, in the shift and the denominator.
+        let peak = max(visiblePeak, sink ?? visiblePeak)
         let exps = scores.map { exp($0 - peak) }
-        let sum = exps.reduce(0, +)
-        let rho = 2 * worst + Float32Rounding.gamma(tk + 8)
+        let sum = exps.reduce(0, +) + (sink.map { exp($0 - peak) } ?? 0)
+        let rho = 2 * worst + Float32Rounding.gamma(tk + (sink == nil ? 8 : 9))
         let sumGamma = Float32Rounding.gamma(tk)
         // A weight below float32's smallest normal may come out anywhere in [0, λ] (flushed by
         // fastExp, or rounded twice on the subnormal grid): an absolute floor λ on it and on its
@@ -262,6 +303,8 @@ public struct MultiHeadReference: Sendable {
   ) {
     var q = project(layer.queryProjection, batch: b, token: t)
     var k = project(layer.keyProjection, batch: b, token: t)
+    normalize(&q, layer.queryNorm)
+    normalize(&k, layer.keyNorm)
     rotate(&q, position: positionOffset + t)
     rotate(&k, position: positionOffset + t)
     let v = project(layer.valueProjection, batch: b, token: t)
