@@ -78,7 +78,8 @@ extension MultiHeadAttention {
     guard heads > 0 else {
       throw AttentionError.invalidArgument("the number of heads must be ≥ 1, got \(heads)")
     }
-    var reader = ParameterReader(stateDict: stateDict, prefix: prefix, layout: layout)
+    var reader = ParameterReader(
+      stateDict: stateDict, prefix: prefix, owner: "the \(layout.rawValue) layout")
     let query: Linear
     let key: Linear
     let value: Linear
@@ -219,92 +220,5 @@ extension MultiHeadAttention {
       try put("o_proj", outputProjection, bias: false)
     }
     return StateDict(tensors)
-  }
-}
-
-/// Reads a layout's tensors under a prefix, remembering which names it used.
-private struct ParameterReader {
-  let stateDict: StateDict
-  let prefix: String
-  let layout: WeightLayout
-  var used: Set<String> = []
-  /// Names accepted and not read (a buffer older checkpoints carry).
-  var ignored: Set<String> = []
-
-  init(stateDict: StateDict, prefix: String, layout: WeightLayout) {
-    self.stateDict = stateDict
-    self.prefix = prefix
-    self.layout = layout
-  }
-
-  mutating func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
-    used.insert(prefix + name)
-    guard let found = stateDict[prefix + name] else {
-      throw AttentionError.parameter(
-        name: prefix + name,
-        message: "is missing (the \(layout.rawValue) layout expects \(shapeForMessage(shape)))")
-    }
-    guard found.shape == shape else {
-      throw AttentionError.parameter(
-        name: prefix + name,
-        message:
-          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(shapeForMessage(shape))"
-      )
-    }
-    return found
-  }
-
-  mutating func linear(_ name: String, out: Int, in width: Int, bias: Bool) throws -> Linear {
-    try Linear(
-      weight: tensor(name + ".weight", [out, width]),
-      bias: bias ? tensor(name + ".bias", [out]) : nil)
-  }
-
-  /// `shape[1]` of a `[rows·n, n]`-shaped tensor (the layer's width `E`), checked for rank 2.
-  func width(of name: String, rows: Int) throws -> Int {
-    let found = try present(name)
-    guard found.rank == 2, found.shape[1] > 0, found.shape[0] == rows * found.shape[1] || rows == 1
-    else {
-      let expected = rows == 1 ? "[out, E]" : "[\(rows)·E, E]"
-      throw AttentionError.parameter(
-        name: prefix + name,
-        message:
-          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects \(expected)"
-      )
-    }
-    return found.shape[1]
-  }
-
-  func rows(of name: String) throws -> Int {
-    let found = try present(name)
-    guard found.rank == 2 else {
-      throw AttentionError.parameter(
-        name: prefix + name,
-        message:
-          "has shape \(shapeForMessage(found.shape)), the \(layout.rawValue) layout expects [out, E]"
-      )
-    }
-    return found.shape[0]
-  }
-
-  private func present(_ name: String) throws -> Tensor {
-    guard let found = stateDict[prefix + name] else {
-      throw AttentionError.parameter(
-        name: prefix + name, message: "is missing (the \(layout.rawValue) layout needs it)")
-    }
-    return found
-  }
-
-  mutating func ignore(_ name: String) { ignored.insert(prefix + name) }
-
-  /// Throws for the first of `names` (all under the prefix) that the layout does not use.
-  func checkNoOthers(among names: [String]) throws {
-    if let unexpected = names.first(where: { !used.contains($0) && !ignored.contains($0) }) {
-      throw AttentionError.parameter(
-        name: unexpected,
-        message:
-          "is unexpected under the prefix \(quotedForMessage(prefix)) (the \(layout.rawValue) layout has \(used.sorted(by: StateDict.byteOrder).map { String($0.dropFirst(prefix.count)) }.joined(separator: ", ")))"
-      )
-    }
   }
 }

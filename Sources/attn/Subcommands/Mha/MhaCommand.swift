@@ -26,19 +26,26 @@ struct MhaCommand: ParsableCommand {
       that sees no key gets a zero attention output (PyTorch's nn.MultiheadAttention gives NaN).
       --decode runs the sequence token by token through a KV cache (causal), times each token, \
       and checks the outputs against the full pass.
+      --model DIR --layer L reads the layer of a Hugging Face folder instead (config.json and \
+      its safetensors shards): llama, mistral, qwen2, qwen3, gemma2, gemma3, gpt_oss, phi3, bloom, \
+      t5 (--layer encoder.L or decoder.L) and bert, with the config's heads, scale, rotary \
+      scaling, sliding windows, soft-cap, sinks, ALiBi, T5 bias and q/k norms; --heads, \
+      --kv-heads and --rope-theta override it.
       """)
 
   @Option(help: "The model's weights (.safetensors).")
-  var weights: String
+  var weights: String?
 
   @Option(help: "Weight layout: torch (nn.MultiheadAttention), bert (BertAttention) or llama.")
-  var layout: WeightLayout
+  var layout: WeightLayout?
+
+  @OptionGroup var modelOptions: MhaModelOptions
 
   @Option(help: "The layer's name prefix in the file (a '.' is added if missing).")
   var prefix = ""
 
-  @Option(help: "Query heads H.")
-  var heads: Int
+  @Option(help: "Query heads H (with --model: from config.json).")
+  var heads: Int?
 
   @Option(help: "Key/value heads Hkv (llama: inferred from k_proj; torch and bert: H).")
   var kvHeads: Int?
@@ -106,46 +113,10 @@ struct MhaCommand: ParsableCommand {
     tokens.map { $0.split(separator: ",", omittingEmptySubsequences: false).map(String.init) }
   }
 
-  func validate() throws {
-    try FlagLimits.check("--heads", heads, in: 1...FlagLimits.heads)
-    if let kvHeads {
-      try FlagLimits.check("--kv-heads", kvHeads, in: 1...FlagLimits.heads)
-      guard heads % kvHeads == 0 else {
-        throw ValidationError(
-          "--heads \(heads) must be a multiple of --kv-heads \(kvHeads) (each K/V head serves "
-            + "H / Hkv query heads)")
-      }
-    }
-    if let ropeTheta, !(ropeTheta.isFinite && ropeTheta > 0) {
-      throw ValidationError("--rope-theta must be a positive number, got \(ropeTheta)")
-    }
-    try FlagLimits.check("--position-offset", positionOffset, in: 0...FlagLimits.position)
-    if let layerNormEps, !(layerNormEps.isFinite && layerNormEps >= 0) {
-      throw ValidationError("--layer-norm-eps must be ≥ 0, got \(layerNormEps)")
-    }
-    if layerNormEps != nil && layout != .bert {
-      throw ValidationError("--layer-norm-eps goes with --layout bert")
-    }
-    if averageHeads && weightsOut == nil {
-      throw ValidationError("--average-heads goes with --weights-out")
-    }
-    if tokens != nil && heatmap == nil { throw ValidationError("--tokens goes with --heatmap") }
-    if heatmapBatch < 0 {
-      throw ValidationError("--heatmap-batch must be ≥ 0, got \(heatmapBatch)")
-    }
-    if let heatmap, heatmap.isEmpty { throw ValidationError("--heatmap needs a file path") }
-    if kernelOptions.kernel.isTiled && (weightsOut != nil || heatmap != nil) {
-      throw ValidationError(
-        "--weights-out and --heatmap need --kernel materialized or auto: the tiled kernel never "
-          + "holds the weights")
-    }
-    try checkOutputs(
-      [out, weightsOut, heatmap], against: [weights, input, keyPaddingMask, attnMask])
-  }
-
   func run() throws {
     let files = InputFiles(kernelOptions.execution)
-    let layer = try loadLayer(files: files)
+    let (layer, plan) =
+      try modelOptions.model.map { try loadModelLayer($0) } ?? (loadLayer(files: files), nil)
     let x = try files.input(input).tensor
     try inputSafety.check(x, from: input)
     guard x.rank == 3, x.shape[2] == layer.embedDim else {
@@ -160,7 +131,8 @@ struct MhaCommand: ParsableCommand {
       try paddingMask($0, files: files, batch: batch, length: length)
     }
     var mask = try attentionMask(files: files)
-    mask.isCausal = isCausal || decode || layout == .llama
+    mask.isCausal = isCausal || decode || layout == .llama || plan?.isCausal == true
+    mask.window = plan?.window
 
     let needWeights = weightsOut != nil || heatmap != nil
     let result = try explainingMemoryBudget {
@@ -210,7 +182,7 @@ struct MhaCommand: ParsableCommand {
     if let heatmap, let weights = result.weights {
       let figure = HeadsFigure.make(
         weights: weights, reference: reference, batch: heatmapBatch, tokens: tokenList,
-        title: "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)")")
+        title: "attn mha: " + (plan.map { "\($0.family.rawValue) layer \($0.layer)" } ?? layerName))
       outputs.append((heatmap, { figure.document().bytes() }))
     }
     let run = CheckedRun(checks: checks, outputs: outputs)
@@ -219,7 +191,8 @@ struct MhaCommand: ParsableCommand {
       format: report.format,
       json: {
         MhaReport(
-          layout: layout.rawValue, prefix: prefix, embedDim: layer.embedDim, heads: layer.heads,
+          layout: layout?.rawValue, prefix: plan?.prefix ?? prefix, model: plan?.summary,
+          embedDim: layer.embedDim, heads: layer.heads,
           kvHeads: layer.keyValueHeads, headDim: layer.headDim, ropeTheta: layer.rotary?.theta,
           ropeLayout: layer.rotary?.layout.rawValue, positionOffset: positionOffset,
           inputShape: x.shape, outputShape: result.output.shape,
@@ -230,8 +203,8 @@ struct MhaCommand: ParsableCommand {
       },
       text: {
         printText(
-          layer: layer, x: x, result: result, mask: mask, padding: padding, decoded: decoded,
-          latency: latency)
+          layer: layer, plan: plan, x: x, result: result, mask: mask, padding: padding,
+          decoded: decoded, latency: latency)
       })
   }
 

@@ -6,8 +6,68 @@ import TensorIO
 /// How `attn mha` reads its inputs: the layer from `--weights` (only its tensors), the key
 /// padding mask and PyTorch's `attn_mask`.
 extension MhaCommand {
+  func validate() throws {
+    if modelOptions.model != nil {
+      if weights != nil || layout != nil || !prefix.isEmpty {
+        throw ValidationError(
+          "--model reads the layer's layout and names from config.json: drop --weights, "
+            + "--layout and --prefix")
+      }
+      _ = try modelOptions.parsedLayer()
+    } else {
+      if modelOptions.layer != nil { throw ValidationError("--layer goes with --model") }
+      guard weights != nil, layout != nil, heads != nil else {
+        throw ValidationError(
+          "give --model DIR --layer L, or --weights FILE --layout LAYOUT --heads H")
+      }
+    }
+    if let heads { try FlagLimits.check("--heads", heads, in: 1...FlagLimits.heads) }
+    if let kvHeads {
+      try FlagLimits.check("--kv-heads", kvHeads, in: 1...FlagLimits.heads)
+      if let heads, heads % kvHeads != 0 {
+        throw ValidationError(
+          "--heads \(heads) must be a multiple of --kv-heads \(kvHeads) (each K/V head serves "
+            + "H / Hkv query heads)")
+      }
+    }
+    if let ropeTheta, !(ropeTheta.isFinite && ropeTheta > 0) {
+      throw ValidationError("--rope-theta must be a positive number, got \(ropeTheta)")
+    }
+    try FlagLimits.check("--position-offset", positionOffset, in: 0...FlagLimits.position)
+    if let layerNormEps, !(layerNormEps.isFinite && layerNormEps >= 0) {
+      throw ValidationError("--layer-norm-eps must be ≥ 0, got \(layerNormEps)")
+    }
+    if layerNormEps != nil && layout != .bert && modelOptions.model == nil {
+      throw ValidationError("--layer-norm-eps goes with --layout bert")
+    }
+    if averageHeads && weightsOut == nil {
+      throw ValidationError("--average-heads goes with --weights-out")
+    }
+    if tokens != nil && heatmap == nil { throw ValidationError("--tokens goes with --heatmap") }
+    if heatmapBatch < 0 {
+      throw ValidationError("--heatmap-batch must be ≥ 0, got \(heatmapBatch)")
+    }
+    if let heatmap, heatmap.isEmpty { throw ValidationError("--heatmap needs a file path") }
+    if kernelOptions.kernel.isTiled && (weightsOut != nil || heatmap != nil) {
+      throw ValidationError(
+        "--weights-out and --heatmap need --kernel materialized or auto: the tiled kernel never "
+          + "holds the weights")
+    }
+    try checkOutputs(
+      [out, weightsOut, heatmap],
+      against: [weights, modelOptions.model, input, keyPaddingMask, attnMask])
+  }
+
+  /// "llama layer model.layers.0.self_attn." for the title of a figure.
+  var layerName: String {
+    "\(layout?.rawValue ?? "") layer" + (prefix.isEmpty ? "" : " \(prefix)")
+  }
+
   /// The layer from `--weights`, its errors naming the file.
   func loadLayer(files: InputFiles) throws -> MultiHeadAttention {
+    guard let weights, let layout, let heads else {
+      throw ValidationError("give --weights FILE --layout LAYOUT --heads H")
+    }
     let options = MultiHeadAttention.LoadOptions(
       prefix: prefix, heads: heads, keyValueHeads: kvHeads, ropeTheta: ropeTheta,
       ropeLayout: ropeLayout, layerNormEpsilon: layerNormEps)

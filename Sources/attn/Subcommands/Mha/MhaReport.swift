@@ -8,19 +8,24 @@ extension MhaCommand {
   /// Why the layer runs causal: llama always does; `--decode` makes the full pass causal too,
   /// since a token decoded through a KV cache cannot see the tokens after it.
   var causalNote: String {
-    if isCausal || layout == .llama { return "causal" }
+    if isCausal || layout == .llama || modelOptions.model != nil { return "causal" }
     return "causal (as --decode: a token cannot see later ones)"
   }
 
   func printText(
-    layer: MultiHeadAttention, x: Tensor, result: MultiHeadResult, mask: AttentionMask,
-    padding: Tensor?, decoded: DecodedSequence?, latency: Stopwatch.Statistics?
+    layer: MultiHeadAttention, plan: ModelLayerPlan?, x: Tensor, result: MultiHeadResult,
+    mask: AttentionMask, padding: Tensor?, decoded: DecodedSequence?,
+    latency: Stopwatch.Statistics?
   ) {
     let rotary = layer.rotary.map {
       "rotary θ \(ExplainStep.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
     }
-    print(
-      "attn mha: \(layout.rawValue) layer\(prefix.isEmpty ? "" : " \(prefix)") from \(weights)")
+    if let plan, let model = modelOptions.model {
+      print("attn mha: \(plan.summary)")
+      print("from \(model), tensors \(plan.prefix)*")
+    } else {
+      print("attn mha: \(layerName) from \(weights ?? "")")
+    }
     let grouping =
       layer.keyValueHeads == layer.heads
       ? "H \(layer.heads)" : "H \(layer.heads) on Hkv \(layer.keyValueHeads)"
@@ -30,7 +35,8 @@ extension MhaCommand {
         + (layer.residualNorm.map { "; LayerNorm(· + x), eps \($0.epsilon)" } ?? ""))
     let masks =
       [
-        mask.isCausal ? causalNote : nil, padding == nil ? nil : "key padding",
+        mask.isCausal ? causalNote : nil, mask.window.map { "window \($0)" },
+        padding == nil ? nil : "key padding",
         attnMask == nil ? nil : (mask.keep != nil ? "boolean attn mask" : "float attn mask"),
       ].compactMap { $0 }
     print(
@@ -49,8 +55,10 @@ extension MhaCommand {
 
 /// `attn mha --format json`.
 struct MhaReport: Encodable {
-  var layout: String
+  /// `nil` with `--model`, whose `model` says what was read.
+  var layout: String?
   var prefix: String
+  var model: String?
   var embedDim: Int
   var heads: Int
   var kvHeads: Int
