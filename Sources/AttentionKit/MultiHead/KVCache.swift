@@ -119,6 +119,10 @@ extension MultiHeadAttention {
     needWeights: Bool = false, threads: Int? = nil, memoryBudget: Int? = nil
   ) throws -> MultiHeadResult {
     let (batch, length) = try checkInput(x)
+    guard appendedKeyValue == nil else {
+      throw AttentionError.invalidArgument(
+        "a layer with an appended key and value (add_bias_kv) does not decode through a cache")
+    }
     guard cache.batch == batch, cache.keyValueHeads == keyValueHeads, cache.headDim == headDim,
       cache.valueDim == headDim
     else {

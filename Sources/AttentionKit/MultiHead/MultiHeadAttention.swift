@@ -17,6 +17,9 @@ import Tensors
 ///    (`terms`: soft-capping, sinks, ALiBi, T5's bias) and the masks (`MultiHeadMasks`: a
 ///    key-padding mask `[B, Tk]`, True = padding, and an SDPA attention mask), with a zero
 ///    output row for a query that sees no key (PyTorch's `nn.MultiheadAttention` gives NaN);
+///    With `appendedKeyValue` (`nn.MultiheadAttention(add_bias_kv=True)`'s `bias_k`, `bias_v`),
+///    one more key and value, the same for every batch element, after the sequence's: visible to
+///    every query, never padded;
 /// 4. heads merged, `[B, T, H·D]`, and `y = ctx·W_oᵀ + b_o` `[B, T, E]`;
 /// 5. with `residualNorm` (BERT's `BertSelfOutput`), `y = LayerNorm(y + x)`.
 ///
@@ -45,6 +48,8 @@ public struct MultiHeadAttention: Sendable {
   /// Score terms of every call (`ScoreTerms`: per query head, `[H]` sinks and slopes, T5's
   /// `[buckets, H]` table).
   public let terms: ScoreTerms
+  /// A key and a value appended after the sequence's (`add_bias_kv`), `[Hkv·D]` each.
+  public let appendedKeyValue: AppendedKeyValue?
   /// `W_q`, `W_k`, `W_v` stacked: `[(H + 2·Hkv)·D, E]`, so that one sgemm projects all three.
   let stackedProjection: Linear
 
@@ -59,7 +64,8 @@ public struct MultiHeadAttention: Sendable {
     queryProjection: Linear, keyProjection: Linear, valueProjection: Linear,
     outputProjection: Linear, heads: Int, keyValueHeads: Int? = nil,
     rotary: RotaryEmbedding? = nil, residualNorm: LayerNorm? = nil, queryNorm: RMSNorm? = nil,
-    keyNorm: RMSNorm? = nil, scale: Double? = nil, terms: ScoreTerms = .none
+    keyNorm: RMSNorm? = nil, scale: Double? = nil, terms: ScoreTerms = .none,
+    appendedKeyValue: AppendedKeyValue? = nil
   ) throws {
     let kvHeads = keyValueHeads ?? heads
     guard heads > 0, kvHeads > 0 else {
@@ -102,6 +108,13 @@ public struct MultiHeadAttention: Sendable {
           "the \(name) norm normalizes \(norm.features) features, the head dimension is \(d)")
       }
     }
+    if let appended = appendedKeyValue,
+      appended.key.shape != [kvHeads * d] || appended.value.shape != [kvHeads * d]
+    {
+      throw AttentionError.shapeMismatch(
+        "an appended key and value must be [Hkv·D] = [\(kvHeads * d)] each, got "
+          + "\(shapeForMessage(appended.key.shape)) and \(shapeForMessage(appended.value.shape))")
+    }
     if let scale, !scale.isFinite {
       throw AttentionError.invalidArgument("the layer's scale must be finite, got \(scale)")
     }
@@ -118,6 +131,7 @@ public struct MultiHeadAttention: Sendable {
     self.keyNorm = keyNorm
     exactScale = scale ?? 1 / Double(d).squareRoot()
     self.terms = terms
+    self.appendedKeyValue = appendedKeyValue
     stackedProjection = try Self.stack([queryProjection, keyProjection, valueProjection])
   }
 
@@ -161,8 +175,8 @@ public struct MultiHeadAttention: Sendable {
   ) throws -> MultiHeadResult {
     let (batch, length) = try checkInput(x)
     let heads = try project(x, positionOffset: positionOffset)
-    let mask = try MultiHeadMasks.combine(
-      attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: length)
+    let mask = try combinedMask(
+      attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, length: length)
     let attention = try Attention.scaledDotProduct(
       queries: heads.queries, keys: heads.keys, values: heads.values, mask: mask, scale: scale,
       terms: terms, kernel: kernel, needWeights: needWeights, threads: threads,
@@ -171,16 +185,41 @@ public struct MultiHeadAttention: Sendable {
   }
 
   /// The one `AttentionMask` the kernels see for `attentionMask` and a key-padding mask
-  /// `[B, Tk]` (nonzero = padding) folded in (see `callAsFunction`).
-  public static func combinedMask(
-    _ attentionMask: AttentionMask, keyPaddingMask: Tensor?, batch: Int, keys: Int
+  /// `[B, T]` (nonzero = padding) folded in (see `callAsFunction`), over the `T` keys of the
+  /// sequence and the appended one, if any (never padded). An appended key goes with a key
+  /// padding mask only: an attention mask, causal or a window is refused with it.
+  public func combinedMask(
+    _ attentionMask: AttentionMask, keyPaddingMask: Tensor?, batch: Int, length: Int
   ) throws -> AttentionMask {
-    try MultiHeadMasks.combine(
-      attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: keys)
+    guard appendedKeyValue != nil else {
+      return try MultiHeadMasks.combine(
+        attentionMask, keyPaddingMask: keyPaddingMask, batch: batch, keys: length)
+    }
+    guard attentionMask.keep == nil, attentionMask.bias == nil, !attentionMask.isCausal,
+      attentionMask.window == nil
+    else {
+      throw AttentionError.invalidArgument(
+        "a layer with an appended key and value (add_bias_kv) takes a key padding mask only, "
+          + "not an attention mask, causal or a window")
+    }
+    guard let padding = keyPaddingMask else { return attentionMask }
+    guard padding.shape == [batch, length] else {
+      throw AttentionError.shapeMismatch(
+        "the key padding mask must be [B, T] = [\(batch), \(length)], got "
+          + shapeForMessage(padding.shape))
+    }
+    var extended = [Float](repeating: 0, count: batch * (length + 1))
+    for b in 0..<batch {
+      for t in 0..<length { extended[b * (length + 1) + t] = padding.scalars[b * length + t] }
+    }
+    return try MultiHeadMasks.combine(
+      attentionMask, keyPaddingMask: Tensor(validShape: [batch, length + 1], scalars: extended),
+      batch: batch, keys: length + 1)
   }
 
   /// Steps 1–2: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`, normalized and rotated when the
-  /// layer has query and key norms and rotary embeddings.
+  /// layer has query and key norms and rotary embeddings; with `appendedKeyValue`, `K` and `V`
+  /// are `[B, Hkv, T + 1, D]`.
   public func project(_ x: Tensor, positionOffset: Int = 0) throws -> ProjectedHeads {
     _ = try checkInput(x)
     let stacked = try stackedProjection(x)
@@ -192,7 +231,27 @@ public struct MultiHeadAttention: Sendable {
       try rotary.apply(to: &split[0], positionOffset: positionOffset)
       try rotary.apply(to: &split[1], positionOffset: positionOffset)
     }
+    if let appended = appendedKeyValue {
+      split[1] = Self.appending(appended.key, to: split[1])
+      split[2] = Self.appending(appended.value, to: split[2])
+    }
     return ProjectedHeads(queries: split[0], keys: split[1], values: split[2])
+  }
+
+  /// `x` `[B, Hkv, T, D]` with `row` (`[Hkv·D]`, heads side by side) appended to every
+  /// batch element's heads: `[B, Hkv, T + 1, D]`.
+  static func appending(_ row: Tensor, to x: Tensor) -> Tensor {
+    let (b, hkv, t, d) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+    var scalars: [Float] = []
+    scalars.reserveCapacity(b * hkv * (t + 1) * d)
+    for batch in 0..<b {
+      for head in 0..<hkv {
+        let start = (batch * hkv + head) * t * d
+        scalars += x.scalars[start..<(start + t * d)]
+        scalars += row.scalars[(head * d)..<((head + 1) * d)]
+      }
+    }
+    return Tensor(validShape: [b, hkv, t + 1, d], scalars: scalars)
   }
 
   /// Steps 4–5: the attention output `[B, H, T, D]` merged, projected and (BERT) normalized.
@@ -212,6 +271,18 @@ public struct MultiHeadAttention: Sendable {
         "the input must be [B, T, E] = [B, T, \(embedDim)], got \(shapeForMessage(x.shape))")
     }
     return (x.shape[0], x.shape[1])
+  }
+}
+
+/// `nn.MultiheadAttention(add_bias_kv=True)`'s `bias_k` and `bias_v`: one more key and value
+/// after the sequence's, `[Hkv·D]` each (heads side by side).
+public struct AppendedKeyValue: Sendable, Equatable {
+  public var key: Tensor
+  public var value: Tensor
+
+  public init(key: Tensor, value: Tensor) {
+    self.key = key
+    self.value = value
   }
 }
 

@@ -8,7 +8,9 @@ import Tensors
 public enum WeightLayout: String, Sendable, Equatable, CaseIterable {
   /// `torch.nn.MultiheadAttention` (`batch_first=True`, `Hkv = H`, `D = E/H`):
   /// `in_proj_weight` `[3E, E]` (rows: query, key, value), `in_proj_bias` `[3E]`,
-  /// `out_proj.weight` `[E, E]`, `out_proj.bias` `[E]`.
+  /// `out_proj.weight` `[E, E]`, `out_proj.bias` `[E]` — both biases absent with `bias=False` —
+  /// and with `add_bias_kv=True`, `bias_k` and `bias_v` `[1, 1, E]` (one more key and value).
+  /// Its `kdim`/`vdim` variant (separate `q/k/v_proj_weight`) is not read.
   case torch
   /// Hugging Face's `BertAttention` (`D = E/H`): `self.{query,key,value}.{weight,bias}`
   /// (`[E, E]`, `[E]`), `output.dense.{weight,bias}`, `output.LayerNorm.{weight,bias}` (`[E]`);
@@ -85,6 +87,7 @@ extension MultiHeadAttention {
     let value: Linear
     let output: Linear
     var norm: LayerNorm?
+    var appended: AppendedKeyValue?
     var kvHeads = heads
     var theta = options.ropeTheta
     switch layout {
@@ -96,15 +99,24 @@ extension MultiHeadAttention {
       try Self.checkSameHeads(options.keyValueHeads, heads: heads, layout: layout)
       if layout == .torch {
         let stackedWeight = try reader.tensor("in_proj_weight", [3 * e, e])
-        let stackedBias = try reader.tensor("in_proj_bias", [3 * e])
+        // bias=False: neither in_proj_bias nor out_proj.bias.
+        let biased = stateDict[prefix + "in_proj_bias"] != nil
+        let stackedBias = biased ? try reader.tensor("in_proj_bias", [3 * e]) : nil
         func part(_ p: Int) throws -> Linear {
           try Linear(
             weight: Tensor(
               shape: [e, e], scalars: Array(stackedWeight.scalars[(p * e * e)..<((p + 1) * e * e)])),
-            bias: Tensor(shape: [e], scalars: Array(stackedBias.scalars[(p * e)..<((p + 1) * e)])))
+            bias: stackedBias.map {
+              try Tensor(shape: [e], scalars: Array($0.scalars[(p * e)..<((p + 1) * e)]))
+            })
         }
         (query, key, value) = (try part(0), try part(1), try part(2))
-        output = try reader.linear("out_proj", out: e, in: e, bias: true)
+        output = try reader.linear("out_proj", out: e, in: e, bias: biased)
+        if stateDict[prefix + "bias_k"] != nil || stateDict[prefix + "bias_v"] != nil {
+          appended = AppendedKeyValue(
+            key: try reader.tensor("bias_k", [1, 1, e]).reshaped([e]),
+            value: try reader.tensor("bias_v", [1, 1, e]).reshaped([e]))
+        }
       } else {
         query = try reader.linear("self.query", out: e, in: e, bias: true)
         key = try reader.linear("self.key", out: e, in: e, bias: true)
@@ -146,7 +158,7 @@ extension MultiHeadAttention {
     try self.init(
       queryProjection: query, keyProjection: key, valueProjection: value,
       outputProjection: output, heads: heads, keyValueHeads: kvHeads, rotary: rotary,
-      residualNorm: norm)
+      residualNorm: norm, appendedKeyValue: appended)
   }
 
   /// `rows / H`, or an error saying that `H` does not divide `what`.
@@ -191,14 +203,22 @@ extension MultiHeadAttention {
           throw AttentionError.invalidArgument("the torch layout has no layer norm")
         }
         let parts = [queryProjection, keyProjection, valueProjection]
-        guard parts.allSatisfy({ $0.bias != nil }) else {
-          throw AttentionError.invalidArgument("the torch layout needs biases")
+        let biased = parts.allSatisfy { $0.bias != nil } && outputProjection.bias != nil
+        guard biased || (parts + [outputProjection]).allSatisfy({ $0.bias == nil }) else {
+          throw AttentionError.invalidArgument(
+            "the torch layout has biases on all four projections or on none")
         }
         tensors[p + "in_proj_weight"] = try Tensor(
           shape: [3 * embedDim, embedDim], scalars: parts.flatMap(\.weight.scalars))
-        tensors[p + "in_proj_bias"] = try Tensor(
-          shape: [3 * embedDim], scalars: parts.flatMap { $0.bias!.scalars })
-        try put("out_proj", outputProjection, bias: true)
+        if biased {
+          tensors[p + "in_proj_bias"] = try Tensor(
+            shape: [3 * embedDim], scalars: parts.flatMap { $0.bias!.scalars })
+        }
+        try put("out_proj", outputProjection, bias: biased)
+        if let appended = appendedKeyValue {
+          tensors[p + "bias_k"] = try appended.key.reshaped([1, 1, embedDim])
+          tensors[p + "bias_v"] = try appended.value.reshaped([1, 1, embedDim])
+        }
       } else {
         guard let residualNorm else {
           throw AttentionError.invalidArgument("the bert layout needs its layer norm")

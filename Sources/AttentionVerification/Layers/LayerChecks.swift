@@ -33,13 +33,15 @@ public struct LayerChecks {
     return worst
   }
 
-  /// The worst ratio of `weights` `[B, H, T, T]` over the sampled rows, every head.
+  /// The worst ratio of `weights` `[B, H, T, Tk]` over the sampled rows, every head (`Tk = T`,
+  /// or `T + 1` with an appended key).
   public func weightsRatio(_ weights: Tensor) -> Double {
     var worst = 0.0
+    let keys = weights.shape.last ?? length
     for ((b, t), row) in zip(rows, expected) {
       for h in 0..<heads {
-        let base = ((b * heads + h) * length + t) * length
-        for j in 0..<length {
+        let base = ((b * heads + h) * length + t) * keys
+        for j in 0..<keys {
           worst = max(
             worst,
             Self.ratio(Double(weights.scalars[base + j]), row.weights[h][j], row.weightBounds[h][j])
@@ -139,6 +141,9 @@ public struct LayerStageChecks {
     let layer = reference.layer
     let (h, hkv, d, e) = (layer.heads, layer.keyValueHeads, layer.headDim, layer.embedDim)
     let t = reference.input.shape[1]
+    // The keys' rows: T, or T + 1 with an appended key (whose rows are parameters, not checked
+    // in stage 1).
+    let tk = heads.keys.shape[2]
     // 1. Q, K, V (rotated) against x·Wᵀ + b in float64.
     var projection = 0.0
     for (b, token) in rows {
@@ -147,9 +152,10 @@ public struct LayerStageChecks {
         (heads.queries, h, expected.queries), (heads.keys, hkv, expected.keys),
         (heads.values, hkv, expected.values),
       ] {
+        let rowsPerHead = tensor.shape[2]
         for head in 0..<count {
           for c in 0..<d {
-            let value = Double(tensor.scalars[((b * count + head) * t + token) * d + c])
+            let value = Double(tensor.scalars[((b * count + head) * rowsPerHead + token) * d + c])
             projection = max(
               projection,
               LayerChecks.ratio(value, want.value[head * d + c], want.bound[head * d + c]))
@@ -169,8 +175,8 @@ public struct LayerStageChecks {
         let o = (flat * t + token) * d
         kernel = max(kernel, row.outputErrorRatio(attention.output.scalars[o..<(o + d)]))
         if let weights = attention.weights {
-          let w = (flat * t + token) * t
-          kernel = max(kernel, row.weightErrorRatio(weights.scalars[w..<(w + t)]))
+          let w = (flat * t + token) * tk
+          kernel = max(kernel, row.weightErrorRatio(weights.scalars[w..<(w + tk)]))
         }
       }
     }

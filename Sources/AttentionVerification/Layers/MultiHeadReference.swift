@@ -34,6 +34,8 @@ public struct MultiHeadReference: Sendable {
   let positionOffset: Int
   let batch: Int
   let length: Int
+  /// The keys each query may see: the sequence's, and the appended one (`add_bias_kv`).
+  var keyCount: Int { length + (layer.appendedKeyValue == nil ? 0 : 1) }
 
   /// The reference of `layer` on `x` `[B, T, E]` with the forward's masks and offset.
   public init(
@@ -45,9 +47,11 @@ public struct MultiHeadReference: Sendable {
       throw AttentionError.invalidArgument(
         "the position offset must be in 0…\(Int.max - t) for \(t) tokens, got \(positionOffset)")
     }
-    let combined = try MultiHeadAttention.combinedMask(
-      attentionMask, keyPaddingMask: keyPaddingMask, batch: b, keys: t)
-    mask = try ResolvedMask(combined, batchShape: [b, layer.heads], queries: t, keys: t)
+    let combined = try layer.combinedMask(
+      attentionMask, keyPaddingMask: keyPaddingMask, batch: b, length: t)
+    mask = try ResolvedMask(
+      combined, batchShape: [b, layer.heads], queries: t,
+      keys: t + (layer.appendedKeyValue == nil ? 0 : 1))
     self.layer = layer
     self.input = x
     self.positionOffset = positionOffset
@@ -174,11 +178,20 @@ public struct MultiHeadReference: Sendable {
       result.keys.append(k)
       result.values.append(project(layer.valueProjection, batch: b, token: t))
     }
+    if let appended = layer.appendedKeyValue {
+      // The appended key and value are parameters, exact as stored.
+      for (row, list) in [(appended.key, \KeyValues.keys), (appended.value, \KeyValues.values)] {
+        result[keyPath: list].append(
+          Bounded(
+            value: row.scalars.map(Double.init),
+            error: [Double](repeating: 0, count: row.count)))
+      }
+    }
     return result
   }
 
   func row(batch b: Int, token i: Int, keyValues kv: KeyValues) -> MultiHeadReferenceRow {
-    let (h, d, tk) = (layer.heads, layer.headDim, length)
+    let (h, d, tk) = (layer.heads, layer.headDim, keyCount)
     let group = h / layer.keyValueHeads
     // The exact scale (1/√D unless the model gives one): the float32 layer's rounded scale is
     // one of the errors the bound covers.

@@ -169,8 +169,8 @@ struct MhaCommand: ParsableCommand {
     let rows = RowSample.rows(batchCount: batch, queries: length, seed: seed)
       .map { (batch: $0.batch, token: $0.query) }
     let heads = try layer.project(x, positionOffset: positionOffset)
-    let combined = try MultiHeadAttention.combinedMask(
-      mask, keyPaddingMask: padding, batch: batch, keys: length)
+    let combined = try layer.combinedMask(
+      mask, keyPaddingMask: padding, batch: batch, length: length)
     let checks = try Progress().during("checking against the float64 layer") { () -> [Check] in
       try LayerStageChecks(reference: reference, rows: rows).run(
         heads: heads, mask: combined, attention: result.attention, output: result.output)

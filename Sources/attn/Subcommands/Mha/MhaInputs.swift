@@ -178,5 +178,6 @@ extension MultiHeadAttention {
     [queryProjection, keyProjection, valueProjection, outputProjection].flatMap {
       [$0.weight] + ($0.bias.map { [$0] } ?? [])
     } + (residualNorm.map { [$0.weight, $0.bias] } ?? [])
+      + (appendedKeyValue.map { [$0.key, $0.value] } ?? [])
   }
 }
