@@ -65,12 +65,21 @@ struct WeightLayoutTests {
     #expect(!fixture.files.safetensors.otherTensors.isEmpty)
     _ = try MultiHeadAttention(
       stateDict: tensors, layout: .torch, options: .init(prefix: fixture.prefix, heads: 4))
-    tensors["\(fixture.prefix)bias_k"] = try Tensor(shape: [1, 1, 32])
+    // kdim/vdim's separate projection, which the torch layout does not read.
+    tensors["\(fixture.prefix)k_proj_weight"] = try Tensor(shape: [32, 32])
     let text = Self.message {
       _ = try MultiHeadAttention(
         stateDict: tensors, layout: .torch, options: .init(prefix: fixture.prefix, heads: 4))
     }
-    #expect(text.contains("bias_k\" is unexpected"), "\(text)")
+    #expect(text.contains("k_proj_weight\" is unexpected"), "\(text)")
+    // add_bias_kv's bias_k goes with bias_v.
+    tensors = original
+    tensors["\(fixture.prefix)bias_k"] = try Tensor(shape: [1, 1, 32])
+    let lone = Self.message {
+      _ = try MultiHeadAttention(
+        stateDict: tensors, layout: .torch, options: .init(prefix: fixture.prefix, heads: 4))
+    }
+    #expect(lone.contains("bias_v\" is missing"), "\(lone)")
   }
 
   @Test("H that does not divide E, and Hkv that does not divide H")
