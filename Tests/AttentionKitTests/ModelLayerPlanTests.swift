@@ -100,7 +100,7 @@ struct ModelLayerPlanTests {
     #expect(
       message(
         """
-        {"model_type": "phi3", \(Self.base), "partial_rotary_factor": 0.5}
+        {"model_type": "phi3", \(Self.base), "partial_rotary_factor": 0.01}
         """
       ).contains("partial_rotary_factor"))
     #expect(

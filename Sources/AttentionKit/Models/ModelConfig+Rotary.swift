@@ -5,9 +5,9 @@ extension ModelConfig {
   /// The rotary embedding of a layer of type `layerType` (`nil`: the model has one kind), for
   /// heads of dimension `headDim`, from either style of config: `rope_parameters` (one dict, or
   /// one per layer type as Gemma 3 writes it) or the older `rope_theta` + `rope_scaling` (with
-  /// Gemma 3's `rope_local_base_freq` for its sliding layers). `rope_type` `default`, `llama3` and
-  /// `yarn` are implemented; another, or a `partial_rotary_factor` below 1, is an error naming
-  /// the field.
+  /// Gemma 3's `rope_local_base_freq` for its sliding layers). `rope_type` `default`, `linear`,
+  /// `llama3` and `yarn` are implemented, another is an error naming the field; `partial_rotary_factor`
+  /// rotates the first `int(D·factor)` features.
   func rotary(layerType: String?, headDim: Int, defaultTheta: Double) throws -> RotaryEmbedding {
     var parameters = try nested("rope_parameters") ?? nested("rope_scaling")
     if let all = parameters, let layerType, all.keys.contains(layerType) {
@@ -26,9 +26,12 @@ extension ModelConfig {
     {
       theta = local
     }
+    // A partial rotary factor rotates the first int(D·factor) features (as transformers
+    // truncates), the others pass through.
     let partial = try parameters?.double("partial_rotary_factor") ?? double("partial_rotary_factor")
-    if let partial, partial != 1 {
-      throw (parameters ?? self).unsupported("partial_rotary_factor", "\(partial)")
+    let rotated = Int(Double(headDim) * (partial ?? 1))
+    guard rotated >= 2, rotated <= headDim, rotated % 2 == 0 else {
+      throw (parameters ?? self).unsupported("partial_rotary_factor", "\(partial ?? 1)")
     }
     let type = try parameters?.string("rope_type") ?? parameters?.string("type") ?? "default"
     let original = {
@@ -40,6 +43,11 @@ extension ModelConfig {
     switch type {
     case "default":
       scaling = .none
+    case "linear":
+      guard let factor = try parameters?.double("factor") else {
+        throw AttentionError.invalidArgument("config.json: linear rope scaling needs a factor")
+      }
+      scaling = .linear(factor: factor)
     case "llama3":
       guard let p = parameters, let factor = try p.double("factor"),
         let low = try p.double("low_freq_factor"), let high = try p.double("high_freq_factor"),
@@ -83,6 +91,6 @@ extension ModelConfig {
     default:
       throw (parameters ?? self).unsupported("rope_type", "\"\(type)\"")
     }
-    return try RotaryEmbedding(theta: theta, dimension: headDim, scaling: scaling)
+    return try RotaryEmbedding(theta: theta, dimension: rotated, scaling: scaling)
   }
 }

@@ -94,7 +94,7 @@ public struct MultiHeadAttention: Sendable {
     try check(keyProjection, "key", out: kvHeads * d, in: e)
     try check(valueProjection, "value", out: kvHeads * d, in: e)
     try check(outputProjection, "output", out: e, in: heads * d)
-    if let rotary, rotary.dimension != d {
+    if let rotary, rotary.dimension > d {
       throw AttentionError.shapeMismatch(
         "the rotary embedding rotates \(rotary.dimension) features, the head dimension is \(d)")
     }

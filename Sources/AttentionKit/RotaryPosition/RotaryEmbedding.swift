@@ -9,8 +9,8 @@ import Tensors
 /// 2): `(x₀, x₁) → (x₀·cos θ_i − x₁·sin θ_i, x₀·sin θ_i + x₁·cos θ_i)`. Which two features form
 /// pair `i` is the `Layout`.
 ///
-/// Long-context checkpoints rescale the frequencies (`Scaling`: Llama 3.1's `llama3`, YaRN as
-/// gpt-oss uses it), and YaRN also multiplies `cos` and `sin` by an attention factor.
+/// Long-context checkpoints rescale the frequencies (`Scaling`: linear interpolation, Llama 3.1's
+/// `llama3`, YaRN as gpt-oss uses it), and YaRN also multiplies `cos` and `sin` by an attention factor.
 ///
 /// Angles and their sines are computed in `Double` and rounded once: Hugging Face computes
 /// `p·ω_i` in float32, off by up to `p·2⁻²⁴` radians, so at position 1,000 the two differ by about
@@ -29,6 +29,8 @@ public struct RotaryEmbedding: Sendable, Equatable {
   /// `rope_scaling` / `rope_parameters`, `modeling_rope_utils`).
   public enum Scaling: Sendable, Equatable {
     case none
+    /// Position interpolation (`rope_type: linear`, Gemma 3's global layers): `ω_i/factor`.
+    case linear(factor: Double)
     /// Llama 3.1's (`rope_type: llama3`): with wavelength `λ_i = 2π/ω_i`, `L` the original
     /// context, `ω_i/factor` where `λ_i > L/low`, `ω_i` where `λ_i < L/high`, and between them
     /// `(1 − a)·ω_i/factor + a·ω_i` with `a = (L/λ_i − low)/(high − low)`.
@@ -46,7 +48,8 @@ public struct RotaryEmbedding: Sendable, Equatable {
 
   /// `theta`, the base of the frequencies (> 0).
   public let theta: Double
-  /// `D`, the rotated width: a query's or key's head dimension (even).
+  /// The rotated width (even): a query's or key's head dimension `D`, or its first features
+  /// only (Phi-3's, NeoX's `partial_rotary_factor`), the rest passing through.
   public let dimension: Int
   public let layout: Layout
   public let scaling: Scaling
@@ -86,6 +89,11 @@ public struct RotaryEmbedding: Sendable, Equatable {
     switch scaling {
     case .none:
       return base
+    case .linear(let factor):
+      guard factor > 0 else {
+        throw AttentionError.invalidArgument("linear rope scaling needs a factor > 0")
+      }
+      return base.map { $0 / factor }
     case .llama3(let factor, let low, let high, let context):
       guard factor > 0, high > low, low > 0, context > 0 else {
         throw AttentionError.invalidArgument(
@@ -125,14 +133,16 @@ public struct RotaryEmbedding: Sendable, Equatable {
     layout == .half ? (i, i + dimension / 2) : (2 * i, 2 * i + 1)
   }
 
-  /// Rotates every vector of `x` (`[…, T, D]`): the vector at row `t` sits at position
-  /// `positionOffset + t` (a KV cache's length when new tokens are appended to it).
+  /// Rotates every vector of `x` (`[…, T, D]`, `D ≥ dimension`: the first `dimension` features
+  /// of each): the vector at row `t` sits at position `positionOffset + t` (a KV cache's length
+  /// when new tokens are appended to it).
   public func apply(to x: inout Tensor, positionOffset: Int = 0) throws {
-    guard x.rank >= 2, x.shape[x.rank - 1] == dimension else {
+    guard x.rank >= 2, x.shape[x.rank - 1] >= dimension else {
       throw AttentionError.shapeMismatch(
-        "rotary embeddings of dimension \(dimension) take [..., T, \(dimension)], got \(shapeForMessage(x.shape))"
+        "rotary embeddings of dimension \(dimension) take [..., T, D ≥ \(dimension)], got \(shapeForMessage(x.shape))"
       )
     }
+    let width = x.shape[x.rank - 1]
     let rows = x.shape[x.rank - 2]
     guard positionOffset >= 0, positionOffset <= Int.max - rows else {
       throw AttentionError.invalidArgument(
@@ -152,11 +162,11 @@ public struct RotaryEmbedding: Sendable, Equatable {
         sines[t * half + i] = Float(sin(angle) * attentionFactor)
       }
     }
-    let matrices = x.count / (rows * dimension)
+    let matrices = x.count / (rows * width)
     x.scalars.withUnsafeMutableBufferPointer { buffer in
       for m in 0..<matrices {
         for t in 0..<rows {
-          let v = buffer.baseAddress! + (m * rows + t) * dimension
+          let v = buffer.baseAddress! + (m * rows + t) * width
           for i in 0..<half {
             let (a, b) = pair(i)
             let (x0, x1) = (v[a], v[b])
@@ -176,7 +186,8 @@ public struct RotaryEmbedding: Sendable, Equatable {
     return rotated
   }
 
-  /// The same rotation in `Double`, of one vector `v` (`D` values) at `position`: the reference.
+  /// The same rotation in `Double`, of one vector `v` (`D ≥ dimension` values) at `position`:
+  /// the reference.
   public func rotateReference(_ v: inout [Double], position: Int) {
     for i in 0..<dimension / 2 {
       let angle = Double(position) * frequencies[i]

@@ -129,14 +129,15 @@ public struct MultiHeadReference: Sendable {
     return result
   }
 
-  /// Rotates each head's `D` values of `v` (heads side by side) at `position`, with the bound.
+  /// Rotates each head's `D` values of `v` (heads side by side) at `position` — their first
+  /// `rotary.dimension` features — with the bound.
   func rotate(_ v: inout Bounded, position: Int) {
     guard let rotary = layer.rotary else { return }
     let d = layer.headDim
     let gamma = Float32Rounding.gamma(4)
     for head in 0..<(v.value.count / d) {
       let base = head * d
-      for i in 0..<(d / 2) {
+      for i in 0..<(rotary.dimension / 2) {
         let angle = Double(position) * rotary.frequency(i)
         let (c, s) = (cos(angle) * rotary.attentionFactor, sin(angle) * rotary.attentionFactor)
         let (a, b) = rotary.pair(i)

@@ -74,10 +74,12 @@ extension ModelLayerPlan {
       var text = "rotary θ \(rotary.theta)"
       switch rotary.scaling {
       case .none: break
+      case .linear(let factor): text += ", linear ×\(factor)"
       case .llama3(let factor, _, _, _): text += ", llama3 ×\(factor)"
       case .yarn(let factor, _, _, _, _, let attention):
         text += ", yarn ×\(factor) (cos, sin ×\(attention))"
       }
+      if rotary.dimension < headDim { text += ", on \(rotary.dimension) of \(headDim) features" }
       parts.append(text)
     }
     if let softcap { parts.append("soft-cap \(softcap)") }
