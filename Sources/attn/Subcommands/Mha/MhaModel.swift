@@ -69,20 +69,20 @@ extension ModelLayerPlan {
       "\(family.rawValue) \(family == .t5 ? "\(stack.rawValue) " : "")layer \(layer)"
         + (kind.map { " (\($0))" } ?? "")
     ]
-    parts.append("scale \(exactScale)")
+    parts.append("scale \(String(format: "%.6g", exactScale))")
     if let rotary {
-      var text = "rotary θ \(rotary.theta)"
       switch rotary.scaling {
       case .none: break
-      case .linear(let factor): text += ", linear ×\(factor)"
-      case .llama3(let factor, _, _, _): text += ", llama3 ×\(factor)"
+      case .linear(let factor): parts.append("rope linear ×\(factor)")
+      case .llama3(let factor, _, _, _): parts.append("rope llama3 ×\(factor)")
       case .yarn(let factor, _, _, _, _, let attention):
-        text += ", yarn ×\(factor) (cos, sin ×\(attention))"
+        parts.append("rope yarn ×\(factor) (cos, sin ×\(String(format: "%.6g", attention)))")
       }
-      if rotary.dimension < headDim { text += ", on \(rotary.dimension) of \(headDim) features" }
-      parts.append(text)
+      if rotary.dimension < headDim {
+        parts.append("rope on \(rotary.dimension) of \(headDim) features")
+      }
     }
-    if let softcap { parts.append("soft-cap \(softcap)") }
+    if let softcap { parts.append("soft-cap \(String(format: "%g", softcap))") }
     switch family {
     case .gptOss: parts.append("sinks")
     case .bloom: parts.append("ALiBi")
