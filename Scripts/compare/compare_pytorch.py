@@ -68,12 +68,25 @@ Cases (shapes from the performance issue):
               slot also times building the mask alone, printed below the table, so the ratio
               without it can be read off. q, k, v (and the T5 table, slopes, sinks) are made
               once, outside the timing.
+  step-alibi, step-t5, step-softcap, step-sinks (each also -causal)   the same cases, forward +
+              backward, a training step's attention: `attn bench --backward --cases <term case>`
+              (the forward saving its log-sum-exp, then Attention.backward(terms:) given it and
+              the output; its forward_backward_ms) against the same PyTorch code run with
+              autograd, then torch.autograd.grad of its output (a random dO) with respect to
+              q, k, v and the term's learned parameter: the T5 table (transformers'
+              relative_attention_bias.weight: the mask is built from it inside the timing and
+              its gradient flows back through the embedding) and gpt-oss's sinks; BLOOM's ALiBi
+              slopes are fixed and soft-capping has no parameter.     target ≥ 2× torch;
+              attn's step (and backward) over plain attention's on the same inputs, interleaved
+              in the same `attn bench --backward` run, is reported (no target).
 
 The performance issue's table is one run of
     "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases attention,causal,batched,efficiency,dropout-overhead,npy-read --json perf.json
 (`--json` also writes every slot's figures and the probe's readings, for quoting); the score
 terms' (issue #24), of
     "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases alibi,alibi-causal,t5,t5-causal,softcap,softcap-causal,sinks,sinks-causal
+and their forward + backward, of
+    "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases step-alibi,step-alibi-causal,step-t5,step-t5-causal,step-softcap,step-softcap-causal,step-sinks,step-sinks-causal
 
 numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
 dropout shapes. Without torch (another python than the reference environment's) the script
@@ -130,6 +143,14 @@ for _term in ("alibi", "t5", "softcap", "sinks"):
     for _causal in (False, True):
         CASES[_term + ("-causal" if _causal else "")] = dict(
             batch=1, heads=8, seq_len=2048, d=64, causal=_causal, term=_term)
+# Their training step's attention (issue #24): forward + backward on both sides (attn bench
+# --backward --cases <term case>: forward_backward_ms; PyTorch: the same eager or masked-SDPA
+# forward, then torch.autograd.grad of its output).
+for _term in ("alibi", "t5", "softcap", "sinks"):
+    for _causal in (False, True):
+        _bench = _term + ("-causal" if _causal else "")
+        CASES["step-" + _bench] = dict(batch=1, heads=8, seq_len=2048, d=64, causal=_causal,
+                                       term=_term, backward=True, step=True, bench=_bench)
 # The terms' settings, as BenchCase.Term has them.
 T5_BUCKETS, T5_MAX_DISTANCE, SOFTCAP = 32, 128, 50.0
 # The most a term's time may exceed plain attention's (attn bench's over_plain − 1).
@@ -139,7 +160,7 @@ TORCH_TARGET = {
     "attention": 1.25, "causal": 1.4, "batched": 1.5, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
     "decode-layer": None, "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
     "step-dropout": 3.0,
-    **{case: 3.0 for case, c in CASES.items() if c.get("term")},
+    **{case: 2.0 if c.get("step") else 3.0 for case, c in CASES.items() if c.get("term")},
 }
 
 
@@ -168,7 +189,8 @@ SLOT = 3  # runs per interleaved slot, on every side
 
 # The cases `attn bench --cases` knows by name; the others run as its custom case.
 STANDARD_BENCH = {"attention", "causal", "dropout", "relpos", "efficiency", "long", "decode",
-                  "gqa", "decode-layer", *(case for case, c in CASES.items() if c.get("term"))}
+                  "gqa", "decode-layer",
+                  *(case for case, c in CASES.items() if c.get("term") and not c.get("step"))}
 
 
 def attn_once(case, threads, p=None):
@@ -193,6 +215,10 @@ def attn_once(case, threads, p=None):
     if c.get("backward"):
         timing = "forward_backward_ms" if c.get("step") else "backward_ms"
         figures["median_ms"] = figures[timing]["median"]
+        if c.get("step") and figures.get("plain_forward_backward_ms"):
+            # A score term's step against plain attention's, interleaved in the same run.
+            figures["plain_median_ms"] = figures["plain_forward_backward_ms"]["median"]
+            figures["over_plain"] = figures["forward_backward_over_plain"]
     return figures
 
 
@@ -374,13 +400,18 @@ def t5_bucket(torch, relative, bidirectional, num_buckets, max_distance):
 
 def term_runner(torch, c):
     """One forward of a score-term case the way PyTorch users run it today (the module
-    docstring says which code, and that the mask is built inside the timing). The returned
-    function has a `label`, and a `mask_only` building the mask alone when the case has one."""
+    docstring says which code, and that the mask is built inside the timing), or with `step`
+    forward + backward: the same forward with autograd, then torch.autograd.grad of its output
+    with respect to q, k, v and the term's learned parameter (the T5 table, the sinks). The
+    returned function has a `label`, and a `mask_only` building the mask alone (no autograd)
+    when the case has one."""
     import types
     import torch.nn.functional as F
     b, h, t, d = c["batch"], c["heads"], c["seq_len"], c["d"]
-    causal, term = c["causal"], c["term"]
+    causal, term, step = c["causal"], c["term"], c.get("step", False)
     q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    # What a step differentiates: q, k, v, then the term's parameter (appended below).
+    params = [x.requires_grad_(True) for x in (q, k, v)] if step else []
     scale = d ** -0.5
     transformers = None
     try:
@@ -415,17 +446,22 @@ def term_runner(torch, c):
                                      layer_idx=0).eval()
                 with torch.no_grad():
                     module.relative_attention_bias.weight.copy_(table)
+                table = module.relative_attention_bias.weight  # a Parameter: requires grad
                 bias_of = lambda: module.compute_bias(t, t)
                 source += " T5Attention.compute_bias"
             except ImportError:
                 source = "torch (transformers without T5)"
         if bias_of is None:
+            table.requires_grad_(step)
+
             def bias_of():
                 i = torch.arange(t)
                 buckets = t5_bucket(torch, i[None, :] - i[:, None], not causal, T5_BUCKETS,
                                     T5_MAX_DISTANCE)
                 return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
             source += " bucket formula + embedding"
+        if step:
+            params.append(table)
 
         def mask():
             bias = bias_of()  # [1, H, T, T]
@@ -450,7 +486,9 @@ def term_runner(torch, c):
             except ImportError:
                 eager = None
         if term == "sinks":
-            module.sinks = torch.randn(h)
+            module.sinks = torch.randn(h).requires_grad_(step)
+            if step:
+                params.append(module.sinks)
         if eager is None:
             eager = eager_softcap if term == "softcap" else eager_sinks
             source = f"torch (the eager code of transformers' {name}, written out)"
@@ -463,14 +501,23 @@ def term_runner(torch, c):
                     ", attention_mask=None"))
 
     if term in ("alibi", "t5"):
+        forward = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask(), scale=scale)
+        out_shape = (b, h, t, d)
+    else:
+        forward = lambda: attention(module, q, k, v, mask() if mask else None, dropout=0.0,
+                                    scaling=scale, **extra)[0]
+        out_shape = (b, t, h, d)  # the eager code returns the output transposed, [B, T, H, D]
+    if step:
+        grad = torch.randn(out_shape)
+
         def run():
-            with torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask(), scale=scale)
+            torch.autograd.grad(forward(), params, grad)
+        label += ("; forward + torch.autograd.grad with respect to q, k, v"
+                  + {"t5": " and the T5 table", "sinks": " and the sinks"}.get(term, ""))
     else:
         def run():
             with torch.no_grad():
-                attention(module, q, k, v, mask() if mask else None, dropout=0.0,
-                          scaling=scale, **extra)
+                forward()
 
     if mask is not None:
         def mask_only():
@@ -597,7 +644,7 @@ def main():
             if fn is not None:
                 fn()
         attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
-        overs, mask_ms = [], []
+        overs, back_overs, mask_ms = [], [], []
         slots = []
         wanted = 1 if CASES[case].get("bench", case) == "long" else args.repeats
         discarded = 0
@@ -634,6 +681,8 @@ def main():
                     plain_ms.append(figures["plain_median_ms"])
                 if figures.get("over_plain") is not None:
                     overs.append(figures["over_plain"])
+                if figures.get("backward_over_plain") is not None:
+                    back_overs.append(figures["backward_over_plain"])
                 slot.update(attn=figures)
             if t_run is not None:
                 torch_ms.append(timed(t_run) * 1e3)
@@ -650,7 +699,8 @@ def main():
             print(f"{case}: every slot discarded (the threads never ran in parallel)",
                   file=sys.stderr)
             continue
-        rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs))
+        rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs,
+                              back_overs))
         if mask_ms:
             row = rows[-1]
             row["torch_mask"] = statistics.median(mask_ms)
@@ -725,7 +775,8 @@ def cpu_model():
     return None
 
 
-def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=()):
+def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=(),
+              back_overs=()):
     med = lambda xs: statistics.median(xs) if xs else None
     row = dict(case=case, attn=med(attn_ms), torch=med(torch_ms), numpy=med(numpy_ms))
     target, measured, met = "", "", None
@@ -733,6 +784,8 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=())
         target, measured = "– (reported)", f"{row['torch'] / row['attn']:.2f}× torch"
     elif case in TORCH_TARGET and row["torch"] is not None:
         speedup = row["torch"] / row["attn"]
+        # The same ratio slot by slot (both sides of a slot saw the same machine), for noisy runs.
+        row["speedup_per_slot"] = med([t / a for t, a in zip(torch_ms, attn_ms)])
         target = f"≥ {TORCH_TARGET[case]:g}× torch"
         measured = f"{speedup:.2f}× torch"
         met = speedup >= TORCH_TARGET[case]
@@ -742,7 +795,17 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=())
             measured += f", {over:.2f}× plain"
             met = met and over <= 1.5
         term = CASES[case].get("term")
-        if term and overs:
+        if term and CASES[case].get("step") and overs:
+            # attn bench --backward's own ratios to plain attention's step and backward, per
+            # slot (reported; no target).
+            row.update(attn_plain=med(plain_ms) if plain_ms else None,
+                       over_plain=med(overs) - 1,
+                       backward_over_plain=med(back_overs) - 1 if back_overs else None)
+            measured += (f" (per slot {row['speedup_per_slot']:.2f}×), step "
+                         f"{row['over_plain'] * 100:+.1f} % over plain")
+            if back_overs:
+                measured += f" (backward {row['backward_over_plain'] * 100:+.1f} %)"
+        elif term and overs:
             # attn bench's own ratio to plain attention of the same shape, per slot.
             over = med(overs) - 1
             target += f", ≤ {TERM_OVERHEAD[term] * 100:g} % over plain"
@@ -780,11 +843,11 @@ def print_table(rows, args):
     fmt = lambda x: f"{x:9.1f}" if x is not None else "        –"
     print(f"\nmedians of {args.repeats} interleaved slots of {SLOT} runs, {args.threads} threads, "
           "float32")
-    print(f"{'case':<18}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<36}met")
+    print(f"{'case':<18}{'attn ms':>9}{'torch ms':>10}{'numpy ms':>10}  {'target':<34}{'measured':<58}met")
     for r in rows:
         met = {True: "yes", False: "NO", None: "–"}[r["met"]]
         print(f"{r['case']:<18}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
-              f"{r['target']:<34}{r['measured']:<36}{met}")
+              f"{r['target']:<34}{r['measured']:<58}{met}")
 
 
 if __name__ == "__main__":

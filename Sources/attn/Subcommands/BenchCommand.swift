@@ -66,7 +66,8 @@ struct BenchCommand: ParsableCommand {
       valueName: "path"))
   var read: String?
   @Flag(
-    help: "Time the tiled backward pass beside the forward (attention, causal, dropout by default)."
+    help:
+      "Time the tiled backward pass beside the forward (attention, causal, dropout by default; with --cases also the score terms' cases, each beside plain attention)."
   )
   var backward = false
   @OptionGroup var report: ReportFormatOptions
@@ -131,11 +132,11 @@ struct BenchCommand: ParsableCommand {
           BenchCase.standard[String($0)]?.hasBackward == false
         })
       {
-        throw ValidationError("--backward times plain attention; case '\(name)' has no backward")
+        throw ValidationError("--backward times bare attention; case '\(name)' has no backward")
       }
     }
     if backward && relpos {
-      throw ValidationError("--backward times plain attention: not with --relpos")
+      throw ValidationError("--backward times bare attention: not with --relpos")
     }
     if backward && (probe || read != nil) {
       throw ValidationError("--backward times the backward pass: not with --probe or --read")
