@@ -18,6 +18,11 @@ public struct GradientChecks: Sendable {
     public var queryOffset: Int
     public var keyOffset: Int
     public var valueOffset: Int
+    /// The query heads (within `H`) of the region, whose score terms' parameters it holds.
+    public var heads: Range<Int> = 0..<0
+    /// Whether the region holds every use of those heads' parameters (one batch element), so
+    /// that their gradients (`dSinks`, `dT5Tables`' columns) can be compared.
+    public var holdsHeadParameters = false
     public var isWhole: Bool { keyValueBatch == nil }
   }
 
@@ -105,7 +110,9 @@ public struct GradientChecks: Sendable {
     }
     region = Region(
       queryBatches: batches, keyValueBatch: pick, queryOffset: first * tq * d,
-      keyOffset: pick * tk * d, valueOffset: pick * tk * dv)
+      keyOffset: pick * tk * d, valueOffset: pick * tk * dv,
+      heads: (first % heads)..<(first % heads + group),
+      holdsHeadParameters: shape.batchCount == heads)
   }
 
   /// What the reference covers, in words.
@@ -132,24 +139,40 @@ public struct GradientChecks: Sendable {
     return m
   }
 
-  /// Each gradient against the reference: `dQ`, `dK`, `dV` (and, on the whole problem, `dBias`
-  /// and the score terms' `dSinks` and `dT5Tables`).
+  /// Each gradient against the reference: `dQ`, `dK`, `dV`, on the whole problem `dBias`, and
+  /// the score terms' `dSinks` and `dT5Tables` — of the region's heads when it holds every use of
+  /// their parameters (one batch element), else only on the whole problem.
   public func measure(_ gradients: AttentionGradients) -> [ErrorMeasurement] {
     var measurements = measure(dQ: gradients.dQ, dK: gradients.dK, dV: gradients.dV)
-    guard region.isWhole else { return measurements }
     let bounds = reference.bounds
-    if let dBias = gradients.dBias, let expected = reference.dBias, let b = bounds.dBias {
+    if region.isWhole, let dBias = gradients.dBias, let expected = reference.dBias,
+      let b = bounds.dBias
+    {
       measurements.append(
         Self.measure("dBias", dBias, offset: 0, expected, b, rowLength: dBias.shape.last ?? 1))
     }
+    guard region.isWhole || region.holdsHeadParameters else { return measurements }
+    // The reference's parameters are of the region's heads: the kernel's column h0 + k.
+    let heads =
+      region.isWhole ? 0..<(shape.batchShape.count >= 2 ? shape.batchShape.last! : 1) : region.heads
+    let total = shape.batchShape.count >= 2 ? shape.batchShape.last! : 1
+    func column(_ name: String, _ kernel: Tensor, _ expected: [Double], _ bound: [Double])
+      -> ErrorMeasurement
+    {
+      var m = ErrorMeasurement(tensor: name, shape: kernel.shape)
+      m.rowsChecked = expected.count / max(heads.count, 1)
+      for e in expected.indices {
+        let index = (e / heads.count) * total + heads.lowerBound + e % heads.count
+        m.record(
+          actual: Double(kernel.scalars[index]), expected: expected[e], bound: bound[e], at: index)
+      }
+      return m
+    }
     if let dSinks = gradients.dSinks, let expected = reference.dSinks, let b = bounds.dSinks {
-      measurements.append(Self.measure("dSinks", dSinks, offset: 0, expected, b, rowLength: 1))
+      measurements.append(column("dSinks", dSinks, expected, b))
     }
     for (k, table) in gradients.dT5Tables.enumerated() where k < reference.dT5Tables.count {
-      measurements.append(
-        Self.measure(
-          "dT5", table, offset: 0, reference.dT5Tables[k], bounds.dT5Tables[k],
-          rowLength: table.shape.last ?? 1))
+      measurements.append(column("dT5", table, reference.dT5Tables[k], bounds.dT5Tables[k]))
     }
     return measurements
   }

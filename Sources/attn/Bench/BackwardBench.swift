@@ -13,7 +13,7 @@ extension BenchCase {
 
   /// Checks the tiled backward's gradients on the float64 reference (one head group when the
   /// problem is larger than the reference's limit; a score-term case always on one head group,
-  /// `TermGradientChecks`), then times, interleaved, the forward pass and the backward pass
+  /// `GradientChecks` with the terms), then times, interleaved, the forward pass and the backward pass
   /// alone, given the forward's output and log-sum-exp (`--repeats` each); a score-term case
   /// also the same without its terms, for the overhead over plain attention.
   func runBackward(threads: Int, repeats: Int, warmup: Int, seed: UInt64) throws
@@ -55,21 +55,18 @@ extension BenchCase {
     // 65,536-token case) is timed unchecked, and says so (`checks` empty).
     let group = (heads / (keyValueHeads ?? heads)) * queryCount * length
     var checks: [Check] = []
-    if group <= GradientChecks.referenceScoreLimit, term != nil {
-      checks = try TermGradientChecks(
-        queries: q, keys: k, values: v, gradOutput: dO, mask: mask, terms: terms, seed: seed
-      ).run(first)
+    if group <= GradientChecks.referenceScoreLimit {
+      // With score terms, the checked heads' parameters too (one batch element).
+      checks = try GradientChecks(
+        queries: q, keys: k, values: v, gradOutput: dO, mask: mask, dropout: drop,
+        needBiasGradient: false, seed: seed, terms: terms
+      ).run(first, seed: seed, finiteDifferences: false)
       if terms.softcap != nil {
         checks.append(
-          try TermGradientChecks.bentSoftcap(
+          try Self.bentSoftcap(
             terms: terms, heads: heads, causal: causal, kernel: kernel, threads: threads,
             seed: seed))
       }
-    } else if group <= GradientChecks.referenceScoreLimit {
-      checks = try GradientChecks(
-        queries: q, keys: k, values: v, gradOutput: dO, mask: mask, dropout: drop,
-        needBiasGradient: false, seed: seed
-      ).run(first, seed: seed, finiteDifferences: false)
     }
     guard checks.allPassed else {
       throw AttentionError.invalidArgument(
