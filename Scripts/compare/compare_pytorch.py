@@ -40,6 +40,14 @@ Cases (shapes from the performance issue):
               --torch-ops, the same step in torch ops (F.linear, rotate_half RoPE, the new K/V
               written into a preallocated cache, F.scaled_dot_product_attention(...,
               enable_gqa=True), F.linear). No target: the speedup is reported.
+  decode-llama8b  the same step on a Llama-3-8B-shaped layer (issue #25): E 4096, 32 query heads
+              on 8 K/V heads, D 128, RoPE theta 500,000, one new token against a cache of 8,192
+              tokens (8,193 keys), vs the same transformers LlamaAttention + DynamicCache
+              (prefilled with 8,192 random K/V, cropped back after every step)
+                                                                      target ≥ 2× torch
+              Both layer cases: attn's slot is the median of the case's own 20 runs (`attn
+              bench`'s repeats for them), PyTorch's of 3; weights are random (attn: its
+              seeded Linear init; transformers: the module's init), float32 on both sides.
   alibi, t5, softcap, sinks (each also -causal)   B1 H8 T2048 D64, the score terms of `attn bench`
               (BLOOM's ALiBi slopes; a random T5 table of 32 buckets, max distance 128,
               bidirectional unless causal; soft-cap 50; one random sink per head) against PyTorch
@@ -85,7 +93,9 @@ The performance issue's table is one run of
 (`--json` also writes every slot's figures and the probe's readings, for quoting); the score
 terms' (issue #24), of
     "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases alibi,alibi-causal,t5,t5-causal,softcap,softcap-causal,sinks,sinks-causal
-and their forward + backward, of
+the Llama-3-8B-shaped decoding step's (issue #25), of
+    "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases decode-llama8b --threads 1
+(and --threads 2); and the score terms' forward + backward, of
     "$VENV/bin/python" Scripts/compare/compare_pytorch.py --cases step-alibi,step-alibi-causal,step-t5,step-t5-causal,step-softcap,step-softcap-causal,step-sinks,step-sinks-causal
 
 numpy runs the textbook materialized attention (Q·Kᵀ, softmax, ·V) on the attention, causal and
@@ -126,6 +136,9 @@ CASES = {
     # One decoding step of a whole Llama-shaped attention layer against a 4,096-token cache.
     "decode-layer": dict(batch=1, embed=2048, heads=32, kv_heads=8, tq=1, seq_len=4096, d=64,
                          rope_theta=10000.0),
+    # The same step on a Llama-3-8B-shaped layer against an 8,192-token cache (issue #25).
+    "decode-llama8b": dict(batch=1, embed=4096, heads=32, kv_heads=8, tq=1, seq_len=8192, d=128,
+                           rope_theta=500000.0),
     # The backward pass alone (attn bench --backward; PyTorch: o.backward(dO) after the forward).
     "backward": dict(batch=1, heads=8, seq_len=2048, d=64, backward=True, bench="attention"),
     "backward-causal": dict(batch=1, heads=8, seq_len=2048, d=64, causal=True, backward=True,
@@ -158,7 +171,8 @@ TERM_OVERHEAD = {"sinks": 0.03, "alibi": 0.08, "t5": 0.12, "softcap": 0.20}
 # The cases PyTorch runs, with the speedup they must reach (None: reported, no target).
 TORCH_TARGET = {
     "attention": 1.25, "causal": 1.4, "batched": 1.5, "dropout": 10.0, "relpos": 50.0, "decode": 2.0, "gqa": 1.2,
-    "decode-layer": None, "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
+    "decode-layer": None, "decode-llama8b": 2.0,
+    "backward": 1.0, "backward-causal": 1.2, "backward-dropout": 3.0,
     "step-dropout": 3.0,
     **{case: 2.0 if c.get("step") else 3.0 for case, c in CASES.items() if c.get("term")},
 }
@@ -172,8 +186,8 @@ def parse_args():
     parser.add_argument("--json", metavar="PATH",
                         help="also write the table's rows with every slot's figures as JSON")
     parser.add_argument("--torch-ops", action="store_true",
-                        help="decode-layer: time plain torch ops even when transformers is "
-                             "installed")
+                        help="decode-layer, decode-llama8b: time plain torch ops even when "
+                             "transformers is installed")
     args = parser.parse_args()
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in args.cases if c not in CASES]
@@ -189,7 +203,7 @@ SLOT = 3  # runs per interleaved slot, on every side
 
 # The cases `attn bench --cases` knows by name; the others run as its custom case.
 STANDARD_BENCH = {"attention", "causal", "dropout", "relpos", "efficiency", "long", "decode",
-                  "gqa", "decode-layer",
+                  "gqa", "decode-layer", "decode-llama8b",
                   *(case for case, c in CASES.items() if c.get("term") and not c.get("step"))}
 
 
@@ -251,7 +265,7 @@ def torch_runner(torch, case, torch_ops=False):
     """A function running the case once in PyTorch (inputs made once, outside the timing)."""
     import torch.nn.functional as F
     c = CASES[case]
-    if case == "decode-layer":
+    if c.get("embed"):  # decode-layer, decode-llama8b
         return decode_layer_runner(torch, c, torch_ops)
     if c.get("term"):
         return term_runner(torch, c)
@@ -789,6 +803,8 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=(),
         target = f"≥ {TORCH_TARGET[case]:g}× torch"
         measured = f"{speedup:.2f}× torch"
         met = speedup >= TORCH_TARGET[case]
+        if CASES[case].get("embed"):
+            measured += f" (per slot {row['speedup_per_slot']:.2f}×)"
         if case == "relpos" and plain_ms:
             over = row["attn"] / med(plain_ms)
             target += ", ≤ 1.5× plain"

@@ -25,6 +25,8 @@ struct BenchCase {
   /// `E`: time a whole decoder layer's step (projections, rotary embeddings, attention against a
   /// KV cache of `length` tokens, output projection) for `queries` new tokens, not bare attention.
   var embedDim: Int? = nil
+  /// The layer's rotary embeddings' theta (with `embedDim`).
+  var ropeTheta: Double = 10_000
   /// A score term (`ScoreTerms`) on bare attention, timed beside the same attention without it.
   var term: Term? = nil
   var repeats: Int? = nil
@@ -58,7 +60,7 @@ struct BenchCase {
   static let order =
     [
       "attention", "causal", "dropout", "relpos", "efficiency", "long", "decode", "gqa",
-      "window16k", "causal16k", "decode-layer",
+      "window16k", "causal16k", "decode-layer", "decode-llama8b",
     ] + Term.allCases.flatMap { [$0.rawValue, $0.rawValue + "-causal"] }
   static let standard: [String: BenchCase] = [
     "attention": BenchCase(name: "attention", batch: 1, heads: 8, length: 2048, headDim: 64),
@@ -88,6 +90,12 @@ struct BenchCase {
     "decode-layer": BenchCase(
       name: "decode-layer", batch: 1, heads: 32, length: 4096, headDim: 64, causal: true,
       queries: 1, keyValueHeads: 8, alignment: .bottomRight, embedDim: 2048, repeats: 20),
+    // A Llama-3-8B-shaped layer (E 4096, H 32, Hkv 8, D 128, RoPE theta 500,000) decoding one
+    // token against a cache of 8,192: the new token attends to 8,193 keys (issue #25).
+    "decode-llama8b": BenchCase(
+      name: "decode-llama8b", batch: 1, heads: 32, length: 8192, headDim: 128, causal: true,
+      queries: 1, keyValueHeads: 8, alignment: .bottomRight, embedDim: 4096,
+      ropeTheta: 500_000, repeats: 20),
   ].merging(
     Term.allCases.flatMap { term in
       [false, true].map { causal in
@@ -113,7 +121,9 @@ struct BenchCase {
       + (causal ? " causal" : "") + (alignment == .bottomRight ? " bottom-right" : "")
       + (window.map { " W \($0)" } ?? "") + (dropout > 0 ? " p \(dropout)" : "")
       + (maxDistance.map { " relpos M \($0)" } ?? "")
-      + (embedDim.map { " layer E \($0)" } ?? "") + (term.map { " \($0.rawValue)" } ?? "")
+      + (embedDim.map { " layer E \($0)" } ?? "")
+      + (embedDim != nil && ropeTheta != 10_000 ? " rope theta \(Int(ropeTheta))" : "")
+      + (term.map { " \($0.rawValue)" } ?? "")
   }
 
   /// Query–key pairs the mask lets through (all of them, the causal triangle, the window's band).
@@ -213,7 +223,7 @@ struct BenchCase {
     let layer = try MultiHeadAttention(
       queryProjection: linear(e, heads * d, 0), keyProjection: linear(e, kvHeads * d, 2),
       valueProjection: linear(e, kvHeads * d, 4), outputProjection: linear(heads * d, e, 6),
-      heads: heads, keyValueHeads: kvHeads, rotary: RotaryEmbedding(theta: 10_000, dimension: d))
+      heads: heads, keyValueHeads: kvHeads, rotary: RotaryEmbedding(theta: ropeTheta, dimension: d))
     let box = CacheBox(
       try KVCache(batch: batch, keyValueHeads: kvHeads, headDim: d, capacity: length + t))
     try box.cache.append(
