@@ -62,38 +62,57 @@ public struct Linear: Sendable, Equatable {
   /// (`beta = 1`), as PyTorch's `addmm` does: no second pass over the output for the bias. A
   /// single row (one token) takes sgemv instead, which streams `W` once without packing it.
   public func callAsFunction(_ x: Tensor) throws -> Tensor {
-    let (inWidth, outWidth) = (inputFeatures, outputFeatures)
+    try Self.sideBySide([self], x)
+  }
+
+  /// The outputs of `layers` (the same input width) on `x` `[…, in]`, side by side:
+  /// `[…, Σ out]`, each layer's columns after the previous layer's — one output buffer written by
+  /// each layer's own product (its leading dimension the total width), so that a layer's
+  /// query, key and value projections come out as one tensor without their weights stacked in a
+  /// second copy.
+  public static func sideBySide(_ layers: [Linear], _ x: Tensor) throws -> Tensor {
+    let inWidth = layers[0].inputFeatures
+    let total = layers.map(\.outputFeatures).reduce(0, +)
+    guard layers.allSatisfy({ $0.inputFeatures == inWidth }) else {
+      throw AttentionError.shapeMismatch("layers side by side must take inputs of one width")
+    }
     guard x.rank >= 1, x.shape[x.rank - 1] == inWidth else {
       throw AttentionError.shapeMismatch(
-        "a linear layer with weight \(shapeForMessage(weight.shape)) takes inputs [..., \(inWidth)], got \(shapeForMessage(x.shape))"
+        "a linear layer with weight \(shapeForMessage(layers[0].weight.shape)) takes inputs [..., \(inWidth)], got \(shapeForMessage(x.shape))"
       )
     }
     let rows = inWidth == 0 ? x.shape.dropLast().reduce(1, *) : x.count / inWidth
-    try BLAS.checkDimensions(rows, inWidth, outWidth, context: "linear layer")
-    let outputShape = Array(x.shape.dropLast()) + [outWidth]
-    var output = try Tensor(shape: outputShape)
-    guard rows > 0, outWidth > 0 else { return output }
-    if let bias {
-      output.scalars.withUnsafeMutableBufferPointer { y in
-        for row in 0..<rows {
-          (y.baseAddress! + row * outWidth).update(from: bias.scalars, count: outWidth)
+    try BLAS.checkDimensions(rows, inWidth, total, context: "linear layer")
+    var output = try Tensor(shape: Array(x.shape.dropLast()) + [total])
+    guard rows > 0, total > 0 else { return output }
+    var column = 0
+    for layer in layers {
+      let outWidth = layer.outputFeatures
+      defer { column += outWidth }
+      guard outWidth > 0 else { continue }
+      if let bias = layer.bias {
+        output.scalars.withUnsafeMutableBufferPointer { y in
+          for row in 0..<rows {
+            (y.baseAddress! + row * total + column).update(from: bias.scalars, count: outWidth)
+          }
         }
       }
-    }
-    guard inWidth > 0 else { return output }
-    x.scalars.withUnsafeBufferPointer { a in
-      weight.scalars.withUnsafeBufferPointer { w in
-        output.scalars.withUnsafeMutableBufferPointer { y in
-          if rows == 1 {
-            BLAS.sgemv(
-              m: outWidth, n: inWidth, a: w.baseAddress!, lda: inWidth, x: a.baseAddress!,
-              beta: bias == nil ? 0 : 1, y: y.baseAddress!)
-            return
+      guard inWidth > 0 else { continue }
+      x.scalars.withUnsafeBufferPointer { a in
+        layer.weight.scalars.withUnsafeBufferPointer { w in
+          output.scalars.withUnsafeMutableBufferPointer { y in
+            let target = y.baseAddress! + column
+            if rows == 1 {
+              BLAS.sgemv(
+                m: outWidth, n: inWidth, a: w.baseAddress!, lda: inWidth, x: a.baseAddress!,
+                beta: layer.bias == nil ? 0 : 1, y: target)
+              return
+            }
+            BLAS.sgemm(
+              transposeB: true, m: rows, n: outWidth, k: inWidth,
+              a: a.baseAddress!, lda: inWidth, b: w.baseAddress!, ldb: inWidth,
+              beta: layer.bias == nil ? 0 : 1, c: target, ldc: total)
           }
-          BLAS.sgemm(
-            transposeB: true, m: rows, n: outWidth, k: inWidth,
-            a: a.baseAddress!, lda: inWidth, b: w.baseAddress!, ldb: inWidth,
-            beta: bias == nil ? 0 : 1, c: y.baseAddress!, ldc: outWidth)
         }
       }
     }

@@ -8,8 +8,8 @@ import Tensors
 /// (`H = Hkv`: classic multi-head; `Hkv < H`: grouped-query, `Hkv = 1`: multi-query, query head
 /// `h` reading key/value head `h / (H / Hkv)`).
 /// 1. `Q = x·W_qᵀ + b_q` `[B, T, H·D]`, `K = x·W_kᵀ + b_k` and `V = x·W_vᵀ + b_v` `[B, T, Hkv·D]`
-///    — one sgemm for the three (their weights are stacked once, at construction) — then split
-///    into heads: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`;
+///    — three sgemms into one output (`Linear.sideBySide`; the weights are held once) — then
+///    split into heads: `Q` `[B, H, T, D]`, `K` and `V` `[B, Hkv, T, D]`;
 /// 2. optionally, an RMS norm on each head's query and key (`queryNorm`, `keyNorm`: Qwen3,
 ///    Gemma 3), then rotary position embeddings on `Q` and `K` (`RotaryEmbedding`), token `t` at
 ///    position `positionOffset + t`;
@@ -50,8 +50,6 @@ public struct MultiHeadAttention: Sendable {
   public let terms: ScoreTerms
   /// A key and a value appended after the sequence's (`add_bias_kv`), `[Hkv·D]` each.
   public let appendedKeyValue: AppendedKeyValue?
-  /// `W_q`, `W_k`, `W_v` stacked: `[(H + 2·Hkv)·D, E]`, so that one sgemm projects all three.
-  let stackedProjection: Linear
 
   /// `E`, the width of inputs and outputs.
   public var embedDim: Int { queryProjection.inputFeatures }
@@ -132,23 +130,6 @@ public struct MultiHeadAttention: Sendable {
     exactScale = scale ?? 1 / Double(d).squareRoot()
     self.terms = terms
     self.appendedKeyValue = appendedKeyValue
-    stackedProjection = try Self.stack([queryProjection, keyProjection, valueProjection])
-  }
-
-  /// One layer whose rows are those of `layers` in order; a missing bias counts as zeros.
-  private static func stack(_ layers: [Linear]) throws -> Linear {
-    let rows = layers.map(\.outputFeatures).reduce(0, +)
-    let width = layers[0].inputFeatures
-    let weight = try Tensor(shape: [rows, width], scalars: layers.flatMap(\.weight.scalars))
-    let hasBias = layers.contains { $0.bias != nil }
-    let bias =
-      hasBias
-      ? try Tensor(
-        shape: [rows],
-        scalars: layers.flatMap {
-          $0.bias?.scalars ?? [Float](repeating: 0, count: $0.outputFeatures)
-        }) : nil
-    return try Linear(weight: weight, bias: bias)
   }
 
   // MARK: - Forward
@@ -222,7 +203,7 @@ public struct MultiHeadAttention: Sendable {
   /// are `[B, Hkv, T + 1, D]`.
   public func project(_ x: Tensor, positionOffset: Int = 0) throws -> ProjectedHeads {
     _ = try checkInput(x)
-    let stacked = try stackedProjection(x)
+    let stacked = try Linear.sideBySide([queryProjection, keyProjection, valueProjection], x)
     var split = try HeadLayout.split(
       stacked, headCounts: [heads, keyValueHeads, keyValueHeads], headDim: headDim)
     try queryNorm?.apply(to: &split[0])
