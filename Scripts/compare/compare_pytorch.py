@@ -225,7 +225,10 @@ def attn_once(case, threads, p=None):
          "--threads", str(threads), "--format", "json"]
         + (["--backward"] if c.get("backward") else []),
         check=True, capture_output=True, text=True)
-    figures = json.loads(out.stdout)["cases"][0]
+    report = json.loads(out.stdout)
+    figures = report["cases"][0]
+    # The machine's limits attn bench measured in the same run (forward cases).
+    figures["limits"] = report.get("limits")
     if c.get("backward"):
         timing = "forward_backward_ms" if c.get("step") else "backward_ms"
         figures["median_ms"] = figures[timing]["median"]
@@ -658,6 +661,7 @@ def main():
             if fn is not None:
                 fn()
         attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks = [], [], [], [], [], []
+        fractions = []  # per slot: (peak_fraction, bandwidth_fraction, limits)
         overs, back_overs, mask_ms = [], [], []
         slots = []
         wanted = 1 if CASES[case].get("bench", case) == "long" else args.repeats
@@ -690,6 +694,8 @@ def main():
                 figures = attn_once(case, args.threads)
                 attn_ms.append(figures["median_ms"])
                 eff.append(figures.get("ratio_to_sgemm"))
+                fractions.append((figures.get("peak_fraction"), figures.get("bandwidth_fraction"),
+                                  figures.get("limits")))
                 peaks.append(figures.get("peak_rss_bytes"))
                 if figures.get("plain_median_ms") is not None:
                     plain_ms.append(figures["plain_median_ms"])
@@ -715,6 +721,7 @@ def main():
             continue
         rows.append(summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs,
                               back_overs))
+        add_limits(rows[-1], fractions)
         if mask_ms:
             row = rows[-1]
             row["torch_mask"] = statistics.median(mask_ms)
@@ -855,6 +862,23 @@ def summarize(case, attn_ms, torch_ms, numpy_ms, plain_ms, eff, peaks, overs=(),
     return row
 
 
+def add_limits(row, fractions):
+    """The case's share of the machine's limits, as attn bench measured them in each slot
+    (medians over the slots): of the FMA peak, and for memory-bound cases (decode) of the read
+    bandwidth; appended to the row's `measured`."""
+    med = lambda xs: statistics.median(xs) if xs else None
+    peak = med([f[0] for f in fractions if f[0] is not None])
+    band = med([f[1] for f in fractions if f[1] is not None])
+    limits = [f[2] for f in fractions if f[2]]
+    row.update(peak_fraction=peak, bandwidth_fraction=band,
+               peak_gflops=med([l["peak_gflops"] for l in limits]),
+               bandwidth_gb_per_second=med([l["bandwidth_gb_per_second"] for l in limits]))
+    if peak is not None:
+        row["measured"] += f"; {peak * 100:.0f}% of FMA peak"
+    if band is not None:
+        row["measured"] += f", {band * 100:.0f}% of bandwidth"
+
+
 def print_table(rows, args):
     fmt = lambda x: f"{x:9.1f}" if x is not None else "        –"
     print(f"\nmedians of {args.repeats} interleaved slots of {SLOT} runs, {args.threads} threads, "
@@ -864,6 +888,12 @@ def print_table(rows, args):
         met = {True: "yes", False: "NO", None: "–"}[r["met"]]
         print(f"{r['case']:<18}{fmt(r['attn'])}{fmt(r['torch']):>10}{fmt(r['numpy']):>10}  "
               f"{r['target']:<34}{r['measured']:<58}{met}")
+    peaks = [r["peak_gflops"] for r in rows if r.get("peak_gflops")]
+    bands = [r["bandwidth_gb_per_second"] for r in rows if r.get("bandwidth_gb_per_second")]
+    if peaks:
+        print(f"limits (attn bench, {args.threads} threads, medians over the slots): FMA peak "
+              f"{statistics.median(peaks):.1f} GFLOP/s, memory read "
+              f"{statistics.median(bands):.1f} GB/s")
 
 
 if __name__ == "__main__":

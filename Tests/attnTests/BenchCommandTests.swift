@@ -8,6 +8,32 @@ import _TestSupport
 /// timed against a threshold (tests never assert speed); only the report's consistency.
 @Suite("attn bench (the executable)")
 struct BenchCommandTests {
+  /// The limits each run measures (#26): positive, finite figures in the JSON, and a
+  /// memory-bound (decode-shaped) case's share of them.
+  @Test("the JSON carries the machine's limits and each case's share of them")
+  func limits() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let run = try AttnCLI.run(
+        [
+          "bench", "--heads", "2", "--tq", "1", "--tk", "2048", "--d-k", "16", "--repeats", "1",
+          "--threads", "2", "--format", "json",
+        ], in: folder)
+      try #require(run.status == 0, "\(run.stderr)")
+      let json = try #require(
+        JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+      let limits = try #require(json["limits"] as? [String: Any])
+      for key in ["peak_gflops", "bandwidth_gb_per_second"] {
+        let value = try #require(limits[key] as? Double, "\(key)")
+        #expect(value > 0 && value.isFinite, "\(key) = \(value)")
+      }
+      let first = try #require((json["cases"] as? [[String: Any]])?.first)
+      for key in ["peak_fraction", "bandwidth_fraction", "gb_per_second"] {
+        let value = try #require(first[key] as? Double, "\(key)")
+        #expect(value > 0 && value.isFinite, "\(key) = \(value)")
+      }
+    }
+  }
+
   @Test("the JSON holds every timed run, and the statistics agree with them")
   func statistics() throws {
     try AttnCLI.withTemporaryFolder { folder in

@@ -251,7 +251,7 @@ struct BenchCase {
 
   func run(
     configuration: TiledAttention.Configuration, threads: Int, repeats: Int, warmup: Int,
-    seed: UInt64
+    seed: UInt64, limits: MachineLimits? = nil
   ) throws -> BenchResult {
     let memoryBefore = ProcessMemory.status()?.resident
     let peakReset = ProcessMemory.resetPeak()
@@ -292,6 +292,7 @@ struct BenchCase {
     let gflops = 4 * pairs * Double(headDim) / median * 1e-9
     let sgemm = Stopwatch.median(ceilings)
     let plainMedian = plainTimes.isEmpty ? nil : Stopwatch.median(plainTimes)
+    let bytes = memoryBound ? Double(bytesRead) / median * 1e-9 : nil
     return BenchResult(
       name: name, batch: batch, heads: heads, seqLen: length, dK: headDim, p: Double(dropout),
       causal: causal, maxRel: maxDistance, tq: queryCount, kvHeads: keyValueHeads ?? heads,
@@ -305,7 +306,25 @@ struct BenchCase {
       workspaceBytes: first.workspaceBytes,
       peakRssBytes: peakReset ? status?.peak : nil,
       rssBeforeBytes: memoryBefore,
-      referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0)
+      referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0,
+      peakFraction: limits.map { gflops / $0.peakGflops },
+      gbPerSecond: bytes,
+      bandwidthFraction: bytes.flatMap { b in limits.map { b / $0.bandwidthGBPerSecond } })
+  }
+
+  /// Whether the case is bound by memory rather than by arithmetic: a decode step (a few
+  /// queries against a long cache) does two flops per byte of K and V it reads.
+  var memoryBound: Bool { queryCount <= 16 && length >= 1024 }
+
+  /// The bytes a run must read at least: K and V (of every key/value head, the new tokens'
+  /// included), the queries and, for a layer, its four projections' weights.
+  var bytesRead: Int {
+    let kvHeads = keyValueHeads ?? heads
+    let float = MemoryLayout<Float>.stride
+    let cache = 2 * batch * kvHeads * (length + (embedDim == nil ? 0 : queryCount)) * headDim
+    let queries = batch * heads * queryCount * headDim
+    let weights = embedDim.map { e in e * (heads + 2 * kvHeads) * headDim + heads * headDim * e }
+    return (cache + queries + (weights ?? 0)) * float
   }
 }
 
@@ -343,6 +362,12 @@ struct BenchResult: Encodable {
   var peakRssBytes: Int?
   var rssBeforeBytes: Int?
   var referenceErrorRatio: Double
+  /// `gflops` over the same run's FMA peak (`MachineLimits`).
+  var peakFraction: Double?
+  /// Memory-bound cases (decode): the bytes a run must read (`BenchCase.bytesRead`) per second,
+  /// in billions, and over the same run's read bandwidth; `nil` for the others.
+  var gbPerSecond: Double?
+  var bandwidthFraction: Double?
 
   var line: String {
     let peak = peakRssBytes.map { formatBytes($0) } ?? "n/a"
@@ -363,6 +388,11 @@ struct BenchResult: Encodable {
     if let plainMedianMs, let overPlain {
       text += String(format: "  plain %7.2f ms (÷ plain %.2f)", plainMedianMs, overPlain)
     }
+    if let peakFraction { text += String(format: "  %.0f%% of FMA peak", 100 * peakFraction) }
+    if let gbPerSecond, let bandwidthFraction {
+      text += String(
+        format: "  %.1f GB/s = %.0f%% of read bandwidth", gbPerSecond, 100 * bandwidthFraction)
+    }
     return text + "  workspace \(formatBytes(workspaceBytes))  peak RSS \(peak)"
   }
 }
@@ -372,5 +402,7 @@ struct BenchReport: Encodable {
   var threads: Int
   var queryBlock: Int
   var keyBlock: Int
+  /// The FMA peak and the memory read bandwidth, measured in the same run.
+  var limits: MachineLimits
   var cases: [BenchResult]
 }

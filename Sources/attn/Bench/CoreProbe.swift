@@ -70,8 +70,9 @@ enum CoreProbe {
     return (a.0 + a.1 + a.2 + a.3 + a.4 + a.5 + a.6 + a.7).sum()
   }
 
+  /// Keeps `value` alive, so that the work computing it cannot be elided.
   @inline(never)
-  private static func blackHole(_ value: Float) {
+  static func blackHole(_ value: Float) {
     if value == .infinity { print("", terminator: "") }
   }
 }

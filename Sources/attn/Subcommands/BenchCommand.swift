@@ -188,12 +188,15 @@ struct BenchCommand: ParsableCommand {
         configuration: configuration, threads: threadCount, execution: execution)
     }
     var results: [BenchResult] = []
+    // The machine's limits, measured now with the cases' threads.
+    let limits = MachineLimits.measure(threads: threadCount)
     if report.format == .text {
       print(
         "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
           + (configuration.fitsBlocks
             ? "fitted to each case (the ceiling's tile is the case's)"
             : "Bq \(configuration.queryBlock) × Bk \(configuration.keyBlock)"))
+      print(limits.line)
     }
     let progress = Progress()
     defer { progress.clear() }
@@ -201,7 +204,7 @@ struct BenchCommand: ParsableCommand {
       progress.show("bench: \(benchCase.name) \(benchCase.shapeText)…")
       let result = try benchCase.run(
         configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
-        seed: seed)
+        seed: seed, limits: limits)
       results.append(result)
       if report.format == .text { print(result.line) }
     }
@@ -209,7 +212,8 @@ struct BenchCommand: ParsableCommand {
       try printJSON(
         BenchReport(
           openblasCore: BLAS.coreName, threads: threadCount,
-          queryBlock: configuration.queryBlock, keyBlock: configuration.keyBlock, cases: results))
+          queryBlock: configuration.queryBlock, keyBlock: configuration.keyBlock, limits: limits,
+          cases: results))
     }
   }
 
