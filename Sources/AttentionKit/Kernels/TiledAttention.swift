@@ -450,7 +450,10 @@ struct TilePlan: Sendable {
     // gets that kernel only for outputs of at most 1,200 entries, so it packs both operands on
     // every tile.
     let qt = scratch.transposedQueries
-    if d > 0, keyStart < keyEnd {
+    // A tile of at most four rows (a decode step) streams K and V itself instead (see
+    // `SmallRowProducts`).
+    let small = SmallRowProducts.applies(rows: rows, d: d, dv: dv)
+    if d > 0, keyStart < keyEnd, !small {
       BLAS.transpose(rows: rows, cols: d, q, lda: d, into: qt, ldb: rows)
     }
     var j0 = keyStart
@@ -459,7 +462,11 @@ struct TilePlan: Sendable {
       let cols = min(bk, keyEnd - j0)
       tiles += 1
       // Pass 1: S = scale·Q_blk·K_blkᵀ.
-      if d > 0 {
+      if small {
+        SmallRowProducts.scores(
+          queries: q, rows: rows, d: d, keys: buffers.k + (kv + j0) * d, cols: cols,
+          scale: scale, into: s, ld: bk)
+      } else if d > 0 {
         BLAS.sgemm(
           transposeA: true, transposeB: true, m: rows, n: cols, k: d, alpha: scale,
           a: qt, lda: rows, b: buffers.k + (kv + j0) * d, ldb: d, c: s, ldc: bk)
@@ -507,7 +514,11 @@ struct TilePlan: Sendable {
         dropout?.apply(to: row, row: qb * tq + i, firstKey: j0, count: cols)
       }
       // Pass 4b: O += P·V_blk (O = P·V_blk on the first tile, so that O is never zeroed first).
-      if dv > 0 {
+      if small {
+        SmallRowProducts.accumulate(
+          probabilities: s, ld: bk, rows: rows, cols: cols, values: buffers.v + (kv + j0) * dv,
+          dv: dv, into: acc, overwrite: tiles == 1)
+      } else if dv > 0 {
         BLAS.sgemm(
           m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (kv + j0) * dv, ldb: dv,
           beta: tiles == 1 ? 0 : 1, c: acc, ldc: dv)

@@ -1,0 +1,125 @@
+/// The tiled kernel's two products for a tile of at most four rows — a decode step: one query
+/// per head of a group, the heads stacked — by streaming each key's and each value's row once,
+/// sixteen lanes at a time, instead of through sgemm, which packs the tile's keys and values into
+/// a buffer first (reading them twice and writing them once, where a decode step is bound by
+/// reading them at all). The same sums as the sgemm path (each over `D` products, or over the
+/// tile's keys), in another order: within the same float32 bounds.
+///
+/// Shapes: `Q` `[rows, D]`, `K` `[cols, D]`, `V` `[cols, Dv]` (rows contiguous), `S` and `P`
+/// `[rows, cols]` with leading dimension `ld`, the accumulator `[rows, Dv]`; `D` and `Dv`
+/// multiples of 16.
+enum SmallRowProducts {
+  /// The most rows a call takes.
+  static let maxRows = 4
+
+  /// Whether a tile of `rows` rows and widths `d`, `dv` takes this path.
+  @inline(__always)
+  static func applies(rows: Int, d: Int, dv: Int) -> Bool {
+    rows >= 1 && rows <= maxRows && d > 0 && d % 16 == 0 && dv % 16 == 0
+  }
+
+  /// `S[r, j] = scale·Σ_c Q[r, c]·K[j, c]`.
+  static func scores(
+    queries q: UnsafePointer<Float>, rows: Int, d: Int, keys k: UnsafePointer<Float>, cols: Int,
+    scale: Float, into s: UnsafeMutablePointer<Float>, ld: Int
+  ) {
+    // Rows past `rows` repeat the last one; their sums are not stored.
+    let q0 = UnsafeRawPointer(q)
+    let q1 = UnsafeRawPointer(q + min(1, rows - 1) * d)
+    let q2 = UnsafeRawPointer(q + min(2, rows - 1) * d)
+    let q3 = UnsafeRawPointer(q + min(3, rows - 1) * d)
+    for j in 0..<cols {
+      let key = UnsafeRawPointer(k + j * d)
+      var (a0, a1, a2, a3) = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
+      var offset = 0
+      while offset < d * 4 {
+        let kv = key.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+        a0 = a0.addingProduct(q0.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
+        a1 = a1.addingProduct(q1.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
+        a2 = a2.addingProduct(q2.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
+        a3 = a3.addingProduct(q3.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
+        offset += 64
+      }
+      s[j] = scale * RowSoftmax.total(a0)
+      if rows > 1 { s[ld + j] = scale * RowSoftmax.total(a1) }
+      if rows > 2 { s[2 * ld + j] = scale * RowSoftmax.total(a2) }
+      if rows > 3 { s[3 * ld + j] = scale * RowSoftmax.total(a3) }
+    }
+  }
+
+  /// `acc[r, c] = Σ_j P[r, j]·V[j, c]` (`overwrite`), or `+=` it.
+  ///
+  /// Sixty-four columns of every row's output at a time (sixteen vector accumulators), over the
+  /// tile's keys: each pass reads a quarter of a value row — four contiguous cache lines of
+  /// 128-wide heads — key after key, which the prefetchers follow.
+  static func accumulate(
+    probabilities p: UnsafePointer<Float>, ld: Int, rows: Int, cols: Int,
+    values v: UnsafePointer<Float>, dv: Int, into acc: UnsafeMutablePointer<Float>,
+    overwrite: Bool
+  ) {
+    let p0 = p
+    let p1 = p + min(1, rows - 1) * ld
+    let p2 = p + min(2, rows - 1) * ld
+    let p3 = p + min(3, rows - 1) * ld
+    @inline(__always)
+    func store(_ sum: SIMD16<Float>, row r: Int, column c: Int) {
+      guard r < rows else { return }
+      let target = UnsafeMutableRawPointer(acc + r * dv + c)
+      let total = overwrite ? sum : target.loadUnaligned(as: SIMD16<Float>.self) + sum
+      target.storeBytes(of: total, as: SIMD16<Float>.self)
+    }
+    var c = 0
+    while c + 64 <= dv {
+      var a = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
+      var b = a
+      var e = a
+      var f = a
+      for j in 0..<cols {
+        let row = UnsafeRawPointer(v + j * dv + c)
+        let x0 = row.loadUnaligned(as: SIMD16<Float>.self)
+        let x1 = row.loadUnaligned(fromByteOffset: 64, as: SIMD16<Float>.self)
+        let x2 = row.loadUnaligned(fromByteOffset: 128, as: SIMD16<Float>.self)
+        let x3 = row.loadUnaligned(fromByteOffset: 192, as: SIMD16<Float>.self)
+        let (w0, w1, w2, w3) = (p0[j], p1[j], p2[j], p3[j])
+        a.0 = a.0.addingProduct(x0, w0)
+        a.1 = a.1.addingProduct(x1, w0)
+        a.2 = a.2.addingProduct(x2, w0)
+        a.3 = a.3.addingProduct(x3, w0)
+        b.0 = b.0.addingProduct(x0, w1)
+        b.1 = b.1.addingProduct(x1, w1)
+        b.2 = b.2.addingProduct(x2, w1)
+        b.3 = b.3.addingProduct(x3, w1)
+        e.0 = e.0.addingProduct(x0, w2)
+        e.1 = e.1.addingProduct(x1, w2)
+        e.2 = e.2.addingProduct(x2, w2)
+        e.3 = e.3.addingProduct(x3, w2)
+        f.0 = f.0.addingProduct(x0, w3)
+        f.1 = f.1.addingProduct(x1, w3)
+        f.2 = f.2.addingProduct(x2, w3)
+        f.3 = f.3.addingProduct(x3, w3)
+      }
+      for (r, sums) in [(0, a), (1, b), (2, e), (3, f)] {
+        store(sums.0, row: r, column: c)
+        store(sums.1, row: r, column: c + 16)
+        store(sums.2, row: r, column: c + 32)
+        store(sums.3, row: r, column: c + 48)
+      }
+      c += 64
+    }
+    while c < dv {
+      var (a0, a1, a2, a3) = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
+      for j in 0..<cols {
+        let value = UnsafeRawPointer(v + j * dv + c).loadUnaligned(as: SIMD16<Float>.self)
+        a0 = a0.addingProduct(value, p0[j])
+        a1 = a1.addingProduct(value, p1[j])
+        a2 = a2.addingProduct(value, p2[j])
+        a3 = a3.addingProduct(value, p3[j])
+      }
+      store(a0, row: 0, column: c)
+      store(a1, row: 1, column: c)
+      store(a2, row: 2, column: c)
+      store(a3, row: 3, column: c)
+      c += 16
+    }
+  }
+}
