@@ -160,19 +160,32 @@ struct KVStorageTests {
     #expect(zip(materialized.scalars, outputs[0].scalars).allSatisfy { abs($0 - $1) <= tolerance })
   }
 
-  @Test("decoding through a compact cache: identical on 1–3 threads, the cache holds every token")
-  func decodeThreads() throws {
-    let layer = try KVCacheTests.layer(headDim: 32)
-    let x = try Tensor.randomNormal(shape: [1, 40, layer.embedDim], seed: 4, stream: 0)
-    for storage in KVStorage.allCases {
-      var outputs: [Tensor] = []
-      for threads in [1, 2, 3] {
-        let decoded = try layer.decode(
-          x, kernel: .tiled(.default), threads: threads, storage: storage)
-        #expect(decoded.cache.count == 40 && decoded.cache.storage == storage)
-        outputs.append(decoded.output)
-      }
-      #expect(outputs[1] == outputs[0] && outputs[2] == outputs[0], "\(storage)")
+  @Test(
+    "a layer decoded through each storage equals the float64 layer on the stored keys and values, identically on 1–3 threads",
+    arguments: KVStorage.allCases)
+  func decodeMatchesStoredLayer(storage: KVStorage) throws {
+    let layer = try KVCacheTests.layer(headDim: 40)
+    let (batch, length) = (2, 40)
+    let x = try Tensor.randomNormal(shape: [batch, length, layer.embedDim], seed: 4, stream: 0)
+    var decodes: [DecodedSequence] = []
+    for threads in [1, 2, 3] {
+      decodes.append(
+        try layer.decode(x, kernel: .tiled(.default), threads: threads, storage: storage))
     }
+    let output = decodes[0].output
+    #expect(decodes.allSatisfy { $0.output == output }, "\(storage): depends on the threads")
+    #expect(decodes[0].cache.count == length && decodes[0].cache.storage == storage)
+    let reference = try MultiHeadReference(
+      layer: layer, input: x, attentionMask: .causal,
+      storedKeys: decodes[0].cache.storedKeys(), storedValues: decodes[0].cache.storedValues())
+    let rows = (0..<batch).flatMap { b in (0..<length).map { (batch: b, token: $0) } }
+    let worst = LayerChecks(reference: reference, rows: rows).outputRatio(output)
+    #expect(worst <= 1, "\(storage): worst error / bound = \(worst)")
+    // The storage's effect against the float32 full pass: none for float32 beyond rounding,
+    // some for the others (q8 the most), never NaN.
+    let full = try layer(x, attentionMask: .causal, kernel: .tiled(.default)).output
+    let effect = KVCacheEffect(decoded: output, full: full)
+    #expect(effect.rms.isFinite && effect.rms <= 0.05 * effect.outputRMS)
+    if storage != .float32 { #expect(effect.max > 1e-5 * effect.outputRMS) }
   }
 }
