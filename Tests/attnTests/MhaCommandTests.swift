@@ -75,6 +75,39 @@ struct MhaCommandTests {
     }
   }
 
+  @Test(
+    "--decode --kv-cache: checked on the stored keys and values, the cache's effect reported",
+    arguments: ["float16", "bfloat16", "q8"])
+  func decodeCompactCache(storage: String) throws {
+    let fixture = try #require(try MHAFixtures.cases().first { $0.name == "llama_gqa4_offset1000" })
+    try AttnCLI.withTemporaryFolder { folder in
+      let run = try AttnCLI.run(
+        Self.arguments(fixture) + [
+          "--decode", "--kv-cache", storage, "--format", "json", "--threads", "2",
+        ], in: folder)
+      #expect(run.status == 0, "\(run.stderr)")
+      let json = try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any]
+      let checks = json?["checks"] as? [String: Bool] ?? [:]
+      #expect(checks["decode_matches_reference"] == true)
+      #expect(checks["decode_matches_full"] == nil)
+      #expect(json?["kv_cache"] as? String == storage)
+      let effect = json?["kv_cache_effect"] as? [String: Double] ?? [:]
+      #expect((effect["max"] ?? 0) > 0 && (effect["rms"] ?? 0) > 0)
+      #expect((effect["rms"] ?? .infinity) < (effect["output_rms"] ?? 0))
+      #expect(json?["verified"] as? Bool == true)
+    }
+  }
+
+  @Test("--kv-cache without --decode is a usage error")
+  func kvCacheNeedsDecode() throws {
+    let fixture = try #require(try MHAFixtures.cases().first { $0.name == "llama_gqa4_offset1000" })
+    try AttnCLI.withTemporaryFolder { folder in
+      let run = try AttnCLI.run(Self.arguments(fixture) + ["--kv-cache", "q8"], in: folder)
+      #expect(run.status != 0)
+      #expect(run.stderr.contains("--kv-cache sets the cache of --decode"))
+    }
+  }
+
   @Test("--heatmap draws one panel per head, labelled with --tokens")
   func heatmap() throws {
     let fixture = try #require(try MHAFixtures.cases().first { $0.name == "bert_kpm" })

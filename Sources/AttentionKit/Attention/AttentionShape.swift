@@ -29,6 +29,13 @@ public struct AttentionShape: Sendable, Equatable {
   /// Validates the shapes of `q`, `k`, `v`; with `keyCount`, only the first `keyCount` rows of
   /// each head of `k` and `v` are keys (the rest, a cache's unused capacity, is never read).
   public init(queries q: Tensor, keys k: Tensor, values v: Tensor, keyCount: Int? = nil) throws {
+    try self.init(queryShape: q.shape, keyShape: k.shape, valueShape: v.shape, keyCount: keyCount)
+  }
+
+  /// As `init(queries:keys:values:keyCount:)`, from the shapes alone (a `KVCache` in a compact
+  /// storage has no `Tensor` of keys).
+  init(queryShape qs: [Int], keyShape ks: [Int], valueShape vs: [Int], keyCount: Int?) throws {
+    let (q, k, v) = (ShapeOnly(qs), ShapeOnly(ks), ShapeOnly(vs))
     guard q.rank >= 2, k.rank >= 2, v.rank >= 2 else {
       throw AttentionError.shapeMismatch(
         "queries \(shapeForMessage(q.shape)), keys \(shapeForMessage(k.shape)) and values \(shapeForMessage(v.shape)) need at least 2 dimensions"
@@ -102,4 +109,13 @@ public struct AttentionShape: Sendable, Equatable {
   public func resolvedScale(_ scale: Float?) -> Float {
     scale ?? 1 / Float(headDim).squareRoot()
   }
+}
+
+/// A shape read as `AttentionShape`'s initializer reads a tensor's.
+private struct ShapeOnly {
+  let shape: [Int]
+  init(_ shape: [Int]) { self.shape = shape }
+  var rank: Int { shape.count }
+  var batchShape: [Int] { Array(shape.dropLast(2)) }
+  var batchCount: Int { batchShape.reduce(1, *) }
 }

@@ -190,6 +190,16 @@ public enum TiledAttention {
     return (workers * perThread + partials) * MemoryLayout<Float>.stride
   }
 
+  /// The bytes of the per-thread `[Bk, D]` and `[Bk, Dv]` tiles that compact keys and values
+  /// (a `KVCache` in float16, bfloat16 or q8) are converted into.
+  static func convertedTileBytes(_ partition: Partition, _ shape: AttentionShape, threads: Int)
+    -> Int
+  {
+    let workers = min(max(threads, 1), max(partition.tasks, 1))
+    return workers * partition.keyBlock * (shape.headDim + shape.valueDim)
+      * MemoryLayout<Float>.stride
+  }
+
   /// Called through `Attention.scaledDotProduct`, which holds OpenBLAS at one thread meanwhile.
   static func compute(
     queries: Tensor, keys: Tensor, values: Tensor,
@@ -200,6 +210,27 @@ public enum TiledAttention {
   ) throws -> AttentionResult {
     let shape = try AttentionShape(
       queries: queries, keys: keys, values: values, keyCount: keyCount)
+    return try compute(
+      queries: queries, shape: shape,
+      rows: { body in
+        keys.scalars.withUnsafeBufferPointer { k in
+          values.scalars.withUnsafeBufferPointer { v in
+            body(.float32(k.baseAddress!), .float32(v.baseAddress!))
+          }
+        }
+      }, mask: mask, scale: scale, dropout: dropout, relativePosition: relativePosition,
+      terms: terms, configuration: configuration, threads: threads, needLogSumExp: needLogSumExp)
+  }
+
+  /// The kernel on keys and values that `rows` hands over (float32 in place, or compact rows
+  /// converted tile by tile: a `KVCache`), of the shape `shape`.
+  static func compute(
+    queries: Tensor, shape: AttentionShape,
+    rows: ((KeyValueRows, KeyValueRows) -> Void) -> Void,
+    mask: AttentionMask, scale: Float?, dropout: Dropout?,
+    relativePosition: RelativePositionBias?, terms: ScoreTerms = .none,
+    configuration: Configuration, threads: Int, needLogSumExp: Bool = false
+  ) throws -> AttentionResult {
     let resolvedTerms = try ResolvedScoreTerms(terms, shape: shape, mask: mask)
     guard configuration.queryBlock > 0, configuration.keyBlock > 0 else {
       throw AttentionError.invalidArgument(
@@ -213,10 +244,14 @@ public enum TiledAttention {
       batchCount: shape.batchCount, groupSize: shape.groupSize,
       relativePosition: relativePosition != nil, window: mask.window, configuration: configuration)
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
-    let workspace = workspaceBytes(
-      queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
-      batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
-      window: mask.window, configuration: configuration, threads: threads)
+    var convertsRows = false
+    rows { k, _ in convertsRows = k.converts }
+    let workspace =
+      workspaceBytes(
+        queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
+        batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
+        window: mask.window, configuration: configuration, threads: threads)
+      + (convertsRows ? convertedTileBytes(partition, shape, threads: threads) : 0)
     // The rows' log-sum-exp, `−∞` until a row is normalized (and for a row that sees no key).
     var logSumExp = [Float](
       repeating: -.infinity, count: needLogSumExp ? shape.batchCount * shape.queries : 0)
@@ -230,26 +265,25 @@ public enum TiledAttention {
     let plan = TilePlan(
       shape: shape, scale: shape.resolvedScale(scale), queryBlock: partition.queryBlock,
       keyBlock: partition.keyBlock, stackedHeads: partition.stackedHeads, mask: resolved,
-      dropout: dropout, relativePosition: relativePosition, terms: resolvedTerms)
+      dropout: dropout, relativePosition: relativePosition, terms: resolvedTerms,
+      convertsRows: convertsRows)
     let tiles = Atomic<Int>(0)
     // Every output row is written (normalized, or merged from its key chunks), so the output is
     // not zeroed first.
     let output = try Tensor(shape: shape.outputShape) { o in
       queries.scalars.withUnsafeBufferPointer { q in
-        keys.scalars.withUnsafeBufferPointer { k in
-          values.scalars.withUnsafeBufferPointer { v in
-            let embeddings = relativePosition?.embeddings.scalars ?? []
-            embeddings.withUnsafeBufferPointer { e in
-              logSumExp.withUnsafeMutableBufferPointer { l in
-                let buffers = TileBuffers(
-                  q: q.baseAddress!, k: k.baseAddress!, v: v.baseAddress!, o: o,
-                  e: e.baseAddress, l: needLogSumExp ? l.baseAddress : nil)
-                let count =
-                  partition.splits == 1
-                  ? runWhole(plan, partition, buffers, threads: threads)
-                  : runSplit(plan, partition, buffers, threads: threads)
-                tiles.store(count, ordering: .relaxed)
-              }
+        rows { k, v in
+          let embeddings = relativePosition?.embeddings.scalars ?? []
+          embeddings.withUnsafeBufferPointer { e in
+            logSumExp.withUnsafeMutableBufferPointer { l in
+              let buffers = TileBuffers(
+                q: q.baseAddress!, k: k, v: v, o: o,
+                e: e.baseAddress, l: needLogSumExp ? l.baseAddress : nil)
+              let count =
+                partition.splits == 1
+                ? runWhole(plan, partition, buffers, threads: threads)
+                : runSplit(plan, partition, buffers, threads: threads)
+              tiles.store(count, ordering: .relaxed)
             }
           }
         }
@@ -340,8 +374,9 @@ public enum TiledAttention {
 /// Raw pointers to a call's tensors, shared read-only (inputs) or by disjoint rows (output).
 struct TileBuffers: @unchecked Sendable {
   let q: UnsafePointer<Float>
-  let k: UnsafePointer<Float>
-  let v: UnsafePointer<Float>
+  /// Keys and values: float32 rows read in place, or compact rows converted tile by tile.
+  let k: KeyValueRows
+  let v: KeyValueRows
   let o: UnsafeMutablePointer<Float>
   let e: UnsafePointer<Float>?
   /// `[…, Tq]`: the rows' log-sum-exp, written when not `nil` (for the backward pass).
@@ -361,6 +396,10 @@ struct TileScratch: ~Copyable {
   let positions: UnsafeMutablePointer<Float>
   /// `[D, Bq]`: the query block transposed, `Q_blkᵀ`.
   let transposedQueries: UnsafeMutablePointer<Float>
+  /// `[Bk, D]` and `[Bk, Dv]`: a tile of compact keys and values converted to `Float` (one
+  /// float each when the rows are float32, read in place).
+  let keyTile: UnsafeMutablePointer<Float>
+  let valueTile: UnsafeMutablePointer<Float>
 
   init(plan: TilePlan) {
     let bq = plan.blockRows
@@ -370,6 +409,9 @@ struct TileScratch: ~Copyable {
     rowSum = .allocate(capacity: bq)
     positions = .allocate(capacity: max(bq * plan.relativeWidth, 1))
     transposedQueries = .allocate(capacity: max(bq * plan.shape.headDim, 1))
+    let tileKeys = plan.convertsRows ? plan.keyBlock : 0
+    keyTile = .allocate(capacity: max(tileKeys * plan.shape.headDim, 1))
+    valueTile = .allocate(capacity: max(tileKeys * plan.shape.valueDim, 1))
   }
 
   deinit {
@@ -379,6 +421,8 @@ struct TileScratch: ~Copyable {
     rowSum.deallocate()
     positions.deallocate()
     transposedQueries.deallocate()
+    keyTile.deallocate()
+    valueTile.deallocate()
   }
 }
 
@@ -395,6 +439,8 @@ struct TilePlan: Sendable {
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
   let terms: ResolvedScoreTerms
+  /// Whether keys and values are compact rows, converted a tile at a time (`KVCache`).
+  var convertsRows = false
 
   /// The columns of `R` this problem can read (see `RelativePositionBias.columns`).
   var relativeColumns: ClosedRange<Int> {
@@ -469,7 +515,9 @@ struct TilePlan: Sendable {
       } else if d > 0 {
         BLAS.sgemm(
           transposeA: true, transposeB: true, m: rows, n: cols, k: d, alpha: scale,
-          a: qt, lda: rows, b: buffers.k + (kv + j0) * d, ldb: d, c: s, ldc: bk)
+          a: qt, lda: rows,
+          b: buffers.k.rows(kv + j0, count: cols, width: d, scratch: scratch.keyTile), ldb: d,
+          c: s, ldc: bk)
       } else {
         for r in 0..<rows { (s + r * bk).update(repeating: 0, count: cols) }
       }
@@ -520,7 +568,8 @@ struct TilePlan: Sendable {
           dv: dv, into: acc, overwrite: tiles == 1)
       } else if dv > 0 {
         BLAS.sgemm(
-          m: rows, n: dv, k: cols, a: s, lda: bk, b: buffers.v + (kv + j0) * dv, ldb: dv,
+          m: rows, n: dv, k: cols, a: s, lda: bk,
+          b: buffers.v.rows(kv + j0, count: cols, width: dv, scratch: scratch.valueTile), ldb: dv,
           beta: tiles == 1 ? 0 : 1, c: acc, ldc: dv)
       }
       j0 += cols

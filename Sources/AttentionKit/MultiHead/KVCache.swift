@@ -1,49 +1,71 @@
+import Foundation
 import Tensors
 
 /// The keys and values a decoder has computed so far, so that each new token attends to them
 /// without recomputing them: storage for `capacity` tokens, filled from the front.
 ///
-/// `keys` and `values` are `[B, Hkv, capacity, D]` (and `Dv`); the first `count` rows of each
-/// head are filled. Attention reads the filled rows in place (`Attention.scaledDotProduct`'s
-/// `keyCount`), so a step costs no copy of the cache — where Hugging Face's `DynamicCache`
-/// concatenates, copying the whole cache on every token.
+/// The rows are `[B, Hkv, capacity, D]` (and `Dv`), stored as `storage` says: float32 as computed,
+/// or float16, bfloat16 or `q8` blocks (`KVStorage`), which hold 1/2 and about 1/4 of the bytes.
+/// Attention reads the filled rows in place (`Attention.scaledDotProduct`'s `keyCount`), so a step
+/// costs no copy of the cache — where Hugging Face's `DynamicCache` concatenates, copying the
+/// whole cache on every token; the tiled kernel converts a compact cache's rows one tile at a
+/// time into its scratch, never the whole cache.
 public struct KVCache: Sendable {
-  /// `[B, Hkv, capacity, D]`.
-  public private(set) var keys: Tensor
-  /// `[B, Hkv, capacity, Dv]`.
-  public private(set) var values: Tensor
+  private var keyRows: KVRows
+  private var valueRows: KVRows
   /// The tokens held, `≤ capacity`.
   public private(set) var count: Int
   /// The position of the cache's first token, for rotary embeddings: token `k` of the cache
   /// sits at position `positionOffset + k`.
   public let positionOffset: Int
+  public let batch: Int
+  public let keyValueHeads: Int
+  public let headDim: Int
+  public let valueDim: Int
+  public var capacity: Int { keyRows.capacity }
+  /// How the keys and values are stored.
+  public var storage: KVStorage { keyRows.storage }
 
-  public var capacity: Int { keys.shape[2] }
-  public var batch: Int { keys.shape[0] }
-  public var keyValueHeads: Int { keys.shape[1] }
-  public var headDim: Int { keys.shape[3] }
-  public var valueDim: Int { values.shape[3] }
+  /// `[B, Hkv, capacity, D]`, the stored keys as `Float`s: for a float32 cache the storage itself
+  /// (no copy); for the others a converted copy of every row (rows past `count` are zeros or
+  /// stale). `storedKeys()` gives just the filled rows.
+  public var keys: Tensor {
+    keyRows.floatTensor(batchShape: [batch, keyValueHeads])
+      ?? (try! keyRows.floatRows(batchShape: [batch, keyValueHeads], count: capacity))
+  }
+  /// `[B, Hkv, capacity, Dv]`, as `keys`.
+  public var values: Tensor {
+    valueRows.floatTensor(batchShape: [batch, keyValueHeads])
+      ?? (try! valueRows.floatRows(batchShape: [batch, keyValueHeads], count: capacity))
+  }
 
-  /// An empty cache; allocates `B·Hkv·capacity·(D + Dv)` floats at once.
+  /// An empty cache; allocates `B·Hkv·capacity` rows of `D` and of `Dv` values at once, in
+  /// `storage` (`KVStorage.rowBytes(width:)` bytes a row).
   public init(
     batch: Int, keyValueHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int,
-    positionOffset: Int = 0
+    positionOffset: Int = 0, storage: KVStorage = .float32
   ) throws {
-    guard batch >= 0, keyValueHeads > 0, headDim >= 0, capacity >= 0, positionOffset >= 0,
-      positionOffset <= Int.max - capacity
+    guard batch >= 0, keyValueHeads > 0, headDim >= 0, (valueDim ?? 0) >= 0, capacity >= 0,
+      positionOffset >= 0, positionOffset <= Int.max - capacity
     else {
       throw AttentionError.invalidArgument(
         "a KV cache needs B ≥ 0, Hkv ≥ 1, D ≥ 0 a capacity ≥ 0 and a position offset in 0…Int.max − capacity, got B \(batch), Hkv \(keyValueHeads), D \(headDim), capacity \(capacity), position offset \(positionOffset)"
       )
     }
     self.positionOffset = positionOffset
-    keys = try Tensor(shape: [batch, keyValueHeads, capacity, headDim])
-    values = try Tensor(shape: [batch, keyValueHeads, capacity, valueDim ?? headDim])
+    (self.batch, self.keyValueHeads, self.headDim) = (batch, keyValueHeads, headDim)
+    self.valueDim = valueDim ?? headDim
+    let heads = batch * keyValueHeads
+    keyRows = try KVRows(storage: storage, heads: heads, capacity: capacity, width: headDim)
+    valueRows = try KVRows(
+      storage: storage, heads: heads, capacity: capacity, width: self.valueDim)
     count = 0
   }
 
-  /// Appends `t` new tokens' keys `[B, Hkv, t, D]` and values `[B, Hkv, t, Dv]`; throws, leaving
-  /// the cache as it was, when they do not fit its shape or its capacity.
+  /// Appends `t` new tokens' keys `[B, Hkv, t, D]` and values `[B, Hkv, t, Dv]`, converted to the
+  /// cache's storage; throws, leaving the cache as it was, when they do not fit its shape or its
+  /// capacity, or when a finite value would not be finite once stored (float16 beyond ±65504, a
+  /// q8 block's scale beyond float16's range).
   public mutating func append(keys newKeys: Tensor, values newValues: Tensor) throws {
     let t = newKeys.rank == 4 ? newKeys.shape[2] : -1
     guard newKeys.shape == [batch, keyValueHeads, t, headDim],
@@ -57,9 +79,21 @@ public struct KVCache: Sendable {
       throw AttentionError.invalidArgument(
         "the KV cache holds \(count) of \(capacity) tokens; \(t) more do not fit")
     }
-    Self.write(newKeys, into: &keys, at: count, tokens: t)
-    Self.write(newValues, into: &values, at: count, tokens: t)
+    try keyRows.checkRepresentable(newKeys, what: "key")
+    try valueRows.checkRepresentable(newValues, what: "value")
+    keyRows.write(newKeys, at: count, tokens: t)
+    valueRows.write(newValues, at: count, tokens: t)
     count += t
+  }
+
+  /// `[B, Hkv, count, D]`: the filled rows' keys exactly as stored, as `Float`s (a copy).
+  public func storedKeys() throws -> Tensor {
+    try keyRows.floatRows(batchShape: [batch, keyValueHeads], count: count)
+  }
+
+  /// `[B, Hkv, count, Dv]`: the filled rows' values exactly as stored, as `Float`s (a copy).
+  public func storedValues() throws -> Tensor {
+    try valueRows.floatRows(batchShape: [batch, keyValueHeads], count: count)
   }
 
   /// Forgets every token (the storage stays allocated).
@@ -74,21 +108,9 @@ public struct KVCache: Sendable {
     count = newCount
   }
 
-  private static func write(
-    _ rows: Tensor, into storage: inout Tensor, at start: Int, tokens t: Int
-  ) {
-    let (heads, capacity, width) = (
-      storage.shape[0] * storage.shape[1], storage.shape[2], storage.shape[3]
-    )
-    guard t > 0, width > 0 else { return }
-    rows.scalars.withUnsafeBufferPointer { source in
-      storage.scalars.withUnsafeMutableBufferPointer { target in
-        for head in 0..<heads {
-          (target.baseAddress! + (head * capacity + start) * width)
-            .update(from: source.baseAddress! + head * t * width, count: t * width)
-        }
-      }
-    }
+  /// The key and value rows as the tiled kernel reads them.
+  func withRows<R>(_ body: (KeyValueRows, KeyValueRows) throws -> R) rethrows -> R {
+    try keyRows.withSource { k in try valueRows.withSource { v in try body(k, v) } }
   }
 }
 
@@ -100,7 +122,9 @@ extension MultiHeadAttention {
   /// full causal pass's outputs, to float32 rounding.
   ///
   /// One query head group against a long cache takes the tiled kernel's decode path: the heads
-  /// sharing a key/value head are stacked, and the cache's keys are split across threads.
+  /// sharing a key/value head are stacked, and the cache's keys are split across threads. A
+  /// float16, bfloat16 or q8 cache is read by the tiled kernel a tile at a time (see
+  /// `Attention.scaledDotProduct(queries:cache:…)`).
   ///
   /// - Parameters:
   ///   - x: the new tokens, `[B, t, E]`.
@@ -142,14 +166,57 @@ extension MultiHeadAttention {
     let attention: AttentionResult
     do {
       attention = try Attention.scaledDotProduct(
-        queries: projected.queries, keys: cache.keys, values: cache.values, mask: mask,
-        scale: scale, terms: terms, kernel: kernel, needWeights: needWeights, threads: threads,
-        memoryBudget: memoryBudget, keyCount: cache.count)
+        queries: projected.queries, cache: cache, mask: mask, scale: scale, terms: terms,
+        kernel: kernel, needWeights: needWeights, threads: threads, memoryBudget: memoryBudget)
     } catch {
       // A step that fails leaves the cache as it found it.
       try? cache.truncate(to: previous)
       throw error
     }
     return MultiHeadResult(output: try finish(attention.output, input: x), attention: attention)
+  }
+}
+
+extension Attention {
+  /// Attention of `queries` `[B, H, Tq, D]` over the filled rows of `cache` (`Tk = cache.count`),
+  /// as `scaledDotProduct(queries:keys:values:…, keyCount: cache.count)` on the stored keys and
+  /// values. A float32 cache is read in place by every kernel. A float16, bfloat16 or q8 cache is
+  /// read in place by the tiled kernel, which converts each `[Bk, D]` tile of keys and `[Bk, Dv]`
+  /// tile of values to `Float` in its per-thread scratch; the reference and materialized kernels
+  /// (asked for, or for the weights) read a float32 copy of the filled rows. Either way the
+  /// result is attention over exactly the stored values.
+  public static func scaledDotProduct(
+    queries: Tensor, cache: KVCache, mask: AttentionMask = .none, scale: Float? = nil,
+    terms: ScoreTerms = .none, kernel: Kernel = .automatic, needWeights: Bool = false,
+    threads: Int? = nil, memoryBudget: Int? = nil
+  ) throws -> AttentionResult {
+    if cache.storage == .float32 {
+      return try scaledDotProduct(
+        queries: queries, keys: cache.keys, values: cache.values, mask: mask, scale: scale,
+        terms: terms, kernel: kernel, needWeights: needWeights, threads: threads,
+        memoryBudget: memoryBudget, keyCount: cache.count)
+    }
+    if let threads, threads < 1 {
+      throw AttentionError.invalidArgument("threads must be ≥ 1, got \(threads)")
+    }
+    let prefix = [cache.batch, cache.keyValueHeads]
+    let shape = try AttentionShape(
+      queryShape: queries.shape, keyShape: prefix + [cache.capacity, cache.headDim],
+      valueShape: prefix + [cache.capacity, cache.valueDim], keyCount: cache.count)
+    let resolved = resolve(
+      kernel, shape: shape, needWeights: needWeights, memoryBudget: memoryBudget)
+    guard case .tiled(let configuration) = resolved else {
+      return try scaledDotProduct(
+        queries: queries, keys: cache.storedKeys(), values: cache.storedValues(), mask: mask,
+        scale: scale, terms: terms, kernel: resolved, needWeights: needWeights,
+        threads: threads, memoryBudget: memoryBudget)
+    }
+    let workers = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
+    return try BLASThreads.withCount(1) {
+      try TiledAttention.compute(
+        queries: queries, shape: shape, rows: { body in cache.withRows(body) }, mask: mask,
+        scale: scale, dropout: nil, relativePosition: terms.relativePosition, terms: terms,
+        configuration: configuration, threads: workers)
+    }
   }
 }

@@ -7,6 +7,9 @@ public struct DecodedSequence: Sendable {
   public var output: Tensor
   /// Step `t`'s wall-clock seconds (the layer's `step`, cache append included), `T` of them.
   public var stepSeconds: [Double]
+  /// The cache after the last step: every token's keys and values as stored
+  /// (`KVCache.storedKeys()`), for checking the outputs against them.
+  public var cache: KVCache
 }
 
 extension MultiHeadAttention {
@@ -27,16 +30,18 @@ extension MultiHeadAttention {
   ///   - kernel: each step's attention kernel (`Attention.Kernel`).
   ///   - threads: worker threads, every core when `nil`. Results do not depend on it.
   ///   - memoryBudget: bytes each step's kernel may allocate (see `Attention.scaledDotProduct`).
+  ///   - storage: how the cache stores keys and values (`KVStorage`); with float16, bfloat16
+  ///     or q8 the outputs are attention over the stored (rounded or quantized) values.
   public func decode(
     _ x: Tensor, keyPaddingMask: Tensor? = nil, attentionMask: AttentionMask = .none,
     positionOffset: Int = 0, kernel: Attention.Kernel = .automatic, threads: Int? = nil,
-    memoryBudget: Int? = nil
+    memoryBudget: Int? = nil, storage: KVStorage = .float32
   ) throws -> DecodedSequence {
     let (batch, length) = try checkInput(x)
     let e = embedDim
     var cache = try KVCache(
       batch: batch, keyValueHeads: keyValueHeads, headDim: headDim, capacity: length,
-      positionOffset: positionOffset)
+      positionOffset: positionOffset, storage: storage)
     var output = try Tensor(shape: [batch, length, e])
     var seconds: [Double] = []
     seconds.reserveCapacity(length)
@@ -60,7 +65,7 @@ extension MultiHeadAttention {
         for c in 0..<e { output.scalars[(b * length + t) * e + c] = stepOutput[b * e + c] }
       }
     }
-    return DecodedSequence(output: output, stepSeconds: seconds)
+    return DecodedSequence(output: output, stepSeconds: seconds, cache: cache)
   }
 
   /// Row `t` and keys `0…t` of a mask broadcast over `[…, T, T]` (`slice` keeps an extent-1

@@ -91,6 +91,21 @@ public struct LayerChecks {
     return checks
   }
 
+  /// The token-by-token outputs of a decode through a float16, bfloat16 or q8 cache against this
+  /// reference, which must be built on that cache's stored keys and values
+  /// (`MultiHeadReference(…, storedKeys:storedValues:)`): the float32 error alone, within the
+  /// same bounds as a float32 cache's. (Against the full pass they differ by the storage's own
+  /// effect, which `KVCacheEffect` measures instead of bounding.)
+  public func storedDecodeCheck(decoded: Tensor, storage: String) -> Check {
+    let worst = outputRatio(decoded)
+    return Check(
+      name: "decode_matches_reference",
+      title: "token-by-token outputs match the float64 layer on the \(storage) cache's stored "
+        + "keys and values",
+      passed: worst <= 1,
+      detail: "\(rows.count) rows, worst error / bound = \(scientific(worst))")
+  }
+
   /// Token by token against the full causal pass: on the sampled rows both lie within the bound
   /// of the reference, so they differ by at most twice it; the largest difference anywhere is
   /// reported beside it.
@@ -214,5 +229,32 @@ public struct LayerStageChecks {
         passed: last <= 1,
         detail: "\(rows.count) rows × \(e), worst error / bound = \(scientific(last))"),
     ]
+  }
+}
+
+/// What a compact KV cache (float16, bfloat16, q8) costs: the decoded outputs against the full
+/// pass on the float32 keys and values, every element — the storage's rounding or quantization
+/// (plus float32 rounding, far smaller). Reported, not checked: how much is acceptable is the
+/// user's call.
+public struct KVCacheEffect: Encodable, Sendable {
+  /// `max |decoded − full|` over the finite pairs.
+  public var max: Double
+  /// `√(mean (decoded − full)²)` over the finite pairs.
+  public var rms: Double
+  /// `√(mean full²)`, the scale to read the two against.
+  public var outputRMS: Double
+
+  public init(decoded: Tensor, full: Tensor) {
+    var (largest, squares, outputSquares, count) = (0.0, 0.0, 0.0, 0)
+    for (a, b) in zip(decoded.scalars, full.scalars) where a.isFinite && b.isFinite {
+      let difference = Double(a) - Double(b)
+      largest = Swift.max(largest, abs(difference))
+      squares += difference * difference
+      outputSquares += Double(b) * Double(b)
+      count += 1
+    }
+    max = largest
+    rms = count == 0 ? 0 : (squares / Double(count)).squareRoot()
+    outputRMS = count == 0 ? 0 : (outputSquares / Double(count)).squareRoot()
   }
 }

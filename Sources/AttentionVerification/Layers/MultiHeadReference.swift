@@ -34,15 +34,35 @@ public struct MultiHeadReference: Sendable {
   let positionOffset: Int
   let batch: Int
   let length: Int
+  /// `[B, Hkv, T, D]` keys and values to use as they are, in place of `x`'s projections: a
+  /// `KVCache`'s stored (rounded or quantized) rows (`KVCache.storedKeys()`).
+  let stored: (keys: Tensor, values: Tensor)?
   /// The keys each query may see: the sequence's, and the appended one (`add_bias_kv`).
   var keyCount: Int { length + (layer.appendedKeyValue == nil ? 0 : 1) }
 
   /// The reference of `layer` on `x` `[B, T, E]` with the forward's masks and offset.
+  ///
+  /// With `storedKeys` and `storedValues` (`[B, Hkv, T, D]`, exact as a decoder's `KVCache` holds
+  /// them: `KVCache.storedKeys()`), the attention uses those keys and values as exact inputs
+  /// instead of projecting them from `x`: the reference of a decode through a float16, bfloat16
+  /// or q8 cache, whose float32 error it bounds (the storage's own effect is not an error).
   public init(
     layer: MultiHeadAttention, input x: Tensor, keyPaddingMask: Tensor? = nil,
-    attentionMask: AttentionMask = .none, positionOffset: Int = 0
+    attentionMask: AttentionMask = .none, positionOffset: Int = 0, storedKeys: Tensor? = nil,
+    storedValues: Tensor? = nil
   ) throws {
     let (b, t) = try layer.checkInput(x)
+    if storedKeys != nil || storedValues != nil {
+      let wanted = [b, layer.keyValueHeads, t, layer.headDim]
+      guard storedKeys?.shape == wanted, storedValues?.shape == wanted,
+        layer.appendedKeyValue == nil
+      else {
+        throw AttentionError.shapeMismatch(
+          "stored keys and values must both be \(shapeForMessage(wanted)) (and the layer without an appended key), got \(storedKeys.map { shapeForMessage($0.shape) } ?? "none") and \(storedValues.map { shapeForMessage($0.shape) } ?? "none")"
+        )
+      }
+    }
+    stored = storedKeys.flatMap { k in storedValues.map { (k, $0) } }
     guard positionOffset >= 0, positionOffset <= Int.max - t else {
       throw AttentionError.invalidArgument(
         "the position offset must be in 0…\(Int.max - t) for \(t) tokens, got \(positionOffset)")
@@ -172,6 +192,22 @@ public struct MultiHeadReference: Sendable {
 
   func keyValues(batch b: Int) -> KeyValues {
     var result = KeyValues(keys: [], values: [])
+    if let stored {
+      // Token t's heads side by side, `[Hkv·D]`, exact.
+      let (hkv, d) = (layer.keyValueHeads, layer.headDim)
+      for t in 0..<length {
+        for (tensor, list) in [(stored.keys, \KeyValues.keys), (stored.values, \KeyValues.values)] {
+          var row = [Double](repeating: 0, count: hkv * d)
+          for head in 0..<hkv {
+            let base = ((b * hkv + head) * length + t) * d
+            for c in 0..<d { row[head * d + c] = Double(tensor.scalars[base + c]) }
+          }
+          result[keyPath: list].append(
+            Bounded(value: row, error: [Double](repeating: 0, count: hkv * d)))
+        }
+      }
+      return result
+    }
     for t in 0..<length {
       var k = project(layer.keyProjection, batch: b, token: t)
       normalize(&k, layer.keyNorm)

@@ -98,6 +98,10 @@ struct MhaCommand: ParsableCommand {
   @Flag(help: "Also run the sequence token by token through a KV cache; time and check it.")
   var decode = false
 
+  @Option(
+    help: "With --decode, the KV cache's storage: float32, float16, bfloat16 or q8 (ggml q8_0).")
+  var kvCache: KVStorage?
+
   @Option(help: "Seed of the sampled rows the checks compare.")
   var seed: UInt64 = 42
 
@@ -160,7 +164,7 @@ struct MhaCommand: ParsableCommand {
         try layer.decode(
           x, keyPaddingMask: padding, attentionMask: mask, positionOffset: positionOffset,
           kernel: kernelOptions.kernel, threads: kernelOptions.threads,
-          memoryBudget: kernelOptions.memoryBudget)
+          memoryBudget: kernelOptions.memoryBudget, storage: kvStorage)
       } : nil
 
     let reference = try MultiHeadReference(
@@ -175,8 +179,16 @@ struct MhaCommand: ParsableCommand {
       try LayerStageChecks(reference: reference, rows: rows).run(
         heads: heads, mask: combined, attention: result.attention, output: result.output)
         + LayerChecks(reference: reference, rows: rows).run(
-          output: result.output, weights: result.weights, decoded: decoded?.output)
+          output: result.output, weights: result.weights,
+          decoded: kvStorage == .float32 ? decoded?.output : nil)
+        + compactCacheChecks(decoded, layer: layer, x: x, padding: padding, mask: mask, rows: rows)
     }
+    let cacheEffect =
+      kvStorage == .float32
+      ? nil
+      : decoded.map {
+        KVCacheEffect(decoded: $0.output, full: result.output)
+      }
     let written = averageHeads ? result.averagedWeights : result.weights
     var outputs = npyOutputs([(out, result.output), (weightsOut, written)])
     if let heatmap, let weights = result.weights {
@@ -199,12 +211,13 @@ struct MhaCommand: ParsableCommand {
           weightsShape: weightsOut == nil ? nil : written?.shape,
           kernel: result.attention.kernel.flagName, isCausal: mask.isCausal,
           keyPaddingMask: padding != nil, attnMask: attnMask != nil,
-          decodeMilliseconds: latency, checks: checks.dictionary, verified: run.verified)
+          decodeMilliseconds: latency, kvCache: decode ? kvStorage.rawValue : nil,
+          kvCacheEffect: cacheEffect, checks: checks.dictionary, verified: run.verified)
       },
       text: {
         printText(
           layer: layer, plan: plan, x: x, result: result, mask: mask, padding: padding,
-          decoded: decoded, latency: latency)
+          decoded: decoded, latency: latency, cacheEffect: cacheEffect)
       })
   }
 

@@ -7,6 +7,7 @@ import TensorIO
 /// padding mask and PyTorch's `attn_mask`.
 extension MhaCommand {
   func validate() throws {
+    try validateKVCache()
     if modelOptions.model != nil {
       if weights != nil || layout != nil || !prefix.isEmpty {
         throw ValidationError(

@@ -15,7 +15,7 @@ extension MhaCommand {
   func printText(
     layer: MultiHeadAttention, plan: ModelLayerPlan?, x: Tensor, result: MultiHeadResult,
     mask: AttentionMask, padding: Tensor?, decoded: DecodedSequence?,
-    latency: Stopwatch.Statistics?
+    latency: Stopwatch.Statistics?, cacheEffect: KVCacheEffect?
   ) {
     let rotary = layer.rotary.map {
       "rotary θ \(ExplainStep.decimal($0.theta)) (\($0.layout.rawValue)), offset \(positionOffset)"
@@ -48,7 +48,15 @@ extension MhaCommand {
         "decode: \(decoded.stepSeconds.count) tokens through a KV cache, per token "
           + String(
             format: "median %.3f ms, mean %.3f ± %.3f ms, min %.3f, max %.3f", latency.median,
-            latency.mean, latency.standardDeviation, latency.min, latency.max))
+            latency.mean, latency.standardDeviation, latency.min, latency.max)
+          + " (\(kvStorage.rawValue) cache)")
+    }
+    if let cacheEffect {
+      print(
+        "kv cache effect (\(kvStorage.rawValue) against the float32 full pass): "
+          + String(
+            format: "max %.3g, RMS %.3g (outputs' RMS %.3g)", cacheEffect.max, cacheEffect.rms,
+            cacheEffect.outputRMS))
     }
   }
 }
@@ -74,6 +82,10 @@ struct MhaReport: Encodable {
   var keyPaddingMask: Bool
   var attnMask: Bool
   var decodeMilliseconds: Stopwatch.Statistics?
+  /// `--kv-cache` (with `--decode`).
+  var kvCache: String?
+  /// With a float16, bfloat16 or q8 cache: the decoded outputs against the full float32 pass.
+  var kvCacheEffect: KVCacheEffect?
   var checks: [String: Bool]
   var verified: Bool
 }
