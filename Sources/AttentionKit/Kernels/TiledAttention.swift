@@ -510,7 +510,9 @@ struct TilePlan: Sendable {
       // Pass 1: S = scale·Q_blk·K_blkᵀ.
       if small {
         SmallRowProducts.scores(
-          queries: q, rows: rows, d: d, keys: buffers.k + (kv + j0) * d, cols: cols,
+          queries: q, rows: rows, d: d,
+          keys: buffers.k.rows(kv + j0, count: cols, width: d, scratch: scratch.keyTile),
+          cols: cols,
           scale: scale, into: s, ld: bk)
       } else if d > 0 {
         BLAS.sgemm(
@@ -564,7 +566,8 @@ struct TilePlan: Sendable {
       // Pass 4b: O += P·V_blk (O = P·V_blk on the first tile, so that O is never zeroed first).
       if small {
         SmallRowProducts.accumulate(
-          probabilities: s, ld: bk, rows: rows, cols: cols, values: buffers.v + (kv + j0) * dv,
+          probabilities: s, ld: bk, rows: rows, cols: cols,
+          values: buffers.v.rows(kv + j0, count: cols, width: dv, scratch: scratch.valueTile),
           dv: dv, into: acc, overwrite: tiles == 1)
       } else if dv > 0 {
         BLAS.sgemm(
