@@ -142,7 +142,7 @@ struct IntegerFlagRangeTests {
     "mha": [
       "--weights", "--layout", "--prefix", "--rope-theta", "--rope-layout", "--layer-norm-eps",
       "--input", "--key-padding-mask", "--attn-mask", "--out", "--weights-out", "--heatmap",
-      "--tokens", "--format", "--kernel", "--model", "--layer",
+      "--tokens", "--format", "--kernel", "--model", "--layer", "--kv-cache",
     ],
     "bench": ["--p", "--causal-align", "--cases", "--read", "--format"],
   ]
