@@ -8,6 +8,31 @@ import _TestSupport
 /// timed against a threshold (tests never assert speed); only the report's consistency.
 @Suite("attn bench (the executable)")
 struct BenchCommandTests {
+  /// `--kv-dtype`: a decode-shaped case checked on the stored keys and values and timed beside
+  /// the float32 tensors; refused for a shape that is not decode-shaped.
+  @Test("--kv-dtype times a compact KV cache beside float32, decode-shaped cases only")
+  func kvDtype() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let run = try AttnCLI.run(
+        [
+          "bench", "--heads", "4", "--kv-heads", "2", "--tq", "1", "--tk", "1024", "--d-k", "32",
+          "--causal", "--causal-align", "bottom-right", "--kv-dtype", "q8", "--repeats", "1",
+          "--format", "json",
+        ], in: folder)
+      try #require(run.status == 0, "\(run.stderr)")
+      let json = try #require(
+        JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+      let first = try #require((json["cases"] as? [[String: Any]])?.first)
+      #expect(first["kv_dtype"] as? String == "q8")
+      let over = try #require(first["over_plain"] as? Double)
+      #expect(over > 0 && over.isFinite)
+      let refused = try AttnCLI.run(
+        ["bench", "--heads", "2", "--seq-len", "128", "--kv-dtype", "float16"], in: folder)
+      #expect(refused.status != 0)
+      #expect(refused.stderr.contains("decode-shaped"), "\(refused.stderr)")
+    }
+  }
+
   /// The limits each run measures (#26): positive, finite figures in the JSON, and a
   /// memory-bound (decode-shaped) case's share of them.
   @Test("the JSON carries the machine's limits and each case's share of them")

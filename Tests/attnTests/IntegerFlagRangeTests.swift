@@ -144,7 +144,7 @@ struct IntegerFlagRangeTests {
       "--input", "--key-padding-mask", "--attn-mask", "--out", "--weights-out", "--heatmap",
       "--tokens", "--format", "--kernel", "--model", "--layer", "--kv-cache",
     ],
-    "bench": ["--p", "--causal-align", "--cases", "--read", "--format"],
+    "bench": ["--p", "--causal-align", "--cases", "--read", "--format", "--kv-dtype"],
   ]
 
   /// q.npy, k.npy, v.npy (`[1, 2, 6, 4]`) and o.npy, their attention from `attn sdpa` (what

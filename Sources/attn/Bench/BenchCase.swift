@@ -30,6 +30,9 @@ struct BenchCase {
   /// A score term (`ScoreTerms`) on bare attention, timed beside the same attention without it.
   var term: Term? = nil
   var repeats: Int? = nil
+  /// How a decode case's KV cache stores keys and values (`--kv-dtype`); a compact one is timed
+  /// beside the float32 cache of the same keys and values (`over_plain`).
+  var kvStorage: KVStorage = .float32
 
   /// The score terms `attn bench` times: BLOOM's ALiBi, a T5 table of 32 buckets (max distance
   /// 128, bidirectional unless causal), Gemma 2's soft-cap of 50, one sink per head.
@@ -183,6 +186,28 @@ struct BenchCase {
       shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries)
     let k = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys)
     let v = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
+    if kvStorage != .float32 {
+      // The same keys and values stored compactly, read by the kernel tile by tile; checked on
+      // the stored values, timed beside the float32 tensors.
+      var cache = try KVCache(
+        batch: batch, keyValueHeads: keyValueHeads ?? heads, headDim: headDim,
+        capacity: length, storage: kvStorage)
+      try cache.append(keys: k, values: v)
+      let stored = cache
+      return Workload(
+        reference: try ReferenceAttention(
+          queries: q, keys: stored.storedKeys(), values: stored.storedValues(), mask: mask),
+        run: {
+          try Attention.scaledDotProduct(
+            queries: q, cache: stored, mask: mask, kernel: .tiled(configuration),
+            threads: threads)
+        },
+        plain: {
+          try Attention.scaledDotProduct(
+            queries: q, keys: k, values: v, mask: mask, kernel: .tiled(configuration),
+            threads: threads)
+        })
+    }
     if let term {
       let terms = try term.terms(heads: heads, causal: causal, seed: seed)
       return Workload(
@@ -225,7 +250,9 @@ struct BenchCase {
       valueProjection: linear(e, kvHeads * d, 4), outputProjection: linear(heads * d, e, 6),
       heads: heads, keyValueHeads: kvHeads, rotary: RotaryEmbedding(theta: ropeTheta, dimension: d))
     let box = CacheBox(
-      try KVCache(batch: batch, keyValueHeads: kvHeads, headDim: d, capacity: length + t))
+      try KVCache(
+        batch: batch, keyValueHeads: kvHeads, headDim: d, capacity: length + t,
+        storage: kvStorage))
     try box.cache.append(
       keys: Tensor.randomNormal(
         shape: [batch, kvHeads, length, d], seed: seed, stream: RandomStream.keys),
@@ -307,6 +334,7 @@ struct BenchCase {
       peakRssBytes: peakReset ? status?.peak : nil,
       rssBeforeBytes: memoryBefore,
       referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0,
+      kvDtype: kvStorage == .float32 ? nil : kvStorage.rawValue,
       peakFraction: limits.map { gflops / $0.peakGflops },
       gbPerSecond: bytes,
       bandwidthFraction: bytes.flatMap { b in limits.map { b / $0.bandwidthGBPerSecond } })
@@ -316,15 +344,16 @@ struct BenchCase {
   /// queries against a long cache) does two flops per byte of K and V it reads.
   var memoryBound: Bool { queryCount <= 16 && length >= 1024 }
 
-  /// The bytes a run must read at least: K and V (of every key/value head, the new tokens'
-  /// included), the queries and, for a layer, its four projections' weights.
+  /// The bytes a run must read at least: K and V as stored (of every key/value head, the new
+  /// tokens' included), the queries and, for a layer, its four projections' weights.
   var bytesRead: Int {
     let kvHeads = keyValueHeads ?? heads
     let float = MemoryLayout<Float>.stride
-    let cache = 2 * batch * kvHeads * (length + (embedDim == nil ? 0 : queryCount)) * headDim
+    let cacheRows = 2 * batch * kvHeads * (length + (embedDim == nil ? 0 : queryCount))
+    let cache = cacheRows * kvStorage.rowBytes(width: headDim)
     let queries = batch * heads * queryCount * headDim
     let weights = embedDim.map { e in e * (heads + 2 * kvHeads) * headDim + heads * headDim * e }
-    return (cache + queries + (weights ?? 0)) * float
+    return cache + (queries + (weights ?? 0)) * float
   }
 }
 
@@ -362,6 +391,8 @@ struct BenchResult: Encodable {
   var peakRssBytes: Int?
   var rssBeforeBytes: Int?
   var referenceErrorRatio: Double
+  /// The KV cache's storage (`--kv-dtype`) when it is not float32.
+  var kvDtype: String?
   /// `gflops` over the same run's FMA peak (`MachineLimits`).
   var peakFraction: Double?
   /// Memory-bound cases (decode): the bytes a run must read (`BenchCase.bytesRead`) per second,
@@ -379,7 +410,8 @@ struct BenchResult: Encodable {
     if let window { label += " W\(window)" }
     if p > 0 { label += " p\(Float(p))" }
     if let maxRel { label += " M\(maxRel)" }
-    var text = label.padding(toLength: 44, withPad: " ", startingAt: 0)
+    if let kvDtype { label += " kv \(kvDtype)" }
+    var text = label.padding(toLength: max(44, label.count + 1), withPad: " ", startingAt: 0)
     text += String(
       format: "median %8.2f ms  (mean %8.2f ± %6.2f, min %8.2f, max %8.2f)  %6.1f GFLOP/s  "
         + "sgemm %6.1f  ratio %4.2f",

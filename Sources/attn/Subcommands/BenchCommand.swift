@@ -70,6 +70,8 @@ struct BenchCommand: ParsableCommand {
       "Time the tiled backward pass beside the forward (attention, causal, dropout by default; with --cases also the score terms' cases, each beside plain attention)."
   )
   var backward = false
+  @Option(help: "Decode cases' KV cache: float32, float16, bfloat16 or q8 (timed beside float32).")
+  var kvDtype: KVStorage?
   @OptionGroup var report: ReportFormatOptions
 
   /// Any shape flag makes one custom case instead of the standard ones.
@@ -161,7 +163,7 @@ struct BenchCommand: ParsableCommand {
       return
     }
     WarmAllocator.keepFreedMemory()
-    let selected: [BenchCase]
+    var selected: [BenchCase]
     if isCustom {
       selected = [
         BenchCase(
@@ -176,6 +178,14 @@ struct BenchCommand: ParsableCommand {
         cases.map { $0.split(separator: ",").map(String.init) }
         ?? (backward ? BenchCase.backwardOrder : BenchCase.order)
       selected = names.compactMap { BenchCase.standard[$0] }
+    }
+    if let kvDtype {
+      selected = selected.filter { $0.memoryBound && $0.term == nil && $0.maxDistance == nil }
+      guard !selected.isEmpty, !backward, (p ?? 0) == 0 else {
+        throw ValidationError(
+          "--kv-dtype times decode-shaped cases (a few queries against a long cache, forward)")
+      }
+      for index in selected.indices { selected[index].kvStorage = kvDtype }
     }
     if backward {
       try runBackward(selected)
