@@ -132,7 +132,7 @@ struct IntegerFlagRangeTests {
       "--query", "--key", "--value", "--attn-mask", "--causal-align", "--scale", "--dropout-p",
       "--out", "--weights-out", "--out-dtype", "--format", "--kernel", "--softcap",
       "--alibi-slopes", "--t5-bias", "--sinks", "--grad-out", "--dq-out", "--dk-out", "--dv-out",
-      "--dsinks-out", "--dt5-out", "--dmask-out",
+      "--dsinks-out", "--dt5-out", "--dmask-out", "--kv-dtype",
     ],
     "check": [
       "--query", "--key", "--value", "--attn-mask", "--causal-align", "--scale", "--output",

@@ -128,4 +128,30 @@ struct SdpaGradientsTests {
       #expect(wrong.stdout.contains("NOT verified"))
     }
   }
+
+  /// `--kv-dtype`: verified against the reference on the stored K and V (a q8 cache moves the
+  /// output by ~10⁻², far beyond the float32 bounds, so a check on the given K and V would
+  /// fail), with the storage's effect reported; refused with dropout or a backward pass.
+  @Test("--kv-dtype stores K and V compactly, checked on the stored values")
+  func kvDtype() throws {
+    let spec = try #require(try Self.cases().first { $0.name == "all_four_causal" })
+    try AttnCLI.withTemporaryFolder { folder in
+      for dtype in ["float16", "bfloat16", "q8"] {
+        let run = try AttnCLI.run(
+          try SdpaScoreTermsTests.arguments(spec) + ["--kv-dtype", dtype], in: folder)
+        try #require(run.status == 0, "\(dtype): \(run.stderr)")
+        let json = try #require(
+          JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        #expect(json["verified"] as? Bool == true, "\(dtype)")
+        let storage = try #require(json["kv_storage"] as? [String: Any])
+        #expect(storage["kv_dtype"] as? String == dtype)
+        let effect = try #require(storage["effect"] as? [String: Double])
+        #expect((effect["max"] ?? 0) > 0 && (effect["rms"] ?? 0) > 0, "\(dtype): \(effect)")
+      }
+      let refused = try AttnCLI.run(
+        try SdpaScoreTermsTests.arguments(spec) + ["--kv-dtype", "q8", "--dropout-p", "0.1"],
+        in: folder)
+      #expect(refused.status != 0 && refused.stderr.contains("--kv-dtype"), "\(refused.stderr)")
+    }
+  }
 }

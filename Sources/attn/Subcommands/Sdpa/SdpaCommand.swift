@@ -51,6 +51,8 @@ struct SdpaCommand: ParsableCommand {
 
   @OptionGroup var gradient: SdpaGradientOptions
 
+  @OptionGroup var kvStorage: SdpaKVStorageOptions
+
   @OptionGroup var report: ReportFormatOptions
 
   @OptionGroup var kernelOptions: KernelOptions
@@ -69,6 +71,7 @@ struct SdpaCommand: ParsableCommand {
         "--weights-out needs --kernel materialized or auto: the tiled kernel never holds them")
     }
     try gradient.validate(with: problem)
+    try kvStorage.validate(dropout: dropoutP, gradient: gradient)
     try checkOutputs(
       [out, weightsOut] + gradient.outputs, against: problem.paths + [gradient.gradOut])
   }
@@ -90,18 +93,38 @@ struct SdpaCommand: ParsableCommand {
           memoryBudget: kernelOptions.memoryBudget))
     }
 
+    let stored = try kvStorage.store(keys: keys, values: values)
     let result = try explainingMemoryBudget {
       try Progress().during("running the \(kernelOptions.kernel.flagName) kernel") {
-        try Attention.scaledDotProduct(
-          queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-          dropout: dropout, terms: terms, kernel: kernelOptions.kernel,
-          needWeights: weightsOut != nil, threads: kernelOptions.threads,
-          memoryBudget: kernelOptions.memoryBudget,
-          // The backward reuses the tiled forward's output and log-sum-exp.
-          needLogSumExp: gradOutput != nil && kernelOptions.kernel != .materialized
-            && kernelOptions.kernel != .reference && weightsOut == nil)
+        try stored.map {
+          try Attention.scaledDotProduct(
+            queries: queries, cache: $0, mask: mask, scale: scale, terms: terms,
+            kernel: kernelOptions.kernel, needWeights: weightsOut != nil,
+            threads: kernelOptions.threads, memoryBudget: kernelOptions.memoryBudget)
+        }
+          ?? Attention.scaledDotProduct(
+            queries: queries, keys: keys, values: values, mask: mask, scale: scale,
+            dropout: dropout, terms: terms, kernel: kernelOptions.kernel,
+            needWeights: weightsOut != nil, threads: kernelOptions.threads,
+            memoryBudget: kernelOptions.memoryBudget,
+            // The backward reuses the tiled forward's output and log-sum-exp.
+            needLogSumExp: gradOutput != nil && kernelOptions.kernel != .materialized
+              && kernelOptions.kernel != .reference && weightsOut == nil)
       }
     }
+    // The storage's effect: the same call on the given K and V.
+    let storageReport = try stored.map { _ in
+      SdpaKVStorageReport(
+        kvDtype: kvStorage.kvDtype!.rawValue,
+        effect: KVCacheEffect(
+          decoded: result.output,
+          full: try Attention.scaledDotProduct(
+            queries: queries, keys: keys, values: values, mask: mask, scale: scale, terms: terms,
+            kernel: kernelOptions.kernel, threads: kernelOptions.threads,
+            memoryBudget: kernelOptions.memoryBudget
+          ).output))
+    }
+
     if let weightsOut, result.weights == nil {
       throw AttentionError.memoryBudget(
         MemoryBudgetExceeded(
@@ -114,9 +137,11 @@ struct SdpaCommand: ParsableCommand {
       result.output, name: "the output", inputs: [queries, keys, values],
       biases: [mask.bias])
 
+    // With --kv-dtype, the reference of the stored K and V (exact in float32).
     let reference = try ReferenceAttention(
-      queries: queries, keys: keys, values: values, mask: mask, scale: scale,
-      dropout: dropout, terms: terms)
+      queries: queries, keys: stored?.storedKeys() ?? keys,
+      values: stored?.storedValues() ?? values, mask: mask, scale: scale, dropout: dropout,
+      terms: terms)
     let checker = ForwardChecks(
       reference: reference, dropout: dropout,
       sampledRows: RowSample.rows(shape: reference.shape, seed: seed))
@@ -160,11 +185,13 @@ struct SdpaCommand: ParsableCommand {
           causalAlign: mask.causalAlignment.rawValue, window: mask.window,
           scale: NullableNumber(SdpaInputOptions.reportedScale(shape, problem.scale)),
           dropoutP: Double(dropoutP), scoreTerms: problem.scoreTerms.description(terms),
+          kvStorage: storageReport,
           checks: checks.dictionary, gradients: backward.map(SdpaGradientReport.init),
           verified: run.verified)
       },
       text: {
         printText(result: result, shape: shape, mask: mask, terms: terms)
+        if let storageReport { print(storageReport.line) }
         if let g = backward?.gradients {
           print(
             "backward (\(g.kernel.flagName)): dQ \(shapeForMessage(g.dQ.shape)), dK "

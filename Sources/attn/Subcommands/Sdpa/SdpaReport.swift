@@ -41,6 +41,8 @@ struct SdpaReport: Encodable {
   var dropoutP: Double
   /// "soft-cap 30, ALiBi (BLOOM's slopes), sinks"; absent without score terms.
   var scoreTerms: String?
+  /// With `--kv-dtype`: the storage and its effect on the output.
+  var kvStorage: SdpaKVStorageReport?
   var checks: [String: Bool]
   /// The backward pass's, with `--grad-out`: the gradients' shapes and checks.
   var gradients: SdpaGradientReport?
