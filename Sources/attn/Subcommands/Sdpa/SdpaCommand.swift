@@ -26,6 +26,9 @@ struct SdpaCommand: ParsableCommand {
       window) keeps the W most recent keys the causal alignment allows. K and V may have fewer \
       heads than Q with --enable-gqa (query head h uses key/value head h / (H / Hkv)).
       A query whose keys are all masked gets a zero output row (PyTorch ≥ 2.5).
+      --grad-out dO also runs the backward pass (--dq-out, --dk-out, --dv-out, --dmask-out, \
+      --dsinks-out, --dt5-out), checked as attn backward checks; --kv-dtype float16|bfloat16|q8 \
+      stores K and V compactly first, as a KV cache would.
       """)
 
   @OptionGroup var problem: SdpaInputOptions
