@@ -2,13 +2,16 @@
 /// per head of a group, the heads stacked — by streaming each key's and each value's row once,
 /// sixteen lanes at a time, instead of through sgemm, which packs the tile's keys and values into
 /// a buffer first (reading them twice and writing them once, where a decode step is bound by
-/// reading them at all). The same sums as the sgemm path (each over `D` products, or over the
+/// reading them at all); compact rows (`KVCache`'s float16, bfloat16, q8) are widened in the
+/// registers as they are read. The same sums as the sgemm path (each over `D` products, or over the
 /// tile's keys), in another order: within the same float32 bounds.
 ///
 /// Shapes: `Q` `[rows, D]`, `K` `[cols, D]`, `V` `[cols, Dv]` (rows contiguous), `S` and `P`
 /// `[rows, cols]` with leading dimension `ld`, the accumulator `[rows, Dv]`; `D` and `Dv`
 /// multiples of 16.
 enum SmallRowProducts {
+  private typealias Sixteens = (SIMD16<Float>, SIMD16<Float>, SIMD16<Float>, SIMD16<Float>)
+
   /// The most rows a call takes.
   static let maxRows = 4
 
@@ -18,27 +21,46 @@ enum SmallRowProducts {
     rows >= 1 && rows <= maxRows && d > 0 && d % 16 == 0 && dv % 16 == 0
   }
 
-  /// `S[r, j] = scale·Σ_c Q[r, c]·K[j, c]`.
+  /// `S[r, j] = scale·Σ_c Q[r, c]·K[first + j, c]`, the keys read in their storage type.
   static func scores(
-    queries q: UnsafePointer<Float>, rows: Int, d: Int, keys k: UnsafePointer<Float>, cols: Int,
-    scale: Float, into s: UnsafeMutablePointer<Float>, ld: Int
+    queries q: UnsafePointer<Float>, rows: Int, d: Int, keys: KeyValueRows, first: Int,
+    cols: Int, scale: Float, into s: UnsafeMutablePointer<Float>, ld: Int
   ) {
+    switch keys {
+    case .float32(let p):
+      scores(q, rows: rows, keys: Float32Rows(p + first * d, width: d), cols, scale, s, ld)
+    case .float16(let p):
+      scores(q, rows: rows, keys: Float16Rows(p + first * d, width: d), cols, scale, s, ld)
+    case .bfloat16(let p):
+      scores(q, rows: rows, keys: BFloat16Rows(p + first * d, width: d), cols, scale, s, ld)
+    case .q8(let quants, let scales):
+      let k = Q8Rows(quants, scales, first: first, width: d)
+      scores(q, rows: rows, keys: k, cols, scale, s, ld)
+    }
+  }
+
+  @inline(__always)
+  private static func scores<Keys: SixteenLaneRows>(
+    _ q: UnsafePointer<Float>, rows: Int, keys k: Keys, _ cols: Int, _ scale: Float,
+    _ s: UnsafeMutablePointer<Float>, _ ld: Int
+  ) {
+    let d = k.width
     // Rows past `rows` repeat the last one; their sums are not stored.
     let q0 = UnsafeRawPointer(q)
     let q1 = UnsafeRawPointer(q + min(1, rows - 1) * d)
     let q2 = UnsafeRawPointer(q + min(2, rows - 1) * d)
     let q3 = UnsafeRawPointer(q + min(3, rows - 1) * d)
     for j in 0..<cols {
-      let key = UnsafeRawPointer(k + j * d)
       var (a0, a1, a2, a3) = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
-      var offset = 0
-      while offset < d * 4 {
-        let kv = key.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+      var c = 0
+      while c < d {
+        let kv = k.sixteen(row: j, column: c)
+        let offset = 4 * c
         a0 = a0.addingProduct(q0.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
         a1 = a1.addingProduct(q1.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
         a2 = a2.addingProduct(q2.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
         a3 = a3.addingProduct(q3.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self), kv)
-        offset += 64
+        c += 16
       }
       s[j] = scale * RowSoftmax.total(a0)
       if rows > 1 { s[ld + j] = scale * RowSoftmax.total(a1) }
@@ -54,9 +76,29 @@ enum SmallRowProducts {
   /// 128-wide heads — key after key, which the prefetchers follow.
   static func accumulate(
     probabilities p: UnsafePointer<Float>, ld: Int, rows: Int, cols: Int,
-    values v: UnsafePointer<Float>, dv: Int, into acc: UnsafeMutablePointer<Float>,
+    values: KeyValueRows, first: Int, dv: Int, into acc: UnsafeMutablePointer<Float>,
     overwrite: Bool
   ) {
+    switch values {
+    case .float32(let v):
+      accumulate(p, ld, rows, cols, values: Float32Rows(v + first * dv, width: dv), acc, overwrite)
+    case .float16(let v):
+      accumulate(p, ld, rows, cols, values: Float16Rows(v + first * dv, width: dv), acc, overwrite)
+    case .bfloat16(let v):
+      let rows16 = BFloat16Rows(v + first * dv, width: dv)
+      accumulate(p, ld, rows, cols, values: rows16, acc, overwrite)
+    case .q8(let quants, let scales):
+      let v = Q8Rows(quants, scales, first: first, width: dv)
+      accumulate(p, ld, rows, cols, values: v, acc, overwrite)
+    }
+  }
+
+  @inline(__always)
+  private static func accumulate<Values: SixteenLaneRows>(
+    _ p: UnsafePointer<Float>, _ ld: Int, _ rows: Int, _ cols: Int, values v: Values,
+    _ acc: UnsafeMutablePointer<Float>, _ overwrite: Bool
+  ) {
+    let dv = v.width
     let p0 = p
     let p1 = p + min(1, rows - 1) * ld
     let p2 = p + min(2, rows - 1) * ld
@@ -70,16 +112,15 @@ enum SmallRowProducts {
     }
     var c = 0
     while c + 64 <= dv {
-      var a = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
+      var a: Sixteens = (.zero, .zero, .zero, .zero)
       var b = a
       var e = a
       var f = a
       for j in 0..<cols {
-        let row = UnsafeRawPointer(v + j * dv + c)
-        let x0 = row.loadUnaligned(as: SIMD16<Float>.self)
-        let x1 = row.loadUnaligned(fromByteOffset: 64, as: SIMD16<Float>.self)
-        let x2 = row.loadUnaligned(fromByteOffset: 128, as: SIMD16<Float>.self)
-        let x3 = row.loadUnaligned(fromByteOffset: 192, as: SIMD16<Float>.self)
+        let x0 = v.sixteen(row: j, column: c)
+        let x1 = v.sixteen(row: j, column: c + 16)
+        let x2 = v.sixteen(row: j, column: c + 32)
+        let x3 = v.sixteen(row: j, column: c + 48)
         let (w0, w1, w2, w3) = (p0[j], p1[j], p2[j], p3[j])
         a.0 = a.0.addingProduct(x0, w0)
         a.1 = a.1.addingProduct(x1, w0)
@@ -98,18 +139,23 @@ enum SmallRowProducts {
         f.2 = f.2.addingProduct(x2, w3)
         f.3 = f.3.addingProduct(x3, w3)
       }
-      for (r, sums) in [(0, a), (1, b), (2, e), (3, f)] {
+      @inline(__always)
+      func storeAll(_ sums: Sixteens, row r: Int) {
         store(sums.0, row: r, column: c)
         store(sums.1, row: r, column: c + 16)
         store(sums.2, row: r, column: c + 32)
         store(sums.3, row: r, column: c + 48)
       }
+      storeAll(a, row: 0)
+      storeAll(b, row: 1)
+      storeAll(e, row: 2)
+      storeAll(f, row: 3)
       c += 64
     }
     while c < dv {
       var (a0, a1, a2, a3) = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
       for j in 0..<cols {
-        let value = UnsafeRawPointer(v + j * dv + c).loadUnaligned(as: SIMD16<Float>.self)
+        let value = v.sixteen(row: j, column: c)
         a0 = a0.addingProduct(value, p0[j])
         a1 = a1.addingProduct(value, p1[j])
         a2 = a2.addingProduct(value, p2[j])

@@ -510,9 +510,7 @@ struct TilePlan: Sendable {
       // Pass 1: S = scale·Q_blk·K_blkᵀ.
       if small {
         SmallRowProducts.scores(
-          queries: q, rows: rows, d: d,
-          keys: buffers.k.rows(kv + j0, count: cols, width: d, scratch: scratch.keyTile),
-          cols: cols,
+          queries: q, rows: rows, d: d, keys: buffers.k, first: kv + j0, cols: cols,
           scale: scale, into: s, ld: bk)
       } else if d > 0 {
         BLAS.sgemm(
@@ -566,8 +564,7 @@ struct TilePlan: Sendable {
       // Pass 4b: O += P·V_blk (O = P·V_blk on the first tile, so that O is never zeroed first).
       if small {
         SmallRowProducts.accumulate(
-          probabilities: s, ld: bk, rows: rows, cols: cols,
-          values: buffers.v.rows(kv + j0, count: cols, width: dv, scratch: scratch.valueTile),
+          probabilities: s, ld: bk, rows: rows, cols: cols, values: buffers.v, first: kv + j0,
           dv: dv, into: acc, overwrite: tiles == 1)
       } else if dv > 0 {
         BLAS.sgemm(

@@ -1,0 +1,165 @@
+import Tensors
+
+/// Where the tiled kernel reads keys or values: float32 rows in place, or a `KVCache`'s compact
+/// rows (see `KVStorage`), which it widens to `Float` as it reads them — in registers, sixteen
+/// values at a time, for the small-row products of a decode step (`SmallRowProducts`), or one tile
+/// at a time into its scratch for sgemm; never the whole cache.
+enum KeyValueRows: @unchecked Sendable {
+  case float32(UnsafePointer<Float>)
+  case float16(UnsafePointer<UInt16>)
+  case bfloat16(UnsafePointer<UInt16>)
+  case q8(quants: UnsafePointer<Int8>, scales: UnsafePointer<UInt16>)
+
+  /// Whether sgemm needs a scratch tile to read them (everything but float32).
+  var converts: Bool {
+    if case .float32 = self { return false }
+    return true
+  }
+
+  /// Rows `first ..< first + count` (of `width` values each) as `Float`s: a pointer into the
+  /// float32 rows, or `scratch` (`count·width` floats) filled with the widened rows.
+  @inline(__always)
+  func rows(
+    _ first: Int, count: Int, width: Int, scratch: UnsafeMutablePointer<Float>,
+    forceCopy: Bool = false
+  ) -> UnsafePointer<Float> {
+    switch self {
+    case .float32(let p):
+      guard forceCopy else { return p + first * width }
+      scratch.update(from: p + first * width, count: count * width)
+    case .float16(let p):
+      Float16Rows(p + first * width, width: width).widen(count: count, into: scratch)
+    case .bfloat16(let p):
+      BFloat16Rows(p + first * width, width: width).widen(count: count, into: scratch)
+    case .q8(let quants, let scales):
+      Q8Rows(quants, scales, first: first, width: width).widen(count: count, into: scratch)
+    }
+    return UnsafePointer(scratch)
+  }
+}
+
+/// Rows of `width` values in one storage type, read sixteen values at a time as `Float`s — exactly
+/// the stored values (every storage widens exactly, see `KVStorage`).
+protocol SixteenLaneRows {
+  /// Values per row.
+  var width: Int { get }
+  /// Values `c ..< c + 16` of row `j` (`c` a multiple of 16, `c + 16 ≤ width`).
+  func sixteen(row j: Int, column c: Int) -> SIMD16<Float>
+  /// Value `c` of row `j`.
+  func value(row j: Int, column c: Int) -> Float
+}
+
+extension SixteenLaneRows {
+  /// Rows `0 ..< count` into `out` (`count·width` floats).
+  @inline(__always)
+  func widen(count: Int, into out: UnsafeMutablePointer<Float>) {
+    let vectorWidth = width & ~15
+    for j in 0..<count {
+      let row = UnsafeMutableRawPointer(out + j * width)
+      var c = 0
+      while c < vectorWidth {
+        row.storeBytes(of: sixteen(row: j, column: c), toByteOffset: 4 * c, as: SIMD16<Float>.self)
+        c += 16
+      }
+      while c < width {
+        out[j * width + c] = value(row: j, column: c)
+        c += 1
+      }
+    }
+  }
+}
+
+struct Float32Rows: SixteenLaneRows {
+  let base: UnsafePointer<Float>
+  let width: Int
+  init(_ base: UnsafePointer<Float>, width: Int) { (self.base, self.width) = (base, width) }
+  @inline(__always)
+  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
+    UnsafeRawPointer(base + j * width + c).loadUnaligned(as: SIMD16<Float>.self)
+  }
+  @inline(__always)
+  func value(row j: Int, column c: Int) -> Float { base[j * width + c] }
+}
+
+/// IEEE binary16 bits, widened by the CPU's conversion instruction where Swift has `Float16`
+/// (F16C's `vcvtph2ps` on x86-64 when compiled for it), else by `HalfPrecision`.
+struct Float16Rows: SixteenLaneRows {
+  let base: UnsafePointer<UInt16>
+  let width: Int
+  init(_ base: UnsafePointer<UInt16>, width: Int) { (self.base, self.width) = (base, width) }
+  @inline(__always)
+  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
+    // Lane by lane, which the compiler turns into one conversion instruction; the standard
+    // library's `SIMD16<Float>(_: SIMD16<Float16>)` is a call in these loops.
+    var x = SIMD16<Float>()
+    #if os(macOS) && arch(x86_64)
+      for i in 0..<16 { x[i] = Self.widen(base[j * width + c + i]) }
+    #else
+      let h = UnsafeRawPointer(base + j * width + c).loadUnaligned(as: SIMD16<Float16>.self)
+      for i in 0..<16 { x[i] = Float(h[i]) }
+    #endif
+    return x
+  }
+  @inline(__always)
+  func value(row j: Int, column c: Int) -> Float { Self.widen(base[j * width + c]) }
+
+  /// One binary16 value's bits as a `Float` (inlined, unlike `HalfPrecision`'s, which lives in
+  /// another module).
+  @inline(__always)
+  static func widen(_ bits: UInt16) -> Float {
+    #if os(macOS) && arch(x86_64)
+      return HalfPrecision.float(fromF16Bits: bits)
+    #else
+      return Float(Float16(bitPattern: bits))
+    #endif
+  }
+}
+
+/// bfloat16 bits: the upper half of a binary32.
+struct BFloat16Rows: SixteenLaneRows {
+  let base: UnsafePointer<UInt16>
+  let width: Int
+  init(_ base: UnsafePointer<UInt16>, width: Int) { (self.base, self.width) = (base, width) }
+  @inline(__always)
+  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
+    let h = UnsafeRawPointer(base + j * width + c).loadUnaligned(as: SIMD16<UInt16>.self)
+    var w = SIMD16<UInt32>()
+    for i in 0..<16 { w[i] = UInt32(h[i]) &<< 16 }
+    return unsafeBitCast(w, to: SIMD16<Float>.self)
+  }
+  @inline(__always)
+  func value(row j: Int, column c: Int) -> Float {
+    Float(bitPattern: UInt32(base[j * width + c]) << 16)
+  }
+}
+
+/// `q8` rows: int8 values and one float16 scale per block of 32 (`s·q`, see `KVStorage.q8`).
+/// Sixteen values never straddle two blocks (`c` is a multiple of 16).
+struct Q8Rows: SixteenLaneRows {
+  let quants: UnsafePointer<Int8>
+  let scales: UnsafePointer<UInt16>
+  let width: Int
+  let blocks: Int
+  /// Rows from `first` of the cache's `quants` and `scales`.
+  init(_ quants: UnsafePointer<Int8>, _ scales: UnsafePointer<UInt16>, first: Int, width: Int) {
+    blocks = KVStorage.q8Blocks(width: width)
+    (self.quants, self.scales, self.width) = (
+      quants + first * width, scales + first * blocks, width
+    )
+  }
+  @inline(__always)
+  func scale(row j: Int, column c: Int) -> Float {
+    Float16Rows.widen(scales[j * blocks + c / KVStorage.q8BlockSize])
+  }
+  @inline(__always)
+  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
+    let q = UnsafeRawPointer(quants + j * width + c).loadUnaligned(as: SIMD16<Int8>.self)
+    var x = SIMD16<Float>()
+    for i in 0..<16 { x[i] = Float(q[i]) }
+    return x * scale(row: j, column: c)
+  }
+  @inline(__always)
+  func value(row j: Int, column c: Int) -> Float {
+    scale(row: j, column: c) * Float(quants[j * width + c])
+  }
+}
