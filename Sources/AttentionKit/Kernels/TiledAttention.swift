@@ -222,8 +222,8 @@ public enum TiledAttention {
       terms: terms, configuration: configuration, threads: threads, needLogSumExp: needLogSumExp)
   }
 
-  /// The kernel on keys and values that `rows` hands over (float32 in place, or compact rows
-  /// converted tile by tile: a `KVCache`), of the shape `shape`.
+  /// The kernel on keys and values that `rows` hands over (float32 in place, or a `KVCache`'s
+  /// compact rows, widened as they are read), of the shape `shape`.
   static func compute(
     queries: Tensor, shape: AttentionShape,
     rows: ((KeyValueRows, KeyValueRows) -> Void) -> Void,
@@ -374,7 +374,7 @@ public enum TiledAttention {
 /// Raw pointers to a call's tensors, shared read-only (inputs) or by disjoint rows (output).
 struct TileBuffers: @unchecked Sendable {
   let q: UnsafePointer<Float>
-  /// Keys and values: float32 rows read in place, or compact rows converted tile by tile.
+  /// Keys and values: float32 rows read in place, or compact rows widened as they are read.
   let k: KeyValueRows
   let v: KeyValueRows
   let o: UnsafeMutablePointer<Float>
@@ -439,7 +439,7 @@ struct TilePlan: Sendable {
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
   let terms: ResolvedScoreTerms
-  /// Whether keys and values are compact rows, converted a tile at a time (`KVCache`).
+  /// Whether keys and values are compact rows (`KVCache`), which sgemm reads from a scratch tile.
   var convertsRows = false
 
   /// The columns of `R` this problem can read (see `RelativePositionBias.columns`).

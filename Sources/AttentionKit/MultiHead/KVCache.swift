@@ -8,8 +8,9 @@ import Tensors
 /// or float16, bfloat16 or `q8` blocks (`KVStorage`), which hold 1/2 and about 1/4 of the bytes.
 /// Attention reads the filled rows in place (`Attention.scaledDotProduct`'s `keyCount`), so a step
 /// costs no copy of the cache — where Hugging Face's `DynamicCache` concatenates, copying the
-/// whole cache on every token; the tiled kernel converts a compact cache's rows one tile at a
-/// time into its scratch, never the whole cache.
+/// whole cache on every token; the tiled kernel widens a compact cache's rows as it reads them
+/// (in registers for a decode step's small tiles, else a tile at a time into its scratch), never
+/// a float32 copy of the whole cache.
 public struct KVCache: Sendable {
   private var keyRows: KVRows
   private var valueRows: KVRows
@@ -123,7 +124,7 @@ extension MultiHeadAttention {
   ///
   /// One query head group against a long cache takes the tiled kernel's decode path: the heads
   /// sharing a key/value head are stacked, and the cache's keys are split across threads. A
-  /// float16, bfloat16 or q8 cache is read by the tiled kernel a tile at a time (see
+  /// float16, bfloat16 or q8 cache is widened by the tiled kernel as it reads it (see
   /// `Attention.scaledDotProduct(queries:cache:…)`).
   ///
   /// - Parameters:
@@ -181,8 +182,10 @@ extension Attention {
   /// Attention of `queries` `[B, H, Tq, D]` over the filled rows of `cache` (`Tk = cache.count`),
   /// as `scaledDotProduct(queries:keys:values:…, keyCount: cache.count)` on the stored keys and
   /// values. A float32 cache is read in place by every kernel. A float16, bfloat16 or q8 cache is
-  /// read in place by the tiled kernel, which converts each `[Bk, D]` tile of keys and `[Bk, Dv]`
-  /// tile of values to `Float` in its per-thread scratch; the reference and materialized kernels
+  /// read in place by the tiled kernel, which widens the values to `Float` as it reads them: in
+  /// registers, sixteen at a time, for tiles of at most four rows (a decode step), else each
+  /// `[Bk, D]` tile of keys and `[Bk, Dv]` tile of values into its per-thread scratch for sgemm;
+  /// the reference and materialized kernels
   /// (asked for, or for the weights) read a float32 copy of the filled rows. Either way the
   /// result is attention over exactly the stored values.
   public static func scaledDotProduct(

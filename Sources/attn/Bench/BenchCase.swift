@@ -187,7 +187,7 @@ struct BenchCase {
     let k = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys)
     let v = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
     if kvStorage != .float32 {
-      // The same keys and values stored compactly, read by the kernel tile by tile; checked on
+      // The same keys and values stored compactly, widened by the kernel as it reads; checked on
       // the stored values, timed beside the float32 tensors.
       var cache = try KVCache(
         batch: batch, keyValueHeads: keyValueHeads ?? heads, headDim: headDim,
