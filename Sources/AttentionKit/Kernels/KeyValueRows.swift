@@ -41,6 +41,9 @@ enum KeyValueRows: @unchecked Sendable {
 /// Rows of `width` values in one storage type, read sixteen values at a time as `Float`s — exactly
 /// the stored values (every storage widens exactly, see `KVStorage`).
 protocol SixteenLaneRows {
+  /// Whether reading widens stored values (every storage but float32): then the reads cost
+  /// instructions besides the bytes, and the products take keys four at a time.
+  static var widens: Bool { get }
   /// Values per row.
   var width: Int { get }
   /// Values `c ..< c + 16` of row `j` (`c` a multiple of 16, `c + 16 ≤ width`).
@@ -70,6 +73,7 @@ extension SixteenLaneRows {
 }
 
 struct Float32Rows: SixteenLaneRows {
+  static var widens: Bool { false }
   let base: UnsafePointer<Float>
   let width: Int
   init(_ base: UnsafePointer<Float>, width: Int) { (self.base, self.width) = (base, width) }
@@ -84,6 +88,7 @@ struct Float32Rows: SixteenLaneRows {
 /// IEEE binary16 bits, widened by the CPU's conversion instruction where Swift has `Float16`
 /// (F16C's `vcvtph2ps` on x86-64 when compiled for it), else by `HalfPrecision`.
 struct Float16Rows: SixteenLaneRows {
+  static var widens: Bool { true }
   let base: UnsafePointer<UInt16>
   let width: Int
   init(_ base: UnsafePointer<UInt16>, width: Int) { (self.base, self.width) = (base, width) }
@@ -117,6 +122,7 @@ struct Float16Rows: SixteenLaneRows {
 
 /// bfloat16 bits: the upper half of a binary32.
 struct BFloat16Rows: SixteenLaneRows {
+  static var widens: Bool { true }
   let base: UnsafePointer<UInt16>
   let width: Int
   init(_ base: UnsafePointer<UInt16>, width: Int) { (self.base, self.width) = (base, width) }
@@ -136,6 +142,7 @@ struct BFloat16Rows: SixteenLaneRows {
 /// `q8` rows: int8 values and one float16 scale per block of 32 (`s·q`, see `KVStorage.q8`).
 /// Sixteen values never straddle two blocks (`c` is a multiple of 16).
 struct Q8Rows: SixteenLaneRows {
+  static var widens: Bool { true }
   let quants: UnsafePointer<Int8>
   let scales: UnsafePointer<UInt16>
   let width: Int

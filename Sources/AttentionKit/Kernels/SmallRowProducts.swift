@@ -50,7 +50,63 @@ enum SmallRowProducts {
     let q1 = UnsafeRawPointer(q + min(1, rows - 1) * d)
     let q2 = UnsafeRawPointer(q + min(2, rows - 1) * d)
     let q3 = UnsafeRawPointer(q + min(3, rows - 1) * d)
-    for j in 0..<cols {
+    var j = 0
+    #if ATTN_AVX512 && arch(x86_64)
+      // Compact keys four at a time: sixteen dot products, reduced together (`LaneSums`, the
+      // same order of additions as `RowSoftmax.total`, so every score is the one the loop below
+      // gives). Float32 keys, bound by reading them, stay one at a time, which streams them
+      // faster.
+      while Keys.widens, j + 4 <= cols {
+        var a = (SIMD16<Float>.zero, SIMD16<Float>.zero, SIMD16<Float>.zero, SIMD16<Float>.zero)
+        var b = a
+        var e = a
+        var f = a
+        var c = 0
+        while c < d {
+          let (k0, k1) = (k.sixteen(row: j, column: c), k.sixteen(row: j + 1, column: c))
+          let (k2, k3) = (k.sixteen(row: j + 2, column: c), k.sixteen(row: j + 3, column: c))
+          let offset = 4 * c
+          let x0 = q0.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+          let x1 = q1.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+          let x2 = q2.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+          let x3 = q3.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+          a.0 = a.0.addingProduct(x0, k0)
+          a.1 = a.1.addingProduct(x0, k1)
+          a.2 = a.2.addingProduct(x0, k2)
+          a.3 = a.3.addingProduct(x0, k3)
+          b.0 = b.0.addingProduct(x1, k0)
+          b.1 = b.1.addingProduct(x1, k1)
+          b.2 = b.2.addingProduct(x1, k2)
+          b.3 = b.3.addingProduct(x1, k3)
+          e.0 = e.0.addingProduct(x2, k0)
+          e.1 = e.1.addingProduct(x2, k1)
+          e.2 = e.2.addingProduct(x2, k2)
+          e.3 = e.3.addingProduct(x2, k3)
+          f.0 = f.0.addingProduct(x3, k0)
+          f.1 = f.1.addingProduct(x3, k1)
+          f.2 = f.2.addingProduct(x3, k2)
+          f.3 = f.3.addingProduct(x3, k3)
+          c += 16
+        }
+        // Lane 4r + t: row r, key j + t.
+        let sums =
+          LaneSums.sixteen(
+            a.0, a.1, a.2, a.3, b.0, b.1, b.2, b.3, e.0, e.1, e.2, e.3, f.0, f.1, f.2, f.3)
+          * scale
+        @inline(__always)
+        func store(_ quarter: SIMD4<Float>, row r: Int) {
+          guard r < rows else { return }
+          UnsafeMutableRawPointer(s + r * ld + j).storeBytes(of: quarter, as: SIMD4<Float>.self)
+        }
+        store(sums.lowHalf.lowHalf, row: 0)
+        store(sums.lowHalf.highHalf, row: 1)
+        store(sums.highHalf.lowHalf, row: 2)
+        store(sums.highHalf.highHalf, row: 3)
+        j += 4
+      }
+    #endif
+    while j < cols {
+      defer { j += 1 }
       var (a0, a1, a2, a3) = (SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>(), SIMD16<Float>())
       var c = 0
       while c < d {
