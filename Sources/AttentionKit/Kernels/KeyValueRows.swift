@@ -32,7 +32,9 @@ enum KeyValueRows: @unchecked Sendable {
     case .bfloat16(let p):
       BFloat16Rows(p + first * width, width: width).widen(count: count, into: scratch)
     case .q8(let quants, let scales):
-      Q8Rows(quants, scales, first: first, width: width).widen(count: count, into: scratch)
+      Q8Rows.with(quants, scales, first: first, count: count, width: width) {
+        $0.widen(count: count, into: scratch)
+      }
     }
     return UnsafePointer(scratch)
   }
@@ -139,24 +141,38 @@ struct BFloat16Rows: SixteenLaneRows {
   }
 }
 
-/// `q8` rows: int8 values and one float16 scale per block of 32 (`s·q`, see `KVStorage.q8`).
-/// Sixteen values never straddle two blocks (`c` is a multiple of 16).
+/// `q8` rows: int8 values and one scale per block of 32 (`s·q`, see `KVStorage.q8`), the scales
+/// widened to `Float` once for the rows read (`with(_:_:first:count:width:_:)`), so that each use
+/// is a load (a broadcast operand) rather than a conversion. Sixteen values never straddle two
+/// blocks (`c` is a multiple of 16).
 struct Q8Rows: SixteenLaneRows {
   static var widens: Bool { true }
   let quants: UnsafePointer<Int8>
-  let scales: UnsafePointer<UInt16>
+  let scales: UnsafePointer<Float>
   let width: Int
   let blocks: Int
-  /// Rows from `first` of the cache's `quants` and `scales`.
-  init(_ quants: UnsafePointer<Int8>, _ scales: UnsafePointer<UInt16>, first: Int, width: Int) {
-    blocks = KVStorage.q8Blocks(width: width)
-    (self.quants, self.scales, self.width) = (
-      quants + first * width, scales + first * blocks, width
-    )
+
+  /// `body` given rows `first ..< first + count` of the cache's `quants` and float16 `scales`,
+  /// their scales widened into a temporary buffer (`count·⌈width/32⌉` floats, on the stack).
+  @inline(__always)
+  static func with<R>(
+    _ quants: UnsafePointer<Int8>, _ scales: UnsafePointer<UInt16>, first: Int, count: Int,
+    width: Int, _ body: (Q8Rows) -> R
+  ) -> R {
+    let blocks = KVStorage.q8Blocks(width: width)
+    return withUnsafeTemporaryAllocation(of: Float.self, capacity: max(count * blocks, 1)) {
+      let widened = $0.baseAddress!
+      Float16Rows(scales + first * blocks, width: count * blocks).widen(count: 1, into: widened)
+      return body(
+        Q8Rows(
+          quants: quants + first * width, scales: UnsafePointer(widened), width: width,
+          blocks: blocks))
+    }
   }
+
   @inline(__always)
   func scale(row j: Int, column c: Int) -> Float {
-    Float16Rows.widen(scales[j * blocks + c / KVStorage.q8BlockSize])
+    scales[j * blocks + c / KVStorage.q8BlockSize]
   }
   @inline(__always)
   func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {

@@ -34,8 +34,9 @@ enum SmallRowProducts {
     case .bfloat16(let p):
       scores(q, rows: rows, keys: BFloat16Rows(p + first * d, width: d), cols, scale, s, ld)
     case .q8(let quants, let scales):
-      let k = Q8Rows(quants, scales, first: first, width: d)
-      scores(q, rows: rows, keys: k, cols, scale, s, ld)
+      Q8Rows.with(quants, scales, first: first, count: cols, width: d) {
+        scores(q, rows: rows, keys: $0, cols, scale, s, ld)
+      }
     }
   }
 
@@ -144,8 +145,9 @@ enum SmallRowProducts {
       let rows16 = BFloat16Rows(v + first * dv, width: dv)
       accumulate(p, ld, rows, cols, values: rows16, acc, overwrite)
     case .q8(let quants, let scales):
-      let v = Q8Rows(quants, scales, first: first, width: dv)
-      accumulate(p, ld, rows, cols, values: v, acc, overwrite)
+      Q8Rows.with(quants, scales, first: first, count: cols, width: dv) {
+        accumulate(p, ld, rows, cols, values: $0, acc, overwrite)
+      }
     }
   }
 
