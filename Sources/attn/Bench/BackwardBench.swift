@@ -21,11 +21,7 @@ extension BenchCase {
   {
     let memoryBefore = ProcessMemory.status()?.resident
     let peakReset = ProcessMemory.resetPeak()
-    let keyShape = [batch, keyValueHeads ?? heads, length, headDim]
-    let q = try Tensor.randomNormal(
-      shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries)
-    let k = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys)
-    let v = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
+    let (q, k, v) = try randomInputs(seed: seed)
     let dO = try Tensor.randomNormal(
       shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.gradOutput)
     let drop = dropout > 0 ? try Dropout(probability: dropout, seed: seed) : nil

@@ -10,8 +10,8 @@ extension BenchCase {
   private struct Workload {
     var reference: ReferenceAttention
     var run: () throws -> AttentionResult
-    /// For relpos and the score terms: plain attention on the same inputs (relpos: the same
-    /// projections), timed beside it.
+    /// For relpos, the score terms and a compact KV cache: plain attention on the same inputs
+    /// (relpos: the same projections; a KV cache: the float32 keys and values), timed beside it.
     var plain: (() throws -> AttentionResult)?
   }
 
@@ -21,7 +21,7 @@ extension BenchCase {
     let mask = self.mask
     let drop = dropout > 0 ? try Dropout(probability: dropout, seed: seed) : nil
     if let maxDistance {
-      // The notebook's module: x [B, T, d] → Q, K, V projections → relative-position attention.
+      // The notebook's module: x [B, T, D] → Q, K, V projections → relative-position attention.
       let module = try RelativePositionAttention(
         modelDim: headDim, maxDistance: maxDistance, seed: seed)
       let x = try Tensor.randomNormal(
@@ -43,11 +43,7 @@ extension BenchCase {
         })
     }
     if let embedDim { return try layerWorkload(embedDim: embedDim, threads: threads, seed: seed) }
-    let keyShape = [batch, keyValueHeads ?? heads, length, headDim]
-    let q = try Tensor.randomNormal(
-      shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries)
-    let k = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys)
-    let v = try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
+    let (q, k, v) = try randomInputs(seed: seed)
     if kvStorage != .float32 {
       // The same keys and values stored compactly, widened by the kernel as it reads; checked on
       // the stored values, timed beside the float32 tensors.
@@ -171,7 +167,7 @@ extension BenchCase {
     var times: [Double] = []
     var plainTimes: [Double] = []
     var ceilings: [Double] = []
-    // Interleaved: kernel, plain attention (relpos only), sgemm ceiling, then again.
+    // Interleaved: kernel, plain attention (when the workload has it), sgemm ceiling, then again.
     for _ in 0..<(self.repeats ?? repeats) {
       times.append(try Stopwatch.measure(work.run).seconds)
       if let plain = work.plain { plainTimes.append(try Stopwatch.measure(plain).seconds) }

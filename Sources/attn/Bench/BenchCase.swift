@@ -153,4 +153,16 @@ struct BenchCase {
     let weights = embedDim.map { e in e * (heads + 2 * kvHeads) * headDim + heads * headDim * e }
     return cache + (queries + (weights ?? 0)) * float
   }
+
+  /// The case's random queries `[B, H, Tq, D]`, keys and values `[B, Hkv, Tk, D]`, N(0, 1), each
+  /// from its own stream of `seed`.
+  func randomInputs(seed: UInt64) throws -> (q: Tensor, k: Tensor, v: Tensor) {
+    let keyShape = [batch, keyValueHeads ?? heads, length, headDim]
+    return (
+      try Tensor.randomNormal(
+        shape: [batch, heads, queryCount, headDim], seed: seed, stream: RandomStream.queries),
+      try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.keys),
+      try Tensor.randomNormal(shape: keyShape, seed: seed, stream: RandomStream.values)
+    )
+  }
 }

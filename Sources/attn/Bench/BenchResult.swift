@@ -20,8 +20,9 @@ struct BenchResult: Encodable {
   /// The kernel's tile, on which the sgemm ceiling is measured.
   var tileRows, tileKeys: Int
   var gflops, sgemmGflops, ratioToSgemm: Double
-  /// relpos and the score terms: plain attention of the same shape (relpos: with the same
-  /// projections), and the case's time over it.
+  /// relpos, the score terms and a compact KV cache: plain attention of the same shape (relpos:
+  /// with the same projections; a KV cache: on the float32 keys and values), and the case's time
+  /// over it.
   var plainMedianMs: Double?
   var overPlain: Double?
   var workspaceBytes: Int
