@@ -74,46 +74,67 @@ extension SixteenLaneRows {
   }
 }
 
-struct Float32Rows: SixteenLaneRows {
-  static var widens: Bool { false }
-  let base: UnsafePointer<Float>
+/// Rows of one element type, `width` to a row, widened as `Widening` says.
+struct ElementRows<Widening: ElementWidening>: SixteenLaneRows {
+  static var widens: Bool { Widening.widens }
+  let base: UnsafePointer<Widening.Stored>
   let width: Int
-  init(_ base: UnsafePointer<Float>, width: Int) { (self.base, self.width) = (base, width) }
-  @inline(__always)
-  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
-    UnsafeRawPointer(base + j * width + c).loadUnaligned(as: SIMD16<Float>.self)
+  init(_ base: UnsafePointer<Widening.Stored>, width: Int) {
+    (self.base, self.width) = (base, width)
   }
   @inline(__always)
-  func value(row j: Int, column c: Int) -> Float { base[j * width + c] }
+  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
+    Widening.sixteen(base + j * width + c)
+  }
+  @inline(__always)
+  func value(row j: Int, column c: Int) -> Float { Widening.value(base[j * width + c]) }
+}
+
+/// How a stored element type reads as `Float`: sixteen at a time, or one.
+protocol ElementWidening {
+  associatedtype Stored
+  /// Whether reading converts (every type but `Float`).
+  static var widens: Bool { get }
+  static func sixteen(_ source: UnsafePointer<Stored>) -> SIMD16<Float>
+  static func value(_ stored: Stored) -> Float
+}
+
+typealias Float32Rows = ElementRows<Float32Widening>
+typealias Float16Rows = ElementRows<Float16Widening>
+typealias BFloat16Rows = ElementRows<BFloat16Widening>
+
+enum Float32Widening: ElementWidening {
+  static var widens: Bool { false }
+  @inline(__always)
+  static func sixteen(_ source: UnsafePointer<Float>) -> SIMD16<Float> {
+    UnsafeRawPointer(source).loadUnaligned(as: SIMD16<Float>.self)
+  }
+  @inline(__always)
+  static func value(_ stored: Float) -> Float { stored }
 }
 
 /// IEEE binary16 bits, widened by the CPU's conversion instruction where Swift has `Float16`
 /// (F16C's `vcvtph2ps` on x86-64 when compiled for it), else by `HalfPrecision`.
-struct Float16Rows: SixteenLaneRows {
+enum Float16Widening: ElementWidening {
   static var widens: Bool { true }
-  let base: UnsafePointer<UInt16>
-  let width: Int
-  init(_ base: UnsafePointer<UInt16>, width: Int) { (self.base, self.width) = (base, width) }
   @inline(__always)
-  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
+  static func sixteen(_ source: UnsafePointer<UInt16>) -> SIMD16<Float> {
     // Lane by lane, which the compiler turns into one conversion instruction; the standard
     // library's `SIMD16<Float>(_: SIMD16<Float16>)` is a call in these loops.
     var x = SIMD16<Float>()
     #if os(macOS) && arch(x86_64)
-      for i in 0..<16 { x[i] = Self.widen(base[j * width + c + i]) }
+      for i in 0..<16 { x[i] = value(source[i]) }
     #else
-      let h = UnsafeRawPointer(base + j * width + c).loadUnaligned(as: SIMD16<Float16>.self)
+      let h = UnsafeRawPointer(source).loadUnaligned(as: SIMD16<Float16>.self)
       for i in 0..<16 { x[i] = Float(h[i]) }
     #endif
     return x
   }
-  @inline(__always)
-  func value(row j: Int, column c: Int) -> Float { Self.widen(base[j * width + c]) }
 
   /// One binary16 value's bits as a `Float` (inlined, unlike `HalfPrecision`'s, which lives in
   /// another module).
   @inline(__always)
-  static func widen(_ bits: UInt16) -> Float {
+  static func value(_ bits: UInt16) -> Float {
     #if os(macOS) && arch(x86_64)
       return HalfPrecision.float(fromF16Bits: bits)
     #else
@@ -123,22 +144,17 @@ struct Float16Rows: SixteenLaneRows {
 }
 
 /// bfloat16 bits: the upper half of a binary32.
-struct BFloat16Rows: SixteenLaneRows {
+enum BFloat16Widening: ElementWidening {
   static var widens: Bool { true }
-  let base: UnsafePointer<UInt16>
-  let width: Int
-  init(_ base: UnsafePointer<UInt16>, width: Int) { (self.base, self.width) = (base, width) }
   @inline(__always)
-  func sixteen(row j: Int, column c: Int) -> SIMD16<Float> {
-    let h = UnsafeRawPointer(base + j * width + c).loadUnaligned(as: SIMD16<UInt16>.self)
+  static func sixteen(_ source: UnsafePointer<UInt16>) -> SIMD16<Float> {
+    let h = UnsafeRawPointer(source).loadUnaligned(as: SIMD16<UInt16>.self)
     var w = SIMD16<UInt32>()
     for i in 0..<16 { w[i] = UInt32(h[i]) &<< 16 }
     return unsafeBitCast(w, to: SIMD16<Float>.self)
   }
   @inline(__always)
-  func value(row j: Int, column c: Int) -> Float {
-    Float(bitPattern: UInt32(base[j * width + c]) << 16)
-  }
+  static func value(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
 }
 
 /// `q8` rows: int8 values and one scale per block of 32 (`s·q`, see `KVStorage.q8`), the scales
