@@ -4,6 +4,8 @@ import TensorIO
 import Testing
 import _TestSupport
 
+@testable import attn
+
 /// `attn bench`'s report: the statistics of the timed runs and the core probe. Nothing here is
 /// timed against a threshold (tests never assert speed); only the report's consistency.
 @Suite("attn bench (the executable)")
@@ -56,6 +58,17 @@ struct BenchCommandTests {
         let value = try #require(first[key] as? Double, "\(key)")
         #expect(value > 0 && value.isFinite, "\(key) = \(value)")
       }
+    }
+  }
+
+  /// Limits measured while the two vCPUs shared a core read low: the run keeps the highest of
+  /// each, measured before every case.
+  @Test("the run's limits are the highest measured, each limit on its own")
+  func limitsKeepTheHighest() {
+    let early = MachineLimits(peakGflops: 116, bandwidthGBPerSecond: 40, threads: 2)
+    let later = MachineLimits(peakGflops: 229, bandwidthGBPerSecond: 30, threads: 2)
+    for raised in [early.raised(to: later), later.raised(to: early)] {
+      #expect(raised.peakGflops == 229 && raised.bandwidthGBPerSecond == 40)
     }
   }
 

@@ -32,10 +32,11 @@ struct BenchResult: Encodable {
   var referenceErrorRatio: Double
   /// The KV cache's storage (`--kv-dtype`) when it is not float32.
   var kvDtype: String?
-  /// `gflops` over the same run's FMA peak (`MachineLimits`).
+  /// `gflops` over the run's FMA peak (`MachineLimits`: the highest measured up to this case).
   var peakFraction: Double?
   /// Memory-bound cases (decode): the bytes a run must read (`BenchCase.bytesRead`) per second,
-  /// in billions, and over the same run's read bandwidth; `nil` for the others.
+  /// in billions, and over the run's read bandwidth (the highest measured up to this case); `nil`
+  /// for the others.
   var gbPerSecond: Double?
   var bandwidthFraction: Double?
 

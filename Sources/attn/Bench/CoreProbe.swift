@@ -15,6 +15,13 @@ enum CoreProbe {
     var threads: Int
     /// `parallel / single`: `threads` on free cores.
     var scaling: Double
+
+    /// The text report: the FMA rate (twice the multiply-add rate) on 1 and N threads.
+    var line: String {
+      String(
+        format: "FMA rate: %.1f GFLOP/s on 1 thread, %.1f on %d (%.2f×)", 2 * singleGflops,
+        2 * parallelGflops, threads, scaling)
+    }
   }
 
   /// Runs the probe: about `seconds` of work per measurement.

@@ -152,14 +152,7 @@ struct BenchCommand: ParsableCommand {
     }
     if probe {
       let result = CoreProbe.run(threads: execution.resolvedThreads)
-      if report.format == .json {
-        try printJSON(result)
-      } else {
-        print(
-          String(
-            format: "FMA rate: %.1f GFLOP/s on 1 thread, %.1f on %d (%.2f×)",
-            2 * result.singleGflops, 2 * result.parallelGflops, result.threads, result.scaling))
-      }
+      if report.format == .json { try printJSON(result) } else { print(result.line) }
       return
     }
     WarmAllocator.keepFreedMemory()
@@ -198,8 +191,9 @@ struct BenchCommand: ParsableCommand {
         configuration: configuration, threads: threadCount, execution: execution)
     }
     var results: [BenchResult] = []
-    // The machine's limits, measured now with the cases' threads.
-    let limits = MachineLimits.measure(threads: threadCount)
+    // The machine's limits with the cases' threads: now, then again before each case.
+    var limits = MachineLimits.measure(threads: threadCount)
+    let first = limits
     if report.format == .text {
       print(
         "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
@@ -212,11 +206,17 @@ struct BenchCommand: ParsableCommand {
     defer { progress.clear() }
     for benchCase in selected {
       progress.show("bench: \(benchCase.name) \(benchCase.shapeText)…")
+      if !results.isEmpty {
+        limits = limits.raised(to: MachineLimits.measure(threads: threadCount))
+      }
       let result = try benchCase.run(
         configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
         seed: seed, limits: limits)
       results.append(result)
       if report.format == .text { print(result.line) }
+    }
+    if report.format == .text, limits.line != first.line {
+      print(limits.line + " (the highest measured before the cases)")
     }
     if report.format == .json {
       try printJSON(
