@@ -136,7 +136,7 @@ extension BenchCase {
 
   func run(
     configuration: TiledAttention.Configuration, threads: Int, repeats: Int, warmup: Int,
-    seed: UInt64, limits: MachineLimits? = nil
+    seed: UInt64
   ) throws -> BenchResult {
     let memoryBefore = ProcessMemory.status()?.resident
     let peakReset = ProcessMemory.resetPeak()
@@ -193,10 +193,7 @@ extension BenchCase {
       peakRssBytes: peakReset ? status?.peak : nil,
       rssBeforeBytes: memoryBefore,
       referenceErrorRatio: checks.compactMap(\.measurement?.worstRatio).max() ?? 0,
-      kvDtype: kvStorage == .float32 ? nil : kvStorage.rawValue,
-      peakFraction: limits.map { gflops / $0.peakGflops },
-      gbPerSecond: bytes,
-      bandwidthFraction: bytes.flatMap { b in limits.map { b / $0.bandwidthGBPerSecond } })
+      kvDtype: kvStorage == .float32 ? nil : kvStorage.rawValue, gbPerSecond: bytes)
   }
 }
 

@@ -32,13 +32,20 @@ struct BenchResult: Encodable {
   var referenceErrorRatio: Double
   /// The KV cache's storage (`--kv-dtype`) when it is not float32.
   var kvDtype: String?
-  /// `gflops` over the run's FMA peak (`MachineLimits`: the highest measured up to this case).
-  var peakFraction: Double?
+  /// `gflops` over the run's FMA peak (`MachineLimits`, `held(against:)`).
+  var peakFraction: Double? = nil
   /// Memory-bound cases (decode): the bytes a run must read (`BenchCase.bytesRead`) per second,
-  /// in billions, and over the run's read bandwidth (the highest measured up to this case); `nil`
-  /// for the others.
+  /// in billions, and over the run's read bandwidth; `nil` for the others.
   var gbPerSecond: Double?
-  var bandwidthFraction: Double?
+  var bandwidthFraction: Double? = nil
+
+  /// The result with its shares of `limits` (the run's, measured around its cases).
+  func held(against limits: MachineLimits) -> BenchResult {
+    var result = self
+    result.peakFraction = gflops / limits.peakGflops
+    result.bandwidthFraction = gbPerSecond.map { $0 / limits.bandwidthGBPerSecond }
+    return result
+  }
 
   var line: String {
     let peak = peakRssBytes.map { formatBytes($0) } ?? "n/a"

@@ -4,8 +4,8 @@ import Foundation
 /// The two limits a benchmark's figures are held against, measured in the same run with the same
 /// threads: the FMA peak (`FMAPeak`: independent fused multiply-adds on every thread at once, two
 /// flops each) and the memory read bandwidth (`BandwidthProbe`: a streaming sum over a buffer
-/// far larger than the caches). `attn bench` measures them before each case and keeps the
-/// highest of each (`raised(to:)`): a limit is the best the machine showed, and a measurement
+/// far larger than the caches). `attn bench` measures them before each case and after the last
+/// and holds every case against the highest of each (`raised(to:)`): a limit is the best the machine showed, and a measurement
 /// taken while this machine's two vCPUs shared one core reads half the FMA peak.
 struct MachineLimits: Encodable {
   /// Floating-point operations per second at the FMA peak, in billions.

@@ -191,17 +191,9 @@ struct BenchCommand: ParsableCommand {
         configuration: configuration, threads: threadCount, execution: execution)
     }
     var results: [BenchResult] = []
-    // The machine's limits with the cases' threads: now, then again before each case.
+    // The machine's limits with the cases' threads, before each case and after the last: the
+    // highest of each holds (a probe that ran while the two vCPUs shared a core reads low).
     var limits = MachineLimits.measure(threads: threadCount)
-    let first = limits
-    if report.format == .text {
-      print(
-        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
-          + (configuration.fitsBlocks
-            ? "fitted to each case (the ceiling's tile is the case's)"
-            : "Bq \(configuration.queryBlock) × Bk \(configuration.keyBlock)"))
-      print(limits.line)
-    }
     let progress = Progress()
     defer { progress.clear() }
     for benchCase in selected {
@@ -209,14 +201,21 @@ struct BenchCommand: ParsableCommand {
       if !results.isEmpty {
         limits = limits.raised(to: MachineLimits.measure(threads: threadCount))
       }
-      let result = try benchCase.run(
-        configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
-        seed: seed, limits: limits)
-      results.append(result)
-      if report.format == .text { print(result.line) }
+      results.append(
+        try benchCase.run(
+          configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
+          seed: seed))
     }
-    if report.format == .text, limits.line != first.line {
-      print(limits.line + " (the highest measured before the cases)")
+    limits = limits.raised(to: MachineLimits.measure(threads: threadCount))
+    results = results.map { $0.held(against: limits) }
+    if report.format == .text {
+      print(
+        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
+          + (configuration.fitsBlocks
+            ? "fitted to each case (the ceiling's tile is the case's)"
+            : "Bq \(configuration.queryBlock) × Bk \(configuration.keyBlock)"))
+      print(limits.line + " (the highest measured around the cases)")
+      for result in results { print(result.line) }
     }
     if report.format == .json {
       try printJSON(
