@@ -5,7 +5,8 @@ import Testing
 
 /// The decode products on compact keys and values (widened in registers, keys four at a time
 /// where the build has AVX-512) held to the same products on the widened float32 rows (one key
-/// at a time), and both to a float64 sum.
+/// at a time), and both to a float64 sum. The widened rows come from `floatRows`, through the
+/// same readers; `KVStorageTests` holds those to `HalfPrecision` and to q8's definition.
 @Suite("Small-row products on compact rows")
 struct SmallRowProductsTests {
   /// `[count, width]` rows stored as `storage`, and the same rows widened to float32.
@@ -19,26 +20,30 @@ struct SmallRowProductsTests {
     return (rows, widened)
   }
 
+  /// Scratch for q8's widened scales, more than any call here needs.
+  static let scratchFloats = 256
+
   @Test(
     "scores over compact keys equal, bit for bit, the float32 path's on the widened keys",
     arguments: [KVStorage.float16, .bfloat16, .q8], [1, 3, 4])
   func scoresMatchWidened(storage: KVStorage, queryRows: Int) throws {
-    // 23 keys: five blocks of four and three keys one at a time.
-    let (cols, d, ld) = (23, 96, 32)
-    let keys = try Self.rows(storage: storage, count: cols, width: d, seed: 3)
+    // 23 keys from row 5 on: five blocks of four and three keys one at a time.
+    let (first, cols, d, ld) = (5, 23, 96, 32)
+    let keys = try Self.rows(storage: storage, count: first + cols, width: d, seed: 3)
     let q = try Tensor.randomNormal(shape: [queryRows, d], seed: 4, stream: 0).scalars
     var compact = [Float](repeating: .nan, count: 4 * ld)
     var plain = compact
+    var scratch = [Float](repeating: 0, count: Self.scratchFloats)
     q.withUnsafeBufferPointer { q in
       keys.stored.withSource { source in
         SmallRowProducts.scores(
-          queries: q.baseAddress!, rows: queryRows, d: d, keys: source, first: 0, cols: cols,
-          scale: 0.125, into: &compact, ld: ld)
+          queries: q.baseAddress!, rows: queryRows, d: d, keys: source, first: first,
+          cols: cols, scale: 0.125, into: &compact, ld: ld, scratch: &scratch)
       }
       keys.widened.withUnsafeBufferPointer { k in
         SmallRowProducts.scores(
           queries: q.baseAddress!, rows: queryRows, d: d, keys: .float32(k.baseAddress!),
-          first: 0, cols: cols, scale: 0.125, into: &plain, ld: ld)
+          first: first, cols: cols, scale: 0.125, into: &plain, ld: ld, scratch: &scratch)
       }
     }
     for r in 0..<4 {
@@ -53,7 +58,7 @@ struct SmallRowProductsTests {
         var exact = 0.0
         var magnitude = 0.0
         for c in 0..<d {
-          let term = Double(q[r * d + c]) * Double(keys.widened[j * d + c])
+          let term = Double(q[r * d + c]) * Double(keys.widened[(first + j) * d + c])
           exact += term
           magnitude += abs(term)
         }
@@ -65,36 +70,57 @@ struct SmallRowProductsTests {
 
   @Test(
     "P·V over compact values equals, bit for bit, the float32 path's on the widened values",
-    arguments: [KVStorage.float16, .bfloat16, .q8])
-  func accumulateMatchesWidened(storage: KVStorage) throws {
-    // Dv 80: one pass of sixty-four columns and one of sixteen (a q8 block of 16).
-    let (cols, dv, ld, rows) = (13, 80, 16, 3)
-    let values = try Self.rows(storage: storage, count: cols, width: dv, seed: 5)
+    arguments: [KVStorage.float16, .bfloat16, .q8], [true, false])
+  func accumulateMatchesWidened(storage: KVStorage, overwrite: Bool) throws {
+    // Dv 80: one pass of sixty-four columns and one of sixteen (a q8 block of 16); 13 values
+    // from row 3 on; three rows of a four-row accumulator, the fourth a NaN sentinel.
+    let (first, cols, dv, ld, rows) = (3, 13, 80, 16, 3)
+    let values = try Self.rows(storage: storage, count: first + cols, width: dv, seed: 5)
     let p = try Tensor.randomNormal(shape: [rows, ld], seed: 6, stream: 0).scalars
-    var compact = [Float](repeating: 0, count: rows * dv)
+    let start = try Tensor.randomNormal(shape: [rows, dv], seed: 6, stream: 1).scalars
+    var compact = start + [Float](repeating: .nan, count: dv)
     var plain = compact
+    var scratch = [Float](repeating: 0, count: Self.scratchFloats)
     p.withUnsafeBufferPointer { p in
       values.stored.withSource { source in
         SmallRowProducts.accumulate(
           probabilities: p.baseAddress!, ld: ld, rows: rows, cols: cols, values: source,
-          first: 0, dv: dv, into: &compact, overwrite: true)
+          first: first, dv: dv, into: &compact, overwrite: overwrite, scratch: &scratch)
       }
       values.widened.withUnsafeBufferPointer { v in
         SmallRowProducts.accumulate(
           probabilities: p.baseAddress!, ld: ld, rows: rows, cols: cols,
-          values: .float32(v.baseAddress!), first: 0, dv: dv, into: &plain, overwrite: true)
+          values: .float32(v.baseAddress!), first: first, dv: dv, into: &plain,
+          overwrite: overwrite, scratch: &scratch)
       }
     }
     #expect(compact.map(\.bitPattern) == plain.map(\.bitPattern))
-    // Against float64: column 5 of row 2.
-    var exact = 0.0
-    var magnitude = 0.0
-    for j in 0..<cols {
-      let term = Double(p[2 * ld + j]) * Double(values.widened[j * dv + 5])
-      exact += term
-      magnitude += abs(term)
+    #expect(compact[(rows * dv)...].allSatisfy { $0.isNaN }, "a row past the rows was written")
+    // Every output against float64 (`start` added unless overwriting): within cols + 1
+    // roundings of the magnitudes summed.
+    for r in 0..<rows {
+      for c in 0..<dv {
+        var exact = overwrite ? 0 : Double(start[r * dv + c])
+        var magnitude = abs(exact)
+        for j in 0..<cols {
+          let term = Double(p[r * ld + j]) * Double(values.widened[(first + j) * dv + c])
+          exact += term
+          magnitude += abs(term)
+        }
+        let bound = Double(cols + 1) * Double(Float.ulpOfOne) * magnitude
+        #expect(abs(Double(compact[r * dv + c]) - exact) <= bound, "[\(r), \(c)]")
+      }
     }
-    #expect(abs(Double(compact[2 * dv + 5]) - exact) <= Double(cols) * 1.2e-7 * magnitude)
+  }
+
+  @Test("float16 widened by moving the bits equals HalfPrecision for all 65,536 patterns")
+  func float16BitsMatchHalfPrecision() {
+    var mismatches = 0
+    for bits in 0...UInt16.max {
+      let moved = Float16Widening.fromBits(bits)
+      if moved.bitPattern != HalfPrecision.float(fromF16Bits: bits).bitPattern { mismatches += 1 }
+    }
+    #expect(mismatches == 0)
   }
 
   #if ATTN_AVX512 && arch(x86_64)

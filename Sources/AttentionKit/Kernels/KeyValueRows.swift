@@ -10,10 +10,14 @@ enum KeyValueRows: @unchecked Sendable {
   case bfloat16(UnsafePointer<UInt16>)
   case q8(quants: UnsafePointer<Int8>, scales: UnsafePointer<UInt16>)
 
-  /// Whether sgemm needs a scratch tile to read them (everything but float32).
-  var converts: Bool {
-    if case .float32 = self { return false }
-    return true
+  /// The floats of scratch a tile of `keys` rows needs: for sgemm (`small` false) the widened
+  /// rows of a compact storage; for the small-row products only q8's widened scales.
+  func tileFloats(keys: Int, width: Int, small: Bool) -> Int {
+    switch self {
+    case .float32: return 0
+    case .float16, .bfloat16: return small ? 0 : keys * width
+    case .q8: return small ? keys * KVStorage.q8Blocks(width: width) : keys * width
+    }
   }
 
   /// Rows `first ..< first + count` (of `width` values each) as `Float`s: a pointer into the
@@ -113,8 +117,9 @@ enum Float32Widening: ElementWidening {
   static func value(_ stored: Float) -> Float { stored }
 }
 
-/// IEEE binary16 bits, widened by the CPU's conversion instruction where Swift has `Float16`
-/// (F16C's `vcvtph2ps` on x86-64 when compiled for it), else by `HalfPrecision`.
+/// IEEE binary16 bits: widened by F16C's conversion instruction where the build says the CPU has
+/// it (`-DATTN_F16C`, `Scripts/build-flags.sh`), else by moving the bits (`fromBits`), which
+/// vectorizes; `Float(Float16)` without F16C is a library call per value.
 enum Float16Widening: ElementWidening {
   static var widens: Bool { true }
   @inline(__always)
@@ -122,24 +127,35 @@ enum Float16Widening: ElementWidening {
     // Lane by lane, which the compiler turns into one conversion instruction; the standard
     // library's `SIMD16<Float>(_: SIMD16<Float16>)` is a call in these loops.
     var x = SIMD16<Float>()
-    #if os(macOS) && arch(x86_64)
-      for i in 0..<16 { x[i] = value(source[i]) }
-    #else
+    #if ATTN_F16C
       let h = UnsafeRawPointer(source).loadUnaligned(as: SIMD16<Float16>.self)
       for i in 0..<16 { x[i] = Float(h[i]) }
+    #else
+      for i in 0..<16 { x[i] = fromBits(source[i]) }
     #endif
     return x
   }
 
-  /// One binary16 value's bits as a `Float` (inlined, unlike `HalfPrecision`'s, which lives in
-  /// another module).
   @inline(__always)
   static func value(_ bits: UInt16) -> Float {
-    #if os(macOS) && arch(x86_64)
-      return HalfPrecision.float(fromF16Bits: bits)
-    #else
+    #if ATTN_F16C
       return Float(Float16(bitPattern: bits))
+    #else
+      return fromBits(bits)
     #endif
+  }
+
+  /// `HalfPrecision.float(fromF16Bits:)` without branches: the magnitude's bits moved up 13
+  /// places read as a `Float` 2¹¹² too small (exactly, subnormals included), then scaled;
+  /// exponent 31 (∞, NaN) becomes 255 with the fraction kept.
+  @inline(__always)
+  static func fromBits(_ bits: UInt16) -> Float {
+    let h = UInt32(bits)
+    let magnitude = (h & 0x7FFF) << 13
+    let scaled = (Float(bitPattern: magnitude) * 0x1p112).bitPattern
+    let special = (h & 0x7C00) == 0x7C00
+    let widened = special ? (0x7F80_0000 | magnitude) : scaled
+    return Float(bitPattern: widened | ((h & 0x8000) << 16))
   }
 }
 
@@ -158,8 +174,8 @@ enum BFloat16Widening: ElementWidening {
 }
 
 /// `q8` rows: int8 values and one scale per block of 32 (`s·q`, see `KVStorage.q8`), the scales
-/// widened to `Float` once for the rows read (`with(_:_:first:count:width:_:)`), so that each use
-/// is a load (a broadcast operand) rather than a conversion. Sixteen values never straddle two
+/// widened to `Float` once for the rows read, so that each use is a load (a broadcast operand)
+/// rather than a conversion. Sixteen values never straddle two
 /// blocks (`c` is a multiple of 16).
 struct Q8Rows: SixteenLaneRows {
   static var widens: Bool { true }
@@ -168,21 +184,31 @@ struct Q8Rows: SixteenLaneRows {
   let width: Int
   let blocks: Int
 
-  /// `body` given rows `first ..< first + count` of the cache's `quants` and float16 `scales`,
-  /// their scales widened into a temporary buffer (`count·⌈width/32⌉` floats, on the stack).
+  /// Rows `first ..< first + count` of the cache's `quants` and float16 `scales`, their scales
+  /// widened into `widened` (`count·⌈width/32⌉` floats).
+  @inline(__always)
+  init(
+    _ quants: UnsafePointer<Int8>, _ scales: UnsafePointer<UInt16>, first: Int, count: Int,
+    width: Int, widenedInto widened: UnsafeMutablePointer<Float>
+  ) {
+    let blocks = KVStorage.q8Blocks(width: width)
+    Float16Rows(scales + first * blocks, width: count * blocks).widen(count: 1, into: widened)
+    (self.quants, self.scales) = (quants + first * width, UnsafePointer(widened))
+    (self.width, self.blocks) = (width, blocks)
+  }
+
+  /// `body` given those rows, the scales widened into a temporary buffer (sgemm's tiles and
+  /// whole-cache copies; the small-row products widen into their thread's scratch instead).
   @inline(__always)
   static func with<R>(
     _ quants: UnsafePointer<Int8>, _ scales: UnsafePointer<UInt16>, first: Int, count: Int,
     width: Int, _ body: (Q8Rows) -> R
   ) -> R {
-    let blocks = KVStorage.q8Blocks(width: width)
-    return withUnsafeTemporaryAllocation(of: Float.self, capacity: max(count * blocks, 1)) {
-      let widened = $0.baseAddress!
-      Float16Rows(scales + first * blocks, width: count * blocks).widen(count: 1, into: widened)
-      return body(
+    let floats = count * KVStorage.q8Blocks(width: width)
+    return withUnsafeTemporaryAllocation(of: Float.self, capacity: max(floats, 1)) {
+      body(
         Q8Rows(
-          quants: quants + first * width, scales: UnsafePointer(widened), width: width,
-          blocks: blocks))
+          quants, scales, first: first, count: count, width: width, widenedInto: $0.baseAddress!))
     }
   }
 

@@ -8,7 +8,8 @@
 ///
 /// Shapes: `Q` `[rows, D]`, `K` `[cols, D]`, `V` `[cols, Dv]` (rows contiguous), `S` and `P`
 /// `[rows, cols]` with leading dimension `ld`, the accumulator `[rows, Dv]`; `D` and `Dv`
-/// multiples of 16.
+/// multiples of 16. `scratch` holds q8 rows' widened scales, `cols·⌈D/32⌉` floats
+/// (`KeyValueRows.tileFloats`); other storages leave it untouched.
 enum SmallRowProducts {
   private typealias Sixteens = (SIMD16<Float>, SIMD16<Float>, SIMD16<Float>, SIMD16<Float>)
 
@@ -24,7 +25,8 @@ enum SmallRowProducts {
   /// `S[r, j] = scale·Σ_c Q[r, c]·K[first + j, c]`, the keys read in their storage type.
   static func scores(
     queries q: UnsafePointer<Float>, rows: Int, d: Int, keys: KeyValueRows, first: Int,
-    cols: Int, scale: Float, into s: UnsafeMutablePointer<Float>, ld: Int
+    cols: Int, scale: Float, into s: UnsafeMutablePointer<Float>, ld: Int,
+    scratch: UnsafeMutablePointer<Float>
   ) {
     switch keys {
     case .float32(let p):
@@ -34,9 +36,8 @@ enum SmallRowProducts {
     case .bfloat16(let p):
       scores(q, rows: rows, keys: BFloat16Rows(p + first * d, width: d), cols, scale, s, ld)
     case .q8(let quants, let scales):
-      Q8Rows.with(quants, scales, first: first, count: cols, width: d) {
-        scores(q, rows: rows, keys: $0, cols, scale, s, ld)
-      }
+      let k = Q8Rows(quants, scales, first: first, count: cols, width: d, widenedInto: scratch)
+      scores(q, rows: rows, keys: k, cols, scale, s, ld)
     }
   }
 
@@ -134,7 +135,7 @@ enum SmallRowProducts {
   static func accumulate(
     probabilities p: UnsafePointer<Float>, ld: Int, rows: Int, cols: Int,
     values: KeyValueRows, first: Int, dv: Int, into acc: UnsafeMutablePointer<Float>,
-    overwrite: Bool
+    overwrite: Bool, scratch: UnsafeMutablePointer<Float>
   ) {
     switch values {
     case .float32(let v):
@@ -145,9 +146,8 @@ enum SmallRowProducts {
       let rows16 = BFloat16Rows(v + first * dv, width: dv)
       accumulate(p, ld, rows, cols, values: rows16, acc, overwrite)
     case .q8(let quants, let scales):
-      Q8Rows.with(quants, scales, first: first, count: cols, width: dv) {
-        accumulate(p, ld, rows, cols, values: $0, acc, overwrite)
-      }
+      let v = Q8Rows(quants, scales, first: first, count: cols, width: dv, widenedInto: scratch)
+      accumulate(p, ld, rows, cols, values: v, acc, overwrite)
     }
   }
 

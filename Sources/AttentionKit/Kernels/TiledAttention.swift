@@ -192,12 +192,9 @@ public enum TiledAttention {
 
   /// The bytes of the per-thread `[Bk, D]` and `[Bk, Dv]` tiles that compact keys and values
   /// (a `KVCache` in float16, bfloat16 or q8) are converted into.
-  static func convertedTileBytes(_ partition: Partition, _ shape: AttentionShape, threads: Int)
-    -> Int
-  {
+  static func convertedTileBytes(_ partition: Partition, floats: Int, threads: Int) -> Int {
     let workers = min(max(threads, 1), max(partition.tasks, 1))
-    return workers * partition.keyBlock * (shape.headDim + shape.valueDim)
-      * MemoryLayout<Float>.stride
+    return workers * floats * MemoryLayout<Float>.stride
   }
 
   /// Called through `Attention.scaledDotProduct`, which holds OpenBLAS at one thread meanwhile.
@@ -244,14 +241,23 @@ public enum TiledAttention {
       batchCount: shape.batchCount, groupSize: shape.groupSize,
       relativePosition: relativePosition != nil, window: mask.window, configuration: configuration)
     let width = relativePosition?.columns(queries: shape.queries, keys: shape.keys).count ?? 0
-    var convertsRows = false
-    rows { k, _ in convertsRows = k.converts }
+    // Scratch per thread for compact rows: sgemm's widened tiles, or, where every tile takes the
+    // small-row products, only q8's widened scales.
+    let small = SmallRowProducts.applies(
+      rows: partition.queryBlock * partition.stackedHeads, d: shape.headDim, dv: shape.valueDim)
+    var tileFloats = (key: 0, value: 0)
+    rows { k, v in
+      tileFloats = (
+        k.tileFloats(keys: partition.keyBlock, width: shape.headDim, small: small),
+        v.tileFloats(keys: partition.keyBlock, width: shape.valueDim, small: small)
+      )
+    }
     let workspace =
       workspaceBytes(
         queries: shape.queries, keys: shape.keys, headDim: shape.headDim, valueDim: shape.valueDim,
         batchCount: shape.batchCount, groupSize: shape.groupSize, relativeWidth: width,
         window: mask.window, configuration: configuration, threads: threads)
-      + (convertsRows ? convertedTileBytes(partition, shape, threads: threads) : 0)
+      + convertedTileBytes(partition, floats: tileFloats.key + tileFloats.value, threads: threads)
     // The rows' log-sum-exp, `−∞` until a row is normalized (and for a row that sees no key).
     var logSumExp = [Float](
       repeating: -.infinity, count: needLogSumExp ? shape.batchCount * shape.queries : 0)
@@ -266,7 +272,7 @@ public enum TiledAttention {
       shape: shape, scale: shape.resolvedScale(scale), queryBlock: partition.queryBlock,
       keyBlock: partition.keyBlock, stackedHeads: partition.stackedHeads, mask: resolved,
       dropout: dropout, relativePosition: relativePosition, terms: resolvedTerms,
-      convertsRows: convertsRows)
+      keyTileFloats: tileFloats.key, valueTileFloats: tileFloats.value)
     let tiles = Atomic<Int>(0)
     // Every output row is written (normalized, or merged from its key chunks), so the output is
     // not zeroed first.
@@ -396,8 +402,8 @@ struct TileScratch: ~Copyable {
   let positions: UnsafeMutablePointer<Float>
   /// `[D, Bq]`: the query block transposed, `Q_blkᵀ`.
   let transposedQueries: UnsafeMutablePointer<Float>
-  /// `[Bk, D]` and `[Bk, Dv]`: a tile of compact keys and values converted to `Float` (one
-  /// float each when the rows are float32, read in place).
+  /// A tile of compact keys and values widened to `Float` for sgemm (`[Bk, D]`, `[Bk, Dv]`), or
+  /// q8's widened scales for the small-row products; one float each when neither is needed.
   let keyTile: UnsafeMutablePointer<Float>
   let valueTile: UnsafeMutablePointer<Float>
 
@@ -409,9 +415,8 @@ struct TileScratch: ~Copyable {
     rowSum = .allocate(capacity: bq)
     positions = .allocate(capacity: max(bq * plan.relativeWidth, 1))
     transposedQueries = .allocate(capacity: max(bq * plan.shape.headDim, 1))
-    let tileKeys = plan.convertsRows ? plan.keyBlock : 0
-    keyTile = .allocate(capacity: max(tileKeys * plan.shape.headDim, 1))
-    valueTile = .allocate(capacity: max(tileKeys * plan.shape.valueDim, 1))
+    keyTile = .allocate(capacity: max(plan.keyTileFloats, 1))
+    valueTile = .allocate(capacity: max(plan.valueTileFloats, 1))
   }
 
   deinit {
@@ -439,8 +444,9 @@ struct TilePlan: Sendable {
   let dropout: Dropout?
   let relativePosition: RelativePositionBias?
   let terms: ResolvedScoreTerms
-  /// Whether keys and values are compact rows (`KVCache`), which sgemm reads from a scratch tile.
-  var convertsRows = false
+  /// Floats of each thread's scratch for compact keys and values (`KeyValueRows.tileFloats`).
+  var keyTileFloats = 0
+  var valueTileFloats = 0
 
   /// The columns of `R` this problem can read (see `RelativePositionBias.columns`).
   var relativeColumns: ClosedRange<Int> {
@@ -511,7 +517,7 @@ struct TilePlan: Sendable {
       if small {
         SmallRowProducts.scores(
           queries: q, rows: rows, d: d, keys: buffers.k, first: kv + j0, cols: cols,
-          scale: scale, into: s, ld: bk)
+          scale: scale, into: s, ld: bk, scratch: scratch.keyTile)
       } else if d > 0 {
         BLAS.sgemm(
           transposeA: true, transposeB: true, m: rows, n: cols, k: d, alpha: scale,
@@ -565,7 +571,7 @@ struct TilePlan: Sendable {
       if small {
         SmallRowProducts.accumulate(
           probabilities: s, ld: bk, rows: rows, cols: cols, values: buffers.v, first: kv + j0,
-          dv: dv, into: acc, overwrite: tiles == 1)
+          dv: dv, into: acc, overwrite: tiles == 1, scratch: scratch.valueTile)
       } else if dv > 0 {
         BLAS.sgemm(
           m: rows, n: dv, k: cols, a: s, lda: bk,
