@@ -48,7 +48,8 @@ enum KeyValueRows: @unchecked Sendable {
 /// the stored values (every storage widens exactly, see `KVStorage`).
 protocol SixteenLaneRows {
   /// Whether reading widens stored values (every storage but float32): then the reads cost
-  /// instructions besides the bytes, and the products take keys four at a time.
+  /// instructions besides the bytes, and the products take keys four at a time where the build
+  /// has AVX-512 (`LaneSums`).
   static var widens: Bool { get }
   /// Values per row.
   var width: Int { get }

@@ -130,8 +130,9 @@ enum SmallRowProducts {
   /// `acc[r, c] = Σ_j P[r, j]·V[j, c]` (`overwrite`), or `+=` it.
   ///
   /// Sixty-four columns of every row's output at a time (sixteen vector accumulators), over the
-  /// tile's keys: each pass reads a quarter of a value row — four contiguous cache lines of
-  /// 128-wide heads — key after key, which the prefetchers follow.
+  /// tile's keys: each pass reads sixty-four values of each value row — four contiguous cache
+  /// lines in float32, two in float16 or bfloat16, one in q8 — key after key, which the
+  /// prefetchers follow.
   static func accumulate(
     probabilities p: UnsafePointer<Float>, ld: Int, rows: Int, cols: Int,
     values: KeyValueRows, first: Int, dv: Int, into acc: UnsafeMutablePointer<Float>,

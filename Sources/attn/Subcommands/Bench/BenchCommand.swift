@@ -184,65 +184,6 @@ struct BenchCommand: ParsableCommand {
       try runBackward(selected)
       return
     }
-    let configuration = TiledAttention.Configuration(queryBlock: queryBlock, keyBlock: keyBlock)
-    let threadCount = execution.resolvedThreads
-    for benchCase in selected {
-      try benchCase.checkMemory(
-        configuration: configuration, threads: threadCount, execution: execution)
-    }
-    var results: [BenchResult] = []
-    // The machine's limits with the cases' threads, before each case and after the last: the
-    // highest of each holds (a probe that ran while the two vCPUs shared a core reads low).
-    var limits = MachineLimits.measure(threads: threadCount)
-    let progress = Progress()
-    defer { progress.clear() }
-    for benchCase in selected {
-      progress.show("bench: \(benchCase.name) \(benchCase.shapeText)…")
-      if !results.isEmpty {
-        limits = limits.raised(to: MachineLimits.measure(threads: threadCount))
-      }
-      results.append(
-        try benchCase.run(
-          configuration: configuration, threads: threadCount, repeats: repeats, warmup: warmup,
-          seed: seed))
-    }
-    limits = limits.raised(to: MachineLimits.measure(threads: threadCount))
-    results = results.map { $0.held(against: limits) }
-    if report.format == .text {
-      print(
-        "OpenBLAS core \(BLAS.coreName), \(threadCount) threads, tiles "
-          + (configuration.fitsBlocks
-            ? "fitted to each case (the ceiling's tile is the case's)"
-            : "Bq \(configuration.queryBlock) × Bk \(configuration.keyBlock)"))
-      print(limits.line + " (the highest measured around the cases)")
-      for result in results { print(result.line) }
-    }
-    if report.format == .json {
-      try printJSON(
-        BenchReport(
-          openblasCore: BLAS.coreName, threads: threadCount,
-          queryBlock: configuration.queryBlock, keyBlock: configuration.keyBlock, limits: limits,
-          cases: results))
-    }
-  }
-
-  /// `--backward`: each case's tiled backward beside its forward.
-  private func runBackward(_ selected: [BenchCase]) throws {
-    let threadCount = execution.resolvedThreads
-    if report.format == .text { print("OpenBLAS core \(BLAS.coreName), \(threadCount) threads") }
-    let progress = Progress()
-    defer { progress.clear() }
-    var results: [BackwardBenchResult] = []
-    for benchCase in selected {
-      progress.show("bench: backward \(benchCase.name) \(benchCase.shapeText)…")
-      let result = try benchCase.runBackward(
-        threads: threadCount, repeats: repeats, warmup: warmup, seed: seed)
-      results.append(result)
-      if report.format == .text { print(result.line) }
-    }
-    if report.format == .json {
-      try printJSON(
-        BackwardBenchReport(openblasCore: BLAS.coreName, threads: threadCount, cases: results))
-    }
+    try runForward(selected)
   }
 }
