@@ -1,6 +1,6 @@
 // Computes attention through AttentionKit's one entry point, `Attention.scaledDotProduct`, with
 // each kernel, and checks every output against softmax(Q·Kᵀ/√D)·V computed here in `Double`, with
-// and without a causal mask. Prints "consumer: ok, max error X", or says what failed and exits 1.
+// and without a causal mask, and a decode step over float16, bfloat16 and q8 KV caches. Prints "consumer: ok, max error X", or says what failed and exits 1.
 import AttentionKit
 
 #if canImport(Glibc)
@@ -108,6 +108,70 @@ for (maskName, mask, causal) in [
       fail("\(name), \(maskName): max error \(error) exceeds \(tolerance)")
     }
     maxError = max(maxError, error)
+  }
+}
+
+// A decode step over a compact KV cache: one query per head, four heads on one K/V head, D 32
+// (the small-row products that widen compact rows as they read them, built here without the
+// repository's CPU flags), against the same attention in `Double` on the stored keys and values.
+let (cacheHeads, cacheKeys, cacheDim) = (4, 40, 32)
+for storage in [KVStorage.float16, .bfloat16, .q8] {
+  do {
+    let q = try Tensor(
+      shape: [1, cacheHeads, 1, cacheDim],
+      scalars: values(cacheHeads * cacheDim, frequency: 0.37, phase: 0.2))
+    var cache = try KVCache(
+      batch: 1, keyValueHeads: 1, headDim: cacheDim, capacity: cacheKeys, storage: storage)
+    try cache.append(
+      keys: Tensor(
+        shape: [1, 1, cacheKeys, cacheDim],
+        scalars: values(cacheKeys * cacheDim, frequency: 0.61, phase: 0.4)),
+      values: Tensor(
+        shape: [1, 1, cacheKeys, cacheDim],
+        scalars: values(cacheKeys * cacheDim, frequency: 0.83, phase: 1.1)))
+    let got = try Attention.scaledDotProduct(queries: q, cache: cache, kernel: .tiled(.default))
+    let (k, v) = (try cache.storedKeys().scalars, try cache.storedValues().scalars)
+    // The stored values as the storage defines them, computed here: float16 and bfloat16 round to
+    // nearest even; q8 is within half its block's step s = f16(max|x| / 127), a multiple of it.
+    let written = values(cacheKeys * cacheDim, frequency: 0.61, phase: 0.4)
+    for block in stride(from: 0, to: written.count, by: 32) {
+      let x = written[block..<(block + 32)]
+      let step = Float(Float16(x.map(\.magnitude).max()! / 127))
+      for i in x.indices {
+        let bits = x[i].bitPattern
+        let faithful: Bool
+        switch storage {
+        case .float16: faithful = k[i] == Float(Float16(x[i]))
+        case .bfloat16:
+          let rounded = (bits &+ 0x7FFF &+ ((bits >> 16) & 1)) & 0xFFFF_0000
+          faithful = k[i].bitPattern == rounded
+        default:
+          faithful = abs(x[i] - k[i]) <= step / 2 && (k[i] / step).rounded() == k[i] / step
+        }
+        if !faithful { fail("\(storage) KV cache: key \(i) \(x[i]) stored as \(k[i])") }
+      }
+    }
+    var error = 0.0
+    for h in 0..<cacheHeads {
+      var scores = (0..<cacheKeys).map { j in
+        (0..<cacheDim).reduce(0.0) { sum, d in
+          sum + Double(q.scalars[h * cacheDim + d]) * Double(k[j * cacheDim + d])
+        } / Double(cacheDim).squareRoot()
+      }
+      let top = scores.max()!
+      scores = scores.map { exp($0 - top) }
+      let total = scores.reduce(0, +)
+      for e in 0..<cacheDim {
+        var want = 0.0
+        for j in 0..<cacheKeys { want += scores[j] / total * Double(v[j * cacheDim + e]) }
+        let difference = abs(Double(got.output.scalars[h * cacheDim + e]) - want)
+        error = max(error, difference.isNaN ? .infinity : difference)
+      }
+    }
+    if error > tolerance { fail("\(storage) KV cache: max error \(error) exceeds \(tolerance)") }
+    maxError = max(maxError, error)
+  } catch {
+    fail("\(storage) KV cache: threw \(error)")
   }
 }
 
