@@ -101,6 +101,30 @@ struct CheckCommandTests {
     }
   }
 
+  /// A float64 candidate read as `Float` saturates beyond its range: the report shows the
+  /// value the file holds, not `Float.greatestFiniteMagnitude`.
+  @Test("A float64 output element beyond float32's range fails, reported with its file value")
+  func saturatedCandidate() throws {
+    try AttnCLI.withTemporaryFolder { folder in
+      let tensor = try NPY.read(contentsOf: Self.path("output.npy")).tensor
+      var values = tensor.scalars.map(Double.init)
+      let flat = ((0 * 4 + 1) * 24 + 7) * 16 + 2  // [0, 1, 7, 2] of [1, 4, 24, 16]
+      values[flat] = 1e300
+      let target = folder.appendingPathComponent("output64.npy")
+      try Data(
+        BadInputFiles.npy(
+          descr: "<f8", shape: tensor.shape,
+          data: BadInputFiles.littleEndian(values.map(\.bitPattern)))
+      ).write(to: target)
+      let run = try AttnCLI.run(Self.problem + ["--output", target.path], in: folder)
+      #expect(run.status == 1)
+      #expect(run.stdout.contains("output[0, 1, 7, 2] = 1e+300"), "\(run.stdout)")
+      let json = try AttnCLI.run(
+        Self.problem + ["--output", target.path, "--format", "json"], in: folder)
+      #expect(try Self.tensorReport(json, "output")["actual"] as? Double == 1e300)
+    }
+  }
+
   @Test("Two query rows swapped fail")
   func rowsSwapped() throws {
     try AttnCLI.withTemporaryFolder { folder in

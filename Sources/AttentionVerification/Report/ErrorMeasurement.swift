@@ -79,6 +79,14 @@ public struct ErrorMeasurement: Sendable, Equatable {
       + "± \(scientific(bound))"
   }
 
+  /// Reports `stored` as the worst element's value when that element is the one at row-major
+  /// `flat`: a candidate's value as its file holds it where reading it as a `Float` saturated it
+  /// to `±Float.greatestFiniteMagnitude` (the ratio, computed on the saturated value, stands).
+  public mutating func showStoredValue(_ stored: Double, atFlat flat: Int) {
+    guard let worstAt, worstAt == Self.multiIndex(flat, in: shape) else { return }
+    actual = stored
+  }
+
   static func multiIndex(_ flat: Int, in shape: [Int]) -> [Int] {
     var rest = flat
     var index = [Int](repeating: 0, count: shape.count)

@@ -82,6 +82,7 @@ final class InputFiles {
       return (tensor, storage, dtype.rawValue)
     }
     let array = try array(spec)
+    if let element = array.firstSaturated { saturated[spec] = element }
     let storage: Storage
     switch array.dtype {
     case .float16: storage = .float16
@@ -124,6 +125,8 @@ final class InputFiles {
   /// The tensors read from `FILE.safetensors:NAME` addresses, by file and name, so that an
   /// address given twice is read and counted once.
   private var addressed: [String: [String: (tensor: Tensor, dtype: SafeTensorsDType)]] = [:]
+  /// Per `.npy` input read, its first `<f8` element beyond `Float`'s range (read saturated).
+  private(set) var saturated: [String: SaturatedElement] = [:]
   /// Safetensors files that are not regular files (a FIFO), read whole.
   private var pipes: [String: SafeTensorsFile] = [:]
 

@@ -127,6 +127,14 @@ struct CheckCommand: ParsableCommand {
     if let gradOut {
       checks += try gradientChecks(attention, shape: shape, gradOut: gradOut, files: files)
     }
+    // A worst element that reading saturated is reported with its value in the file.
+    let candidates = ["output": output, "weights": weights, "dQ": dq, "dK": dk, "dV": dv]
+    for i in checks.indices {
+      guard let name = checks[i].measurement?.tensor, let spec = candidates[name] ?? nil,
+        let element = files.saturated[spec]
+      else { continue }
+      checks[i].measurement?.showStoredValue(element.storedValue, atFlat: element.flatIndex)
+    }
     let run = CheckedRun(checks: checks)
     try run.finish(
       format: report.format,
